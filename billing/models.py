@@ -1,0 +1,68 @@
+"""Plans (tiers) and each user's account on one of them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+
+
+class Plan(models.Model):
+    """A tier: how a user's sandboxes sleep, what they may use, and what limits them."""
+
+    slug = models.SlugField(unique=True)
+    name = models.CharField(max_length=100)
+    is_default = models.BooleanField(
+        default=False, help_text="New users start on the default plan. Exactly one should be set."
+    )
+    sleeps = models.BooleanField(default=True, help_text="Whether idle sandboxes are put to sleep.")
+    sleep_after = models.DurationField(
+        null=True, blank=True, default=timedelta(minutes=15), help_text="Idle time before sleep."
+    )
+    monthly_token_quota = models.BigIntegerField(
+        default=1_000_000, help_text="Model tokens a month through the AI gateway; 0 = unlimited."
+    )
+    requests_per_minute = models.PositiveIntegerField(default=30)
+    memory_mb = models.PositiveIntegerField(default=1536)
+    cpu_millis = models.PositiveIntegerField(default=1000, help_text="1000 = one full core.")
+    pids_max = models.PositiveIntegerField(default=512)
+    internet = models.BooleanField(default=False, help_text="Sandboxes may reach the internet.")
+    max_sandboxes = models.PositiveIntegerField(default=1)
+
+    class Meta:
+        ordering = ["monthly_token_quota"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def sleeps_after(self) -> timedelta | None:
+        """Return the idle time after which a sandbox sleeps, or None if it never sleeps."""
+        return self.sleep_after if self.sleeps else None
+
+
+class Account(models.Model):
+    """A user's billing account: which plan they are on."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="account"
+    )
+    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="accounts")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.user} on {self.plan}"
+
+
+def default_plan() -> Plan:
+    """Return the plan new users start on (the one marked default, else 'free')."""
+    plan = Plan.objects.filter(is_default=True).first()
+    return plan or Plan.objects.get(slug="free")
+
+
+def plan_for(user: settings.AUTH_USER_MODEL) -> Plan:  # type: ignore[valid-type]
+    """Return the user's plan, creating their account on the default plan if missing."""
+    account, _ = Account.objects.select_related("plan").get_or_create(
+        user=user, defaults={"plan": default_plan()}
+    )
+    return account.plan

@@ -1,0 +1,11 @@
+"""WebSocket routes, mounted by portal.asgi under the session auth stack."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from sandboxes.consumers.progress import ProgressConsumer
+
+websocket_urlpatterns = [
+    path("ws/sandbox/progress/", ProgressConsumer.as_asgi()),
+]

@@ -1,0 +1,278 @@
+"""Everything that changes a sandbox's state. The only writers of Sandbox.state.
+
+Each transition is claimed with a conditional UPDATE (``filter(pk=..., state=old)``), so two
+workers racing on the same sandbox cannot both win, and each is recorded as a SandboxEvent.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+
+from billing.models import plan_for
+from sandboxes import runtime
+from sandboxes.backends import get_backend
+from sandboxes.backends.base import BackendError, Progress, SandboxSpec
+from sandboxes.events import record_event
+from sandboxes.models import Sandbox, SandboxEvent
+
+log = logging.getLogger(__name__)
+
+State = Sandbox.State
+Actor = SandboxEvent.Actor
+
+ALLOWED: dict[str, frozenset[str]] = {
+    State.PROVISIONING: frozenset({State.STARTING, State.FAILED}),
+    State.STARTING: frozenset({State.RUNNING, State.FAILED, State.STOPPING}),
+    State.RUNNING: frozenset({State.STOPPING, State.STARTING, State.FAILED}),
+    State.STOPPING: frozenset({State.STOPPED, State.SLEEPING, State.FAILED}),
+    State.SLEEPING: frozenset({State.STARTING, State.STOPPING, State.FAILED}),
+    State.STOPPED: frozenset({State.STARTING}),
+    State.FAILED: frozenset({State.STARTING, State.STOPPING}),
+}
+ACTIVITY_WRITE_INTERVAL = timedelta(seconds=30)
+
+
+class TransitionRefused(Exception):
+    """The sandbox is not in a state from which the requested change is allowed."""
+
+
+def transition(
+    sandbox: Sandbox,
+    to: str,
+    *,
+    actor: str = Actor.SYSTEM,
+    actor_user: Any = None,
+    message: str = "",
+    progress: int | None = None,
+    **fields: Any,
+) -> None:
+    """Move ``sandbox`` to state ``to``, or raise TransitionRefused.
+
+    The move is claimed atomically against the state read from the database; extra ``fields``
+    are written in the same UPDATE.
+    """
+    current = sandbox.state
+    if to not in ALLOWED[current]:
+        raise TransitionRefused(f"A sandbox that is {current} cannot become {to}.")
+    now = timezone.now()
+    claimed = Sandbox.objects.filter(pk=sandbox.pk, state=current).update(
+        state=to, updated_at=now, **fields
+    )
+    if not claimed:
+        sandbox.refresh_from_db()
+        raise TransitionRefused(f"The sandbox changed to {sandbox.state} meanwhile.")
+    sandbox.state = to
+    sandbox.updated_at = now
+    for name, value in fields.items():
+        setattr(sandbox, name, value)
+    record_event(
+        sandbox,
+        "state",
+        message or f"{current} → {to}",
+        progress=progress,
+        actor=actor,
+        actor_user=actor_user,
+    )
+
+
+def create_sandbox(user: Any, name: str = "default") -> Sandbox:
+    """Return the user's sandbox ``name``, creating it (provisioning) if it does not exist."""
+    sandbox, created = Sandbox.objects.get_or_create(
+        owner=user,
+        name=name,
+        defaults={"gateway_token": secrets.token_urlsafe(32), "backend": settings.SANDBOX_BACKEND},
+    )
+    if created:
+        record_event(sandbox, "created", "Sandbox created", progress=0, actor=Actor.USER,
+                     actor_user=user)
+    return sandbox
+
+
+def provision_sandbox(sandbox: Sandbox) -> None:
+    """Bring a new sandbox up for the first time. Does nothing unless it is provisioning."""
+    if sandbox.state != State.PROVISIONING:
+        return
+    sandbox.data_dir.mkdir(parents=True, exist_ok=True)
+    for _ in start_sandbox(sandbox):
+        pass
+
+
+def _spec(sandbox: Sandbox) -> SandboxSpec:
+    """Build what the backend needs from the database: plan limits, runtime, environment."""
+    from sandboxes.openclaw import setup
+
+    plan = plan_for(sandbox.owner)
+    image = sandbox.runtime or runtime.current_image()
+    return setup.build_spec(sandbox, plan, image)
+
+
+def start_sandbox(
+    sandbox: Sandbox, *, actor: str = Actor.SYSTEM, actor_user: Any = None
+) -> Iterator[Progress]:
+    """Start the sandbox's gateway, yielding progress; end running, or failed with a reason.
+
+    Raises TransitionRefused if the sandbox cannot start from its current state (for example
+    another worker is already starting it). Never leaves a half-started sandbox behind: the
+    backend cleans up after itself on failure.
+    """
+    transition(sandbox, State.STARTING, actor=actor, actor_user=actor_user,
+               message="Starting your agent", progress=5, error_message="")
+    try:
+        image = runtime.current_image()
+        if sandbox.runtime_id != image.pk:
+            Sandbox.objects.filter(pk=sandbox.pk).update(runtime=image)
+            sandbox.runtime = image
+        spec = _spec(sandbox)
+        state: dict[str, Any] = {}
+        for step in get_backend(sandbox.backend).start(spec):
+            if step.state is not None:
+                state = step.state
+                Sandbox.objects.filter(pk=sandbox.pk).update(backend_state=state)
+                sandbox.backend_state = state
+            percent = 10 + int(step.percent * 0.85)
+            record_event(sandbox, "progress", step.message, progress=percent)
+            yield Progress(percent, step.message)
+    except (BackendError, runtime.RuntimeMissing) as exc:
+        _fail(sandbox, str(exc))
+        yield Progress(100, f"Failed: {exc}")
+        return
+    now = timezone.now()
+    transition(sandbox, State.RUNNING, message="Your agent is running", progress=100,
+               started_at=now, last_activity_at=now)
+    yield Progress(100, "Your agent is running")
+
+
+def _fail(sandbox: Sandbox, reason: str) -> None:
+    log.warning("sandbox %s failed: %s", sandbox.pk, reason.splitlines()[0] if reason else "")
+    sandbox.refresh_from_db(fields=["state"])
+    if State.FAILED in ALLOWED[sandbox.state]:
+        transition(sandbox, State.FAILED, message=reason, progress=100, error_message=reason)
+
+
+def stop_sandbox(
+    sandbox: Sandbox, *, actor: str = Actor.SYSTEM, actor_user: Any = None, to: str = State.STOPPED
+) -> None:
+    """Stop the gateway; the sandbox ends ``to`` (stopped, or sleeping). Idempotent."""
+    if sandbox.state == to:
+        return
+    transition(sandbox, State.STOPPING, actor=actor, actor_user=actor_user,
+               message="Going to sleep" if to == State.SLEEPING else "Stopping")
+    try:
+        get_backend(sandbox.backend).stop(_spec_or_none(sandbox), sandbox.backend_state)
+    except BackendError as exc:
+        _fail(sandbox, str(exc))
+        return
+    transition(sandbox, to, message="Asleep" if to == State.SLEEPING else "Stopped",
+               backend_state={})
+
+
+def _spec_or_none(sandbox: Sandbox) -> SandboxSpec:
+    """The spec for stop/poll/exec: built even when the plan or runtime changed meanwhile."""
+    try:
+        return _spec(sandbox)
+    except runtime.RuntimeMissing:
+        from sandboxes.openclaw import setup
+
+        return setup.minimal_spec(sandbox)
+
+
+def sleep_sandbox(sandbox: Sandbox, *, actor: str = Actor.SYSTEM) -> None:
+    stop_sandbox(sandbox, actor=actor, to=State.SLEEPING)
+
+
+def restart_sandbox(
+    sandbox: Sandbox, *, actor: str = Actor.SYSTEM, actor_user: Any = None
+) -> Iterator[Progress]:
+    if sandbox.state in (State.RUNNING, State.FAILED):
+        stop_sandbox(sandbox, actor=actor, actor_user=actor_user)
+    yield from start_sandbox(sandbox, actor=actor, actor_user=actor_user)
+
+
+def wake_sandbox(
+    sandbox: Sandbox, *, actor: str = Actor.USER, actor_user: Any = None, timeout: float = 120
+) -> Iterator[Progress]:
+    """Make sure the sandbox is running, yielding progress. Safe to call from many places.
+
+    Starts it if it is asleep, stopped by sleep or failed; if someone else is already starting
+    it, follows that start through the database until it ends. Ends with the sandbox running,
+    or raises BackendError with the reason.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sandbox.refresh_from_db()
+        if sandbox.state == State.RUNNING:
+            yield Progress(100, "Your agent is running")
+            return
+        if sandbox.state in (State.SLEEPING, State.STOPPED, State.FAILED, State.PROVISIONING):
+            try:
+                if sandbox.state == State.PROVISIONING:
+                    sandbox.data_dir.mkdir(parents=True, exist_ok=True)
+                yield from start_sandbox(sandbox, actor=actor, actor_user=actor_user)
+            except TransitionRefused:
+                continue  # someone else moved first: follow them
+            if sandbox.state != State.RUNNING:
+                raise BackendError(sandbox.error_message or "The sandbox could not start.")
+            return
+        last = sandbox.events.filter(progress__isnull=False).first()
+        yield Progress(last.progress or 0 if last else 0, last.message if last else "Waiting")
+        time.sleep(0.5)
+    raise BackendError("Timed out waiting for the sandbox to start.")
+
+
+def record_activity(sandbox: Sandbox) -> None:
+    """Note that someone used the sandbox now. Writes at most once per 30 s per sandbox."""
+    now = timezone.now()
+    Sandbox.objects.filter(
+        pk=sandbox.pk, last_activity_at__lt=now - ACTIVITY_WRITE_INTERVAL
+    ).update(last_activity_at=now)
+
+
+def gateway_endpoint(sandbox: Sandbox) -> tuple[str, int]:
+    """Return (host, port) where the portal reaches the sandbox's gateway."""
+    return get_backend(sandbox.backend).endpoint(_spec_or_none(sandbox), sandbox.backend_state)
+
+
+def reconcile_sandbox(sandbox: Sandbox) -> str:
+    """Compare the wanted state with what the backend reports and repair it. Return what it did.
+
+    running but not running: restart (a crashed gateway comes back by itself).
+    sleeping / stopped / failed but running: stop the stray gateway.
+    starting / stopping / provisioning: pending work; left alone unless stuck far too long.
+    """
+    backend = get_backend(sandbox.backend)
+    if sandbox.state == State.RUNNING:
+        result = backend.poll(_spec_or_none(sandbox), sandbox.backend_state)
+        if result.running:
+            return "ok"
+        why = "ran out of memory" if result.oom_killed else (result.detail or "stopped")
+        record_event(sandbox, "crashed", f"The gateway {why}; restarting it")
+        for _ in start_sandbox(sandbox):
+            pass
+        return "restarted"
+    if sandbox.state in (State.SLEEPING, State.STOPPED, State.FAILED) and sandbox.backend_state:
+        spec = _spec_or_none(sandbox)
+        if backend.poll(spec, sandbox.backend_state).running:
+            backend.stop(spec, sandbox.backend_state)
+            Sandbox.objects.filter(pk=sandbox.pk).update(backend_state={})
+            record_event(sandbox, "reconciled", "Stopped a gateway that should not be running")
+            return "stopped-stray"
+        return "ok"
+    stuck_after = timedelta(seconds=settings.HERMIT_START_TIMEOUT + settings.HERMIT_READY_TIMEOUT
+                            + 60)
+    if sandbox.state in (State.STARTING, State.STOPPING) and (
+        timezone.now() - sandbox.updated_at > stuck_after
+    ):
+        spec = _spec_or_none(sandbox)
+        if sandbox.backend_state:
+            backend.stop(spec, sandbox.backend_state)
+        _fail(sandbox, f"Stuck while {sandbox.state}; stopped by reconcile")
+        return "failed-stuck"
+    return "pending"

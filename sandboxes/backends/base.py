@@ -1,0 +1,123 @@
+"""The sandbox backend contract, modelled on JupyterHub's Spawner.
+
+A backend starts, stops and polls one sandbox, reports its processes, logs and resource use,
+and runs commands inside it. It keeps no state in memory that it cannot rebuild: everything it
+needs to re-attach to a running sandbox after the portal or a worker restarts is returned from
+``start`` as a JSON-serialisable dict, which the caller stores on the Sandbox row
+(``Sandbox.backend_state``) and passes back on every later call.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class BackendError(Exception):
+    """A failure the user and staff should read: the message says what went wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a backend needs to run one sandbox. Built by the actions from the database."""
+
+    sandbox_id: int
+    name: str  # unique, filesystem- and cgroup-safe (e.g. "sbx-42")
+    data_dir: Path  # the sandbox's persistent state; the only writable path besides /tmp
+    runtime_dir: Path  # the read-only runtime image (node + openclaw)
+    env: dict[str, str]  # environment for the gateway; secrets go here, never into files
+    memory_mb: int
+    cpu_millis: int  # 1000 = one full core
+    pids_max: int = 512
+    internet: bool = False
+    ai_gateway_port: int | None = None  # host loopback port the sandbox may reach as 127.0.0.1
+    gateway_port: int = 18789  # the port the OpenClaw gateway listens on inside the sandbox
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a start: percent 0-100 and a message a user can read."""
+
+    percent: int
+    message: str
+    state: dict[str, Any] | None = None  # set once the backend has something to persist
+
+
+@dataclass(frozen=True)
+class PollResult:
+    running: bool
+    exit_code: int | None = None
+    oom_killed: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    command: str
+    rss_bytes: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    memory_bytes: int
+    memory_limit_bytes: int
+    cpu_seconds: float
+    disk_bytes: int
+    oom_kills: int = 0
+
+
+class SandboxBackend(abc.ABC):
+    """One implementation per place sandboxes can run (local, docker, kubernetes)."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def start(self, spec: SandboxSpec) -> Iterator[Progress]:
+        """Start the sandbox, yielding progress. The last Progress carries the state to persist.
+
+        Raises BackendError with a readable message on failure, after cleaning up anything it
+        started, so that no half-started sandbox is left behind.
+        """
+
+    @abc.abstractmethod
+    def stop(self, spec: SandboxSpec, state: dict[str, Any], timeout: float = 10.0) -> None:
+        """Stop the sandbox (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
+
+    @abc.abstractmethod
+    def poll(self, spec: SandboxSpec, state: dict[str, Any]) -> PollResult:
+        """Report whether the sandbox is running, from the persisted state alone."""
+
+    @abc.abstractmethod
+    def endpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> tuple[str, int]:
+        """Return (host, port) where the portal reaches the sandbox's gateway."""
+
+    @abc.abstractmethod
+    def exec(
+        self, spec: SandboxSpec, state: dict[str, Any], argv: list[str], timeout: float = 30.0
+    ) -> ExecResult:
+        """Run ``argv`` inside the running sandbox (same namespaces, limits and user)."""
+
+    @abc.abstractmethod
+    def processes(self, spec: SandboxSpec, state: dict[str, Any]) -> list[ProcessInfo]:
+        """List the sandbox's processes."""
+
+    @abc.abstractmethod
+    def logs(self, spec: SandboxSpec, state: dict[str, Any], lines: int = 100) -> str:
+        """Return the last ``lines`` lines of the sandbox's output."""
+
+    @abc.abstractmethod
+    def stats(self, spec: SandboxSpec, state: dict[str, Any]) -> Stats:
+        """Return current memory, CPU seconds and disk use."""

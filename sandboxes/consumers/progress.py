@@ -1,0 +1,36 @@
+"""Live sandbox events (state changes, start progress) for the signed-in user's dashboard.
+
+Browser protocol: the server sends ``{"type": "event", kind, message, progress, state,
+created_at}`` for each new event of the user's own sandbox; the browser sends nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.http import Http404
+
+from sandboxes.access import aget_sandbox_for_user
+from sandboxes.events import group_name
+
+
+class ProgressConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+    group: str | None = None
+
+    async def connect(self) -> None:
+        try:
+            sandbox = await aget_sandbox_for_user(self.scope.get("user"))
+        except Http404:
+            await self.close(code=4404)
+            return
+        self.group = group_name(sandbox.pk)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def sandbox_event(self, event: dict[str, Any]) -> None:
+        await self.send_json({**event, "type": "event"})

@@ -1,0 +1,63 @@
+"""Recording sandbox events and pushing them to live listeners (dashboard, chat)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+from sandboxes.models import Sandbox, SandboxEvent
+
+log = logging.getLogger(__name__)
+
+
+def group_name(sandbox_id: int) -> str:
+    return f"sandbox.{sandbox_id}"
+
+
+def record_event(
+    sandbox: Sandbox,
+    kind: str,
+    message: str = "",
+    *,
+    progress: int | None = None,
+    actor: str = SandboxEvent.Actor.SYSTEM,
+    actor_user: Any = None,
+) -> SandboxEvent:
+    """Store one event and broadcast it to the sandbox's channel-layer group."""
+    event = SandboxEvent.objects.create(
+        sandbox=sandbox,
+        kind=kind,
+        message=message,
+        progress=progress,
+        actor=actor,
+        actor_user=actor_user,
+        state=sandbox.state,
+    )
+    broadcast(event)
+    return event
+
+
+def event_payload(event: SandboxEvent) -> dict[str, Any]:
+    return {
+        "type": "sandbox.event",
+        "id": event.pk,
+        "kind": event.kind,
+        "message": event.message,
+        "progress": event.progress,
+        "state": event.state,
+        "created_at": event.created_at.isoformat(),
+    }
+
+
+def broadcast(event: SandboxEvent) -> None:
+    """Send the event to listeners; a channel layer outage never breaks the action itself."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(group_name(event.sandbox_id), event_payload(event))
+    except Exception:
+        log.warning("could not broadcast event %s for sandbox %s", event.kind, event.sandbox_id)

@@ -1,0 +1,98 @@
+"""Celery tasks: thin, idempotent wrappers that take primary keys and call actions."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+from django.utils import timezone
+
+from billing.models import plan_for
+from sandboxes import actions
+from sandboxes.models import Sandbox
+
+log = logging.getLogger(__name__)
+State = Sandbox.State
+
+
+def _get(sandbox_id: int) -> Sandbox | None:
+    return Sandbox.objects.select_related("owner").filter(pk=sandbox_id).first()
+
+
+@shared_task(acks_late=True)
+def provision_sandbox(sandbox_id: int) -> None:
+    """Bring a new sandbox up. Does nothing if it is gone or no longer provisioning."""
+    sandbox = _get(sandbox_id)
+    if sandbox is None or sandbox.state != State.PROVISIONING:
+        return
+    try:
+        actions.provision_sandbox(sandbox)
+    except actions.TransitionRefused:
+        pass  # another worker claimed it
+
+
+@shared_task(acks_late=True)
+def start_sandbox(sandbox_id: int) -> None:
+    sandbox = _get(sandbox_id)
+    if sandbox is None or sandbox.state in (State.RUNNING, State.STARTING):
+        return
+    try:
+        for _ in actions.start_sandbox(sandbox):
+            pass
+    except actions.TransitionRefused:
+        pass
+
+
+@shared_task(acks_late=True)
+def stop_sandbox(sandbox_id: int) -> None:
+    sandbox = _get(sandbox_id)
+    if sandbox is None or sandbox.state in (State.STOPPED, State.STOPPING):
+        return
+    try:
+        actions.stop_sandbox(sandbox)
+    except actions.TransitionRefused:
+        pass
+
+
+@shared_task(acks_late=True)
+def reconcile_sandboxes() -> dict[str, int]:
+    """Repair every sandbox whose backend disagrees with the database. Return counts."""
+    counts: dict[str, int] = {}
+    for sandbox in Sandbox.objects.select_related("owner").exclude(state=State.PROVISIONING):
+        try:
+            outcome = actions.reconcile_sandbox(sandbox)
+        except actions.TransitionRefused:
+            outcome = "raced"
+        except Exception:
+            log.exception("reconcile failed for sandbox %s", sandbox.pk)
+            outcome = "error"
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+@shared_task(acks_late=True)
+def sleep_idle_sandboxes() -> int:
+    """Put running sandboxes to sleep whose plan sleeps and who were idle long enough."""
+    now = timezone.now()
+    slept = 0
+    for sandbox in Sandbox.objects.select_related("owner").filter(state=State.RUNNING):
+        if not sandbox.is_idle(now, plan_for(sandbox.owner).sleeps_after()):
+            continue
+        try:
+            actions.sleep_sandbox(sandbox)
+            slept += 1
+        except actions.TransitionRefused:
+            pass
+    return slept
+
+
+@shared_task(acks_late=True)
+def restart_sandbox(sandbox_id: int) -> None:
+    sandbox = _get(sandbox_id)
+    if sandbox is None or sandbox.state in (State.STARTING, State.STOPPING):
+        return
+    try:
+        for _ in actions.restart_sandbox(sandbox):
+            pass
+    except actions.TransitionRefused:
+        pass
