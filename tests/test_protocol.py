@@ -25,7 +25,7 @@ from sandboxes.openclaw.protocol import (
     build_connect_params,
     device_auth_payload,
 )
-from tests.fakes.model_server import FakeModelServer, Script
+from tests.fakes.model_server import FakeModelServer
 from tests.fixtures.chat import BareGateway, free_port
 
 CAPTURE = Path("/work/shared/openclaw/captures/ws1.jsonl")
