@@ -1,0 +1,152 @@
+"""Render the OpenClaw gateway config and environment for one sandbox.
+
+The config is plain JSON (OpenClaw reads JSON5, a superset). Secrets never appear in it: the
+gateway token and the AI gateway credential are written as ``${OPENCLAW_GATEWAY_TOKEN}`` and
+``${HERMIT_AI_KEY}``, which OpenClaw substitutes from its environment at load time; the values
+travel only in the environment built by ``sandbox_env``. OpenClaw refuses to start on unknown keys,
+so every key here is one the pinned version (2026.9.6) accepts.
+
+Inside the sandbox the gateway binds loopback. The portal reaches it through the backend's port
+forward (pasta splices host-loopback connections onto the sandbox's loopback), so the gateway sees
+the portal as a loopback client: with the shared token such a client is auto-approved as a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROVIDER_ID = "hermit"
+STATE_SUBDIR = "state"
+AGENT_ID = "main"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model the AI gateway offers to the sandbox."""
+
+    id: str
+    name: str = ""
+    context_window: int = 128_000
+    max_tokens: int = 8_192
+    input: tuple[str, ...] = ("text",)
+
+    def as_config(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name or self.id,
+            "contextWindow": self.context_window,
+            "maxTokens": self.max_tokens,
+            "input": list(self.input),
+        }
+
+
+def state_dir(data_dir: Path) -> Path:
+    """Return OpenClaw's state directory (OPENCLAW_STATE_DIR) inside a sandbox's data dir."""
+    return Path(data_dir) / STATE_SUBDIR
+
+
+def config_path(data_dir: Path) -> Path:
+    """Return where the rendered config must be written (``$OPENCLAW_STATE_DIR/openclaw.json``)."""
+    return state_dir(data_dir) / "openclaw.json"
+
+
+def render_config(
+    *,
+    data_dir: Path,
+    ai_gateway_port: int,
+    models: Sequence[ModelInfo | str],
+    default_model: str | None = None,
+    gateway_port: int = 18789,
+    allowed_origins: Sequence[str] = (),
+    trusted_proxies: Sequence[str] = (),
+    chat_completions_endpoint: bool = False,
+) -> dict[str, Any]:
+    """Return the OpenClaw config (a JSON-serialisable dict) for one sandbox.
+
+    ``data_dir`` is the sandbox's data directory as the gateway sees it (the local backend mounts
+    it at the same path inside the sandbox). ``models`` lists the model ids the AI gateway serves;
+    ``default_model`` (default: the first) becomes the agent's primary model. Raises ValueError if
+    no model is given or the default is not among them.
+    """
+    infos = [m if isinstance(m, ModelInfo) else ModelInfo(id=m) for m in models]
+    if not infos:
+        raise ValueError("render_config needs at least one model")
+    primary = default_model or infos[0].id
+    if primary not in {m.id for m in infos}:
+        raise ValueError(f"default model {primary!r} is not in the model list")
+    state = state_dir(data_dir)
+    gateway: dict[str, Any] = {
+        "mode": "local",
+        "bind": "loopback",
+        "port": gateway_port,
+        "auth": {"mode": "token", "token": "${OPENCLAW_GATEWAY_TOKEN}"},
+        "controlUi": {"allowedOrigins": list(allowed_origins)},
+    }
+    if trusted_proxies:
+        gateway["trustedProxies"] = list(trusted_proxies)
+    if chat_completions_endpoint:
+        gateway["http"] = {"endpoints": {"chatCompletions": {"enabled": True}}}
+    return {
+        "gateway": gateway,
+        "models": {
+            "providers": {
+                PROVIDER_ID: {
+                    "baseUrl": f"http://127.0.0.1:{ai_gateway_port}/ai/v1",
+                    "api": "openai-completions",
+                    "apiKey": "${HERMIT_AI_KEY}",
+                    "models": [m.as_config() for m in infos],
+                }
+            }
+        },
+        "agents": {
+            "defaults": {
+                "model": {"primary": f"{PROVIDER_ID}/{primary}"},
+                "workspace": str(state / "workspace"),
+                "skipBootstrap": True,
+                "heartbeat": {"every": "0m"},
+            }
+        },
+        "logging": {"file": str(Path(data_dir) / "logs" / "openclaw.log")},
+    }
+
+
+def sandbox_env(
+    *,
+    data_dir: Path,
+    gateway_token: str,
+    ai_key: str,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Return the gateway's environment: paths inside the data dir, the two secrets, quiet flags.
+
+    Every path is inside ``data_dir`` (the sandbox's only persistent writable directory), so
+    nothing the gateway writes escapes it except lock files under the sandbox's private /tmp.
+    """
+    data_dir = Path(data_dir)
+    env = {
+        "HOME": str(data_dir / "home"),
+        "OPENCLAW_STATE_DIR": str(state_dir(data_dir)),
+        "OPENCLAW_CONFIG_PATH": str(config_path(data_dir)),
+        "TMPDIR": str(data_dir / "tmp"),
+        "NODE_COMPILE_CACHE": str(data_dir / "cache" / "node-compile-cache"),
+        "OPENCLAW_GATEWAY_TOKEN": gateway_token,
+        "HERMIT_AI_KEY": ai_key,
+        "OPENCLAW_DISABLE_BONJOUR": "1",
+        "OPENCLAW_NO_AUTO_UPDATE": "1",
+        "OPENCLAW_OFFLINE": "1",
+        "NO_COLOR": "1",
+        "LANG": "C.UTF-8",
+        "TZ": "UTC",
+    }
+    env.update(extra or {})
+    return env
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the directories ``sandbox_env`` points at (the gateway does not create them all)."""
+    data_dir = Path(data_dir)
+    for sub in ("home", "tmp", "logs", "cache", STATE_SUBDIR):
+        (data_dir / sub).mkdir(parents=True, exist_ok=True)
