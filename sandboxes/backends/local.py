@@ -1,0 +1,681 @@
+"""The local backend: each sandbox is an OpenClaw gateway in bubblewrap + pasta + cgroups.
+
+Process tree of one sandbox (host view)::
+
+    sh  (supervisor, detached, reaps the tree, writes <run_dir>/exit_code)
+     └─ pasta  (uid U, own user+net namespace; the only link from that netns to the host)
+         └─ bwrap  (nested userns: uid 1000 inside = U outside; mount/pid/ipc/uts/cgroup ns)
+             └─ bwrap init (pid 1 inside)
+                 └─ node openclaw.mjs gateway run   (the "main" process, pid 2 inside)
+
+* ``U = uid_base + sandbox_id`` is a host uid nobody else uses; the data dir is chowned to it.
+* pasta, started as U, creates the network namespace and forwards exactly two things:
+  host ``127.0.0.1:<host_port>`` -> sandbox ``127.0.0.1:<gateway_port>`` (``-t``), and sandbox
+  ``127.0.0.1:<ai_gateway_port>`` -> host ``127.0.0.1:<ai_gateway_port>`` (``-T``). No other port in
+  either direction. Without ``spec.internet`` the tap interface stays down (no route at all); with
+  it pasta configures it (``--config-net``) but never maps the gateway address to the host
+  (``--no-map-gw``), so the host's loopback stays out of reach.
+* The supervisor writes its own pid into the sandbox's cgroups before exec'ing pasta, so pasta,
+  bwrap, the gateway and every process they start are capped and accounted together.
+* Everything needed to re-attach (pids with their start times, ports, cgroup paths, run dir) is in
+  the state dict ``start`` returns; no method relies on memory of an earlier call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sandboxes.backends import cgroups
+from sandboxes.backends.base import (
+    BackendError,
+    ExecResult,
+    PollResult,
+    ProcessInfo,
+    SandboxBackend,
+    SandboxSpec,
+    Stats,
+)
+from sandboxes.backends.base import Progress as Progress
+from sandboxes.openclaw.runtime import node_binary, openclaw_entry
+
+SANDBOX_UID = 1000  # the uid/gid processes have inside every sandbox
+DNS_FORWARD_ADDR = "169.254.1.53"  # pasta answers DNS here when the sandbox has internet
+LOG_NAME = "gateway.log"
+EXIT_NAME = "exit_code"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# Detached supervisor. $1 log, $2 exit file, rest = argv. The subshell is backgrounded and the
+# outer sh exits at once, so the sandbox outlives the Python process that started it.
+_LAUNCH = r"""
+log="$1"; exitf="$2"; shift 2
+(
+  sh -c 'for f in $HERMIT_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done
+         unset HERMIT_CGROUP_PROCS; exec "$@"' hermit-sandbox "$@"
+  echo $? > "$exitf.tmp" && mv "$exitf.tmp" "$exitf"
+) </dev/null >>"$log" 2>&1 &
+echo $!
+"""
+# Join the sandbox's cgroups, then exec the rest (used by exec()).
+_JOIN = r"""for f in $HERMIT_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done
+unset HERMIT_CGROUP_PROCS; exec "$@"
+"""
+
+
+def _setting(name: str, default: Any) -> Any:
+    """Read a Django setting if Django is configured, else return ``default``."""
+    try:
+        from django.conf import settings
+
+        return getattr(settings, name, default) if settings.configured else default
+    except ImportError:
+        return default
+
+
+class LocalBackend(SandboxBackend):
+    """Run sandboxes on this machine with bubblewrap, pasta and cgroups. Needs root."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        bwrap: str | None = None,
+        pasta: str | None = None,
+        run_root: Path | None = None,
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        cgroup_parent: str | None = None,
+        uid_base: int | None = None,
+        start_timeout: float | None = None,
+        ready_timeout: float | None = None,
+        tmp_size_mb: int = 256,
+    ) -> None:
+        self.bwrap = _resolve(bwrap or _setting("HERMIT_BWRAP", "bwrap"))
+        self.pasta = _resolve(pasta or _setting("HERMIT_PASTA", "pasta"))
+        data_dir = Path(_setting("HERMIT_DATA_DIR", "var"))
+        self.run_root = Path(run_root or _setting("HERMIT_SANDBOX_RUN_DIR", data_dir / "run"))
+        self.cgroup_root = Path(cgroup_root)
+        self.cgroup_parent = cgroup_parent or _setting("HERMIT_CGROUP_PARENT", "hermit")
+        self.uid_base = uid_base if uid_base is not None else _setting("HERMIT_UID_BASE", 200_000)
+        self.start_timeout = float(start_timeout or _setting("HERMIT_START_TIMEOUT", 60))
+        self.ready_timeout = float(ready_timeout or _setting("HERMIT_READY_TIMEOUT", 30))
+        self.tmp_size_mb = tmp_size_mb
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self, spec: SandboxSpec) -> Iterator[Progress]:
+        yield Progress(2, "Checking the sandbox tools")
+        self._check_tools(spec)
+        uid = self.uid_base + spec.sandbox_id
+        run_dir = self.run_root / spec.name
+        state: dict[str, Any] = {}
+        try:
+            yield Progress(5, "Preparing the sandbox's files")
+            self._prepare_dirs(spec, run_dir, uid)
+            yield Progress(8, "Applying memory, CPU and process limits")
+            paths = self._fresh_cgroups(spec)
+            state = self._launch(spec, run_dir, uid, paths)
+            yield Progress(15, "Sandbox launched, starting the agent gateway", state=dict(state))
+            yield from self._wait_listening(spec, state)
+            yield Progress(88, "Gateway is listening, waiting until it is ready")
+            self._wait_ready(spec, state)
+        except BaseException as exc:
+            self._teardown(spec, state)
+            if isinstance(exc, BackendError):
+                raise BackendError(f"{exc}{self._log_tail(run_dir)}") from None
+            if isinstance(exc, cgroups.CgroupError | OSError):
+                raise BackendError(f"Could not start sandbox {spec.name}: {exc}") from exc
+            raise
+        yield Progress(100, "Sandbox is running", state=dict(state))
+
+    def _check_tools(self, spec: SandboxSpec) -> None:
+        for label, path, package in (
+            ("bubblewrap (bwrap)", self.bwrap, "bubblewrap"),
+            ("pasta", self.pasta, "passt"),
+        ):
+            if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+                raise BackendError(
+                    f"{label} was not found at {path}: install the {package} package "
+                    f"or point the local backend at it."
+                )
+        if "command" not in spec.extra and not node_binary(spec.runtime_dir).is_file():
+            raise BackendError(
+                f"The OpenClaw runtime is missing at {spec.runtime_dir}: "
+                f"run `manage.py build_runtime` first."
+            )
+        if not spec.data_dir.is_dir():
+            raise BackendError(f"The sandbox data directory {spec.data_dir} does not exist.")
+        if os.geteuid() != 0:
+            raise BackendError("The local backend must run as root (it manages cgroups and uids).")
+
+    def _prepare_dirs(self, spec: SandboxSpec, run_dir: Path, uid: int) -> None:
+        """Write the sandbox's /etc, rotate its log, hand its data dir to its uid."""
+        etc = run_dir / "etc"
+        etc.mkdir(parents=True, exist_ok=True)
+        for path in (self.run_root, run_dir, etc):
+            os.chmod(path, 0o755)  # noqa: S103 - the sandbox uid reads /etc from here
+        home = spec.env.get("HOME", str(spec.data_dir))
+        files = {
+            "passwd": f"hermit:x:{SANDBOX_UID}:{SANDBOX_UID}:Hermit sandbox:{home}:/bin/sh\n",
+            "group": f"hermit:x:{SANDBOX_UID}:\n",
+            "hosts": f"127.0.0.1 localhost {spec.name}\n::1 localhost ip6-localhost\n",
+            "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+            "resolv.conf": f"nameserver {DNS_FORWARD_ADDR}\n" if spec.internet else "",
+        }
+        for name, text in files.items():
+            (etc / name).write_text(text)
+            os.chmod(etc / name, 0o644)
+        log = run_dir / LOG_NAME
+        if log.exists():
+            log.replace(run_dir / f"{LOG_NAME}.1")
+        (run_dir / EXIT_NAME).unlink(missing_ok=True)
+        _chown_tree(spec.data_dir, uid)
+        os.chmod(spec.data_dir, 0o700)
+        for parent in spec.data_dir.resolve().parents:
+            if not os.stat(parent).st_mode & 0o001:
+                raise BackendError(
+                    f"{parent} is not searchable by other users, so the sandbox uid cannot "
+                    f"reach its data directory: chmod o+x {parent}"
+                )
+
+    def _fresh_cgroups(self, spec: SandboxSpec) -> cgroups.CgroupPaths:
+        paths = cgroups.create(
+            self.cgroup_root,
+            self.cgroup_parent,
+            spec.name,
+            spec.memory_mb,
+            spec.cpu_millis,
+            spec.pids_max,
+        )
+        if cgroups.pids(paths):  # left over from a crash: nothing may run twice
+            cgroups.kill_all(paths)
+        cgroups.remove(paths)  # recreate, so OOM and CPU counters start at zero
+        return cgroups.create(
+            self.cgroup_root,
+            self.cgroup_parent,
+            spec.name,
+            spec.memory_mb,
+            spec.cpu_millis,
+            spec.pids_max,
+        )
+
+    def _launch(
+        self, spec: SandboxSpec, run_dir: Path, uid: int, paths: cgroups.CgroupPaths
+    ) -> dict[str, Any]:
+        host_port = _free_port()
+        argv = [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            *self.pasta_args(spec, host_port),
+            "--",
+            *self.bwrap_args(spec, run_dir),
+            "--",
+            *self.command(spec),
+        ]
+        env = self.sandbox_env(spec)
+        env["HERMIT_CGROUP_PROCS"] = " ".join(cgroups.procs_files(paths))
+        log = run_dir / LOG_NAME
+        exit_file = run_dir / EXIT_NAME
+        out = subprocess.run(
+            ["/bin/sh", "-c", _LAUNCH, "hermit-launch", str(log), str(exit_file), *argv],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            start_new_session=True,
+            timeout=10,
+            check=True,
+        )
+        supervisor = int(out.stdout.strip())
+        state: dict[str, Any] = {
+            "backend": self.name,
+            "uid": uid,
+            "host_port": host_port,
+            "gateway_port": spec.gateway_port,
+            "run_dir": str(run_dir),
+            "cgroups": paths,
+            "supervisor": [supervisor, _start_time(supervisor)],
+            "started_at": datetime.now(UTC).isoformat(),
+        }
+        state.update(self._find_tree(supervisor, exit_file))
+        return state
+
+    def _find_tree(self, supervisor: int, exit_file: Path) -> dict[str, Any]:
+        """Follow supervisor -> pasta -> bwrap -> init -> main; return their pids."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            chain = [supervisor]
+            while len(chain) < 5:
+                kids = _children(chain[-1])
+                if not kids:
+                    break
+                chain.append(kids[0])
+            if len(chain) == 5 and _ns_pid(chain[3]) == 1:
+                pasta, _bwrap, init, main = chain[1:]
+                return {
+                    "pasta": [pasta, _start_time(pasta)],
+                    "init": [init, _start_time(init)],
+                    "main": [main, _start_time(main)],
+                }
+            if exit_file.exists():
+                raise BackendError("The sandbox exited while it was being set up.")
+            time.sleep(0.02)
+        raise BackendError("The sandbox's processes did not appear within 10 s.")
+
+    def pasta_args(self, spec: SandboxSpec, host_port: int) -> list[str]:
+        """Return pasta's argv: one forward in, at most one out, internet only if allowed."""
+        outbound = str(spec.ai_gateway_port) if spec.ai_gateway_port else "none"
+        args = [
+            self.pasta,
+            "--foreground",
+            "--quiet",
+            "--tcp-ports",
+            f"127.0.0.1/{host_port}:{spec.gateway_port}",
+            "--tcp-ns",
+            outbound,
+            "--udp-ports",
+            "none",
+            "--udp-ns",
+            "none",
+        ]
+        if spec.internet:
+            args += ["--config-net", "--no-map-gw", "--dns-forward", DNS_FORWARD_ADDR]
+        return args
+
+    def bwrap_args(self, spec: SandboxSpec, run_dir: Path) -> list[str]:
+        """Return bwrap's argv (without the command). The network namespace is pasta's."""
+        etc = run_dir / "etc"
+        args = [
+            self.bwrap,
+            "--unshare-user",
+            "--uid",
+            str(SANDBOX_UID),
+            "--gid",
+            str(SANDBOX_UID),
+            "--disable-userns",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            spec.name,
+            "--die-with-parent",
+            "--new-session",
+            "--size",
+            str(self.tmp_size_mb * 1024 * 1024),
+            "--tmpfs",
+            "/tmp",  # noqa: S108 - the sandbox's private tmpfs, not the host's /tmp
+            "--ro-bind",
+            "/usr",
+            "/usr",
+        ]
+        for top in ("bin", "sbin", "lib", "lib32", "lib64"):
+            host = Path("/") / top
+            if host.is_symlink():
+                args += ["--symlink", os.readlink(host), str(host)]
+            elif host.is_dir():
+                args += ["--ro-bind", str(host), str(host)]
+        args += ["--dir", "/etc"]
+        for name in ("passwd", "group", "hosts", "nsswitch.conf", "resolv.conf"):
+            args += ["--ro-bind", str(etc / name), f"/etc/{name}"]
+        for shared in ("ssl", "ca-certificates", "alternatives", "localtime", "ld.so.cache"):
+            args += ["--ro-bind-try", f"/etc/{shared}", f"/etc/{shared}"]
+        args += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--ro-bind",
+            str(spec.runtime_dir),
+            str(spec.runtime_dir),
+            "--bind",
+            str(spec.data_dir),
+            str(spec.data_dir),
+            "--chdir",
+            str(spec.data_dir),
+        ]
+        return args
+
+    def command(self, spec: SandboxSpec) -> list[str]:
+        """Return the sandbox's main command: the gateway, or ``spec.extra["command"]``."""
+        custom = spec.extra.get("command")
+        if custom:
+            return [str(part) for part in custom]
+        node = node_binary(spec.runtime_dir)
+        entry = openclaw_entry(spec.runtime_dir)
+        return [str(node), str(entry), "gateway", "run", "--port", str(spec.gateway_port)]
+
+    def sandbox_env(self, spec: SandboxSpec) -> dict[str, str]:
+        """Return the environment of processes in the sandbox: PATH plus ``spec.env`` only.
+
+        Built from scratch: the portal's own environment (database URLs, keys) never leaks in.
+        """
+        node_dir = node_binary(spec.runtime_dir).parent
+        env = {"PATH": f"{node_dir}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        env.update(spec.env)
+        return env
+
+    def _wait_listening(self, spec: SandboxSpec, state: dict[str, Any]) -> Iterator[Progress]:
+        timeout = float(spec.extra.get("start_timeout", self.start_timeout))
+        started = time.monotonic()
+        last_percent = 15
+        while not _listening(state["init"][0], spec.gateway_port):
+            elapsed = time.monotonic() - started
+            if not self.poll(spec, state).running:
+                raise BackendError(
+                    f"Sandbox {spec.name} exited before its gateway opened port "
+                    f"{spec.gateway_port} ({self._exit_text(state)})."
+                )
+            if elapsed > timeout:
+                raise BackendError(
+                    f"Sandbox {spec.name}'s gateway did not open port {spec.gateway_port} "
+                    f"within {timeout:.0f} s."
+                )
+            # A cold start takes about 8 s; move the bar along that curve, never past 85.
+            percent = min(85, 15 + int(70 * elapsed / 10))
+            if percent >= last_percent + 5:
+                last_percent = percent
+                yield Progress(percent, "Starting the agent gateway")
+            time.sleep(0.1)
+
+    def _wait_ready(self, spec: SandboxSpec, state: dict[str, Any]) -> None:
+        timeout = float(spec.extra.get("ready_timeout", self.ready_timeout))
+        path = str(spec.extra.get("ready_path", "/readyz"))
+        url = f"http://127.0.0.1:{state['host_port']}{path}"
+        deadline = time.monotonic() + timeout
+        last_error = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+                    last_error = f"HTTP {response.status}"
+            except urllib.error.HTTPError as exc:
+                last_error = f"HTTP {exc.code}"
+            except (OSError, urllib.error.URLError) as exc:
+                last_error = str(exc)
+            if not self.poll(spec, state).running:
+                raise BackendError(
+                    f"Sandbox {spec.name} exited before it was ready ({self._exit_text(state)})."
+                )
+            time.sleep(0.2)
+        raise BackendError(
+            f"Sandbox {spec.name}'s gateway was not ready within {timeout:.0f} s "
+            f"({path}: {last_error})."
+        )
+
+    # -- stop / poll --------------------------------------------------------------------------
+
+    def stop(self, spec: SandboxSpec, state: dict[str, Any], timeout: float = 10.0) -> None:
+        main = _live(state.get("main"))
+        if main:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(main, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _live(state.get("main")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        self._teardown(spec, state)
+
+    def _teardown(self, spec: SandboxSpec, state: dict[str, Any]) -> None:
+        """Kill everything the sandbox runs and remove its cgroups. Safe on partial state."""
+        paths = state.get("cgroups") or self._cgroup_paths(spec)
+        cgroups.kill_all(paths)
+        pasta = _live(state.get("pasta"))  # only outside the cgroup if it never joined
+        if pasta:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pasta, signal.SIGKILL)
+        cgroups.remove(paths)
+        # The supervisor notices its child is gone and records the exit code; give it a moment.
+        deadline = time.monotonic() + 2
+        while _live(state.get("supervisor")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _cgroup_paths(self, spec: SandboxSpec) -> cgroups.CgroupPaths:
+        """Where ``start`` would have put this sandbox's cgroups (for cleanup without state)."""
+        root = self.cgroup_root
+        if (root / "cgroup.controllers").exists():
+            return {"unified": str(root / self.cgroup_parent / spec.name)}
+        return {
+            ctrl: str(root / ctrl / self.cgroup_parent / spec.name)
+            for ctrl in cgroups.V1_CONTROLLERS
+            if (root / ctrl).is_dir()
+        }
+
+    def poll(self, spec: SandboxSpec, state: dict[str, Any]) -> PollResult:
+        if not state:
+            return PollResult(running=False, detail="never started")
+        paths = state.get("cgroups", {})
+        kills = cgroups.oom_kills(paths) if paths else 0
+        oom_note = f"; {kills} process(es) killed for exceeding the memory limit" if kills else ""
+        code = self._exit_code(state)
+        if code is None and _live(state.get("main")):
+            return PollResult(running=True, oom_killed=kills > 0, detail=f"running{oom_note}")
+        return PollResult(
+            running=False,
+            exit_code=code,
+            oom_killed=kills > 0,
+            detail=f"{self._exit_text(state)}{oom_note}",
+        )
+
+    def _exit_code(self, state: dict[str, Any]) -> int | None:
+        try:
+            text = (Path(state["run_dir"]) / EXIT_NAME).read_text().strip()
+        except (OSError, KeyError):
+            return None
+        return int(text) if text.lstrip("-").isdigit() else None
+
+    def _exit_text(self, state: dict[str, Any]) -> str:
+        code = self._exit_code(state)
+        if code is None:
+            return "exited, status unknown"
+        if code > 128:
+            return f"killed by signal {code - 128} ({signal.Signals(code - 128).name})"
+        return f"exit code {code}"
+
+    def endpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> tuple[str, int]:
+        if "host_port" not in state:
+            raise BackendError(f"Sandbox {spec.name} has no endpoint: it was never started.")
+        return ("127.0.0.1", int(state["host_port"]))
+
+    # -- inspection ----------------------------------------------------------------------------
+
+    def exec(
+        self, spec: SandboxSpec, state: dict[str, Any], argv: list[str], timeout: float = 30.0
+    ) -> ExecResult:
+        init = _live(state.get("init"))
+        if not init or not self.poll(spec, state).running:
+            raise BackendError(f"Sandbox {spec.name} is not running, so nothing can run in it.")
+        nsenter = [
+            shutil.which("nsenter") or "/usr/bin/nsenter",
+            f"--target={init}",
+            "--user",
+            "--mount",
+            "--pid",
+            "--net",
+            "--ipc",
+            "--uts",
+            "--cgroup",
+            "--root",
+            "--wd",
+            f"--setuid={SANDBOX_UID}",
+            f"--setgid={SANDBOX_UID}",
+            "--",
+            *argv,
+        ]
+        env = self.sandbox_env(spec)
+        env["HERMIT_CGROUP_PROCS"] = " ".join(cgroups.procs_files(state["cgroups"]))
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", _JOIN, "hermit-exec", *nsenter],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            timed_out = True
+        return ExecResult(
+            exit_code=proc.returncode,
+            stdout=out.decode(errors="replace"),
+            stderr=err.decode(errors="replace"),
+            timed_out=timed_out,
+        )
+
+    def processes(self, spec: SandboxSpec, state: dict[str, Any]) -> list[ProcessInfo]:
+        result = []
+        for pid in cgroups.pids(state.get("cgroups", {})):
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                resident = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited while we looked
+            command = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+            result.append(ProcessInfo(pid=pid, command=command, rss_bytes=resident * PAGE_SIZE))
+        return result
+
+    def logs(self, spec: SandboxSpec, state: dict[str, Any], lines: int = 100) -> str:
+        run_dir = Path(state.get("run_dir") or self.run_root / spec.name)
+        return _tail(run_dir / LOG_NAME, lines)
+
+    def _log_tail(self, run_dir: Path, lines: int = 20) -> str:
+        tail = _tail(run_dir / LOG_NAME, lines).strip()
+        return f"\nLast log lines:\n{tail}" if tail else "\n(The sandbox wrote no log output.)"
+
+    def stats(self, spec: SandboxSpec, state: dict[str, Any]) -> Stats:
+        paths = state.get("cgroups", {})
+        memory, limit = cgroups.memory_usage(paths) if paths else (0, 0)
+        return Stats(
+            memory_bytes=memory,
+            memory_limit_bytes=limit,
+            cpu_seconds=cgroups.cpu_seconds(paths) if paths else 0.0,
+            disk_bytes=_disk_usage(spec.data_dir),
+            oom_kills=cgroups.oom_kills(paths) if paths else 0,
+        )
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def _resolve(program: str) -> str:
+    """Return the absolute path of ``program`` (a path or a name on PATH), or it unchanged."""
+    if os.sep in program:
+        return program
+    return shutil.which(program) or program
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_time(pid: int) -> int:
+    """Return the process's start time (clock ticks since boot): with the pid, a unique id."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _live(ident: Any) -> int | None:
+    """Return the pid if ``ident`` ([pid, start_time]) names a live, non-zombie process."""
+    if not ident:
+        return None
+    pid, started = int(ident[0]), int(ident[1])
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X") or int(fields[19]) != started:
+        return None
+    return pid
+
+
+def _ns_pid(pid: int) -> int | None:
+    """Return the pid of ``pid`` as seen inside its innermost pid namespace."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    except OSError:
+        pass
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _listening(pid: int, port: int) -> bool:
+    """Whether anything listens on TCP ``port`` in the network namespace of ``pid``."""
+    want = f":{port:04X}"
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[1].endswith(want) and fields[3] == "0A":
+                return True
+    return False
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    """Give every entry under ``root`` to ``uid`` (skipping those it already owns)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            st = os.lstat(name)
+            if st.st_uid != uid or st.st_gid != uid:
+                os.lchown(name, uid, uid)
+
+
+def _disk_usage(root: Path) -> int:
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 256 * 1024))
+            data = handle.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
