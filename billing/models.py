@@ -23,7 +23,7 @@ class Plan(models.Model):
     monthly_token_quota = models.BigIntegerField(
         default=1_000_000, help_text="Model tokens a month through the AI gateway; 0 = unlimited."
     )
-    requests_per_minute = models.PositiveIntegerField(default=30)
+    requests_per_minute = models.PositiveIntegerField(default=20)
     memory_mb = models.PositiveIntegerField(default=1536)
     cpu_millis = models.PositiveIntegerField(default=1000, help_text="1000 = one full core.")
     pids_max = models.PositiveIntegerField(default=512)
@@ -55,9 +55,12 @@ class Account(models.Model):
 
 
 def default_plan() -> Plan:
-    """Return the plan new users start on (the one marked default, else 'free')."""
+    """Return the plan new users start on: the one marked default, else 'free' (created if the
+    table was emptied, with the model's defaults, which are the free tier's)."""
     plan = Plan.objects.filter(is_default=True).first()
-    return plan or Plan.objects.get(slug="free")
+    if plan is None:
+        plan, _ = Plan.objects.get_or_create(slug="free", defaults={"name": "Free"})
+    return plan
 
 
 def plan_for(user: settings.AUTH_USER_MODEL) -> Plan:  # type: ignore[valid-type]

@@ -120,6 +120,8 @@ TEMPLATES = [
 DATABASE_URL = env("DATABASE_URL")
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    # Test databases are per test process, so test runs on one machine never collide.
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 else:
     DATABASES = {
         "default": {
@@ -130,6 +132,8 @@ else:
                 "transaction_mode": "IMMEDIATE",
                 "timeout": 20,
             },
+            # A file, not memory, so that servers started by tests share the test database.
+            "TEST": {"NAME": str(HERMIT_DATA_DIR / "test.sqlite3")},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -161,6 +165,7 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
                           "LOCATION": str(HERMIT_DATA_DIR / "cache")}}
 
+CELERY_TASK_DEFAULT_QUEUE = env("HERMIT_CELERY_QUEUE", "celery")
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ACKS_LATE = True
@@ -233,6 +238,13 @@ HERMIT_START_TIMEOUT = envint("HERMIT_START_TIMEOUT", "60")
 HERMIT_READY_TIMEOUT = envint("HERMIT_READY_TIMEOUT", "30")
 HERMIT_AI_GATEWAY_PORT = envint("HERMIT_AI_GATEWAY_PORT", "8001")
 HERMIT_DEFAULT_MODEL = env("HERMIT_DEFAULT_MODEL", "gpt-4o-mini")
+# The model ids sandboxes are offered (the AI gateway maps each to an upstream).
+HERMIT_SANDBOX_MODELS = envlist("HERMIT_SANDBOX_MODELS", HERMIT_DEFAULT_MODEL)
+# The operator's provider keys for the AI gateway (staff can also add upstreams in the admin).
+HERMIT_OPENAI_API_KEY = env("HERMIT_OPENAI_API_KEY")
+HERMIT_OPENAI_BASE_URL = env("HERMIT_OPENAI_BASE_URL", "https://api.openai.com/v1")
+HERMIT_ANTHROPIC_API_KEY = env("HERMIT_ANTHROPIC_API_KEY")
+HERMIT_ANTHROPIC_BASE_URL = env("HERMIT_ANTHROPIC_BASE_URL", "https://api.anthropic.com")
 HERMIT_AUTO_PROVISION = envbool("HERMIT_AUTO_PROVISION", "True")
 
 LANGUAGE_CODE = "en-us"
@@ -244,6 +256,8 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = HERMIT_DATA_DIR / "staticfiles"
 STATIC_ROOT.mkdir(exist_ok=True)
+WHITENOISE_USE_FINDERS = DEBUG
+WHITENOISE_AUTOREFRESH = DEBUG
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {

@@ -166,7 +166,7 @@ def stop_sandbox(
     transition(sandbox, State.STOPPING, actor=actor, actor_user=actor_user,
                message="Going to sleep" if to == State.SLEEPING else "Stopping")
     try:
-        get_backend(sandbox.backend).stop(_spec_or_none(sandbox), sandbox.backend_state)
+        get_backend(sandbox.backend).stop(spec_for(sandbox), sandbox.backend_state)
     except BackendError as exc:
         _fail(sandbox, str(exc))
         return
@@ -174,7 +174,7 @@ def stop_sandbox(
                backend_state={})
 
 
-def _spec_or_none(sandbox: Sandbox) -> SandboxSpec:
+def spec_for(sandbox: Sandbox) -> SandboxSpec:
     """The spec for stop/poll/exec: built even when the plan or runtime changed meanwhile."""
     try:
         return _spec(sandbox)
@@ -237,7 +237,7 @@ def record_activity(sandbox: Sandbox) -> None:
 
 def gateway_endpoint(sandbox: Sandbox) -> tuple[str, int]:
     """Return (host, port) where the portal reaches the sandbox's gateway."""
-    return get_backend(sandbox.backend).endpoint(_spec_or_none(sandbox), sandbox.backend_state)
+    return get_backend(sandbox.backend).endpoint(spec_for(sandbox), sandbox.backend_state)
 
 
 def reconcile_sandbox(sandbox: Sandbox) -> str:
@@ -249,7 +249,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     """
     backend = get_backend(sandbox.backend)
     if sandbox.state == State.RUNNING:
-        result = backend.poll(_spec_or_none(sandbox), sandbox.backend_state)
+        result = backend.poll(spec_for(sandbox), sandbox.backend_state)
         if result.running:
             return "ok"
         why = "ran out of memory" if result.oom_killed else (result.detail or "stopped")
@@ -258,7 +258,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
             pass
         return "restarted"
     if sandbox.state in (State.SLEEPING, State.STOPPED, State.FAILED) and sandbox.backend_state:
-        spec = _spec_or_none(sandbox)
+        spec = spec_for(sandbox)
         if backend.poll(spec, sandbox.backend_state).running:
             backend.stop(spec, sandbox.backend_state)
             Sandbox.objects.filter(pk=sandbox.pk).update(backend_state={})
@@ -270,7 +270,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     if sandbox.state in (State.STARTING, State.STOPPING) and (
         timezone.now() - sandbox.updated_at > stuck_after
     ):
-        spec = _spec_or_none(sandbox)
+        spec = spec_for(sandbox)
         if sandbox.backend_state:
             backend.stop(spec, sandbox.backend_state)
         _fail(sandbox, f"Stuck while {sandbox.state}; stopped by reconcile")

@@ -50,7 +50,7 @@ def make_current(image: RuntimeImage) -> None:
 def build(
     openclaw_version: str | None = None,
     node_version: str | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, str], None] | None = None,
 ) -> RuntimeImage:
     """Build (or find already built) the runtime for these versions and make it current."""
     from sandboxes.openclaw.runtime import build_runtime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,16 @@ pytest_plugins = sorted(
     for p in (Path(__file__).parent / "fixtures").glob("*.py")
     if p.stem != "__init__"
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def celery_queue() -> str:
+    """A Celery queue of this test run's own, so workers of other runs never take its tasks."""
+    from portal.celery import app
+
+    queue = f"hermit-test-{os.getpid()}"
+    app.conf.task_default_queue = queue
+    return queue
 
 
 @pytest.fixture(autouse=True)

@@ -2,37 +2,68 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Any
 
 from django.conf import settings
 
 from billing.models import Plan
 from sandboxes.backends.base import SandboxSpec
 from sandboxes.models import RuntimeImage, Sandbox
+from sandboxes.openclaw import config
 
 
 def build_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec:
-    """Write the sandbox's OpenClaw config (no secrets in it) and return the spec to start it."""
-    env: dict[str, str] = {"OPENCLAW_GATEWAY_TOKEN": sandbox.gateway_token}
+    """Write the sandbox's OpenClaw config (no secrets in it) and return the spec to start it.
+
+    Mints a fresh AI-gateway credential for this start: only its hash is stored, and the
+    plaintext lives only in the gateway's environment.
+    """
+    from billing.ai_gateway.credentials import rotate_credential
+
+    data_dir = sandbox.data_dir
+    config.prepare_data_dir(data_dir)
+    rendered = config.render_config(
+        data_dir=data_dir,
+        ai_gateway_port=settings.HERMIT_AI_GATEWAY_PORT,
+        models=settings.HERMIT_SANDBOX_MODELS,
+        default_model=settings.HERMIT_DEFAULT_MODEL,
+        allowed_origins=[settings.SITE_URL],
+    )
+    _write_private(config.config_path(data_dir), json.dumps(rendered, indent=2))
+    env = config.sandbox_env(
+        data_dir=data_dir,
+        gateway_token=sandbox.gateway_token,
+        ai_key=rotate_credential(sandbox),
+    )
+    return _spec(sandbox, plan, Path(image.path), env)
+
+
+def _spec(sandbox: Sandbox, plan: Plan | None, runtime_dir: Path, env: dict[str, str]) -> SandboxSpec:
     return SandboxSpec(
         sandbox_id=sandbox.pk,
         name=sandbox.slug,
         data_dir=sandbox.data_dir,
-        runtime_dir=Path(image.path),
+        runtime_dir=runtime_dir,
         env=env,
-        memory_mb=plan.memory_mb,
-        cpu_millis=plan.cpu_millis,
-        pids_max=plan.pids_max,
-        internet=plan.internet,
+        memory_mb=plan.memory_mb if plan else 0,
+        cpu_millis=plan.cpu_millis if plan else 0,
+        pids_max=plan.pids_max if plan else 0,
+        internet=plan.internet if plan else False,
         ai_gateway_port=settings.HERMIT_AI_GATEWAY_PORT,
     )
 
 
 def minimal_spec(sandbox: Sandbox) -> SandboxSpec:
-    """A spec good enough to stop, poll or inspect a sandbox whose runtime is gone."""
-    extra: dict[str, Any] = {}
-    return SandboxSpec(
-        sandbox_id=sandbox.pk, name=sandbox.slug, data_dir=sandbox.data_dir,
-        runtime_dir=Path("/nonexistent"), env={}, memory_mb=0, cpu_millis=0, extra=extra,
-    )
+    """A spec good enough to stop, poll or inspect a sandbox without touching its files."""
+    image_path = Path(sandbox.runtime.path) if sandbox.runtime else Path("/nonexistent")
+    return _spec(sandbox, None, image_path, {})
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o640)
+    tmp.replace(path)

@@ -1,0 +1,13 @@
+.PHONY: run test bench fmt
+
+run:  ## install what is missing, migrate, build the runtime, start everything
+	bin/run
+
+test:  ## lint, types, migrations check and the whole test suite
+	bin/test
+
+bench:
+	.venv/bin/python bench/cold_start.py && .venv/bin/python bench/chat_relay.py && .venv/bin/python bench/ai_gateway.py
+
+fmt:
+	.venv/bin/ruff format . && .venv/bin/ruff check --fix .

@@ -1,0 +1,101 @@
+"""Ops CLI: manage.py sandbox {list,start,stop,restart,status,logs,exec} [USER] [-- CMD...]."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db.models import Q
+
+from sandboxes import actions
+from sandboxes.backends import get_backend
+from sandboxes.backends.base import BackendError
+from sandboxes.models import Sandbox, SandboxEvent
+
+STAFF = SandboxEvent.Actor.STAFF
+
+
+class Command(BaseCommand):
+    help = "Inspect and control users' sandboxes. USER is an email address or username."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("verb", choices=["list", "start", "stop", "restart", "status", "logs",
+                                             "exec"])
+        parser.add_argument("user", nargs="?")
+        parser.add_argument("argv", nargs="*", help="for exec: the command to run")
+        parser.add_argument("--name", default="default", help="sandbox name")
+        parser.add_argument("--lines", type=int, default=100, help="for logs")
+        parser.add_argument("--timeout", type=float, default=30.0, help="for exec")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        if opts["verb"] == "list":
+            self._list()
+            return
+        if not opts["user"]:
+            raise CommandError(f"`sandbox {opts['verb']}` needs a USER (email or username).")
+        sandbox = self._sandbox(opts["user"], opts["name"])
+        try:
+            getattr(self, f"_{opts['verb']}")(sandbox, opts)
+        except (BackendError, actions.TransitionRefused) as exc:
+            raise CommandError(str(exc)) from exc
+
+    def _sandbox(self, who: str, name: str) -> Sandbox:
+        user = get_user_model().objects.filter(Q(email__iexact=who) | Q(username=who)).first()
+        if user is None:
+            raise CommandError(f"No user {who!r}.")
+        sandbox = Sandbox.objects.filter(owner=user, name=name).select_related("owner").first()
+        if sandbox is None:
+            raise CommandError(f"{who} has no sandbox called {name!r}.")
+        return sandbox
+
+    def _list(self) -> None:
+        for s in Sandbox.objects.select_related("owner").order_by("pk"):
+            self.stdout.write(f"{s.pk:>5}  {s.owner.email or s.owner.username:<32} {s.name:<12} "
+                              f"{s.state:<12} last activity {s.last_activity_at:%Y-%m-%d %H:%M}Z")
+
+    def _progress(self, steps: Any) -> None:
+        for step in steps:
+            self.stdout.write(f"[{step.percent:>3}%] {step.message}")
+
+    def _start(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
+        self._progress(actions.wake_sandbox(sandbox, actor=STAFF))
+
+    def _stop(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
+        actions.stop_sandbox(sandbox, actor=STAFF)
+        self.stdout.write(f"{sandbox} is {sandbox.state}")
+
+    def _restart(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
+        self._progress(actions.restart_sandbox(sandbox, actor=STAFF))
+
+    def _status(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
+        info: dict[str, Any] = {"sandbox": str(sandbox), "state": sandbox.state,
+                                "error": sandbox.error_message or None}
+        if sandbox.backend_state:
+            backend, spec = get_backend(sandbox.backend), actions.spec_for(sandbox)
+            poll = backend.poll(spec, sandbox.backend_state)
+            info["backend"] = {"running": poll.running, "oom_killed": poll.oom_killed,
+                               "detail": poll.detail}
+            if poll.running:
+                stats = backend.stats(spec, sandbox.backend_state)
+                info["stats"] = stats.__dict__
+        self.stdout.write(json.dumps(info, indent=2, default=str))
+
+    def _logs(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
+        backend = get_backend(sandbox.backend)
+        self.stdout.write(backend.logs(actions.spec_for(sandbox), sandbox.backend_state,
+                                       opts["lines"]))
+
+    def _exec(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
+        if not opts["argv"]:
+            raise CommandError("Give the command after the user: sandbox exec USER -- ls /tmp")
+        backend = get_backend(sandbox.backend)
+        result = backend.exec(actions.spec_for(sandbox), sandbox.backend_state, opts["argv"],
+                              timeout=opts["timeout"])
+        self.stdout.write(result.stdout, ending="")
+        self.stderr.write(result.stderr, ending="")
+        if result.timed_out:
+            raise CommandError(f"Timed out after {opts['timeout']} s")
+        if result.exit_code:
+            raise CommandError(f"Exit code {result.exit_code}")

@@ -1,0 +1,80 @@
+"""Tenancy: alice sees only her sandbox and events; bob and anonymous users see nothing of hers."""
+
+from __future__ import annotations
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.http import Http404
+from django.test import Client
+from django.urls import reverse
+
+from portal.asgi import application
+from sandboxes.access import get_sandbox_for_user
+from sandboxes.events import record_event
+from sandboxes.models import Sandbox
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_it_gives_each_user_only_their_own_sandbox(alice: object, bob: object) -> None:
+    assert get_sandbox_for_user(alice).owner == alice
+    assert get_sandbox_for_user(bob).owner == bob
+    with pytest.raises(Http404):
+        get_sandbox_for_user(bob, name="alices-other")
+
+
+def test_it_refuses_anonymous_users() -> None:
+    from django.contrib.auth.models import AnonymousUser
+
+    with pytest.raises(Http404):
+        get_sandbox_for_user(AnonymousUser())
+
+
+def test_it_shows_bob_none_of_alices_events(client: Client, alice: object, bob: object) -> None:
+    alices = Sandbox.objects.get(owner=alice)
+    record_event(alices, "progress", "alice-secret-step", progress=42)
+    client.force_login(bob)  # type: ignore[arg-type]
+    page = client.get(reverse("dashboard")).content.decode()
+    assert "alice-secret-step" not in page
+    client.force_login(alice)  # type: ignore[arg-type]
+    assert "alice-secret-step" in client.get(reverse("dashboard")).content.decode()
+
+
+def test_it_redirects_anonymous_dashboard_visits(client: Client) -> None:
+    response = client.get(reverse("dashboard"))
+    assert response.status_code == 302
+    assert response["Location"].startswith(reverse("account_login"))
+
+
+async def _connect(user: object | None) -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(
+        application, "/ws/sandbox/progress/", headers=[(b"origin", b"http://127.0.0.1:8000")]
+    )
+    if user is not None:
+        communicator.scope["user"] = user
+    return communicator
+
+
+async def test_it_streams_progress_only_to_the_owner(alice: object, bob: object) -> None:
+    from asgiref.sync import sync_to_async
+
+    alices = await Sandbox.objects.aget(owner=alice)
+    alice_ws = await _connect(alice)
+    bob_ws = await _connect(bob)
+    try:
+        assert (await alice_ws.connect())[0]
+        assert (await bob_ws.connect())[0]
+        await sync_to_async(record_event)(alices, "progress", "halfway", progress=50)
+        event = await alice_ws.receive_json_from(timeout=5)
+        assert (event["message"], event["progress"]) == ("halfway", 50)
+        assert await bob_ws.receive_nothing(timeout=0.5)
+    finally:
+        await alice_ws.disconnect()
+        await bob_ws.disconnect()
+
+
+async def test_it_closes_progress_for_anonymous_users() -> None:
+    ws = await _connect(None)
+    connected, code = await ws.connect()
+    assert not connected
+    await ws.disconnect()
