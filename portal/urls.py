@@ -3,12 +3,17 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 
+from billing import views_keys
 from portal import views
+from sandboxes import views_chat
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("dashboard/", views.dashboard, name="dashboard"),
     path("sandbox/start/", views.sandbox_start, name="sandbox-start"),
+    path("chat/", views_chat.chat, name="chat"),
     path("accounts/", include("allauth.urls")),
     path("admin/", admin.site.urls),
+    path("ai/", include("billing.ai_gateway.urls")),
+    path("settings/keys/", views_keys.provider_keys, name="provider-keys"),
 ]

@@ -1,0 +1,107 @@
+"""Choosing where a model call goes: staff routes, operator upstreams, the user's own key.
+
+Order: the first ``ModelRoute`` (by priority) whose pattern matches the model and whose upstream
+speaks the call's API; else the first enabled operator ``Upstream`` for that API; else the
+operator upstream configured in settings (HERMIT_OPENAI_API_KEY / HERMIT_ANTHROPIC_API_KEY with
+their base URLs). A matching route's fallback, if any, is the second target. When the user has
+saved a key for a target's provider (BYOK), it replaces the operator's key for that target.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from billing.ai_gateway.models import Api, ModelRoute, Provider, Upstream, UserProviderKey
+
+GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One upstream attempt. ``api_key`` is a secret: never log or repr it."""
+
+    upstream_id: int | None  # None for the settings-defined operator upstream
+    name: str
+    provider: str
+    base_url: str
+    api_key: str
+    model: str  # the model name sent upstream
+    timeout: float
+    byok: bool
+
+    def __repr__(self) -> str:
+        return f"Target({self.name!r}, model={self.model!r}, byok={self.byok})"
+
+    def url(self, api: str) -> str:
+        base = self.base_url.rstrip("/")
+        return f"{base}/v1/messages" if api == Api.ANTHROPIC else f"{base}/chat/completions"
+
+
+def _speaks(upstream: Upstream, api: str) -> bool:
+    return upstream.enabled and upstream.api == api
+
+
+def _target(upstream: Upstream, model: str, keys: dict[str, str]) -> Target:
+    user_key = keys.get(upstream.key_provider())
+    return Target(
+        upstream_id=upstream.pk,
+        name=upstream.name,
+        provider=str(upstream.provider),
+        base_url=upstream.base_url,
+        api_key=user_key or upstream.api_key or "",
+        model=model,
+        timeout=upstream.timeout_seconds,
+        byok=bool(user_key),
+    )
+
+
+def settings_upstream(api: str) -> Upstream | None:
+    """Return an unsaved Upstream for the operator key in settings, or None if not set."""
+    if api == Api.ANTHROPIC:
+        key = getattr(settings, "HERMIT_ANTHROPIC_API_KEY", "")
+        base = getattr(settings, "HERMIT_ANTHROPIC_BASE_URL", "") or "https://api.anthropic.com"
+        provider = Provider.ANTHROPIC
+    else:
+        key = getattr(settings, "HERMIT_OPENAI_API_KEY", "")
+        base = getattr(settings, "HERMIT_OPENAI_BASE_URL", "") or "https://api.openai.com/v1"
+        provider = Provider.OPENAI
+    if not key:
+        return None
+    return Upstream(name=f"settings:{provider}", provider=provider, base_url=base, api_key=key)
+
+
+def choose_targets(user_id: int, api: str, model: str) -> list[Target]:
+    """Return the upstream attempts for this call, primary first; empty if none is configured."""
+    keys = {k.provider: k.api_key for k in UserProviderKey.objects.filter(user_id=user_id)}
+    for route in ModelRoute.objects.select_related("upstream", "fallback"):
+        if not (route.matches(model) and _speaks(route.upstream, api)):
+            continue
+        targets = [_target(route.upstream, route.upstream_model or model, keys)]
+        if route.fallback is not None and _speaks(route.fallback, api):
+            targets.append(_target(route.fallback, route.fallback_model or model, keys))
+        return targets
+    operator = [u for u in Upstream.objects.filter(is_operator=True, enabled=True) if u.api == api]
+    if operator:
+        return [_target(operator[0], model, keys)]
+    fallback = settings_upstream(api)
+    return [_target(fallback, model, keys)] if fallback is not None else []
+
+
+def listed_models() -> list[str]:
+    """Return the model names the gateway advertises (exact routes and priced models)."""
+    from billing.ai_gateway.models import Price
+
+    names = {r.pattern for r in ModelRoute.objects.all()} | {p.model for p in Price.objects.all()}
+    names.add(settings.HERMIT_DEFAULT_MODEL)
+    return sorted(n for n in names if not GLOB_CHARS & set(n))
+
+
+def find_price_pattern(model: str, patterns: list[str]) -> str | None:
+    """Return the exact price entry for ``model`` or the longest glob matching it."""
+    if model in patterns:
+        return model
+    globs = [p for p in patterns if GLOB_CHARS & set(p) and fnmatch.fnmatchcase(model, p)]
+    return max(globs, key=len) if globs else None
