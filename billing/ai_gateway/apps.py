@@ -8,3 +8,13 @@ class AiGatewayConfig(AppConfig):
     label = "ai_gateway"
     verbose_name = "AI gateway"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from django.db.models.signals import post_delete, post_save
+
+        from billing.ai_gateway import models, upstreams
+
+        for model in (models.Upstream, models.ModelRoute, models.Price):
+            for name, signal in (("save", post_save), ("delete", post_delete)):
+                uid = f"ai-routing-{model.__name__}-{name}"
+                signal.connect(upstreams.invalidate_routing_table, sender=model, dispatch_uid=uid)

@@ -37,12 +37,12 @@ def rotate_credential(sandbox: Sandbox) -> str:
 
 
 def authenticate(key: str | None) -> SandboxCredential | None:
-    """Return the credential (with sandbox, owner) that ``key`` opens, or None."""
+    """Return the credential (with sandbox, owner, account, plan) that ``key`` opens, or None."""
     if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     digest = hash_key(key)
     credential = (
-        SandboxCredential.objects.select_related("sandbox", "sandbox__owner")
+        SandboxCredential.objects.select_related("sandbox__owner__account__plan")
         .filter(key_hash=digest)
         .first()
     )

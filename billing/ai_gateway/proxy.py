@@ -27,8 +27,9 @@ from django.utils import timezone
 from billing.ai_gateway import credentials, limits
 from billing.ai_gateway.errors import Kind, error_response
 from billing.ai_gateway.metering import Usage, UsageMeter
-from billing.ai_gateway.models import Api, Price, UsageRecord
-from billing.ai_gateway.upstreams import Target, choose_targets, find_price_pattern
+from billing.ai_gateway.models import Api, UsageRecord
+from billing.ai_gateway.upstreams import Target, choose_targets, find_price
+from billing.models import Account, Plan, plan_for
 from portal.lib import http
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,14 @@ def presented_key(request: HttpRequest) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
+def _plan(user: Any) -> Plan:
+    """Return the user's plan, from the row loaded with the credential when it is there."""
+    try:
+        return user.account.plan
+    except Account.DoesNotExist:
+        return plan_for(user)
+
+
 def authorize(call: Call, key: str | None) -> None:
     """Identify the sandbox, check the quota and choose targets; raise Refused otherwise."""
     credential = credentials.authenticate(key)
@@ -82,9 +91,7 @@ def authorize(call: Call, key: str | None) -> None:
         raise Refused(Kind.AUTH, "Invalid Hermit AI gateway key.")
     sandbox = credential.sandbox
     call.user_id, call.sandbox_id = sandbox.owner_id, sandbox.pk
-    from billing.models import plan_for
-
-    plan = plan_for(sandbox.owner)
+    plan = _plan(sandbox.owner)
     call.requests_per_minute = plan.requests_per_minute
     call.targets = choose_targets(sandbox.owner_id, call.api, call.model)
     if not call.targets:
@@ -118,11 +125,9 @@ def record(
     cost = Decimal(0)
     target = call.target
     if usage.seen:
-        patterns = list(Price.objects.values_list("model", flat=True))
         for name in (target.model if target else "", call.model):
-            chosen = find_price_pattern(name, patterns) if name else None
-            if chosen is not None:
-                price = Price.objects.get(model=chosen)
+            price = find_price(name) if name else None
+            if price is not None:
                 cost = price.cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens)
                 break
     row = UsageRecord.objects.create(

@@ -10,13 +10,51 @@ saved a key for a target's provider (BYOK), it replaces the operator's key for t
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from django.conf import settings
 
-from billing.ai_gateway.models import Api, ModelRoute, Provider, Upstream, UserProviderKey
+from billing.ai_gateway.models import Api, ModelRoute, Price, Provider, Upstream, UserProviderKey
 
 GLOB_CHARS = set("*?[")
+TABLE_TTL = 30.0  # seconds; saves in this process invalidate at once (see apps.ready)
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """A read-only snapshot of routes, operator upstreams and prices, shared by all calls."""
+
+    routes: list[ModelRoute]
+    operators: list[Upstream]
+    prices: dict[str, Price]
+    loaded_at: float = field(default_factory=time.monotonic)
+
+
+_table: RoutingTable | None = None
+_table_lock = threading.Lock()
+
+
+def routing_table() -> RoutingTable:
+    """Return the current snapshot, reloading it when older than TABLE_TTL or invalidated."""
+    global _table
+    table = _table
+    if table is not None and time.monotonic() - table.loaded_at < TABLE_TTL:
+        return table
+    with _table_lock:
+        routes = list(ModelRoute.objects.select_related("upstream", "fallback"))
+        operators = list(Upstream.objects.filter(is_operator=True, enabled=True).order_by("id"))
+        prices = {p.model: p for p in Price.objects.all()}
+        _table = RoutingTable(routes, operators, prices)
+        return _table
+
+
+def invalidate_routing_table(**kwargs: Any) -> None:
+    """Signal receiver: drop the snapshot after staff change a route, upstream or price."""
+    global _table
+    _table = None
 
 
 @dataclass(frozen=True)
@@ -76,14 +114,15 @@ def settings_upstream(api: str) -> Upstream | None:
 def choose_targets(user_id: int, api: str, model: str) -> list[Target]:
     """Return the upstream attempts for this call, primary first; empty if none is configured."""
     keys = {k.provider: k.api_key for k in UserProviderKey.objects.filter(user_id=user_id)}
-    for route in ModelRoute.objects.select_related("upstream", "fallback"):
+    table = routing_table()
+    for route in table.routes:
         if not (route.matches(model) and _speaks(route.upstream, api)):
             continue
         targets = [_target(route.upstream, route.upstream_model or model, keys)]
         if route.fallback is not None and _speaks(route.fallback, api):
             targets.append(_target(route.fallback, route.fallback_model or model, keys))
         return targets
-    operator = [u for u in Upstream.objects.filter(is_operator=True, enabled=True) if u.api == api]
+    operator = [u for u in table.operators if u.api == api]
     if operator:
         return [_target(operator[0], model, keys)]
     fallback = settings_upstream(api)
@@ -92,16 +131,16 @@ def choose_targets(user_id: int, api: str, model: str) -> list[Target]:
 
 def listed_models() -> list[str]:
     """Return the model names the gateway advertises (exact routes and priced models)."""
-    from billing.ai_gateway.models import Price
-
-    names = {r.pattern for r in ModelRoute.objects.all()} | {p.model for p in Price.objects.all()}
+    table = routing_table()
+    names = {r.pattern for r in table.routes} | set(table.prices)
     names.add(settings.HERMIT_DEFAULT_MODEL)
     return sorted(n for n in names if not GLOB_CHARS & set(n))
 
 
-def find_price_pattern(model: str, patterns: list[str]) -> str | None:
-    """Return the exact price entry for ``model`` or the longest glob matching it."""
-    if model in patterns:
-        return model
-    globs = [p for p in patterns if GLOB_CHARS & set(p) and fnmatch.fnmatchcase(model, p)]
-    return max(globs, key=len) if globs else None
+def find_price(model: str) -> Price | None:
+    """Return the exact price entry for ``model``, else the longest glob matching it, or None."""
+    prices = routing_table().prices
+    if model in prices:
+        return prices[model]
+    globs = [p for p in prices if GLOB_CHARS & set(p) and fnmatch.fnmatchcase(model, p)]
+    return prices[max(globs, key=len)] if globs else None

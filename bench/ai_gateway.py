@@ -1,0 +1,219 @@
+"""Benchmark the AI gateway against calling the fake model upstream directly.
+
+Prints, for OpenAI-style streaming chat completions:
+- time to first byte (p50, p99) direct vs through the gateway, and the ratio / added ms;
+- per-chunk time of a 200-chunk stream with no upstream delay (p50, p99), direct vs gateway;
+- throughput at 50 concurrent streams (streams/s and chunks/s), direct vs gateway.
+
+The gateway runs as in production: ``daphne billing.ai_gateway.asgi:application`` in its own
+process, on a throwaway SQLite database (or ``--database-url``), with no Redis unless
+``--redis-url``. The fake upstream runs in its own process too. Usage:
+
+    .venv/bin/python bench/ai_gateway.py [--requests 200] [--concurrency 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fake_upstream(env: dict[str, str], port: int, chunks: int, delay: float) -> Any:
+    args = [PYTHON, "-m", "tests.fakes.model_server", "--port", str(port),
+            "--chunks", str(chunks), "--delay", str(delay), "--reply", "x" * chunks]  # fmt: skip
+    return process(args, env, port)
+
+
+def setup_database(env: dict[str, str], upstream_base: str) -> str:
+    """Migrate, create a user, sandbox, operator upstream; return the sandbox's gateway key."""
+    subprocess.run([PYTHON, "manage.py", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
+    script = f"""
+import django; django.setup()
+from django.contrib.auth import get_user_model
+from billing.models import plan_for
+from billing.ai_gateway.models import Upstream
+from billing.ai_gateway.credentials import rotate_credential
+from sandboxes.actions import create_sandbox
+user = get_user_model().objects.create_user(username="bench", email="bench@example.com")
+plan = plan_for(user); plan.requests_per_minute = 0; plan.monthly_token_quota = 0; plan.save()
+Upstream.objects.update_or_create(name="bench", defaults=dict(provider="openai",
+    base_url={upstream_base!r}, api_key="sk-bench", is_operator=True))
+print(rotate_credential(create_sandbox(user)))
+"""
+    out = subprocess.run([PYTHON, "-c", script], env=env, cwd=ROOT, check=True,
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip().splitlines()[-1]
+
+
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+        "stream_options": {"include_usage": True}}  # fmt: skip
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, key: str) -> tuple[float, list[float]]:
+    """Return (time to first byte, arrival time of every body piece), seconds from the start."""
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    headers = {"Authorization": f"Bearer {key}"}
+    async with client.stream("POST", url, json=BODY, headers=headers) as response:
+        response.raise_for_status()
+        async for _ in response.aiter_raw():
+            arrivals.append(time.perf_counter() - started)
+    return arrivals[0], arrivals
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def sequential(targets: dict[str, tuple[str, str]], n: int) -> dict[str, list[float]]:
+    """Interleave direct and gateway calls; return TTFBs and per-chunk times for each."""
+    out: dict[str, list[float]] = {f"{k}_{m}": [] for k in targets for m in ("ttfb", "chunk")}
+    async with httpx.AsyncClient(timeout=60) as client:
+        for url, key in targets.values():  # warm up connections and code paths
+            for _ in range(5):
+                await one_stream(client, url, key)
+        for _ in range(n):
+            for name, (url, key) in targets.items():
+                ttfb, arrivals = await one_stream(client, url, key)
+                out[f"{name}_ttfb"].append(ttfb)
+                if len(arrivals) > 1:
+                    out[f"{name}_chunk"].append((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1))
+    return out
+
+
+async def concurrent(url: str, key: str, streams: int, rounds: int) -> tuple[float, int]:
+    """Run ``rounds`` waves of ``streams`` concurrent streams; return (seconds, pieces)."""
+    limits = httpx.Limits(max_connections=streams * 2, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        await asyncio.gather(*(one_stream(client, url, key) for _ in range(streams)))  # warm-up
+        started = time.perf_counter()
+        pieces = 0
+        for _ in range(rounds):
+            results = await asyncio.gather(*(one_stream(client, url, key) for _ in range(streams)))
+            pieces += sum(len(arrivals) for _, arrivals in results)
+        return time.perf_counter() - started, pieces
+
+
+def ms(value: float) -> str:
+    return f"{value * 1000:.2f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--database-url", default="")
+    parser.add_argument("--redis-url", default="")
+    args = parser.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="hermit-bench-")
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, tmp: str) -> None:
+    env = {**os.environ, "HERMIT_DATA_DIR": tmp, "DATABASE_URL": args.database_url,
+           "REDIS_URL": args.redis_url, "DJANGO_SETTINGS_MODULE": "portal.settings",
+           "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}  # fmt: skip
+    upstream_port, gateway_port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}/v1"
+    key = setup_database(env, upstream)
+    daphne = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(gateway_port),
+              "billing.ai_gateway.asgi:application"]  # fmt: skip
+    targets = {
+        "direct": (f"{upstream}/chat/completions", "sk-bench"),
+        "gateway": (f"http://127.0.0.1:{gateway_port}/ai/v1/chat/completions", key),
+    }
+    print(f"AI gateway benchmark ({os.cpu_count()} CPUs, gateway under daphne, "
+          f"{'PostgreSQL' if args.database_url else 'SQLite'}, "
+          f"{'Redis' if args.redis_url else 'local'} rate limiter)")  # fmt: skip
+    with process(daphne, env, gateway_port):
+        with fake_upstream(env, upstream_port, chunks=3, delay=0):
+            seq = asyncio.run(sequential(targets, args.requests))
+        print(f"\nTime to first byte, {args.requests} sequential streams (3 chunks):")
+        for p in (50, 99):
+            d, g = pct(seq["direct_ttfb"], p), pct(seq["gateway_ttfb"], p)
+            print(f"  p{p}: direct {ms(d)}  gateway {ms(g)}  added {ms(g - d)}  ratio {g / d:.2f}x")
+
+        with fake_upstream(env, upstream_port, chunks=200, delay=0):
+            seq = asyncio.run(sequential(targets, max(20, args.requests // 4)))
+        print("\nPer-chunk time, 200-chunk streams with no upstream delay:")
+        for p in (50, 99):
+            d, g = pct(seq["direct_chunk"], p), pct(seq["gateway_chunk"], p)
+            print(f"  p{p}: direct {d * 1e6:.1f} us  gateway {g * 1e6:.1f} us  "
+                  f"added {(g - d) * 1e6:.1f} us/chunk  ratio {g / d:.2f}x")  # fmt: skip
+
+        with fake_upstream(env, upstream_port, chunks=20, delay=0.02):
+            print(f"\nThroughput, {args.concurrency} concurrent streams x {args.rounds} waves "
+                  "(20 chunks, 20 ms apart upstream):")  # fmt: skip
+            results = {}
+            for name, (url, k) in targets.items():
+                seconds, pieces = asyncio.run(concurrent(url, k, args.concurrency, args.rounds))
+                results[name] = seconds
+                streams = args.concurrency * args.rounds
+                print(f"  {name:8s}: {streams / seconds:7.1f} streams/s  "
+                      f"{pieces / seconds:8.0f} pieces/s  ({seconds:.2f} s)")  # fmt: skip
+            print(f"  gateway/direct time ratio {results['gateway'] / results['direct']:.2f}x")
+
+        with fake_upstream(env, upstream_port, chunks=3, delay=0):
+            print(f"\nThroughput, {args.concurrency} concurrent short streams x "
+                  f"{args.rounds * 2} waves (no upstream delay):")  # fmt: skip
+            for name, (url, k) in targets.items():
+                seconds, _ = asyncio.run(concurrent(url, k, args.concurrency, args.rounds * 2))
+                streams = args.concurrency * args.rounds * 2
+                print(f"  {name:8s}: {streams / seconds:7.1f} streams/s  ({seconds:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
