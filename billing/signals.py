@@ -13,5 +13,5 @@ from billing.models import Account, default_plan
 
 @receiver(post_save, sender=settings.AUTH_USER_MODEL)
 def create_account(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
-    if created:
+    if created and not kwargs.get("raw"):  # not while loading fixtures
         Account.objects.get_or_create(user=instance, defaults={"plan": default_plan()})

@@ -254,6 +254,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
             return "ok"
         why = "ran out of memory" if result.oom_killed else (result.detail or "stopped")
         record_event(sandbox, "crashed", f"The gateway {why}; restarting it")
+        backend.stop(spec_for(sandbox), sandbox.backend_state)  # clear what is left of it
         for _ in start_sandbox(sandbox):
             pass
         return "restarted"

@@ -20,7 +20,7 @@ class RuntimeMissing(Exception):
 
 
 def runtime_root() -> Path:
-    return Path(settings.HERMIT_DATA_DIR) / "runtime"
+    return Path(settings.HERMIT_RUNTIME_DIR)
 
 
 def current_image() -> RuntimeImage:

@@ -15,7 +15,7 @@ from sandboxes import actions
 
 @receiver(post_save, sender=settings.AUTH_USER_MODEL)
 def create_sandbox_for_new_user(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
-    if created:
+    if created and not kwargs.get("raw"):  # not while loading fixtures
         actions.create_sandbox(instance)
 
 

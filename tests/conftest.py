@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,33 @@ def celery_queue() -> str:
     queue = f"hermit-test-{os.getpid()}"
     app.conf.task_default_queue = queue
     return queue
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sandbox_dirs() -> Iterator[dict[str, str]]:
+    """Give this test run its own sandbox data dir, cgroup parent and uid range, so it never
+    meets a portal or another test run on the same machine; the runtime build is shared.
+
+    Returns the settings as environment variables, for servers that tests start."""
+    from django.conf import settings
+
+    from sandboxes.backends import get_backend
+
+    run = f"t{os.getpid()}"
+    data_dir = Path(settings.HERMIT_DATA_DIR) / "test-runs" / run
+    data_dir.mkdir(parents=True, exist_ok=True)
+    values = {
+        "HERMIT_RUNTIME_DIR": str(settings.HERMIT_RUNTIME_DIR),
+        "HERMIT_DATA_DIR": str(data_dir),
+        "HERMIT_CGROUP_PARENT": f"hermit-{run}",
+        "HERMIT_UID_BASE": str(300_000 + (os.getpid() % 1000) * 1000),
+    }
+    for name, value in values.items():
+        setattr(settings, name, int(value) if name == "HERMIT_UID_BASE" else value)
+    settings.HERMIT_DATA_DIR = data_dir
+    get_backend.cache_clear()
+    yield values
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

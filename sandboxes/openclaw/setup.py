@@ -56,9 +56,9 @@ def _spec(sandbox: Sandbox, plan: Plan | None, runtime_dir: Path, env: dict[str,
 
 
 def minimal_spec(sandbox: Sandbox) -> SandboxSpec:
-    """A spec good enough to stop, poll or inspect a sandbox without touching its files."""
-    image_path = Path(sandbox.runtime.path) if sandbox.runtime else Path("/nonexistent")
-    return _spec(sandbox, None, image_path, {})
+    """A spec good enough to stop, poll or inspect a running sandbox, built without the
+    database or the runtime (which may be gone)."""
+    return _spec(sandbox, None, Path("/nonexistent"), {})
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -1,0 +1,149 @@
+"""Sandboxes end to end: provisioning through a real Celery worker, supervision and repair by
+reconcile, re-attachment after a worker restart, clear failures, and the ops CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from io import StringIO
+from typing import Any
+
+import pytest
+from allauth.account.models import EmailAddress
+from allauth.account.signals import email_confirmed
+from django.core.management import call_command
+from django.db import transaction
+
+from sandboxes import actions, tasks
+from sandboxes.backends import get_backend
+from sandboxes.models import Sandbox
+from tests.factories import make_user
+from tests.fixtures.live import Server
+
+pytestmark = pytest.mark.django_db(transaction=True)
+State = Sandbox.State
+
+
+def _wait_state(sandbox: Sandbox, states: set[str], timeout: float) -> Sandbox:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sandbox.refresh_from_db()
+        if sandbox.state in states:
+            return sandbox
+        time.sleep(0.3)
+    raise AssertionError(f"sandbox stayed {sandbox.state}; events: "
+                         f"{list(sandbox.events.values_list('message', flat=True)[:10])}")
+
+
+def _poll(sandbox: Sandbox) -> Any:
+    return get_backend(sandbox.backend).poll(actions.spec_for(sandbox), sandbox.backend_state)
+
+
+def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
+    sandbox_pool: Any, transactional_db: None, start_server: Callable[..., Server],
+    settings: Any,
+) -> None:
+    settings.HERMIT_AUTO_PROVISION = True
+    sandbox_pool.restore_shared()
+    worker = start_server("celery", name="worker-1")
+    user = make_user("celery@agents.test")
+    address = EmailAddress.objects.get(user=user)
+    with transaction.atomic():  # the task is enqueued when the confirmation commits
+        email_confirmed.send(sender=EmailAddress, request=None, email_address=address)
+    sandbox = _wait_state(Sandbox.objects.get(owner=user), {State.RUNNING, State.FAILED}, 120)
+    assert sandbox.state == State.RUNNING, sandbox.error_message + worker.output()[-2000:]
+
+    progress = list(sandbox.events.order_by("created_at", "id")
+                    .exclude(progress=None).values_list("progress", flat=True))
+    assert progress[-1] == 100 and len(progress) >= 4
+    assert progress == sorted(progress), progress
+    main_pid = sandbox.backend_state["main"][0]
+
+    # Kill the worker hard; a new worker sees the same sandbox and leaves it alone.
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait()
+    assert _poll(sandbox).running
+    start_server("celery", name="worker-2")
+    tasks.reconcile_sandboxes.delay()
+    time.sleep(3)
+    tasks.stop_sandbox.delay(sandbox.pk)
+    sandbox = _wait_state(sandbox, {State.STOPPED}, 60)
+    assert not sandbox.events.filter(kind="crashed").exists()
+    assert not os.path.exists(f"/proc/{main_pid}")
+
+
+def test_it_restarts_a_crashed_gateway_on_reconcile(sandbox_for: Callable[..., Sandbox]) -> None:
+    sandbox = sandbox_for("pro@agents.test", plan="pro")
+    old_main = sandbox.backend_state["main"][0]
+    os.kill(old_main, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _poll(sandbox).running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _poll(sandbox).running
+
+    counts = tasks.reconcile_sandboxes()
+    assert counts.get("restarted") == 1, counts
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING
+    assert _poll(sandbox).running
+    assert sandbox.backend_state["main"][0] != old_main
+    crash = sandbox.events.get(kind="crashed")
+    assert "restarting" in crash.message
+    assert tasks.reconcile_sandboxes().get("ok", 0) >= 1
+
+
+def test_it_stops_a_gateway_that_should_be_asleep(sandbox_for: Callable[..., Sandbox]) -> None:
+    sandbox = sandbox_for("stray@agents.test")
+    Sandbox.objects.filter(pk=sandbox.pk).update(state=State.SLEEPING)
+    sandbox.refresh_from_db()
+    assert actions.reconcile_sandbox(sandbox) == "stopped-stray"
+    assert not _poll(sandbox).running
+    assert sandbox.events.filter(kind="reconciled").exists()
+
+
+def test_it_fails_clearly_when_bubblewrap_is_missing(sandbox_pool: Any, settings: Any) -> None:
+    sandbox_pool.restore_shared()  # plans and the built runtime first, then the user
+    alice = make_user("alice@example.com")
+    settings.HERMIT_BWRAP = "/nonexistent/bwrap"
+    get_backend.cache_clear()
+    try:
+        sandbox = Sandbox.objects.get(owner=alice)
+        steps = list(actions.start_sandbox(sandbox))
+    finally:
+        get_backend.cache_clear()
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.FAILED
+    assert "bubblewrap" in sandbox.error_message.lower()
+    assert "failed" in steps[-1].message.lower()
+    assert not sandbox.backend_state.get("main")
+
+
+def test_it_fails_clearly_when_the_runtime_is_not_built(alice: Any) -> None:
+    sandbox = Sandbox.objects.get(owner=alice)
+    steps = list(actions.start_sandbox(sandbox))
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.FAILED
+    assert "build_runtime" in sandbox.error_message
+    assert "build_runtime" in steps[-1].message
+
+
+def test_the_ops_cli_reports_and_runs_commands(sandbox_for: Callable[..., Sandbox]) -> None:
+    sandbox = sandbox_for("ops@agents.test")
+    out = StringIO()
+    call_command("sandbox", "list", stdout=out)
+    assert "ops@agents.test" in out.getvalue()
+    out = StringIO()
+    call_command("sandbox", "status", "ops@agents.test", stdout=out)
+    status = json.loads(out.getvalue())
+    assert status["state"] == "running" and status["backend"]["running"]
+    assert status["stats"]["memory_bytes"] > 50_000_000
+    out = StringIO()
+    call_command("sandbox", "exec", "ops@agents.test", "--", "id", "-u", stdout=out)
+    assert out.getvalue().strip() != "0"
+    out = StringIO()
+    call_command("sandbox", "logs", "ops@agents.test", "--lines", "50", stdout=out)
+    assert out.getvalue().strip()
+    assert sandbox.state == State.RUNNING
