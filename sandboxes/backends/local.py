@@ -346,6 +346,12 @@ class LocalBackend(SandboxBackend):
             str(spec.data_dir),
             "--chdir",
             str(spec.data_dir),
+            # bwrap's root and /dev are tmpfs owned by the sandbox user: make them read-only,
+            # so the data dir and /tmp (separate mounts) are the only writable places.
+            "--remount-ro",
+            "/dev",
+            "--remount-ro",
+            "/",
         ]
         return args
 

@@ -1,0 +1,464 @@
+"""The local backend: real OpenClaw gateways in real bubblewrap sandboxes.
+
+Two gateway sandboxes are shared by the module (each costs ~8 s and ~1 GB); the memory, failure
+and re-attach tests use cheap sandboxes whose command is a tiny Node HTTP server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandboxes.backends import cgroups
+from sandboxes.backends.base import BackendError, ExecResult, SandboxSpec
+from sandboxes.backends.local import LocalBackend
+from sandboxes.openclaw.config import config_path
+from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, GatewayConnection
+from sandboxes.openclaw.runtime import node_binary
+from tests.fixtures.runtime import ROOT, make_gateway_spec
+
+TOKEN = "test-gateway-token"
+ADMIN_SCOPES = ("operator.read", "operator.write", "operator.admin")
+AI_REPLY = b"hello from the hermit ai gateway"
+TINY_SERVER = (
+    "console.log('tiny server booting');"
+    "require('http').createServer((q, s) => s.end('{\"ok\":true}'))"
+    ".listen(18789, '127.0.0.1', () => console.log('tiny server listening'))"
+)
+PROBE = """
+const net = require('net');
+const targets = JSON.parse(process.argv[1]);
+Promise.all(targets.map(([host, port]) => new Promise(done => {
+  const s = net.connect({host, port, timeout: 3000});
+  s.on('connect', () => { s.destroy(); done('open'); });
+  s.on('timeout', () => { s.destroy(); done('timeout'); });
+  s.on('error', e => done(e.code));
+}))).then(r => console.log(JSON.stringify(r)));
+"""
+
+
+@dataclass
+class Running:
+    spec: SandboxSpec
+    state: dict[str, Any]
+
+
+class _AIHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(AI_REPLY)))
+        self.end_headers()
+        self.wfile.write(AI_REPLY)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def ai_port() -> Iterator[int]:
+    """A stand-in for Hermit's AI gateway on a host loopback port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AIHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def start(backend: LocalBackend, spec: SandboxSpec) -> Running:
+    state: dict[str, Any] = {}
+    for progress in backend.start(spec):
+        assert 0 <= progress.percent <= 100
+        state = progress.state or state
+    return Running(spec, state)
+
+
+@pytest.fixture(scope="module")
+def gateways(
+    local_backend: LocalBackend,
+    sandbox_root: Path,
+    runtime_dir: Path,
+    sandbox_ids: Iterator[int],
+    ai_port: int,
+) -> Iterator[list[Running]]:
+    """Two real OpenClaw gateways in two sandboxes, started in parallel."""
+    specs = [
+        make_gateway_spec(sandbox_root, runtime_dir, next(sandbox_ids), ai_gateway_port=ai_port)
+        for _ in range(2)
+    ]
+    results: dict[int, Running | BaseException] = {}
+
+    def run(index: int) -> None:
+        try:
+            results[index] = start(local_backend, specs[index])
+        except BaseException as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    running = [r for r in results.values() if isinstance(r, Running)]
+    errors = [r for r in results.values() if not isinstance(r, Running)]
+    if errors:
+        for r in running:
+            local_backend.stop(r.spec, r.state)
+        raise errors[0]
+    yield [results[0], results[1]]  # type: ignore[list-item]
+    for r in running:
+        local_backend.stop(r.spec, r.state)
+
+
+@pytest.fixture
+def tiny(
+    local_backend: LocalBackend,
+    sandbox_root: Path,
+    runtime_dir: Path,
+    sandbox_ids: Iterator[int],
+) -> Iterator[Running]:
+    """A sandbox with a 128 MB limit running only a tiny Node HTTP server."""
+    spec = tiny_spec(sandbox_root, runtime_dir, next(sandbox_ids), TINY_SERVER, memory_mb=128)
+    running = start(local_backend, spec)
+    yield running
+    local_backend.stop(spec, running.state)
+
+
+def tiny_spec(
+    sandbox_root: Path, runtime_dir: Path, sandbox_id: int, script: str, **fields: Any
+) -> SandboxSpec:
+    data_dir = sandbox_root / f"data-{sandbox_id}"
+    data_dir.mkdir()
+    extra = {"command": [str(node_binary(runtime_dir)), "-e", script]}
+    extra.update(fields.pop("extra", {}))
+    return SandboxSpec(
+        sandbox_id=sandbox_id,
+        name=f"sbx-{sandbox_id}",
+        data_dir=data_dir,
+        runtime_dir=runtime_dir,
+        env={"HOME": str(data_dir)},
+        memory_mb=fields.pop("memory_mb", 256),
+        cpu_millis=500,
+        pids_max=64,
+        extra=extra,
+        **fields,
+    )
+
+
+def node(backend: LocalBackend, r: Running, script: str, *args: str) -> ExecResult:
+    return backend.exec(
+        r.spec, r.state, [str(node_binary(r.spec.runtime_dir)), "-e", script, *args]
+    )
+
+
+def probe(backend: LocalBackend, r: Running, targets: list[tuple[str, int]]) -> list[str]:
+    result = node(backend, r, PROBE, json.dumps(targets))
+    assert result.exit_code == 0, result.stderr
+    return list(json.loads(result.stdout))
+
+
+def host_addresses() -> list[str]:
+    """The host's non-loopback IPv4 addresses."""
+    out = subprocess.run(["ip", "-j", "-4", "addr"], capture_output=True, text=True, check=True)
+    return [
+        info["local"]
+        for link in json.loads(out.stdout)
+        for info in link.get("addr_info", [])
+        if not info["local"].startswith("127.")
+    ]
+
+
+def live_processes_mentioning(text: str) -> list[int]:
+    """Host pids (not zombies) whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+# -- two gateways ----------------------------------------------------------------------------
+
+
+def test_it_runs_two_gateways_on_their_own_ports(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    endpoints = [local_backend.endpoint(r.spec, r.state) for r in gateways]
+    assert endpoints[0] != endpoints[1]
+    for (host, port), r in zip(endpoints, gateways, strict=True):
+        assert host == "127.0.0.1"
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=5) as response:
+            assert json.loads(response.read())["ready"] is True
+        assert local_backend.poll(r.spec, r.state).running
+
+
+async def test_it_auto_approves_the_portal_as_a_loopback_client(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    host, port = local_backend.endpoint(gateways[0].spec, gateways[0].state)
+    # The same client gets a device token from a bare gateway on loopback: seen through the
+    # port forward, the portal must look exactly like that (a loopback client, auto-approved).
+    info = ClientInfo(client_id="cli", mode="cli", scopes=ADMIN_SCOPES)
+    conn = await GatewayConnection.open(
+        f"ws://{host}:{port}",
+        token=TOKEN,
+        identity=DeviceIdentity.generate(),
+        info=info,
+        timeout=20,
+    )
+    try:
+        assert conn.hello.protocol == 4
+        assert conn.hello.device_token, "a loopback client with the token gets a device token"
+    finally:
+        await conn.close()
+
+
+def test_it_hides_the_other_sandboxs_files(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    a, b = gateways
+    own = local_backend.exec(a.spec, a.state, ["cat", str(config_path(a.spec.data_dir))])
+    assert own.exit_code == 0 and "gateway" in own.stdout
+    other = local_backend.exec(a.spec, a.state, ["cat", str(config_path(b.spec.data_dir))])
+    assert other.exit_code != 0
+    assert "No such file" in other.stderr
+    listing = local_backend.exec(a.spec, a.state, ["ls", str(b.spec.data_dir.parent)])
+    assert b.spec.data_dir.name not in listing.stdout
+
+
+def test_it_hides_the_other_sandboxs_processes(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    a, b = gateways
+    script = "for e in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $e; done 2>/dev/null"
+    result = local_backend.exec(a.spec, a.state, ["sh", "-c", script])
+    assert f"HERMIT_AI_KEY={a.spec.env['HERMIT_AI_KEY']}" in result.stdout
+    assert b.spec.env["HERMIT_AI_KEY"] not in result.stdout
+    pids = local_backend.exec(a.spec, a.state, ["sh", "-c", "ls -d /proc/[0-9]*"]).stdout.split()
+    assert "/proc/1" in pids
+    assert len(pids) < 20, "only the sandbox's own few processes are visible"
+    host_pid = str(b.state["main"][0])
+    assert f"/proc/{host_pid}" not in pids or host_pid in ("1", "2")
+
+
+def test_it_cannot_connect_to_the_other_sandbox(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    a, b = gateways
+    _, b_port = local_backend.endpoint(b.spec, b.state)
+    targets = [("127.0.0.1", b_port)] + [(ip, b_port) for ip in host_addresses()]
+    assert all(result != "open" for result in probe(local_backend, a, targets))
+    assert probe(local_backend, a, [("127.0.0.1", 18789)]) == ["open"]  # its own gateway
+
+
+def test_it_blocks_host_loopback_services_but_reaches_the_ai_gateway(
+    local_backend: LocalBackend, gateways: list[Running], ai_port: int
+) -> None:
+    a = gateways[0]
+    blocked = [("127.0.0.1", 5432), ("127.0.0.1", 6379), ("::1", 6379)]
+    blocked += [(ip, port) for ip in host_addresses() for port in (5432, 6379, ai_port)]
+    results = probe(local_backend, a, blocked)
+    assert all(result != "open" for result in results), list(zip(blocked, results, strict=True))
+    fetch = (
+        "require('http').get(process.argv[1], r => { let b = '';"
+        " r.on('data', d => b += d); r.on('end', () => console.log(r.statusCode, b)); })"
+    )
+    result = node(local_backend, a, fetch, f"http://127.0.0.1:{ai_port}/ai/v1/models")
+    assert result.stdout.strip() == f"200 {AI_REPLY.decode()}", result.stderr
+
+
+def test_it_allows_writes_only_to_its_data_dir_and_tmp(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    a, b = gateways
+    data = a.spec.data_dir
+    writable = [data / "probe", data / "state" / "probe", Path("/tmp/probe")]
+    read_only = [
+        Path("/probe"),
+        Path("/usr/local/probe"),
+        Path("/etc/probe"),
+        Path("/dev/probe"),
+        a.spec.runtime_dir / "probe",
+        data.parent / "probe",
+        b.spec.data_dir / "probe",
+    ]
+    script = 'for p in "$@"; do if echo x > "$p"; then echo "ok $p"; else echo "no $p"; fi; done'
+    paths = [str(p) for p in writable + read_only]
+    result = local_backend.exec(a.spec, a.state, ["sh", "-c", script, "sh", *paths])
+    verdicts = dict(line.split(" ", 1)[::-1] for line in result.stdout.splitlines())
+    assert {str(p): "ok" for p in writable}.items() <= verdicts.items(), verdicts
+    assert {str(p): "no" for p in read_only}.items() <= verdicts.items(), verdicts
+    append = local_backend.exec(a.spec, a.state, ["sh", "-c", "echo x >> /etc/passwd"])
+    assert append.exit_code != 0
+    assert (data / "probe").stat().st_uid == a.state["uid"], "files belong to the sandbox uid"
+
+
+def test_it_reports_processes_logs_and_stats(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    a = gateways[0]
+    processes = local_backend.processes(a.spec, a.state)
+    node_path = str(node_binary(a.spec.runtime_dir))
+    assert any(
+        p.command.startswith(f"{node_path} ") and "gateway run" in p.command for p in processes
+    )
+    assert sum(p.rss_bytes for p in processes) > 300 * 1024 * 1024
+    assert "[gateway]" in local_backend.logs(a.spec, a.state, lines=200)
+    stats = local_backend.stats(a.spec, a.state)
+    assert stats.memory_limit_bytes == 1536 * 1024 * 1024
+    assert 200 * 1024 * 1024 < stats.memory_bytes < stats.memory_limit_bytes
+    assert stats.cpu_seconds > 1
+    assert stats.disk_bytes > 0
+    assert stats.oom_kills == 0
+
+
+# -- limits ----------------------------------------------------------------------------------
+
+
+def test_it_kills_a_process_that_allocates_past_the_memory_limit(
+    local_backend: LocalBackend, tiny: Running
+) -> None:
+    hog = "const k = []; for (let i = 0; i < 64; i++) k.push(Buffer.alloc(16 << 20).fill(1));"
+    result = node(local_backend, tiny, hog)
+    assert result.exit_code in (-9, 137), (result.exit_code, result.stderr)
+    poll = local_backend.poll(tiny.spec, tiny.state)
+    assert poll.running, "the allocator is the victim, not the sandbox's server"
+    assert poll.oom_killed
+    assert "memory limit" in poll.detail
+    assert local_backend.stats(tiny.spec, tiny.state).oom_kills >= 1
+
+
+def test_it_times_out_a_command(local_backend: LocalBackend, tiny: Running) -> None:
+    result = local_backend.exec(tiny.spec, tiny.state, ["sleep", "30"], timeout=1)
+    assert result.timed_out
+    assert live_processes_mentioning("sleep 30") == []
+
+
+# -- re-attach -------------------------------------------------------------------------------
+
+CHILD = """
+import json, sys
+from pathlib import Path
+from sandboxes.backends.base import SandboxSpec
+from sandboxes.backends.local import LocalBackend
+args = json.loads(sys.argv[1])
+spec = SandboxSpec(**{**args["spec"], "data_dir": Path(args["spec"]["data_dir"]),
+                      "runtime_dir": Path(args["spec"]["runtime_dir"])})
+backend = LocalBackend(run_root=Path(args["run_root"]), cgroup_parent=args["cgroup_parent"])
+if args["action"] == "start":
+    state = {}
+    for progress in backend.start(spec):
+        state = progress.state or state
+    print(json.dumps(state))
+else:
+    state = args["state"]
+    before = backend.poll(spec, state).running
+    result = backend.exec(spec, state, ["sh", "-c", "echo hello from $(hostname)"])
+    backend.stop(spec, state)
+    after = backend.poll(spec, state).running
+    print(json.dumps({"before": before, "stdout": result.stdout, "after": after}))
+"""
+
+
+def run_child(backend: LocalBackend, spec: SandboxSpec, action: str, **more: Any) -> Any:
+    spec_fields = {k: v for k, v in spec.__dict__.items()}
+    spec_fields["data_dir"] = str(spec.data_dir)
+    spec_fields["runtime_dir"] = str(spec.runtime_dir)
+    args = {
+        "spec": spec_fields,
+        "run_root": str(backend.run_root),
+        "cgroup_parent": backend.cgroup_parent,
+        "action": action,
+        **more,
+    }
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_it_reattaches_from_another_process(
+    local_backend: LocalBackend, sandbox_root: Path, runtime_dir: Path, sandbox_ids: Iterator[int]
+) -> None:
+    spec = tiny_spec(sandbox_root, runtime_dir, next(sandbox_ids), TINY_SERVER)
+    state = run_child(local_backend, spec, "start")  # that process has exited now
+    try:
+        assert local_backend.poll(spec, state).running
+        report = run_child(local_backend, spec, "stop", state=state)
+        assert report == {"before": True, "stdout": f"hello from {spec.name}\n", "after": False}
+        assert not local_backend.poll(spec, state).running
+        assert cgroups.pids(state["cgroups"]) == []
+        assert live_processes_mentioning(str(spec.data_dir)) == []
+    finally:
+        local_backend.stop(spec, state)
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+def test_it_explains_a_missing_bubblewrap(
+    local_backend: LocalBackend, sandbox_root: Path, runtime_dir: Path, sandbox_ids: Iterator[int]
+) -> None:
+    backend = LocalBackend(
+        bwrap="/nonexistent/bwrap",
+        run_root=local_backend.run_root,
+        cgroup_parent=local_backend.cgroup_parent,
+    )
+    spec = tiny_spec(sandbox_root, runtime_dir, next(sandbox_ids), TINY_SERVER)
+    with pytest.raises(BackendError, match=r"bubblewrap \(bwrap\) was not found at /nonexistent"):
+        list(backend.start(spec))
+    assert not Path(backend.cgroup_root, "memory", backend.cgroup_parent, spec.name).exists()
+
+
+def test_it_explains_a_port_that_never_opens(
+    local_backend: LocalBackend, sandbox_root: Path, runtime_dir: Path, sandbox_ids: Iterator[int]
+) -> None:
+    script = "console.error('pretend failure: cannot bind'); setInterval(() => {}, 1000)"
+    spec = tiny_spec(
+        sandbox_root, runtime_dir, next(sandbox_ids), script, extra={"start_timeout": 3}
+    )
+    with pytest.raises(BackendError) as caught:
+        list(local_backend.start(spec))
+    message = str(caught.value)
+    assert "did not open port 18789 within 3 s" in message
+    assert "Last log lines:\npretend failure: cannot bind" in message
+    assert live_processes_mentioning(str(spec.data_dir)) == []
+    assert not Path(
+        local_backend.cgroup_root, "memory", local_backend.cgroup_parent, spec.name
+    ).exists()
+
+
+def test_it_explains_a_sandbox_that_exits_at_once(
+    local_backend: LocalBackend, sandbox_root: Path, runtime_dir: Path, sandbox_ids: Iterator[int]
+) -> None:
+    script = "console.error('config is broken'); process.exit(3)"
+    spec = tiny_spec(sandbox_root, runtime_dir, next(sandbox_ids), script)
+    with pytest.raises(BackendError, match=r"(?s)exit code 3.*config is broken"):
+        list(local_backend.start(spec))
+    assert live_processes_mentioning(str(spec.data_dir)) == []
