@@ -8,8 +8,16 @@ from billing.models import Account, Plan
 @admin.register(Plan)
 class PlanAdmin(admin.ModelAdmin[Plan]):
     list_display = (
-        "name", "slug", "is_default", "sleeps", "sleep_after", "monthly_token_quota",
-        "requests_per_minute", "memory_mb", "cpu_millis", "internet",
+        "name",
+        "slug",
+        "is_default",
+        "sleeps",
+        "sleep_after",
+        "monthly_token_quota",
+        "requests_per_minute",
+        "memory_mb",
+        "cpu_millis",
+        "internet",
     )
     list_filter = ("sleeps", "internet", "is_default")
     search_fields = ("name", "slug")

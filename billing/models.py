@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -63,7 +64,7 @@ def default_plan() -> Plan:
     return plan
 
 
-def plan_for(user: settings.AUTH_USER_MODEL) -> Plan:  # type: ignore[valid-type]
+def plan_for(user: Any) -> Plan:
     """Return the user's plan, creating their account on the default plan if missing."""
     account, _ = Account.objects.select_related("plan").get_or_create(
         user=user, defaults={"plan": default_plan()}

@@ -91,8 +91,9 @@ def create_sandbox(user: Any, name: str = "default") -> Sandbox:
         defaults={"gateway_token": secrets.token_urlsafe(32), "backend": settings.SANDBOX_BACKEND},
     )
     if created:
-        record_event(sandbox, "created", "Sandbox created", progress=0, actor=Actor.USER,
-                     actor_user=user)
+        record_event(
+            sandbox, "created", "Sandbox created", progress=0, actor=Actor.USER, actor_user=user
+        )
     return sandbox
 
 
@@ -123,8 +124,15 @@ def start_sandbox(
     another worker is already starting it). Never leaves a half-started sandbox behind: the
     backend cleans up after itself on failure.
     """
-    transition(sandbox, State.STARTING, actor=actor, actor_user=actor_user,
-               message="Starting your agent", progress=5, error_message="")
+    transition(
+        sandbox,
+        State.STARTING,
+        actor=actor,
+        actor_user=actor_user,
+        message="Starting your agent",
+        progress=5,
+        error_message="",
+    )
     try:
         image = runtime.current_image()
         if sandbox.runtime_id != image.pk:
@@ -145,8 +153,14 @@ def start_sandbox(
         yield Progress(100, f"Failed: {exc}")
         return
     now = timezone.now()
-    transition(sandbox, State.RUNNING, message="Your agent is running", progress=100,
-               started_at=now, last_activity_at=now)
+    transition(
+        sandbox,
+        State.RUNNING,
+        message="Your agent is running",
+        progress=100,
+        started_at=now,
+        last_activity_at=now,
+    )
     yield Progress(100, "Your agent is running")
 
 
@@ -163,15 +177,21 @@ def stop_sandbox(
     """Stop the gateway; the sandbox ends ``to`` (stopped, or sleeping). Idempotent."""
     if sandbox.state == to:
         return
-    transition(sandbox, State.STOPPING, actor=actor, actor_user=actor_user,
-               message="Going to sleep" if to == State.SLEEPING else "Stopping")
+    transition(
+        sandbox,
+        State.STOPPING,
+        actor=actor,
+        actor_user=actor_user,
+        message="Going to sleep" if to == State.SLEEPING else "Stopping",
+    )
     try:
         get_backend(sandbox.backend).stop(spec_for(sandbox), sandbox.backend_state)
     except BackendError as exc:
         _fail(sandbox, str(exc))
         return
-    transition(sandbox, to, message="Asleep" if to == State.SLEEPING else "Stopped",
-               backend_state={})
+    transition(
+        sandbox, to, message="Asleep" if to == State.SLEEPING else "Stopped", backend_state={}
+    )
 
 
 def spec_for(sandbox: Sandbox) -> SandboxSpec:
@@ -266,8 +286,9 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
             record_event(sandbox, "reconciled", "Stopped a gateway that should not be running")
             return "stopped-stray"
         return "ok"
-    stuck_after = timedelta(seconds=settings.HERMIT_START_TIMEOUT + settings.HERMIT_READY_TIMEOUT
-                            + 60)
+    stuck_after = timedelta(
+        seconds=settings.HERMIT_START_TIMEOUT + settings.HERMIT_READY_TIMEOUT + 60
+    )
     if sandbox.state in (State.STARTING, State.STOPPING) and (
         timezone.now() - sandbox.updated_at > stuck_after
     ):

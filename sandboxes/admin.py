@@ -23,11 +23,15 @@ class SandboxEventInline(admin.TabularInline[SandboxEvent, Sandbox]):
     max_num = 0
 
 
-def _staff_request(request: HttpRequest, queryset: QuerySet[Sandbox], what: str,
-                   task: Any) -> None:
+def _staff_request(request: HttpRequest, queryset: QuerySet[Sandbox], what: str, task: Any) -> None:
     for sandbox in queryset:
-        record_event(sandbox, "staff", f"Staff requested {what}",
-                     actor=SandboxEvent.Actor.STAFF, actor_user=request.user)
+        record_event(
+            sandbox,
+            "staff",
+            f"Staff requested {what}",
+            actor=SandboxEvent.Actor.STAFF,
+            actor_user=request.user,
+        )
         task.delay(sandbox.pk)
     messages.info(request, f"Requested {what} for {queryset.count()} sandbox(es).")
 
@@ -37,8 +41,15 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
     list_display = ("__str__", "owner", "state", "runtime", "last_activity_at", "updated_at")
     list_filter = ("state", "backend", "runtime")
     search_fields = ("owner__email", "owner__username", "name")
-    readonly_fields = ("state", "backend_state", "error_message", "started_at", "created_at",
-                       "updated_at", "last_activity_at")
+    readonly_fields = (
+        "state",
+        "backend_state",
+        "error_message",
+        "started_at",
+        "created_at",
+        "updated_at",
+        "last_activity_at",
+    )
     exclude = ("gateway_token", "device_private_key", "device_token")
     inlines = [SandboxEventInline]
     list_select_related = ("owner", "runtime")
@@ -71,8 +82,14 @@ class SandboxEventAdmin(admin.ModelAdmin[SandboxEvent]):
 
 @admin.register(RuntimeImage)
 class RuntimeImageAdmin(admin.ModelAdmin[RuntimeImage]):
-    list_display = ("openclaw_version", "node_version", "status", "is_current", "path",
-                    "created_at")
+    list_display = (
+        "openclaw_version",
+        "node_version",
+        "status",
+        "is_current",
+        "path",
+        "created_at",
+    )
     list_filter = ("status", "is_current")
     search_fields = ("openclaw_version", "path")
     actions = ["make_current"]

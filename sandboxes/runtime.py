@@ -24,7 +24,7 @@ def runtime_root() -> Path:
 
 
 def current_image() -> RuntimeImage:
-    """Return the current ready image. Raise RuntimeMissing if none is built or its files are gone."""
+    """Return the current ready image. Raise RuntimeMissing if none is built or it is gone."""
     image = RuntimeImage.objects.filter(is_current=True, status=RuntimeImage.Status.READY).first()
     if image is None:
         raise RuntimeMissing(
@@ -60,8 +60,11 @@ def build(
     path = build_runtime(runtime_root(), oc, node, progress=progress)
     image, _ = RuntimeImage.objects.update_or_create(
         path=str(path),
-        defaults={"openclaw_version": oc, "node_version": node,
-                  "status": RuntimeImage.Status.READY},
+        defaults={
+            "openclaw_version": oc,
+            "node_version": node,
+            "status": RuntimeImage.Status.READY,
+        },
     )
     make_current(image)
     return image

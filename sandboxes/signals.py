@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from allauth.account.signals import email_confirmed
@@ -26,6 +27,5 @@ def provision_on_confirmation(request: Any, email_address: Any, **kwargs: Any) -
         return
     from sandboxes.tasks import provision_sandbox
 
-    for sandbox in email_address.user.sandboxes.filter(state="provisioning"):
-        pk = sandbox.pk
-        transaction.on_commit(lambda pk=pk: provision_sandbox.delay(pk))
+    for pk in email_address.user.sandboxes.filter(state="provisioning").values_list("pk", flat=True):
+        transaction.on_commit(partial(provision_sandbox.delay, pk))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from celery import shared_task
@@ -25,10 +26,8 @@ def provision_sandbox(sandbox_id: int) -> None:
     sandbox = _get(sandbox_id)
     if sandbox is None or sandbox.state != State.PROVISIONING:
         return
-    try:
+    with contextlib.suppress(actions.TransitionRefused):  # another worker claimed it
         actions.provision_sandbox(sandbox)
-    except actions.TransitionRefused:
-        pass  # another worker claimed it
 
 
 @shared_task(acks_late=True)
@@ -48,10 +47,8 @@ def stop_sandbox(sandbox_id: int) -> None:
     sandbox = _get(sandbox_id)
     if sandbox is None or sandbox.state in (State.STOPPED, State.STOPPING):
         return
-    try:
+    with contextlib.suppress(actions.TransitionRefused):
         actions.stop_sandbox(sandbox)
-    except actions.TransitionRefused:
-        pass
 
 
 @shared_task(acks_late=True)

@@ -54,13 +54,13 @@ def sandbox_dirs() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(autouse=True)
-def _no_auto_provision(settings):  # noqa: ANN001, ANN202
+def _no_auto_provision(settings):
     """Sign-ups in tests do not start real gateways unless a test asks for it."""
     settings.HERMIT_AUTO_PROVISION = False
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(settings):  # noqa: ANN001, ANN202
+def _private_cache(settings):
     """Each test gets an empty in-process cache, so rate limits never leak between tests."""
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     from django.core.cache import cache
@@ -69,21 +69,21 @@ def _private_cache(settings):  # noqa: ANN001, ANN202
 
 
 @pytest.fixture
-def alice(db: None):  # noqa: ANN201
+def alice(db: None):
     from tests.factories import make_user
 
     return make_user("alice@example.com")
 
 
 @pytest.fixture
-def bob(db: None):  # noqa: ANN201
+def bob(db: None):
     from tests.factories import make_user
 
     return make_user("bob@example.com")
 
 
 @pytest.fixture
-def staff(db: None):  # noqa: ANN201
+def staff(db: None):
     from tests.factories import make_user
 
     return make_user("staff@example.com", is_staff=True, is_superuser=True)

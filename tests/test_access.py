@@ -75,6 +75,6 @@ async def test_it_streams_progress_only_to_the_owner(alice: object, bob: object)
 
 async def test_it_closes_progress_for_anonymous_users() -> None:
     ws = await _connect(None)
-    connected, code = await ws.connect()
+    connected, _ = await ws.connect()
     assert not connected
     await ws.disconnect()

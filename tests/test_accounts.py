@@ -99,9 +99,13 @@ def test_it_resets_a_password(client: Client, alice: object) -> None:
     new = "a brand new passphrase 42"
     response = client.post(form_url, {"password1": new, "password2": new})
     assert response.status_code == 302
-    assert client.login(username="alice", password=new) or client.post(
-        reverse("account_login"), {"login": "alice@example.com", "password": new}
-    ).status_code == 302
+    assert (
+        client.login(username="alice", password=new)
+        or client.post(
+            reverse("account_login"), {"login": "alice@example.com", "password": new}
+        ).status_code
+        == 302
+    )
 
 
 def _totp_now(secret: str) -> str:

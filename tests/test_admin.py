@@ -29,7 +29,9 @@ def test_it_loads_admin_pages(client: Client, staff: object, alice: object, name
     assert client.get(reverse(name), {"q": "alice"}).status_code == 200
 
 
-def test_it_loads_sandbox_and_plan_change_pages(client: Client, staff: object, alice: object) -> None:
+def test_it_loads_sandbox_and_plan_change_pages(
+    client: Client, staff: object, alice: object
+) -> None:
     client.force_login(staff)  # type: ignore[arg-type]
     sandbox = Sandbox.objects.get(owner=alice)
     page = client.get(reverse("admin:sandboxes_sandbox_change", args=[sandbox.pk]))
@@ -52,7 +54,7 @@ def test_it_refuses_non_staff(client: Client, alice: object) -> None:
     assert response.status_code == 302
 
 
-def test_it_records_staff_actions(client: Client, staff: object, alice: object, settings) -> None:  # noqa: ANN001
+def test_it_records_staff_actions(client: Client, staff: object, alice: object, settings) -> None:
     settings.CELERY_TASK_ALWAYS_EAGER = False
     sandbox = Sandbox.objects.get(owner=alice)
     client.force_login(staff)  # type: ignore[arg-type]
@@ -66,4 +68,8 @@ def test_it_records_staff_actions(client: Client, staff: object, alice: object, 
     delay.assert_called_once_with(sandbox.pk)
     event = sandbox.events.first()
     assert event is not None
-    assert (event.actor, event.actor_user, event.message) == ("staff", staff, "Staff requested stop")
+    assert (event.actor, event.actor_user, event.message) == (
+        "staff",
+        staff,
+        "Staff requested stop",
+    )

@@ -15,8 +15,15 @@ from tests.fixtures.live import Server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "var" / "test-artifacts"
 
 
@@ -33,8 +40,9 @@ def _confirmation_link(server: Server, email: str, timeout: float = 10) -> str:
 
 
 def test_it_signs_up_and_reaches_the_dashboard(start_server: Callable[..., Server]) -> None:
-    server = start_server("daphne", HERMIT_AUTO_PROVISION="False", REDIS_URL="",
-                          SITE_URL="http://127.0.0.1")
+    server = start_server(
+        "daphne", HERMIT_AUTO_PROVISION="False", REDIS_URL="", SITE_URL="http://127.0.0.1"
+    )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
@@ -49,8 +57,11 @@ def test_it_signs_up_and_reaches_the_dashboard(start_server: Callable[..., Serve
         assert "verify" in page.content().lower()
 
         link = _confirmation_link(server, "newuser@example.com")
-        page.goto(link.replace("http://127.0.0.1/", server.url + "/").replace(
-            "http://testserver/", server.url + "/"))
+        page.goto(
+            link.replace("http://127.0.0.1/", server.url + "/").replace(
+                "http://testserver/", server.url + "/"
+            )
+        )
         page.click("button[type=submit]")
         page.wait_for_url("**/dashboard/")
         assert page.locator("h1").inner_text() == "Your agent"

@@ -34,8 +34,10 @@ def _wait_state(sandbox: Sandbox, states: set[str], timeout: float) -> Sandbox:
         if sandbox.state in states:
             return sandbox
         time.sleep(0.3)
-    raise AssertionError(f"sandbox stayed {sandbox.state}; events: "
-                         f"{list(sandbox.events.values_list('message', flat=True)[:10])}")
+    raise AssertionError(
+        f"sandbox stayed {sandbox.state}; events: "
+        f"{list(sandbox.events.values_list('message', flat=True)[:10])}"
+    )
 
 
 def _poll(sandbox: Sandbox) -> Any:
@@ -43,7 +45,9 @@ def _poll(sandbox: Sandbox) -> Any:
 
 
 def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
-    sandbox_pool: Any, transactional_db: None, start_server: Callable[..., Server],
+    sandbox_pool: Any,
+    transactional_db: None,
+    start_server: Callable[..., Server],
     settings: Any,
 ) -> None:
     settings.HERMIT_AUTO_PROVISION = True
@@ -56,8 +60,11 @@ def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
     sandbox = _wait_state(Sandbox.objects.get(owner=user), {State.RUNNING, State.FAILED}, 120)
     assert sandbox.state == State.RUNNING, sandbox.error_message + worker.output()[-2000:]
 
-    progress = list(sandbox.events.order_by("created_at", "id")
-                    .exclude(progress=None).values_list("progress", flat=True))
+    progress = list(
+        sandbox.events.order_by("created_at", "id")
+        .exclude(progress=None)
+        .values_list("progress", flat=True)
+    )
     assert progress[-1] == 100 and len(progress) >= 4
     assert progress == sorted(progress), progress
     main_pid = sandbox.backend_state["main"][0]

@@ -14,9 +14,7 @@ State = Sandbox.State
 
 ALLOWED_PAIRS = sorted((a, b) for a, targets in actions.ALLOWED.items() for b in targets)
 REFUSED_PAIRS = sorted(
-    (a, b)
-    for a, b in itertools.product(State.values, State.values)
-    if b not in actions.ALLOWED[a]
+    (a, b) for a, b in itertools.product(State.values, State.values) if b not in actions.ALLOWED[a]
 )
 
 
@@ -40,7 +38,12 @@ def test_it_allows(alice: object, source: str, target: str) -> None:
     assert sandbox.state == target
     event = sandbox.events.first()
     assert event is not None
-    assert (event.kind, event.state, event.actor, event.message) == ("state", target, "staff", "why")
+    assert (event.kind, event.state, event.actor, event.message) == (
+        "state",
+        target,
+        "staff",
+        "why",
+    )
 
 
 @pytest.mark.parametrize(("source", "target"), REFUSED_PAIRS)

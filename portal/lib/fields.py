@@ -9,7 +9,7 @@ from django.db import models
 from portal.lib import crypto
 
 
-class EncryptedTextField(models.TextField):  # type: ignore[type-arg]
+class EncryptedTextField(models.TextField):  # type: ignore[type-arg,unused-ignore]
     """A text field whose value is Fernet-encrypted in the database. Empty stays empty."""
 
     def from_db_value(self, value: str | None, expression: Any, connection: Any) -> str | None:

@@ -15,7 +15,7 @@ from sandboxes.access import aget_sandbox_for_user
 from sandboxes.events import group_name
 
 
-class ProgressConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+class ProgressConsumer(AsyncJsonWebsocketConsumer):
     group: str | None = None
 
     async def connect(self) -> None:

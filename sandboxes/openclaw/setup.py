@@ -40,7 +40,9 @@ def build_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec
     return _spec(sandbox, plan, Path(image.path), env)
 
 
-def _spec(sandbox: Sandbox, plan: Plan | None, runtime_dir: Path, env: dict[str, str]) -> SandboxSpec:
+def _spec(
+    sandbox: Sandbox, plan: Plan | None, runtime_dir: Path, env: dict[str, str]
+) -> SandboxSpec:
     return SandboxSpec(
         sandbox_id=sandbox.pk,
         name=sandbox.slug,

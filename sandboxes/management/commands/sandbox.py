@@ -21,8 +21,9 @@ class Command(BaseCommand):
     help = "Inspect and control users' sandboxes. USER is an email address or username."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("verb", choices=["list", "start", "stop", "restart", "status", "logs",
-                                             "exec"])
+        parser.add_argument(
+            "verb", choices=["list", "start", "stop", "restart", "status", "logs", "exec"]
+        )
         parser.add_argument("user", nargs="?")
         parser.add_argument("argv", nargs="*", help="for exec: the command to run")
         parser.add_argument("--name", default="default", help="sandbox name")
@@ -52,8 +53,10 @@ class Command(BaseCommand):
 
     def _list(self) -> None:
         for s in Sandbox.objects.select_related("owner").order_by("pk"):
-            self.stdout.write(f"{s.pk:>5}  {s.owner.email or s.owner.username:<32} {s.name:<12} "
-                              f"{s.state:<12} last activity {s.last_activity_at:%Y-%m-%d %H:%M}Z")
+            self.stdout.write(
+                f"{s.pk:>5}  {s.owner.email or s.owner.username:<32} {s.name:<12} "
+                f"{s.state:<12} last activity {s.last_activity_at:%Y-%m-%d %H:%M}Z"
+            )
 
     def _progress(self, steps: Any) -> None:
         for step in steps:
@@ -70,13 +73,19 @@ class Command(BaseCommand):
         self._progress(actions.restart_sandbox(sandbox, actor=STAFF))
 
     def _status(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
-        info: dict[str, Any] = {"sandbox": str(sandbox), "state": sandbox.state,
-                                "error": sandbox.error_message or None}
+        info: dict[str, Any] = {
+            "sandbox": str(sandbox),
+            "state": sandbox.state,
+            "error": sandbox.error_message or None,
+        }
         if sandbox.backend_state:
             backend, spec = get_backend(sandbox.backend), actions.spec_for(sandbox)
             poll = backend.poll(spec, sandbox.backend_state)
-            info["backend"] = {"running": poll.running, "oom_killed": poll.oom_killed,
-                               "detail": poll.detail}
+            info["backend"] = {
+                "running": poll.running,
+                "oom_killed": poll.oom_killed,
+                "detail": poll.detail,
+            }
             if poll.running:
                 stats = backend.stats(spec, sandbox.backend_state)
                 info["stats"] = stats.__dict__
@@ -84,15 +93,17 @@ class Command(BaseCommand):
 
     def _logs(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
         backend = get_backend(sandbox.backend)
-        self.stdout.write(backend.logs(actions.spec_for(sandbox), sandbox.backend_state,
-                                       opts["lines"]))
+        self.stdout.write(
+            backend.logs(actions.spec_for(sandbox), sandbox.backend_state, opts["lines"])
+        )
 
     def _exec(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
         if not opts["argv"]:
             raise CommandError("Give the command after the user: sandbox exec USER -- ls /tmp")
         backend = get_backend(sandbox.backend)
-        result = backend.exec(actions.spec_for(sandbox), sandbox.backend_state, opts["argv"],
-                              timeout=opts["timeout"])
+        result = backend.exec(
+            actions.spec_for(sandbox), sandbox.backend_state, opts["argv"], timeout=opts["timeout"]
+        )
         self.stdout.write(result.stdout, ending="")
         self.stderr.write(result.stderr, ending="")
         if result.timed_out:

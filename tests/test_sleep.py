@@ -1,0 +1,51 @@
+"""The sleep schedule: free sandboxes idle past their plan's limit sleep; pro ones never do."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from billing.models import Account, Plan
+from sandboxes import actions, tasks
+from sandboxes.models import Sandbox
+
+pytestmark = pytest.mark.django_db
+State = Sandbox.State
+
+
+def _running(user: Any) -> Sandbox:
+    sandbox = Sandbox.objects.get(owner=user)
+    Sandbox.objects.filter(pk=sandbox.pk).update(
+        state=State.RUNNING, last_activity_at=timezone.now()
+    )
+    sandbox.refresh_from_db()
+    return sandbox
+
+
+def test_it_sleeps_idle_free_sandboxes_only(alice: Any, bob: Any) -> None:
+    Account.objects.filter(user=bob).update(plan=Plan.objects.get(slug="pro"))
+    free, pro = _running(alice), _running(bob)
+    with time_machine.travel(timezone.now() + timedelta(minutes=14)):
+        assert tasks.sleep_idle_sandboxes() == 0
+    with time_machine.travel(timezone.now() + timedelta(minutes=16)):
+        assert tasks.sleep_idle_sandboxes() == 1
+        assert tasks.sleep_idle_sandboxes() == 0  # idempotent
+    free.refresh_from_db()
+    pro.refresh_from_db()
+    assert (free.state, pro.state) == (State.SLEEPING, State.RUNNING)
+    messages = list(free.events.values_list("message", flat=True)[:2])
+    assert messages == ["Asleep", "Going to sleep"]
+
+
+def test_activity_postpones_sleep(alice: Any) -> None:
+    sandbox = _running(alice)
+    with time_machine.travel(timezone.now() + timedelta(minutes=10)):
+        actions.record_activity(sandbox)
+    with time_machine.travel(timezone.now() + timedelta(minutes=20)):
+        assert tasks.sleep_idle_sandboxes() == 0
+    with time_machine.travel(timezone.now() + timedelta(minutes=26)):
+        assert tasks.sleep_idle_sandboxes() == 1
