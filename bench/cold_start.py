@@ -1,0 +1,217 @@
+"""Cold start and idle memory: OpenClaw gateways in local sandboxes versus bare gateways.
+
+For N gateways started at once (default N = 1 and 3), repeated ``--runs`` times, prints the
+median time from the start request to a 200 from ``/readyz`` and the median idle memory per
+gateway (anonymous + shmem RSS of a cgroup holding just that gateway, read after ``--settle``
+seconds), for bare gateways (plain ``node openclaw.mjs gateway run`` on the host) and for sandboxed
+ones (LocalBackend: pasta + bubblewrap + cgroups), and the sandbox/bare ratio. Every start uses
+a fresh data directory, so these are true cold starts. Needs root.
+
+    .venv/bin/python bench/cold_start.py [--counts 1,3] [--runs 3] [--settle 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sandboxes.backends import cgroups  # noqa: E402
+from sandboxes.backends.base import SandboxSpec  # noqa: E402
+from sandboxes.backends.local import LocalBackend, _free_port  # noqa: E402
+from sandboxes.openclaw.config import (  # noqa: E402
+    config_path,
+    prepare_data_dir,
+    render_config,
+    sandbox_env,
+)
+from sandboxes.openclaw.runtime import build_runtime, node_binary, openclaw_entry  # noqa: E402
+
+CGROUP_PARENT = f"hermit-bench-{os.getpid()}"
+MB = 1024 * 1024
+
+
+def make_data_dir(root: Path, index: int) -> tuple[Path, dict[str, str]]:
+    data_dir = root / f"gw-{index}"
+    prepare_data_dir(data_dir)
+    config = render_config(data_dir=data_dir, ai_gateway_port=9, models=["bench-model"])
+    config_path(data_dir).write_text(json.dumps(config))
+    return data_dir, sandbox_env(data_dir=data_dir, gateway_token="bench", ai_key="bench")
+
+
+def wait_ready(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"gateway on port {port} not ready")
+
+
+class Bare:
+    """A gateway run directly on the host, in an unlimited cgroup used only to measure it."""
+
+    def __init__(self, runtime: Path, root: Path, index: int) -> None:
+        self.data_dir, env = make_data_dir(root, index)
+        self.port = _free_port()
+        self.paths = cgroups.create(
+            Path("/sys/fs/cgroup"), CGROUP_PARENT, f"bare-{index}", 1 << 20, 100_000, 100_000
+        )
+        env["PATH"] = f"{node_binary(runtime).parent}:/usr/bin:/bin"
+        env["HERMIT_CGROUP_PROCS"] = " ".join(cgroups.procs_files(self.paths))
+        argv = [str(node_binary(runtime)), str(openclaw_entry(runtime)), "gateway", "run"]
+        join = 'for f in $HERMIT_CGROUP_PROCS; do echo $$ > "$f"; done; exec "$@"'
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            ["/bin/sh", "-c", join, "bare", *argv, "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_ready(self.port, self.started + 120)
+        self.ready_after = time.monotonic() - self.started
+
+    def rss(self) -> int:
+        return cgroups.rss_bytes(self.paths)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        cgroups.kill_all(self.paths)
+        cgroups.remove(self.paths)
+
+
+class Sandboxed:
+    """A gateway started through the local backend."""
+
+    def __init__(self, backend: LocalBackend, runtime: Path, root: Path, index: int) -> None:
+        data_dir, env = make_data_dir(root, index)
+        self.backend = backend
+        self.spec = SandboxSpec(
+            sandbox_id=880_000 + index,
+            name=f"bench-{index}",
+            data_dir=data_dir,
+            runtime_dir=runtime,
+            env=env,
+            memory_mb=2048,
+            cpu_millis=2000,
+            ai_gateway_port=9,
+        )
+        self.started = time.monotonic()
+        self.state: dict[str, object] = {}
+        for progress in backend.start(self.spec):
+            self.state = progress.state or self.state
+        self.ready_after = time.monotonic() - self.started
+
+    def rss(self) -> int:
+        return cgroups.rss_bytes(self.state["cgroups"])  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.backend.stop(self.spec, self.state)
+
+
+def run_batch(
+    make: Callable[[int], Bare | Sandboxed], count: int, settle: float
+) -> list[tuple[float, int]]:
+    """Start ``count`` gateways at once; return (seconds to ready, idle RSS bytes) for each."""
+    started: list[Bare | Sandboxed] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def one(index: int) -> None:
+        try:
+            gateway = make(index)
+            with lock:
+                started.append(gateway)
+        except BaseException as exc:  # reported after the others are stopped
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        time.sleep(settle)
+        return [(g.ready_after, g.rss()) for g in started]
+    finally:
+        for gateway in started:
+            gateway.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", default="1,3", help="gateways started at once, e.g. 1,3")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--settle", type=float, default=5.0, help="idle seconds before measuring")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
+
+    runtime = build_runtime(ROOT / "var" / "runtime", "2026.9.6", "24.21.0")
+    (ROOT / "var").mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=ROOT / "var"))
+    os.chmod(scratch, 0o711)  # sandbox uids traverse it
+    backend = LocalBackend(run_root=scratch / "run", cgroup_parent=CGROUP_PARENT)
+    results: dict[tuple[str, int], list[tuple[float, int]]] = {}
+    serial = iter(range(1_000_000))
+    try:
+        for count in counts:
+            for run in range(args.runs):
+                for mode in ("bare", "sandbox"):
+
+                    def make(index: int, mode: str = mode) -> Bare | Sandboxed:
+                        n = next(serial)
+                        if mode == "bare":
+                            return Bare(runtime, scratch, n)
+                        return Sandboxed(backend, runtime, scratch, n)
+
+                    batch = run_batch(make, count, args.settle)
+                    results.setdefault((mode, count), []).extend(batch)
+                    times = ", ".join(f"{t:.1f}s/{m / MB:.0f}MB" for t, m in batch)
+                    print(f"  run {run + 1} {mode:7} x{count}: {times}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        for ctrl in cgroups.V1_CONTROLLERS:
+            path = Path("/sys/fs/cgroup", ctrl, CGROUP_PARENT)
+            if path.is_dir():
+                os.rmdir(path)
+
+    print()
+    print(
+        f"{'gateways at once':>16} | {'bare ready':>10} | {'sandbox ready':>13} | {'ratio':>5} | "
+        f"{'bare RSS':>8} | {'sandbox RSS':>11} | {'ratio':>5}"
+    )
+    for count in counts:
+        bare, sbx = results[("bare", count)], results[("sandbox", count)]
+        bt, st = statistics.median(t for t, _ in bare), statistics.median(t for t, _ in sbx)
+        bm, sm = statistics.median(m for _, m in bare), statistics.median(m for _, m in sbx)
+        print(
+            f"{count:>16} | {bt:>9.2f}s | {st:>12.2f}s | {st / bt:>5.2f} | "
+            f"{bm / MB:>6.0f}MB | {sm / MB:>9.0f}MB | {sm / bm:>5.2f}"
+        )
+    print(f"\nmedians over {args.runs} runs; target: sandbox/bare under 1.10")
+
+
+if __name__ == "__main__":
+    main()
