@@ -27,5 +27,6 @@ def provision_on_confirmation(request: Any, email_address: Any, **kwargs: Any) -
         return
     from sandboxes.tasks import provision_sandbox
 
-    for pk in email_address.user.sandboxes.filter(state="provisioning").values_list("pk", flat=True):
+    waiting = email_address.user.sandboxes.filter(state="provisioning")
+    for pk in waiting.values_list("pk", flat=True):
         transaction.on_commit(partial(provision_sandbox.delay, pk))
