@@ -119,7 +119,9 @@ TEMPLATES = [
 # Database: SQLite in WAL mode by default, anything dj-database-url understands otherwise.
 DATABASE_URL = env("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    # Under ASGI each request's database work runs in a fresh thread, so persistent
+    # connections would pile up: connect per request instead.
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
     # Test databases are per test process, so test runs on one machine never collide.
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 else:

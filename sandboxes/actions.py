@@ -195,13 +195,14 @@ def stop_sandbox(
 
 
 def spec_for(sandbox: Sandbox) -> SandboxSpec:
-    """The spec for stop/poll/exec: built even when the plan or runtime changed meanwhile."""
-    try:
-        return _spec(sandbox)
-    except runtime.RuntimeMissing:
-        from sandboxes.openclaw import setup
+    """The spec for stop / poll / exec / endpoint on a started sandbox.
 
-        return setup.minimal_spec(sandbox)
+    Built from the row alone: it writes no config and mints no credential (only a start does,
+    since a new AI-gateway key would lock out the gateway that is running).
+    """
+    from sandboxes.openclaw import setup
+
+    return setup.minimal_spec(sandbox)
 
 
 def sleep_sandbox(sandbox: Sandbox, *, actor: str = Actor.SYSTEM) -> None:
