@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from django.urls import path
 
+from sandboxes.consumers.chat import ChatConsumer
 from sandboxes.consumers.progress import ProgressConsumer
 
 websocket_urlpatterns = [
     path("ws/sandbox/progress/", ProgressConsumer.as_asgi()),
+    path("ws/chat/", ChatConsumer.as_asgi()),
 ]

@@ -39,7 +39,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,6 +240,7 @@ class HelloInfo:
     protocol: int
     server_version: str
     conn_id: str
+    boot_id: str
     device_token: str | None
     policy: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -338,6 +339,7 @@ class GatewayConnection:
             protocol=int(payload.get("protocol") or 0),
             server_version=str(server.get("version") or ""),
             conn_id=str(server.get("connId") or ""),
+            boot_id=str(server.get("bootId") or ""),
             device_token=auth.get("deviceToken"),
             policy=payload.get("policy") or {},
             raw=payload,
@@ -464,7 +466,13 @@ class GatewayClient:
     ``await client.start()`` connects (retrying until ``connect_timeout``); after that a
     background task reconnects with backoff whenever the socket drops, until :meth:`close`.
     :meth:`events` yields gateway events across reconnects, with ``hermit.connected`` /
-    ``hermit.disconnected`` events marking the gaps.
+    ``hermit.disconnected`` events marking the gaps. ``hermit.connected`` carries
+    ``restarted: true`` when the gateway's boot id changed (runs in flight were lost).
+
+    ``url`` is a ``ws://`` URL or an async function returning one, called before every
+    connect attempt (so a sandbox that moved to another port after a restart is found again).
+    The function may raise :class:`GatewayUnavailable` (tried again) or another
+    :class:`GatewayError` (fatal).
 
     A refused connect (bad token, unknown device) is not retried: it is raised from
     :meth:`start`, or delivered as a ``hermit.disconnected`` event with ``fatal: true``.
@@ -472,7 +480,7 @@ class GatewayClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Callable[[], Awaitable[str]],
         *,
         token: str,
         identity: DeviceIdentity,
@@ -494,9 +502,13 @@ class GatewayClient:
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self.fatal_error: GatewayError | None = None
+        self.hello: HelloInfo | None = None
 
     def __repr__(self) -> str:
         return f"GatewayClient(url={self.url!r})"
+
+    async def _resolve_url(self) -> str:
+        return self.url if isinstance(self.url, str) else await self.url()
 
     @property
     def connection(self) -> GatewayConnection | None:
@@ -530,8 +542,9 @@ class GatewayClient:
                     + (f" ({last.message})" if last else "")
                 )
             try:
+                url = await self._resolve_url()
                 conn = await GatewayConnection.open(
-                    self.url,
+                    url,
                     token=self._token,
                     identity=self.identity,
                     info=self.info,
@@ -550,10 +563,16 @@ class GatewayClient:
             await asyncio.sleep(min(self._backoff.next_delay(), max(0.0, remaining)))
 
     def _attach(self, conn: GatewayConnection) -> None:
+        previous = self.hello
+        restarted = previous is not None and previous.boot_id != conn.hello.boot_id
         self._conn = conn
+        self.hello = conn.hello
         self._connected.set()
         self._events.put_nowait(
-            GatewayEvent(CONNECTED_EVENT, {"serverVersion": conn.hello.server_version})
+            GatewayEvent(
+                CONNECTED_EVENT,
+                {"serverVersion": conn.hello.server_version, "restarted": restarted},
+            )
         )
 
     async def _supervise(self) -> None:

@@ -1,0 +1,449 @@
+"""Webchat: the browser talks to this consumer, the consumer talks to the user's gateway.
+
+The consumer authenticates the Django session, checks the Origin, gets the user's sandbox
+through :func:`sandboxes.access.aget_sandbox_for_user` only, wakes it if it is asleep, and
+connects to its gateway as an OpenClaw protocol-v4 client signed with the sandbox's device key.
+The gateway token and the device key never leave the server.
+
+Browser protocol (JSON text frames on ``/ws/chat/``)
+----------------------------------------------------
+Browser → server:
+
+- ``{"type": "send", "id": ID, "text": TEXT}``: a user message. ``ID`` (8-64 chars of
+  ``[A-Za-z0-9_-]``) is chosen by the browser and doubles as the gateway's idempotency key, so
+  resending the same ``ID`` after a reconnect never delivers a message twice.
+- ``{"type": "abort"}`` or ``{"type": "abort", "runId": RUN}``: stop the reply.
+- ``{"type": "history"}``: ask for the conversation again.
+- ``{"type": "ping"}``: answered by ``{"type": "pong"}``.
+
+Server → browser:
+
+- ``{"type": "status", "state": S, "message": M, "progress": P|null}`` with ``S`` one of
+  ``waking`` (the sandbox is starting, ``P`` 0-100), ``connecting``, ``ready``,
+  ``reconnecting`` (the gateway went away; sends wait for it), ``failed`` (fatal; ``M`` says why).
+- ``{"type": "history", "messages": [{"role": "user"|"assistant", "text", "runId"}]}``: sent
+  when ready, after every reconnect, and on request.
+- ``{"type": "ack", "id": ID, "runId": RUN}``: the gateway accepted message ``ID``.
+- ``{"type": "phase", "runId", "phase"}``: what the agent is doing before text arrives.
+- ``{"type": "delta", "runId", "delta"}``: new reply text, appended in order.
+- ``{"type": "final", "runId", "text"}``: the complete reply (replaces the streamed text).
+- ``{"type": "aborted", "runId", "text"}``: the reply was stopped; ``text`` is what was kept.
+- ``{"type": "run_error", "runId", "message"}``: the reply failed (model error), or the
+  agent restarted while answering (the gateway resumes interrupted turns after a restart, as a
+  new run whose frames follow).
+- A ``final`` may carry an empty ``text`` when the gateway folded the message into a run that
+  was already answering (its reply arrives under that run).
+- ``{"type": "error", "code", "message", "id"?}``: a frame was refused (``bad_json``,
+  ``bad_frame``, ``too_large``, ``rate_limited``) or a message could not be delivered
+  (``send_failed``, with the message ``id``). The session stays open.
+
+Limits: frames over :data:`MAX_FRAME_CHARS` and more than the token-bucket rates are answered
+with an error frame and ignored. Every frame in either direction counts as activity for the
+sleep schedule (written to the database at most every 30 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.http import Http404
+
+from sandboxes import actions
+from sandboxes.access import aget_sandbox_for_user
+from sandboxes.backends.base import BackendError
+from sandboxes.models import Sandbox
+from sandboxes.openclaw.protocol import (
+    CONNECTED_EVENT,
+    DISCONNECTED_EVENT,
+    DeviceIdentity,
+    GatewayClient,
+    GatewayError,
+    GatewayEvent,
+    GatewayUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_CHARS = 64 * 1024
+MAX_MESSAGE_CHARS = 32 * 1024
+SEND_TIMEOUT = 90.0  # how long a message waits for a restarting gateway before failing
+READY_TIMEOUT = 180.0  # how long a send waits for the first connection (wake + connect)
+ACTIVITY_INTERVAL = 30.0
+HISTORY_LIMIT = 200
+SESSION_KEY = "main"
+RESTARTED_MESSAGE = (
+    "Your agent restarted while answering. It resumes interrupted work by itself; "
+    "its reply will appear below."
+)
+MESSAGE_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+@dataclass
+class TokenBucket:
+    """``capacity`` tokens, refilled at ``rate`` per second; :meth:`take` spends one."""
+
+    capacity: float
+    rate: float
+    tokens: float = -1.0
+    stamp: float = 0.0
+
+    def take(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if self.tokens < 0:
+            self.tokens, self.stamp = self.capacity, now
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def device_identity_for(sandbox: Sandbox) -> DeviceIdentity:
+    """Return the sandbox's gateway device key, creating and saving it on first use.
+
+    The key is stored encrypted on the row. Two first connects racing both generate a key;
+    the conditional UPDATE lets one win and the other reloads it.
+    """
+    if sandbox.device_private_key:
+        return DeviceIdentity.from_private_key_b64(sandbox.device_private_key)
+    identity = DeviceIdentity.generate()
+    Sandbox.objects.filter(pk=sandbox.pk, device_private_key="").update(
+        device_private_key=identity.private_key_b64()  # the field encrypts it
+    )
+    sandbox.refresh_from_db(fields=["device_private_key"])
+    return DeviceIdentity.from_private_key_b64(sandbox.device_private_key)
+
+
+def origin_allowed(scope: dict[str, Any]) -> bool:
+    """Return True if the handshake's Origin is this site (same host) or a trusted origin."""
+    headers = dict(scope.get("headers") or [])
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    host = headers.get(b"host", b"").decode("latin-1")
+    if not origin:
+        return False
+    if origin in getattr(settings, "CSRF_TRUSTED_ORIGINS", []):
+        return True
+    return bool(host) and urlsplit(origin).netloc == host
+
+
+def message_text(message: Any) -> str:
+    """Return the plain text of a gateway chat message (string or list of content parts)."""
+    if not isinstance(message, dict):
+        return ""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return str(message.get("text") or "")
+
+
+def history_entries(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Turn ``chat.history`` messages into the browser's ``{role, text, runId}`` entries."""
+    entries = []
+    for message in messages:
+        role = message.get("role")
+        text = message_text(message)
+        if role not in ("user", "assistant") or not text:
+            continue
+        meta = message.get("__openclaw") or {}
+        entries.append({"role": role, "text": text, "runId": meta.get("runId")})
+    return entries
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    """One browser tab's chat session with the user's own agent."""
+
+    sandbox: Sandbox
+    client: GatewayClient | None = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if not origin_allowed(self.scope):
+            await self.close(code=4403)
+            return
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        try:
+            self.sandbox = await aget_sandbox_for_user(user)
+        except Http404:
+            await self.close(code=4404)
+            return
+        self.user = user
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.ready = asyncio.Event()
+        self.failed: str | None = None
+        self.frames = TokenBucket(capacity=30, rate=10)
+        self.sends = TokenBucket(capacity=5, rate=1 / 3)
+        self.last_activity = 0.0
+        self.active_runs: set[str] = set()
+        self.session_keys = {SESSION_KEY, f"agent:main:{SESSION_KEY}"}
+        await self.accept()
+        self._spawn(self._run_gateway())
+        self._spawn(self._run_outbox())
+        await self._touch()
+
+    async def disconnect(self, code: int) -> None:
+        for task in list(getattr(self, "tasks", ())):
+            task.cancel()
+        for task in list(getattr(self, "tasks", ())):
+            with contextlib.suppress(BaseException):
+                await task
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # --- to the browser --------------------------------------------------------------------
+    async def _send(self, frame: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(frame))
+
+    async def _status(self, state: str, message: str, progress: int | None = None) -> None:
+        await self._send({"type": "status", "state": state, "message": message,
+                          "progress": progress})
+
+    async def _error(self, code: str, message: str, **extra: Any) -> None:
+        await self._send({"type": "error", "code": code, "message": message, **extra})
+
+    async def _touch(self) -> None:
+        """Count activity; write it to the database at most every ACTIVITY_INTERVAL seconds."""
+        now = time.monotonic()
+        if now - self.last_activity < ACTIVITY_INTERVAL:
+            return
+        self.last_activity = now
+        await database_sync_to_async(actions.record_activity)(self.sandbox)
+
+    # --- the gateway side ------------------------------------------------------------------
+    async def _gateway_url(self) -> str:
+        """Wake the sandbox if needed (streaming progress) and return its gateway's URL."""
+        await database_sync_to_async(self.sandbox.refresh_from_db)()
+        if self.sandbox.state != Sandbox.State.RUNNING:
+            await self._wake()
+        host, port = await database_sync_to_async(actions.gateway_endpoint)(self.sandbox)
+        return f"ws://{host}:{port}"
+
+    async def _wake(self) -> None:
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[Any] = asyncio.Queue()
+
+        def run() -> None:
+            for step in actions.wake_sandbox(self.sandbox, actor_user=self.user):
+                loop.call_soon_threadsafe(progress.put_nowait, step)
+
+        await self._status("waking", "Waking your agent…", 0)
+        waker = asyncio.ensure_future(database_sync_to_async(run, thread_sensitive=False)())
+        waker.add_done_callback(lambda _: progress.put_nowait(None))
+        while (step := await progress.get()) is not None:
+            await self._status("waking", step.message, step.percent)
+        try:
+            await waker
+        except BackendError as exc:
+            raise GatewayError("WAKE_FAILED", f"Your agent could not start: {exc}") from exc
+        await self._status("connecting", "Connecting to your agent…")
+
+    async def _run_gateway(self) -> None:
+        try:
+            identity = await database_sync_to_async(device_identity_for)(self.sandbox)
+            await self._status("connecting", "Connecting to your agent…")
+            self.client = GatewayClient(
+                self._gateway_url, token=self.sandbox.gateway_token, identity=identity,
+                connect_timeout=READY_TIMEOUT,
+            )
+            await self.client.start()
+        except GatewayError as exc:
+            self.failed = exc.message
+            log.warning("chat for sandbox %s could not connect: %s", self.sandbox.pk, exc.code)
+            await self._status("failed", exc.message)
+            self.ready.set()
+            return
+        async for event in self.client.events():
+            await self._on_event(event)
+
+    async def _on_event(self, event: GatewayEvent) -> None:
+        name, payload = event.event, event.payload
+        if name == CONNECTED_EVENT:
+            await self._on_connected(restarted=bool(payload.get("restarted")))
+        elif name == DISCONNECTED_EVENT:
+            await self._on_disconnected(payload)
+        elif name == "chat" and payload.get("sessionKey") in self.session_keys:
+            await self._relay_chat(payload)
+
+    async def _on_connected(self, *, restarted: bool) -> None:
+        assert self.client is not None and self.client.hello is not None
+        defaults = (self.client.hello.raw.get("snapshot") or {}).get("sessionDefaults") or {}
+        if defaults.get("mainSessionKey"):
+            self.session_keys.add(str(defaults["mainSessionKey"]))
+        if restarted:
+            for run_id in sorted(self.active_runs):
+                await self._send({
+                    "type": "run_error", "runId": run_id,
+                    "message": RESTARTED_MESSAGE,
+                })
+            self.active_runs.clear()
+        await self._status("ready", "Connected")
+        self.ready.set()
+        await self._send_history()
+
+    async def _on_disconnected(self, payload: dict[str, Any]) -> None:
+        if payload.get("fatal"):
+            self.failed = str(payload.get("message") or "The agent is unavailable.")
+            await self._status("failed", self.failed)
+        else:
+            await self._status("reconnecting", "Your agent went away; reconnecting…")
+
+    async def _relay_chat(self, payload: dict[str, Any]) -> None:
+        run_id, state = payload.get("runId"), payload.get("state")
+        if state == "delta":
+            self.active_runs.add(str(run_id))
+            await self._send({"type": "delta", "runId": run_id,
+                              "delta": payload.get("deltaText") or ""})
+        elif state == "final":
+            self.active_runs.discard(str(run_id))
+            await self._send({"type": "final", "runId": run_id,
+                              "text": message_text(payload.get("message"))})
+        elif state == "aborted":
+            self.active_runs.discard(str(run_id))
+            await self._send({"type": "aborted", "runId": run_id,
+                              "text": message_text(payload.get("message"))})
+        elif state == "error":
+            self.active_runs.discard(str(run_id))
+            await self._send({"type": "run_error", "runId": run_id,
+                              "message": payload.get("errorMessage") or "The reply failed."})
+        elif state == "status":
+            await self._send({"type": "phase", "runId": run_id, "phase": payload.get("phase")})
+        else:
+            return
+        await self._touch()
+
+    async def _send_history(self) -> None:
+        assert self.client is not None
+        try:
+            messages = await self.client.chat_history(
+                session_key=SESSION_KEY, limit=HISTORY_LIMIT, timeout=15
+            )
+        except GatewayError as exc:
+            await self._error("history_failed", f"Could not load the conversation: {exc.message}")
+            return
+        await self._send({"type": "history", "messages": history_entries(messages)})
+
+    async def _run_outbox(self) -> None:
+        """Deliver user messages one at a time, in order, waiting out gateway restarts."""
+        while True:
+            frame = await self.outbox.get()
+            try:
+                await self._deliver(frame)
+            except GatewayError as exc:
+                await self._error(
+                    "send_failed", f"Your message was not delivered: {exc.message}",
+                    id=frame["id"],
+                )
+
+    async def _deliver(self, frame: dict[str, Any]) -> None:
+        try:
+            await asyncio.wait_for(self.ready.wait(), READY_TIMEOUT)
+        except TimeoutError:
+            raise GatewayUnavailable("your agent did not start in time.") from None
+        if self.client is None or self.failed:
+            raise GatewayUnavailable(self.failed or "your agent is unavailable.")
+        res = await self.client.chat_send(
+            frame["text"], session_key=SESSION_KEY, idempotency_key=frame["id"],
+            timeout=SEND_TIMEOUT,
+        )
+        await self._send({"type": "ack", "id": frame["id"], "runId": res.get("runId")})
+
+    # --- from the browser ------------------------------------------------------------------
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        await self._touch()
+        if not self.frames.take():
+            await self._error("rate_limited", "Too many frames; slow down.")
+            return
+        if text_data is None:
+            await self._error("bad_frame", "Only JSON text frames are accepted.")
+            return
+        if len(text_data) > MAX_FRAME_CHARS:
+            await self._error("too_large", f"Frames are limited to {MAX_FRAME_CHARS} characters.")
+            return
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            await self._error("bad_json", "That frame is not valid JSON.")
+            return
+        if not isinstance(frame, dict):
+            await self._error("bad_frame", "A frame must be a JSON object with a type.")
+            return
+        handler = self.HANDLERS.get(str(frame.get("type")))
+        if handler is None:
+            await self._error("bad_frame", f"Unknown frame type {str(frame.get('type'))[:40]!r}.")
+            return
+        if frame.get("type") in ("abort", "history"):
+            self._spawn(handler(self, frame))  # these wait on the gateway; keep receiving
+        else:
+            await handler(self, frame)
+
+    async def _on_send(self, frame: dict[str, Any]) -> None:
+        msg_id, text = frame.get("id"), frame.get("text")
+        if not isinstance(msg_id, str) or not MESSAGE_ID.match(msg_id):
+            await self._error("bad_frame", "A send needs an id of 8-64 letters, digits, - or _.")
+            return
+        if not isinstance(text, str) or not text.strip():
+            await self._error("bad_frame", "A send needs a non-empty text.", id=msg_id)
+            return
+        if len(text) > MAX_MESSAGE_CHARS:
+            await self._error("too_large", f"Messages are limited to {MAX_MESSAGE_CHARS} "
+                              "characters.", id=msg_id)
+            return
+        if not self.sends.take():
+            await self._error("rate_limited", "You are sending messages too fast; wait a moment.",
+                              id=msg_id)
+            return
+        self.outbox.put_nowait({"id": msg_id, "text": text})
+
+    async def _on_abort(self, frame: dict[str, Any]) -> None:
+        run_id = frame.get("runId")
+        if run_id is not None and not isinstance(run_id, str):
+            await self._error("bad_frame", "runId must be a string.")
+            return
+        if self.client is None or not self.ready.is_set():
+            await self._error("abort_failed", "Your agent is not connected yet.")
+            return
+        try:
+            await self.client.chat_abort(session_key=SESSION_KEY, run_id=run_id or None)
+        except GatewayError as exc:
+            await self._error("abort_failed", f"Could not stop the reply: {exc.message}")
+
+    async def _on_history(self, frame: dict[str, Any]) -> None:
+        if self.client is not None and self.ready.is_set() and not self.failed:
+            await self._send_history()
+
+    async def _on_ping(self, frame: dict[str, Any]) -> None:
+        await self._send({"type": "pong"})
+
+    HANDLERS: dict[str, Callable[[ChatConsumer, dict[str, Any]], Any]] = {
+        "send": _on_send,
+        "abort": _on_abort,
+        "history": _on_history,
+        "ping": _on_ping,
+    }

@@ -1,0 +1,284 @@
+"""The webchat consumer through the real ASGI router, against a real OpenClaw gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.utils import timezone
+
+from portal.asgi import application
+from sandboxes.consumers.chat import MAX_FRAME_CHARS, RESTARTED_MESSAGE
+from sandboxes.models import Sandbox
+from tests.fakes.model_server import FakeModelServer
+from tests.fixtures.chat import BareGateway, session_cookie
+
+ORIGIN = b"http://testserver"
+Frame = dict[str, Any]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def open_chat(cookie: str | None, origin: bytes = ORIGIN) -> WebsocketCommunicator:
+    headers = [(b"origin", origin), (b"host", b"testserver")]
+    if cookie:
+        headers.append((b"cookie", cookie.encode()))
+    return WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+
+
+async def receive_until(
+    comm: WebsocketCommunicator, done: Callable[[Frame], bool], timeout: float = 60.0
+) -> list[Frame]:
+    """Collect frames until one satisfies ``done`` (included); fail after ``timeout`` s."""
+    frames: list[Frame] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise AssertionError(f"no matching frame in {timeout}s; got {frames[-10:]}")
+        frame = json.loads(await comm.receive_from(timeout=remaining))
+        frames.append(frame)
+        if done(frame):
+            return frames
+
+
+def is_type(kind: str, **match: Any) -> Callable[[Frame], bool]:
+    return lambda f: f.get("type") == kind and all(f.get(k) == v for k, v in match.items())
+
+
+async def connected_chat(cookie: str) -> tuple[WebsocketCommunicator, list[Frame]]:
+    """Open a chat, wait until it is ready and its history arrived; return both."""
+    comm = await open_chat(cookie)
+    connected, code = await comm.connect(timeout=10)
+    assert connected, code
+    frames = await receive_until(comm, is_type("history"))
+    assert any(f["type"] == "status" and f["state"] == "ready" for f in frames)
+    return comm, frames
+
+
+@pytest.fixture
+def alice_chat(alice: Any, bare_sandbox_for: Callable[[Any], Sandbox]) -> str:
+    bare_sandbox_for(alice)
+    return session_cookie(alice)
+
+
+async def test_it_streams_a_reply_in_several_deltas(
+    alice_chat: str, model_server: FakeModelServer
+) -> None:
+    model_server.script(reply="Streaming works, token by token.", chunks=5, delay=0.05)
+    comm, _ = await connected_chat(alice_chat)
+    try:
+        msg = new_id()
+        await comm.send_json_to({"type": "send", "id": msg, "text": "Hello agent"})
+        frames = await receive_until(comm, is_type("final"))
+        ack = next(f for f in frames if f["type"] == "ack")
+        assert ack["id"] == msg and ack["runId"]
+        deltas = [f for f in frames if f["type"] == "delta"]
+        assert len(deltas) >= 2
+        assert {f["runId"] for f in deltas} == {ack["runId"]}
+        assert "".join(f["delta"] for f in deltas) == "Streaming works, token by token."
+        assert frames[-1]["text"] == "Streaming works, token by token."
+        assert all("token" not in k.lower() for f in frames for k in f)  # no secrets relayed
+    finally:
+        await comm.disconnect()
+
+
+async def test_it_loads_history_after_a_reconnect(
+    alice_chat: str, model_server: FakeModelServer
+) -> None:
+    model_server.script(reply="I will remember.", chunks=2)
+    comm, _ = await connected_chat(alice_chat)
+    text = f"remember {new_id()}"
+    await comm.send_json_to({"type": "send", "id": new_id(), "text": text})
+    await receive_until(comm, is_type("final"))
+    await comm.disconnect()
+
+    comm, frames = await connected_chat(alice_chat)
+    try:
+        history = frames[-1]["messages"]
+        assert history[-2:] == [
+            {"role": "user", "text": text, "runId": None},
+            {"role": "assistant", "text": "I will remember.", "runId": history[-1]["runId"]},
+        ]
+        await comm.send_json_to({"type": "history"})
+        again = await receive_until(comm, is_type("history"))
+        assert again[-1]["messages"] == history
+    finally:
+        await comm.disconnect()
+
+
+async def test_it_aborts_a_reply(alice_chat: str, model_server: FakeModelServer) -> None:
+    model_server.script(reply=" ".join(f"w{i}" for i in range(80)), chunks=80, delay=0.1)
+    comm, _ = await connected_chat(alice_chat)
+    try:
+        await comm.send_json_to({"type": "send", "id": new_id(), "text": "talk a lot"})
+        first = (await receive_until(comm, is_type("delta")))[-1]
+        await comm.send_json_to({"type": "abort", "runId": first["runId"]})
+        frames = await receive_until(comm, lambda f: f["type"] in ("aborted", "final"), 20)
+        assert frames[-1]["type"] == "aborted"
+        assert frames[-1]["runId"] == first["runId"]
+        assert frames[-1]["text"].startswith("w0")
+    finally:
+        await comm.disconnect()
+
+
+async def test_it_keeps_the_conversation_through_a_gateway_restart(
+    alice_chat: str, gateway: BareGateway, model_server: FakeModelServer
+) -> None:
+    comm, _ = await connected_chat(alice_chat)
+    try:
+        # a reply cut off by the restart is reported, not left hanging
+        model_server.script(reply=" ".join(f"w{i}" for i in range(200)), chunks=200, delay=0.1)
+        await comm.send_json_to({"type": "send", "id": new_id(), "text": "a long answer"})
+        cut = (await receive_until(comm, is_type("delta")))[-1]
+        await asyncio.to_thread(gateway.stop)
+        await receive_until(comm, is_type("status", state="reconnecting"), 20)
+
+        # a message sent while the gateway is down is delivered once it is back
+        model_server.script(reply="Back again.", chunks=3)
+        msg = new_id()
+        await comm.send_json_to({"type": "send", "id": msg, "text": "are you there?"})
+        await asyncio.to_thread(gateway.start)
+        frames = await receive_until(comm, is_type("ack"), 90)
+        assert frames[-1]["id"] == msg
+        assert {"type": "run_error", "runId": cut["runId"], "message": RESTARTED_MESSAGE} in frames
+
+        # the gateway resumes the interrupted turn and answers the new message: the
+        # conversation ends with an answer after "are you there?"
+        def answered(history: list[Frame]) -> bool:
+            users = [i for i, m in enumerate(history) if m["text"] == "are you there?"]
+            return bool(users) and history[-1]["role"] == "assistant" and history[-1][
+                "text"] == "Back again." and users[-1] < len(history) - 1
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 90
+        history: list[Frame] = []
+        while not answered(history):
+            assert loop.time() < deadline, history[-4:]
+            await receive_until(comm, lambda f: f["type"] == "final" and f["text"], 90)
+            await comm.send_json_to({"type": "history"})
+            history = (await receive_until(comm, is_type("history")))[-1]["messages"]
+        assert {"role": "user", "text": "a long answer", "runId": None} in history
+    finally:
+        await comm.disconnect()
+
+
+async def test_it_tells_the_user_plainly_when_a_message_cannot_be_delivered(
+    alice_chat: str, gateway: BareGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sandboxes.consumers.chat.SEND_TIMEOUT", 2.0)
+    comm, _ = await connected_chat(alice_chat)
+    try:
+        await asyncio.to_thread(gateway.stop)
+        await receive_until(comm, is_type("status", state="reconnecting"), 20)
+        msg = new_id()
+        await comm.send_json_to({"type": "send", "id": msg, "text": "hello?"})
+        frames = await receive_until(comm, is_type("error", code="send_failed"), 20)
+        assert frames[-1]["id"] == msg
+        assert frames[-1]["message"].startswith("Your message was not delivered")
+    finally:
+        await comm.disconnect()
+        await asyncio.to_thread(gateway.start)
+
+
+async def test_it_answers_bad_frames_with_an_error_and_keeps_the_session(
+    alice_chat: str,
+) -> None:
+    comm, _ = await connected_chat(alice_chat)
+    try:
+        cases: list[tuple[str | bytes, str]] = [
+            ("not json", "bad_json"),
+            ("[1, 2]", "bad_frame"),
+            (json.dumps({"type": "launch-missiles"}), "bad_frame"),
+            (json.dumps({"type": "send", "text": "no id"}), "bad_frame"),
+            (json.dumps({"type": "send", "id": "short", "text": "x"}), "bad_frame"),
+            (json.dumps({"type": "send", "id": new_id(), "text": "   "}), "bad_frame"),
+            (json.dumps({"type": "abort", "runId": 5}), "bad_frame"),
+            ("x" * (MAX_FRAME_CHARS + 1), "too_large"),
+            (b"\x00\x01binary", "bad_frame"),
+        ]
+        for payload, code in cases:
+            if isinstance(payload, bytes):
+                await comm.send_to(bytes_data=payload)
+            else:
+                await comm.send_to(text_data=payload)
+            frame = json.loads(await comm.receive_from(timeout=5))
+            assert frame["type"] == "error" and frame["code"] == code, (payload[:40], frame)
+            assert frame["message"]
+        await comm.send_json_to({"type": "ping"})
+        assert json.loads(await comm.receive_from(timeout=5)) == {"type": "pong"}
+    finally:
+        await comm.disconnect()
+
+
+async def test_it_caps_the_message_rate(alice_chat: str, model_server: FakeModelServer) -> None:
+    comm, _ = await connected_chat(alice_chat)
+    try:
+        for _ in range(40):
+            await comm.send_json_to({"type": "ping"})
+        frames = [json.loads(await comm.receive_from(timeout=5)) for _ in range(40)]
+        limited = [f for f in frames if f["type"] == "error"]
+        assert limited and all(f["code"] == "rate_limited" for f in limited)
+        assert sum(f["type"] == "pong" for f in frames) >= 20
+    finally:
+        await comm.disconnect()
+
+
+async def test_it_counts_frames_as_activity(alice: Any, alice_chat: str) -> None:
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    await sync_to_async(Sandbox.objects.filter(owner=alice).update)(last_activity_at=an_hour_ago)
+    comm, _ = await connected_chat(alice_chat)
+    try:
+        sandbox = await Sandbox.objects.aget(owner=alice)
+        assert sandbox.last_activity_at > an_hour_ago + timedelta(minutes=59)
+    finally:
+        await comm.disconnect()
+
+
+async def test_it_refuses_anonymous_users_and_foreign_origins(alice_chat: str) -> None:
+    comm = await open_chat(None)
+    connected, code = await comm.connect(timeout=10)
+    assert not connected and code == 4401
+    comm = await open_chat(alice_chat, origin=b"http://evil.example")
+    connected, _ = await comm.connect(timeout=10)
+    assert not connected
+
+
+async def test_bob_cannot_open_alices_chat(
+    alice_chat: str, bob: Any, bare_sandbox_for: Callable[[Any], Sandbox],
+    model_server: FakeModelServer,
+) -> None:
+    secret = f"alice's secret {new_id()}"
+    comm, _ = await connected_chat(alice_chat)
+    await comm.send_json_to({"type": "send", "id": new_id(), "text": secret})
+    await receive_until(comm, is_type("final"))
+    await comm.disconnect()
+
+    # bob without a sandbox gets nothing at all
+    await sync_to_async(Sandbox.objects.filter(owner=bob).delete)()
+    comm = await open_chat(await sync_to_async(session_cookie)(bob))
+    connected, code = await comm.connect(timeout=10)
+    assert not connected and code == 4404
+
+    # bob's chat only ever reaches bob's own sandbox, never alice's
+    bob_sandbox = await sync_to_async(Sandbox.objects.create)(owner=bob, state="failed")
+    comm = await open_chat(await sync_to_async(session_cookie)(bob))
+    connected, _ = await comm.connect(timeout=10)
+    assert connected
+    try:
+        frames = await receive_until(comm, is_type("status", state="failed"), 60)
+        assert secret not in json.dumps(frames)
+        assert not any(f["type"] == "history" for f in frames)
+    finally:
+        await comm.disconnect()
+    assert bob_sandbox.pk != (await Sandbox.objects.aget(owner__email="alice@example.com")).pk
