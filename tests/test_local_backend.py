@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +24,10 @@ import pytest
 from sandboxes.backends import cgroups
 from sandboxes.backends.base import BackendError, ExecResult, SandboxSpec
 from sandboxes.backends.local import LocalBackend
-from sandboxes.openclaw.config import config_path
+from sandboxes.openclaw.config import config_path, render_config
 from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, GatewayConnection
-from sandboxes.openclaw.runtime import node_binary
-from tests.fixtures.runtime import ROOT, make_gateway_spec
+from sandboxes.openclaw.runtime import build_runtime, node_binary
+from tests.fixtures.runtime import NODE_VERSION, OPENCLAW_VERSION, ROOT, make_gateway_spec
 
 TOKEN = "test-gateway-token"
 ADMIN_SCOPES = ("operator.read", "operator.write", "operator.admin")
@@ -195,6 +196,39 @@ def live_processes_mentioning(text: str) -> list[int]:
     return found
 
 
+# -- runtime image and config -----------------------------------------------------------------
+
+
+def test_it_reuses_a_built_runtime_which_is_read_only(runtime_dir: Path) -> None:
+    started = time.monotonic()
+    again = build_runtime(runtime_dir.parent, OPENCLAW_VERSION, NODE_VERSION)
+    assert again == runtime_dir
+    assert time.monotonic() - started < 2, "a second build of the same versions is a no-op"
+    manifest = json.loads((runtime_dir / "manifest.json").read_text())
+    assert (manifest["openclaw_version"], manifest["node_version"]) == (
+        OPENCLAW_VERSION,
+        NODE_VERSION,
+    )
+    for path in (runtime_dir, node_binary(runtime_dir), runtime_dir / "manifest.json"):
+        assert path.stat().st_mode & 0o222 == 0, f"{path} is writable"
+        assert path.stat().st_mode & 0o004, f"{path} is not world-readable"
+
+
+def test_it_keeps_secrets_out_of_the_config_file(gateways: list[Running]) -> None:
+    a = gateways[0]
+    text = config_path(a.spec.data_dir).read_text()
+    assert a.spec.env["OPENCLAW_GATEWAY_TOKEN"] not in text
+    assert a.spec.env["HERMIT_AI_KEY"] not in text
+    config = json.loads(text)
+    assert config["gateway"]["auth"]["token"] == "${OPENCLAW_GATEWAY_TOKEN}"
+    assert config["models"]["providers"]["hermit"]["apiKey"] == "${HERMIT_AI_KEY}"
+
+
+def test_it_refuses_a_default_model_it_does_not_offer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not in the model list"):
+        render_config(data_dir=tmp_path, ai_gateway_port=8001, models=["a"], default_model="b")
+
+
 # -- two gateways ----------------------------------------------------------------------------
 
 
@@ -330,6 +364,52 @@ def test_it_reports_processes_logs_and_stats(
     assert stats.oom_kills == 0
 
 
+def default_gateway() -> str:
+    out = subprocess.run(["ip", "-j", "-4", "route"], capture_output=True, text=True, check=True)
+    return next(r["gateway"] for r in json.loads(out.stdout) if r.get("dst") == "default")
+
+
+def test_it_keeps_host_loopback_closed_when_internet_is_on(
+    local_backend: LocalBackend,
+    sandbox_root: Path,
+    runtime_dir: Path,
+    sandbox_ids: Iterator[int],
+    ai_port: int,
+) -> None:
+    spec = tiny_spec(
+        sandbox_root,
+        runtime_dir,
+        next(sandbox_ids),
+        TINY_SERVER,
+        internet=True,
+        ai_gateway_port=ai_port,
+    )
+    r = start(local_backend, spec)
+    try:
+        routes = local_backend.exec(spec, r.state, ["ip", "route"]).stdout
+        assert "default via" in routes, "with internet the namespace has a default route"
+        # pasta would NAT the gateway address to the host's loopback without --no-map-gw.
+        gateway = default_gateway()
+        blocked = [("127.0.0.1", 5432), ("127.0.0.1", 6379), (gateway, 5432), (gateway, 6379)]
+        blocked += [(ip, port) for ip in host_addresses() for port in (5432, 6379)]
+        results = probe(local_backend, r, blocked)
+        assert all(result != "open" for result in results), list(zip(blocked, results, strict=True))
+        assert probe(local_backend, r, [("127.0.0.1", ai_port)]) == ["open"]
+    finally:
+        local_backend.stop(spec, r.state)
+
+
+def test_it_has_no_route_out_when_internet_is_off(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    a = gateways[0]
+    assert local_backend.exec(a.spec, a.state, ["ip", "route"]).stdout.strip() == ""
+    assert probe(local_backend, a, [(default_gateway(), 53), ("198.51.100.1", 80)]) == [
+        "ENETUNREACH",
+        "ENETUNREACH",
+    ]
+
+
 # -- limits ----------------------------------------------------------------------------------
 
 
@@ -344,6 +424,22 @@ def test_it_kills_a_process_that_allocates_past_the_memory_limit(
     assert poll.oom_killed
     assert "memory limit" in poll.detail
     assert local_backend.stats(tiny.spec, tiny.state).oom_kills >= 1
+
+
+def test_it_caps_the_number_of_processes(local_backend: LocalBackend, tiny: Running) -> None:
+    script = "for i in $(seq 100); do sleep 2 & done; wait; echo all started"
+    result = local_backend.exec(tiny.spec, tiny.state, ["sh", "-c", script], timeout=20)
+    assert "fork" in result.stderr.lower(), result
+    assert "all started" not in result.stdout
+
+
+def test_it_caps_cpu_time(local_backend: LocalBackend, tiny: Running) -> None:
+    busy = (
+        "const end = Date.now() + 2000; while (Date.now() < end) {}"
+        "const u = process.cpuUsage(); console.log((u.user + u.system) / 1e6);"
+    )
+    result = node(local_backend, tiny, busy)
+    assert float(result.stdout) < 1.4, "half a core for 2 s is about 1 s of CPU"
 
 
 def test_it_times_out_a_command(local_backend: LocalBackend, tiny: Running) -> None:

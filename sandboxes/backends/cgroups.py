@@ -37,7 +37,7 @@ def create(
 ) -> CgroupPaths:
     """Create the sandbox's cgroup(s) under ``root/<controller>/<parent>/<name>`` with limits.
 
-    An existing cgroup of the same name (left by a crash) is emptied and reused.
+    A limit of 0 or less means "no limit". An existing cgroup of the same name is reused.
     """
     if detect_version(root) == 2:
         return _create_v2(root, parent, name, memory_mb, cpu_millis, pids_max)
@@ -49,15 +49,16 @@ def create(
         path.mkdir(parents=True, exist_ok=True)
         paths[ctrl] = str(path)
     mem = Path(paths["memory"])
-    limit = memory_mb * 1024 * 1024
-    _write(mem / "memory.limit_in_bytes", str(limit))
+    limit = str(memory_mb * 1024 * 1024) if memory_mb > 0 else "-1"
+    _write(mem / "memory.limit_in_bytes", limit)
     if (mem / "memory.memsw.limit_in_bytes").exists():
-        _write(mem / "memory.memsw.limit_in_bytes", str(limit))
+        _write(mem / "memory.memsw.limit_in_bytes", limit)
     if "pids" in paths:
-        _write(Path(paths["pids"]) / "pids.max", str(pids_max))
+        _write(Path(paths["pids"]) / "pids.max", str(pids_max) if pids_max > 0 else "max")
     if "cpu" in paths:
+        quota = str(cpu_millis * CPU_PERIOD_US // 1000) if cpu_millis > 0 else "-1"
         _write(Path(paths["cpu"]) / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-        _write(Path(paths["cpu"]) / "cpu.cfs_quota_us", str(cpu_millis * CPU_PERIOD_US // 1000))
+        _write(Path(paths["cpu"]) / "cpu.cfs_quota_us", quota)
     return paths
 
 
@@ -73,11 +74,12 @@ def _create_v2(
             _write(directory / "cgroup.subtree_control", f"+{ctrl}")
     path = parent_dir / name
     path.mkdir(exist_ok=True)
-    _write(path / "memory.max", str(memory_mb * 1024 * 1024))
+    _write(path / "memory.max", str(memory_mb * 1024 * 1024) if memory_mb > 0 else "max")
     if (path / "memory.swap.max").exists():
         _write(path / "memory.swap.max", "0")
-    _write(path / "pids.max", str(pids_max))
-    _write(path / "cpu.max", f"{cpu_millis * CPU_PERIOD_US // 1000} {CPU_PERIOD_US}")
+    _write(path / "pids.max", str(pids_max) if pids_max > 0 else "max")
+    quota = str(cpu_millis * CPU_PERIOD_US // 1000) if cpu_millis > 0 else "max"
+    _write(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
     return {"unified": str(path)}
 
 

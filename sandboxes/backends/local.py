@@ -67,9 +67,10 @@ log="$1"; exitf="$2"; shift 2
 ) </dev/null >>"$log" 2>&1 &
 echo $!
 """
-# Join the sandbox's cgroups, then exec the rest (used by exec()).
+# Join the sandbox's cgroups, then exec the rest (used by exec()). A command run this way is
+# the OOM killer's first choice, so a runaway helper dies before the gateway does.
 _JOIN = r"""for f in $HERMIT_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done
-unset HERMIT_CGROUP_PROCS; exec "$@"
+echo 1000 > /proc/self/oom_score_adj; unset HERMIT_CGROUP_PROCS; exec "$@"
 """
 
 

@@ -91,6 +91,8 @@ def build_runtime(
     if npm is None:
         raise RuntimeBuildError("npm was not found on PATH; it is needed once to install Node.")
     base_dir.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # a broken or foreign directory where the build must go
+        _remove_tree(target)
     os.chmod(base_dir, 0o755)  # noqa: S103 - sandbox uids must traverse it
     work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=base_dir))
     try:
