@@ -116,6 +116,14 @@ class LocalBackend(SandboxBackend):
     # -- start -------------------------------------------------------------------------------
 
     def start(self, spec: SandboxSpec) -> Iterator[Progress]:
+        """Launch the sandbox and wait for its gateway's port, then ``/readyz``.
+
+        Anything still running in a cgroup of the same name (a previous instance) is killed
+        first: one sandbox never runs twice. The Progress right after launch and the last one
+        carry the state. On failure everything started is killed and BackendError carries the
+        last log lines. ``spec.extra`` may set ``command`` (argv instead of the gateway),
+        ``start_timeout``, ``ready_timeout`` and ``ready_path``.
+        """
         yield Progress(2, "Checking the sandbox tools")
         self._check_tools(spec)
         uid = self.uid_base + spec.sandbox_id
@@ -548,14 +556,19 @@ class LocalBackend(SandboxBackend):
         )
 
     def processes(self, spec: SandboxSpec, state: dict[str, Any]) -> list[ProcessInfo]:
+        """List host pids in the sandbox's cgroup; pasta and bwrap are named, not spelled out."""
         result = []
         for pid in cgroups.pids(state.get("cgroups", {})):
             try:
-                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 resident = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
             except (OSError, IndexError, ValueError):
                 continue  # exited while we looked
-            command = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+            program = os.path.basename(argv[0].decode(errors="replace"))
+            if program in ("pasta", "bwrap"):
+                command = f"{program} (sandbox {'network' if program == 'pasta' else 'setup'})"
+            else:
+                command = b" ".join(argv).decode(errors="replace").strip()
             result.append(ProcessInfo(pid=pid, command=command, rss_bytes=resident * PAGE_SIZE))
         return result
 
