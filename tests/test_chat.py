@@ -1,4 +1,5 @@
-"""The webchat consumer through the real ASGI router, against a real OpenClaw gateway."""
+"""The webchat consumer through the real ASGI router, against real OpenClaw gateways running in
+real sandboxes (tests/fixtures/sandboxes.py), with the fake model server behind the AI gateway."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 
 from portal.asgi import application
+from sandboxes import actions
+from sandboxes.backends import get_backend
 from sandboxes.consumers.chat import MAX_FRAME_CHARS, RESTARTED_MESSAGE
 from sandboxes.models import Sandbox
+from tests.factories import make_user
 from tests.fakes.model_server import FakeModelServer
-from tests.fixtures.chat import BareGateway, session_cookie
+from tests.fixtures.chat import session_cookie
 
 ORIGIN = b"http://testserver"
 Frame = dict[str, Any]
@@ -67,9 +72,22 @@ async def connected_chat(cookie: str) -> tuple[WebsocketCommunicator, list[Frame
 
 
 @pytest.fixture
-def alice_chat(alice: Any, bare_sandbox_for: Callable[[Any], Sandbox]) -> str:
-    bare_sandbox_for(alice)
-    return session_cookie(alice)
+def alice_sandbox(sandbox_for: Callable[..., Sandbox]) -> Sandbox:
+    return sandbox_for("alice@chat.test")
+
+
+@pytest.fixture
+def alice_chat(alice_sandbox: Sandbox) -> str:
+    return session_cookie(alice_sandbox.owner)
+
+
+@pytest.fixture
+def broken_bubblewrap(settings: Any, alice_sandbox: Sandbox) -> Any:
+    """Make every sandbox start fail (quickly, cleanly) for the duration of a test."""
+    settings.HERMIT_BWRAP = "/nonexistent/bwrap"
+    get_backend.cache_clear()
+    yield
+    get_backend.cache_clear()
 
 
 async def test_it_streams_a_reply_in_several_deltas(
@@ -133,7 +151,7 @@ async def test_it_aborts_a_reply(alice_chat: str, model_server: FakeModelServer)
 
 
 async def test_it_keeps_the_conversation_through_a_gateway_restart(
-    alice_chat: str, gateway: BareGateway, model_server: FakeModelServer
+    alice_chat: str, alice_sandbox: Sandbox, model_server: FakeModelServer, sandbox_pool: Any
 ) -> None:
     comm, _ = await connected_chat(alice_chat)
     try:
@@ -141,15 +159,16 @@ async def test_it_keeps_the_conversation_through_a_gateway_restart(
         model_server.script(reply=" ".join(f"w{i}" for i in range(200)), chunks=200, delay=0.1)
         await comm.send_json_to({"type": "send", "id": new_id(), "text": "a long answer"})
         cut = (await receive_until(comm, is_type("delta")))[-1]
-        await asyncio.to_thread(gateway.stop)
+        # the sandbox is stopped under the chat; the chat wakes it again by itself
+        await database_sync_to_async(actions.stop_sandbox)(alice_sandbox)
         await receive_until(comm, is_type("status", state="reconnecting"), 20)
 
         # a message sent while the gateway is down is delivered once it is back
         model_server.script(reply="Back again.", chunks=3)
         msg = new_id()
         await comm.send_json_to({"type": "send", "id": msg, "text": "are you there?"})
-        await asyncio.to_thread(gateway.start)
-        frames = await receive_until(comm, is_type("ack"), 90)
+        frames = await receive_until(comm, is_type("ack"), 120)
+        assert any(f["type"] == "status" and f["state"] == "waking" for f in frames)
         assert frames[-1]["id"] == msg
         assert {"type": "run_error", "runId": cut["runId"], "message": RESTARTED_MESSAGE} in frames
 
@@ -171,16 +190,18 @@ async def test_it_keeps_the_conversation_through_a_gateway_restart(
         assert {"role": "user", "text": "a long answer", "runId": None} in history
     finally:
         await comm.disconnect()
+        # the pool restores rows from its snapshot before each test: record the new gateway
+        await database_sync_to_async(sandbox_pool._snapshot)("alice@chat.test")
 
 
 async def test_it_tells_the_user_plainly_when_a_message_cannot_be_delivered(
-    alice_chat: str, gateway: BareGateway, monkeypatch: pytest.MonkeyPatch
+    alice_chat: str, alice_sandbox: Sandbox, broken_bubblewrap: None
 ) -> None:
-    monkeypatch.setattr("sandboxes.consumers.chat.SEND_TIMEOUT", 2.0)
     comm, _ = await connected_chat(alice_chat)
     try:
-        await asyncio.to_thread(gateway.stop)
-        await receive_until(comm, is_type("status", state="reconnecting"), 20)
+        await database_sync_to_async(actions.stop_sandbox)(alice_sandbox)
+        frames = await receive_until(comm, is_type("status", state="failed"), 60)
+        assert "could not start" in frames[-1]["message"]
         msg = new_id()
         await comm.send_json_to({"type": "send", "id": msg, "text": "hello?"})
         frames = await receive_until(comm, is_type("error", code="send_failed"), 20)
@@ -188,7 +209,6 @@ async def test_it_tells_the_user_plainly_when_a_message_cannot_be_delivered(
         assert frames[-1]["message"].startswith("Your message was not delivered")
     finally:
         await comm.disconnect()
-        await asyncio.to_thread(gateway.start)
 
 
 async def test_it_answers_bad_frames_with_an_error_and_keeps_the_session(
@@ -234,12 +254,14 @@ async def test_it_caps_the_message_rate(alice_chat: str, model_server: FakeModel
         await comm.disconnect()
 
 
-async def test_it_counts_frames_as_activity(alice: Any, alice_chat: str) -> None:
+async def test_it_counts_frames_as_activity(alice_sandbox: Sandbox, alice_chat: str) -> None:
     an_hour_ago = timezone.now() - timedelta(hours=1)
-    await sync_to_async(Sandbox.objects.filter(owner=alice).update)(last_activity_at=an_hour_ago)
+    await sync_to_async(Sandbox.objects.filter(pk=alice_sandbox.pk).update)(
+        last_activity_at=an_hour_ago
+    )
     comm, _ = await connected_chat(alice_chat)
     try:
-        sandbox = await Sandbox.objects.aget(owner=alice)
+        sandbox = await Sandbox.objects.aget(pk=alice_sandbox.pk)
         assert sandbox.last_activity_at > an_hour_ago + timedelta(minutes=59)
     finally:
         await comm.disconnect()
@@ -255,8 +277,8 @@ async def test_it_refuses_anonymous_users_and_foreign_origins(alice_chat: str) -
 
 
 async def test_bob_cannot_open_alices_chat(
-    alice_chat: str, bob: Any, bare_sandbox_for: Callable[[Any], Sandbox],
-    model_server: FakeModelServer,
+    alice_chat: str, alice_sandbox: Sandbox, model_server: FakeModelServer,
+    broken_bubblewrap: None,
 ) -> None:
     secret = f"alice's secret {new_id()}"
     comm, _ = await connected_chat(alice_chat)
@@ -265,14 +287,16 @@ async def test_bob_cannot_open_alices_chat(
     await comm.disconnect()
 
     # bob without a sandbox gets nothing at all
+    bob = await sync_to_async(make_user)("bob@chat.test")
     await sync_to_async(Sandbox.objects.filter(owner=bob).delete)()
-    comm = await open_chat(await sync_to_async(session_cookie)(bob))
+    bob_cookie = await sync_to_async(session_cookie)(bob)
+    comm = await open_chat(bob_cookie)
     connected, code = await comm.connect(timeout=10)
     assert not connected and code == 4404
 
-    # bob's chat only ever reaches bob's own sandbox, never alice's
-    bob_sandbox = await sync_to_async(Sandbox.objects.create)(owner=bob, state="failed")
-    comm = await open_chat(await sync_to_async(session_cookie)(bob))
+    # bob's chat only ever reaches bob's own sandbox (which cannot start here), never alice's
+    bob_sandbox = await sync_to_async(Sandbox.objects.create)(owner=bob, state="stopped")
+    comm = await open_chat(bob_cookie)
     connected, _ = await comm.connect(timeout=10)
     assert connected
     try:
@@ -281,4 +305,7 @@ async def test_bob_cannot_open_alices_chat(
         assert not any(f["type"] == "history" for f in frames)
     finally:
         await comm.disconnect()
-    assert bob_sandbox.pk != (await Sandbox.objects.aget(owner__email="alice@example.com")).pk
+    await sync_to_async(bob_sandbox.refresh_from_db)()
+    assert bob_sandbox.state == "failed" and bob_sandbox.pk != alice_sandbox.pk
+    await sync_to_async(alice_sandbox.refresh_from_db)()
+    assert alice_sandbox.state == "running"
