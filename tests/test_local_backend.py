@@ -6,6 +6,7 @@ and re-attach tests use cheap sandboxes whose command is a tiny Node HTTP server
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -291,6 +292,28 @@ def test_it_hides_the_other_sandboxs_processes(
     assert len(pids) < 20, "only the sandbox's own few processes are visible"
     host_pid = str(b.state["main"][0])
     assert f"/proc/{host_pid}" not in pids or host_pid in ("1", "2")
+
+
+def fd_targets(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
+
+
+def test_it_hands_none_of_pastas_sockets_to_the_sandbox(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    a = gateways[0]
+    pasta = a.state["pasta"][0]
+    # pasta's sockets include the host-side listener of the port forward (host netns).
+    pasta_sockets = {t for t in fd_targets(pasta) if t.startswith("socket:")}
+    assert pasta_sockets
+    for process in local_backend.processes(a.spec, a.state):
+        if process.pid != pasta:
+            assert not fd_targets(process.pid) & pasta_sockets, process.command
+    assert os.readlink(f"/proc/{a.state['main'][0]}/fd/2").endswith("gateway.log")
 
 
 def test_it_cannot_connect_to_the_other_sandbox(

@@ -67,6 +67,13 @@ log="$1"; exitf="$2"; shift 2
 ) </dev/null >>"$log" 2>&1 &
 echo $!
 """
+# pasta hands its own descriptors (among them the host-side listening socket of the port
+# forward, which lives in the host's network namespace) to the command it runs, and bwrap passes
+# inherited descriptors into the sandbox. Close everything but stdio before bwrap starts.
+_CLOSE_FDS = r"""for fd in /proc/self/fd/*; do fd=${fd##*/}
+  if ((fd > 2)); then eval "exec $fd>&-"; fi
+done; exec "$@"
+"""
 # Join the sandbox's cgroups, then exec the rest (used by exec()). A command run this way is
 # the OOM killer's first choice, so a runaway helper dies before the gateway does.
 _JOIN = r"""for f in $HERMIT_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done
@@ -230,6 +237,10 @@ class LocalBackend(SandboxBackend):
             "--clear-groups",
             *self.pasta_args(spec, host_port),
             "--",
+            _resolve("bash"),
+            "-c",
+            _CLOSE_FDS,
+            "hermit-closefds",
             *self.bwrap_args(spec, run_dir),
             "--",
             *self.command(spec),
