@@ -242,7 +242,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(self.sandbox.refresh_from_db)()
         if self.sandbox.state != Sandbox.State.RUNNING:
             await self._wake()
-        host, port = await database_sync_to_async(actions.gateway_endpoint)(self.sandbox)
+        try:
+            host, port = await database_sync_to_async(actions.gateway_endpoint)(self.sandbox)
+        except BackendError as exc:  # e.g. stopped meanwhile: try again (and wake) shortly
+            raise GatewayUnavailable(str(exc)) from exc
         return f"ws://{host}:{port}"
 
     async def _wake(self) -> None:

@@ -1,0 +1,158 @@
+"""The Control UI passthrough (HTTP proxy + WebSocket relay) against a real sandboxed gateway."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import AsyncClient
+
+from portal.asgi import application
+from sandboxes.models import Sandbox
+from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, build_connect_params
+from tests.factories import make_user
+from tests.fixtures.chat import session_cookie
+
+ORIGIN = "http://testserver"
+
+
+@pytest.fixture
+def alice_sandbox(sandbox_for: Callable[..., Sandbox]) -> Sandbox:
+    return sandbox_for("alice@chat.test")
+
+
+async def client_for(user: Any) -> AsyncClient:
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(user)
+    return client
+
+
+async def open_ui_socket(user: Any | None, origin: str = ORIGIN) -> WebsocketCommunicator:
+    headers = [(b"origin", origin.encode()), (b"host", b"testserver")]
+    if user is not None:
+        cookie = await sync_to_async(session_cookie)(user)
+        headers.append((b"cookie", cookie.encode()))
+    return WebsocketCommunicator(application, "/sandbox/ui", headers=headers)
+
+
+async def body_of(response: Any) -> bytes:
+    if getattr(response, "streaming", False):
+        return b"".join([chunk async for chunk in response.streaming_content])
+    return bytes(response.content)
+
+
+async def test_it_hands_the_owner_the_ui_with_its_token(alice_sandbox: Sandbox) -> None:
+    client = await client_for(alice_sandbox.owner)
+    response = await client.get("/sandbox/control-ui/")
+    assert response.status_code == 302
+    location = response["Location"]
+    assert location.startswith("/sandbox/ui/#token=")
+    assert unquote(location.split("#token=", 1)[1]) == alice_sandbox.gateway_token
+    assert response["Cache-Control"] == "no-store"
+
+
+async def test_it_proxies_the_ui_under_the_portal(alice_sandbox: Sandbox) -> None:
+    client = await client_for(alice_sandbox.owner)
+    page = await client.get("/sandbox/ui/")
+    assert page.status_code == 200
+    html = (await body_of(page)).decode()
+    assert 'data-openclaw-control-ui-base-path="/sandbox/ui"' in html
+    assert "<title>OpenClaw Control</title>" in html
+    assert not page.has_header("Set-Cookie")
+    assert "Cookie" in page["Vary"]
+
+    script = re.search(r'src="(/sandbox/ui/assets/[^"]+\.js)"', html)
+    assert script, html[:2000]
+    asset = await client.get(script.group(1))
+    assert asset.status_code == 200
+    assert "javascript" in asset["Content-Type"]
+    assert b"import" in await body_of(asset)
+
+    # the gateway only serves its UI config to authenticated callers: the proxy adds the token
+    config = await client.get("/sandbox/ui/control-ui-config.json")
+    assert config.status_code == 200
+    assert json.loads(await body_of(config))["basePath"] == "/sandbox/ui"
+
+
+async def test_it_relays_the_ui_websocket_and_pairs_the_browser_device(
+    alice_sandbox: Sandbox,
+) -> None:
+    comm = await open_ui_socket(alice_sandbox.owner)
+    connected, code = await comm.connect(timeout=15)
+    assert connected, code
+    try:
+        challenge = json.loads(await comm.receive_from(timeout=10))
+        assert challenge["event"] == "connect.challenge"
+        browser = DeviceIdentity.generate()
+        params = build_connect_params(
+            token=alice_sandbox.gateway_token, identity=browser,
+            nonce=challenge["payload"]["nonce"],
+            info=ClientInfo(client_id="openclaw-control-ui", mode="webchat",
+                            scopes=("operator.read", "operator.write", "operator.admin")),
+        )
+        await comm.send_to(text_data=json.dumps(
+            {"type": "req", "id": "c1", "method": "connect", "params": params}))
+        while True:
+            frame = json.loads(await comm.receive_from(timeout=15))
+            if frame.get("type") == "res" and frame.get("id") == "c1":
+                break
+        assert frame["ok"], frame
+        assert frame["payload"]["type"] == "hello-ok"
+        assert frame["payload"]["auth"]["deviceToken"]  # paired, no CLI involved
+
+        await comm.send_to(text_data=json.dumps(
+            {"type": "req", "id": "h1", "method": "chat.history",
+             "params": {"sessionKey": "main", "limit": 5}}))
+        while True:
+            frame = json.loads(await comm.receive_from(timeout=15))
+            if frame.get("type") == "res" and frame.get("id") == "h1":
+                break
+        assert frame["ok"] and "messages" in frame["payload"]
+    finally:
+        await comm.disconnect()
+
+
+async def test_it_refuses_cross_origin_writes_and_anonymous_users(
+    alice_sandbox: Sandbox,
+) -> None:
+    client = await client_for(alice_sandbox.owner)
+    response = await client.post("/sandbox/ui/tools/invoke", data={},
+                                  headers={"Origin": "http://evil.example"})
+    assert response.status_code == 403
+
+    anonymous = AsyncClient()
+    for url in ("/sandbox/ui/", "/sandbox/control-ui/"):
+        response = await anonymous.get(url)
+        assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+    comm = await open_ui_socket(None)
+    connected, code = await comm.connect(timeout=10)
+    assert not connected and code == 4401
+    comm = await open_ui_socket(alice_sandbox.owner, origin="http://evil.example")
+    connected, _ = await comm.connect(timeout=10)
+    assert not connected
+
+
+async def test_bob_cannot_reach_alices_ui(alice_sandbox: Sandbox) -> None:
+    bob = await sync_to_async(make_user)("bob@chat.test")
+    await sync_to_async(Sandbox.objects.filter(owner=bob).delete)()
+    client = await client_for(bob)
+    for url in ("/sandbox/ui/", "/sandbox/ui/control-ui-config.json", "/sandbox/control-ui/"):
+        assert (await client.get(url)).status_code == 404, url
+    comm = await open_ui_socket(bob)
+    connected, code = await comm.connect(timeout=10)
+    assert not connected and code == 4404
+
+    # with a sandbox of his own that is not running, bob still never sees alice's
+    await sync_to_async(Sandbox.objects.create)(owner=bob, state="stopped")
+    page = await client.get("/sandbox/ui/")
+    assert page.status_code == 503
+    assert alice_sandbox.gateway_token not in (await body_of(page)).decode()
+    comm = await open_ui_socket(bob)
+    connected, code = await comm.connect(timeout=10)
+    assert not connected and code == 4503
