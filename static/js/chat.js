@@ -6,7 +6,6 @@
   const root = document.getElementById("chat");
   if (!root) return;
   const log = document.getElementById("chat-log");
-  const empty = document.getElementById("chat-empty");
   const form = document.getElementById("chat-form");
   const input = document.getElementById("chat-input");
   const stopButton = document.getElementById("chat-stop");
@@ -29,7 +28,7 @@
   function scrollDown() { log.scrollTop = log.scrollHeight; }
 
   function bubble(role, text, extraClass) {
-    if (empty) empty.remove();
+    for (const placeholder of log.querySelectorAll(".chat-empty")) placeholder.remove();
     const li = document.createElement("li");
     li.className = "msg " + role + (extraClass ? " " + extraClass : "");
     li.dataset.role = role;
