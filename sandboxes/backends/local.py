@@ -415,7 +415,7 @@ class LocalBackend(SandboxBackend):
             if percent >= last_percent + 5:
                 last_percent = percent
                 yield Progress(percent, "Starting the agent gateway")
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     def _wait_ready(self, spec: SandboxSpec, state: dict[str, Any]) -> None:
         timeout = float(spec.extra.get("ready_timeout", self.ready_timeout))
@@ -437,7 +437,7 @@ class LocalBackend(SandboxBackend):
                 raise BackendError(
                     f"Sandbox {spec.name} exited before it was ready ({self._exit_text(state)})."
                 )
-            time.sleep(0.2)
+            time.sleep(0.1)
         raise BackendError(
             f"Sandbox {spec.name}'s gateway was not ready within {timeout:.0f} s "
             f"({path}: {last_error})."
@@ -489,6 +489,11 @@ class LocalBackend(SandboxBackend):
         code = self._exit_code(state)
         if code is None and _live(state.get("main")):
             return PollResult(running=True, oom_killed=kills > 0, detail=f"running{oom_note}")
+        # The gateway is gone; its supervisor records the exit code a moment later.
+        deadline = time.monotonic() + 2
+        while code is None and _live(state.get("supervisor")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            code = self._exit_code(state)
         return PollResult(
             running=False,
             exit_code=code,
