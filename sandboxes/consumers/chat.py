@@ -193,7 +193,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.ready = asyncio.Event()
         self.failed: str | None = None
         self.frames = TokenBucket(capacity=30, rate=10)
-        self.sends = TokenBucket(capacity=5, rate=1 / 3)
+        self.sends = TokenBucket(capacity=10, rate=1.0)  # a message a second, bursts of 10
         self.last_activity = 0.0
         self.active_runs: set[str] = set()
         self.session_keys = {SESSION_KEY, f"agent:main:{SESSION_KEY}"}
@@ -277,13 +277,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
             await self.client.start()
         except GatewayError as exc:
-            self.failed = exc.message
+            await self._fail(exc.message)
             log.warning("chat for sandbox %s could not connect: %s", self.sandbox.pk, exc.code)
-            await self._status("failed", exc.message)
-            self.ready.set()
+            return
+        except Exception:
+            log.exception("chat for sandbox %s: unexpected error while connecting",
+                          self.sandbox.pk)
+            await self._fail("Something went wrong while connecting to your agent.")
             return
         async for event in self.client.events():
             await self._on_event(event)
+
+    async def _fail(self, message: str) -> None:
+        self.failed = message
+        await self._status("failed", message)
+        self.ready.set()
 
     async def _on_event(self, event: GatewayEvent) -> None:
         name, payload = event.event, event.payload
