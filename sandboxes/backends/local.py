@@ -4,7 +4,8 @@ Process tree of one sandbox (host view)::
 
     sh  (supervisor, detached, reaps the tree, writes <run_dir>/exit_code)
      └─ pasta  (uid U, own user+net namespace; the only link from that netns to the host)
-         └─ bwrap  (nested userns: uid 1000 inside = U outside; mount/pid/ipc/uts/cgroup ns)
+         └─ bwrap  (nested userns: uid 1000 inside = U outside; mount/pid/ipc/uts/cgroup ns;
+             │        a bash step that closes pasta's leaked descriptors execs into it)
              └─ bwrap init (pid 1 inside)
                  └─ node openclaw.mjs gateway run   (the "main" process, pid 2 inside)
 
@@ -43,11 +44,11 @@ from sandboxes.backends.base import (
     ExecResult,
     PollResult,
     ProcessInfo,
+    Progress,
     SandboxBackend,
     SandboxSpec,
     Stats,
 )
-from sandboxes.backends.base import Progress as Progress
 from sandboxes.openclaw.runtime import node_binary, openclaw_entry
 
 SANDBOX_UID = 1000  # the uid/gid processes have inside every sandbox
@@ -86,7 +87,9 @@ def _setting(name: str, default: Any) -> Any:
     try:
         from django.conf import settings
 
-        return getattr(settings, name, default) if settings.configured else default
+        if settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE"):
+            return getattr(settings, name, default)
+        return default
     except ImportError:
         return default
 
@@ -137,10 +140,12 @@ class LocalBackend(SandboxBackend):
         run_dir = self.run_root / spec.name
         state: dict[str, Any] = {}
         try:
-            yield Progress(5, "Preparing the sandbox's files")
-            self._prepare_dirs(spec, run_dir, uid)
-            yield Progress(8, "Applying memory, CPU and process limits")
+            yield Progress(5, "Applying memory, CPU and process limits")
+            # First, so no earlier instance runs (and races the chown walk) while files are
+            # handed over to the sandbox uid.
             paths = self._fresh_cgroups(spec)
+            yield Progress(8, "Preparing the sandbox's files")
+            self._prepare_dirs(spec, run_dir, uid)
             state = self._launch(spec, run_dir, uid, paths)
             yield Progress(15, "Sandbox launched, starting the agent gateway", state=dict(state))
             yield from self._wait_listening(spec, state)
