@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -156,3 +157,39 @@ async def test_bob_cannot_reach_alices_ui(alice_sandbox: Sandbox) -> None:
     comm = await open_ui_socket(bob)
     connected, code = await comm.connect(timeout=10)
     assert not connected and code == 4503
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_opens_the_control_ui_in_a_browser(
+    sandbox_for: Callable[..., Sandbox], start_server: Callable[..., Any],
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from tests.factories import PASSWORD
+    from tests.test_chat_browser import ARTIFACTS, CHROMIUM_ARGS
+
+    sandbox = sandbox_for("alice@chat.test")
+    server = start_server("daphne")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        frames: list[str] = []
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(str(f))))
+        page.goto(server.url + "/accounts/login/")
+        page.fill("input[name=login]", sandbox.owner.email)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url("**/dashboard/")
+        page.goto(server.url + "/sandbox/control-ui/")
+        deadline = time.monotonic() + 45
+        while not any('"hello-ok"' in f for f in frames) and time.monotonic() < deadline:
+            page.wait_for_timeout(250)
+        assert any('"hello-ok"' in f for f in frames), frames[:3]
+        assert '"deviceToken"' in next(f for f in frames if '"hello-ok"' in f)  # paired
+        assert page.url.startswith(server.url + "/sandbox/ui/")
+        assert sandbox.gateway_token not in page.url  # the UI drops the fragment once read
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / "control-ui.png"))
+        browser.close()
+    assert (ARTIFACTS / "control-ui.png").stat().st_size > 10_000
