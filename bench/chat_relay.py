@@ -58,15 +58,23 @@ async def fake_gateway(port: int, deltas: int, spacing: float) -> None:
     boot = str(uuid.uuid4())
 
     async def handler(ws: Any) -> None:
-        await ws.send(json.dumps({"type": "event", "event": "connect.challenge",
-                                  "payload": {"nonce": str(uuid.uuid4()), "ts": 0}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "event",
+                    "event": "connect.challenge",
+                    "payload": {"nonce": str(uuid.uuid4()), "ts": 0},
+                }
+            )
+        )
         tasks: set[asyncio.Task[None]] = set()
         async for raw in ws:
             req = json.loads(raw)
             method, rid, params = req.get("method"), req.get("id"), req.get("params") or {}
             if method == "connect":
                 payload: dict[str, Any] = {
-                    "type": "hello-ok", "protocol": 4,
+                    "type": "hello-ok",
+                    "protocol": 4,
                     "server": {"version": "fake", "bootId": boot, "connId": str(uuid.uuid4())},
                     "snapshot": {"sessionDefaults": {"mainSessionKey": "agent:main:main"}},
                 }
@@ -88,15 +96,42 @@ async def fake_gateway(port: int, deltas: int, spacing: float) -> None:
             await asyncio.sleep(spacing)
             piece = f"@{time.time():.6f} "
             text += piece
-            await ws.send(json.dumps({"type": "event", "event": "chat", "payload": {
-                "runId": run, "sessionKey": "agent:main:main", "seq": seq, "state": "delta",
-                "deltaText": piece,
-                "message": {"role": "assistant", "content": [{"type": "text", "text": text}]},
-            }}))
-        await ws.send(json.dumps({"type": "event", "event": "chat", "payload": {
-            "runId": run, "sessionKey": "agent:main:main", "state": "final",
-            "message": {"role": "assistant", "content": [{"type": "text", "text": "done"}]},
-        }}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "event",
+                        "event": "chat",
+                        "payload": {
+                            "runId": run,
+                            "sessionKey": "agent:main:main",
+                            "seq": seq,
+                            "state": "delta",
+                            "deltaText": piece,
+                            "message": {
+                                "role": "assistant",
+                                "content": [{"type": "text", "text": text}],
+                            },
+                        },
+                    }
+                )
+            )
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "event",
+                    "event": "chat",
+                    "payload": {
+                        "runId": run,
+                        "sessionKey": "agent:main:main",
+                        "state": "final",
+                        "message": {
+                            "role": "assistant",
+                            "content": [{"type": "text", "text": "done"}],
+                        },
+                    },
+                }
+            )
+        )
 
     async with websockets.serve(handler, "127.0.0.1", port, max_size=None, compression=None):
         await asyncio.Future()
@@ -120,8 +155,14 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
 @contextmanager
 def process(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, env=os.environ.copy(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=os.environ.copy(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_port(port)
             yield proc
@@ -139,17 +180,19 @@ def configure_django(tmp: Path, daphne_port: int) -> None:
 
     for name in ("DATABASE_URL", "REDIS_URL"):
         os.environ.pop(name, None)
-    os.environ.update({
-        "DJANGO_SETTINGS_MODULE": "portal.settings",
-        "HERMIT_DATA_DIR": str(tmp),
-        "DEBUG": "False",
-        "SECRET_KEY": secrets.token_urlsafe(40),
-        "HERMIT_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
-        "ALLOWED_HOSTS": "127.0.0.1",
-        "SITE_URL": f"http://127.0.0.1:{daphne_port}",
-        "SECURE_SSL_REDIRECT": "False",
-        "HERMIT_AUTO_PROVISION": "False",
-    })
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "portal.settings",
+            "HERMIT_DATA_DIR": str(tmp),
+            "DEBUG": "False",
+            "SECRET_KEY": secrets.token_urlsafe(40),
+            "HERMIT_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+            "ALLOWED_HOSTS": "127.0.0.1",
+            "SITE_URL": f"http://127.0.0.1:{daphne_port}",
+            "SECURE_SSL_REDIRECT": "False",
+            "HERMIT_AUTO_PROVISION": "False",
+        }
+    )
     import django
     from django.core.management import call_command
 
@@ -188,7 +231,9 @@ async def open_portal_chat(daphne_port: int, cookie: str) -> Any:
         f"ws://127.0.0.1:{daphne_port}/ws/chat/",
         additional_headers={"Cookie": cookie},
         origin=f"http://127.0.0.1:{daphne_port}",  # type: ignore[arg-type]
-        max_size=None, compression=None, open_timeout=30,
+        max_size=None,
+        compression=None,
+        open_timeout=30,
     )
     while json.loads(await ws.recv()).get("type") != "history":
         pass
@@ -244,10 +289,14 @@ async def per_frame(daphne_port: int, gateway: Any, cookie: str, messages: int) 
     print(f"  {'':8}{'p50':>8}{'p99':>8}")
     print(f"  {'direct':8}{pct(direct_ms, 50):8.1f}{pct(direct_ms, 99):8.1f}")
     print(f"  {'relay':8}{pct(relay_ms, 50):8.1f}{pct(relay_ms, 99):8.1f}")
-    print(f"  {'ratio':8}{pct(relay_ms, 50) / max(pct(direct_ms, 50), 0.5):8.2f}"
-          f"{pct(relay_ms, 99) / max(pct(direct_ms, 99), 0.5):8.2f}")
-    print(f"  added by the portal per frame: p50 {pct(added_ms, 50):.2f} ms, "
-          f"p99 {pct(added_ms, 99):.2f} ms, mean {statistics.fmean(added_ms):.2f} ms")
+    print(
+        f"  {'ratio':8}{pct(relay_ms, 50) / max(pct(direct_ms, 50), 0.5):8.2f}"
+        f"{pct(relay_ms, 99) / max(pct(direct_ms, 99), 0.5):8.2f}"
+    )
+    print(
+        f"  added by the portal per frame: p50 {pct(added_ms, 50):.2f} ms, "
+        f"p99 {pct(added_ms, 99):.2f} ms, mean {statistics.fmean(added_ms):.2f} ms"
+    )
 
 
 # --- part 2: capacity --------------------------------------------------------------------------
@@ -285,8 +334,12 @@ async def load_portal(daphne_port: int, cookies: list[str], seconds: float) -> l
 async def load_direct(port: int, n: int, seconds: float) -> list[float]:
     from sandboxes.openclaw.protocol import DeviceIdentity, GatewayClient
 
-    clients = [GatewayClient(f"ws://127.0.0.1:{port}", token=FAKE_TOKEN,
-                             identity=DeviceIdentity.generate()) for _ in range(n)]
+    clients = [
+        GatewayClient(
+            f"ws://127.0.0.1:{port}", token=FAKE_TOKEN, identity=DeviceIdentity.generate()
+        )
+        for _ in range(n)
+    ]
     await asyncio.gather(*(c.start() for c in clients))
     lat: list[float] = []
 
@@ -300,8 +353,10 @@ async def load_direct(port: int, n: int, seconds: float) -> list[float]:
         await asyncio.sleep(secrets.randbelow(1000) / 1000)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            await c.request("chat.send", {"sessionKey": "main", "message": "hi",
-                                          "idempotencyKey": uuid.uuid4().hex})
+            await c.request(
+                "chat.send",
+                {"sessionKey": "main", "message": "hi", "idempotencyKey": uuid.uuid4().hex},
+            )
             await asyncio.sleep(1.0)
         await asyncio.sleep(0.5)
         task.cancel()
@@ -311,20 +366,27 @@ async def load_direct(port: int, n: int, seconds: float) -> list[float]:
     return lat
 
 
-async def capacity(daphne_port: int, fake_port: int, cookies: list[str], levels: list[int],
-                   seconds: float) -> None:
-    print(f"\nPart 2: sessions at 1 message/s, 10 deltas per reply, {seconds:g} s per level, "
-          "one daphne process")
-    print(f"  {'sessions':>8} {'frames/s':>9} {'direct p50':>11} {'direct p99':>11}"
-          f" {'relay p50':>10} {'relay p99':>10} {'extra p99':>10}")
+async def capacity(
+    daphne_port: int, fake_port: int, cookies: list[str], levels: list[int], seconds: float
+) -> None:
+    print(
+        f"\nPart 2: sessions at 1 message/s, 10 deltas per reply, {seconds:g} s per level, "
+        "one daphne process"
+    )
+    print(
+        f"  {'sessions':>8} {'frames/s':>9} {'direct p50':>11} {'direct p99':>11}"
+        f" {'relay p50':>10} {'relay p99':>10} {'extra p99':>10}"
+    )
     best = 0
     for n in levels:
         direct = await load_direct(fake_port, n, seconds)
         relay = await load_portal(daphne_port, cookies[:n], seconds)
         extra = pct(relay, 99) - pct(direct, 99)
-        print(f"  {n:>8} {len(relay) / seconds:>9.0f} {pct(direct, 50):>11.1f}"
-              f" {pct(direct, 99):>11.1f} {pct(relay, 50):>10.1f} {pct(relay, 99):>10.1f}"
-              f" {extra:>10.1f}")
+        print(
+            f"  {n:>8} {len(relay) / seconds:>9.0f} {pct(direct, 50):>11.1f}"
+            f" {pct(direct, 99):>11.1f} {pct(relay, 50):>10.1f} {pct(relay, 99):>10.1f}"
+            f" {extra:>10.1f}"
+        )
         if extra > 50:
             break
         best = n
@@ -353,13 +415,24 @@ def main() -> None:
     daphne_port, fake_port = free_port(), free_port()
     try:
         configure_django(tmp, daphne_port)
-        cookies = [make_chat_user(f"load{i}@bench.test", fake_port, FAKE_TOKEN)
-                   for i in range(max(levels))]
-        daphne = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(daphne_port),
-                  "portal.asgi:application"]
+        cookies = [
+            make_chat_user(f"load{i}@bench.test", fake_port, FAKE_TOKEN) for i in range(max(levels))
+        ]
+        daphne = [
+            PYTHON,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(daphne_port),
+            "portal.asgi:application",
+        ]
         fake = [PYTHON, str(Path(__file__).resolve()), "--fake-gateway", str(fake_port)]
-        with process(daphne, daphne_port, tmp / "daphne.log"), \
-                process(fake, fake_port, tmp / "fake-gateway.log"):
+        with (
+            process(daphne, daphne_port, tmp / "daphne.log"),
+            process(fake, fake_port, tmp / "fake-gateway.log"),
+        ):
             if not args.skip_openclaw:
                 run_part_one(tmp, daphne_port, args.messages)
             asyncio.run(capacity(daphne_port, fake_port, cookies, levels, args.seconds))

@@ -53,14 +53,35 @@ from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
 
 BASE_PATH = "/sandbox/ui"
-REQUEST_HEADERS = frozenset({
-    "accept", "accept-language", "cache-control", "content-type", "if-match",
-    "if-modified-since", "if-none-match", "if-range", "range", "user-agent",
-})
-DROPPED_RESPONSE_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "set-cookie", "content-length", "content-encoding",
-})
+REQUEST_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-language",
+        "cache-control",
+        "content-type",
+        "if-match",
+        "if-modified-since",
+        "if-none-match",
+        "if-range",
+        "range",
+        "user-agent",
+    }
+)
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "set-cookie",
+        "content-length",
+        "content-encoding",
+    }
+)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 REWRITE_LIMIT = 4 * 1024 * 1024
 _ROOT_LINK = re.compile(rb'((?:href|src|action)=")/(?!/)')
@@ -100,8 +121,11 @@ def open_control_ui(request: HttpRequest) -> HttpResponse:
         for _ in actions.wake_sandbox(sandbox, actor_user=request.user):
             pass
     except BackendError as exc:
-        return HttpResponse(f"Your agent could not start: {exc}", status=503,
-                            content_type="text/plain; charset=utf-8")
+        return HttpResponse(
+            f"Your agent could not start: {exc}",
+            status=503,
+            content_type="text/plain; charset=utf-8",
+        )
     actions.record_activity(sandbox)
     response = redirect(f"{BASE_PATH}/#token={quote(sandbox.gateway_token, safe='')}")
     response["Cache-Control"] = "no-store"
@@ -119,8 +143,11 @@ async def proxy(request: HttpRequest, path: str) -> HttpResponseBase:
         return HttpResponseForbidden("Cross-origin requests to the Control UI are refused.")
     sandbox = await aget_sandbox_for_user(user)  # Http404 for anyone without one
     if sandbox.state != Sandbox.State.RUNNING:
-        return HttpResponse("Your agent is not running. Open it again from the dashboard.",
-                            status=503, content_type="text/plain")
+        return HttpResponse(
+            "Your agent is not running. Open it again from the dashboard.",
+            status=503,
+            content_type="text/plain",
+        )
     try:
         host, port = await sync_to_async(actions.gateway_endpoint)(sandbox)
     except BackendError:
@@ -198,5 +225,8 @@ def _rewrite(path: str, content_type: str, body: bytes) -> bytes:
 
 
 def _rebase_location(location: str) -> str:
-    return BASE_PATH + location if location.startswith("/") and not location.startswith("//") \
+    return (
+        BASE_PATH + location
+        if location.startswith("/") and not location.startswith("//")
         else location
+    )

@@ -176,8 +176,12 @@ async def test_it_keeps_the_conversation_through_a_gateway_restart(
         # conversation ends with an answer after "are you there?"
         def answered(history: list[Frame]) -> bool:
             users = [i for i, m in enumerate(history) if m["text"] == "are you there?"]
-            return bool(users) and history[-1]["role"] == "assistant" and history[-1][
-                "text"] == "Back again." and users[-1] < len(history) - 1
+            return (
+                bool(users)
+                and history[-1]["role"] == "assistant"
+                and history[-1]["text"] == "Back again."
+                and users[-1] < len(history) - 1
+            )
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 90
@@ -277,7 +281,9 @@ async def test_it_refuses_anonymous_users_and_foreign_origins(alice_chat: str) -
 
 
 async def test_bob_cannot_open_alices_chat(
-    alice_chat: str, alice_sandbox: Sandbox, model_server: FakeModelServer,
+    alice_chat: str,
+    alice_sandbox: Sandbox,
+    model_server: FakeModelServer,
     broken_bubblewrap: None,
 ) -> None:
     secret = f"alice's secret {new_id()}"

@@ -11,7 +11,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,13 +20,11 @@ from sandboxes import actions
 from sandboxes.models import Sandbox
 from tests.factories import PASSWORD
 from tests.fakes.model_server import FakeModelServer
+from tests.fixtures.chat import ARTIFACTS, CHROMIUM_ARGS
 from tests.fixtures.live import Server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "var" / "test-artifacts"
 EMAIL = f"browser-{os.getpid()}@chat.test"  # allauth rate-limits mail per address
 REPLY = "Hello from your own agent, streamed word by word."
 

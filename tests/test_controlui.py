@@ -92,13 +92,18 @@ async def test_it_relays_the_ui_websocket_and_pairs_the_browser_device(
         assert challenge["event"] == "connect.challenge"
         browser = DeviceIdentity.generate()
         params = build_connect_params(
-            token=alice_sandbox.gateway_token, identity=browser,
+            token=alice_sandbox.gateway_token,
+            identity=browser,
             nonce=challenge["payload"]["nonce"],
-            info=ClientInfo(client_id="openclaw-control-ui", mode="webchat",
-                            scopes=("operator.read", "operator.write", "operator.admin")),
+            info=ClientInfo(
+                client_id="openclaw-control-ui",
+                mode="webchat",
+                scopes=("operator.read", "operator.write", "operator.admin"),
+            ),
         )
-        await comm.send_to(text_data=json.dumps(
-            {"type": "req", "id": "c1", "method": "connect", "params": params}))
+        await comm.send_to(
+            text_data=json.dumps({"type": "req", "id": "c1", "method": "connect", "params": params})
+        )
         while True:
             frame = json.loads(await comm.receive_from(timeout=15))
             if frame.get("type") == "res" and frame.get("id") == "c1":
@@ -107,9 +112,16 @@ async def test_it_relays_the_ui_websocket_and_pairs_the_browser_device(
         assert frame["payload"]["type"] == "hello-ok"
         assert frame["payload"]["auth"]["deviceToken"]  # paired, no CLI involved
 
-        await comm.send_to(text_data=json.dumps(
-            {"type": "req", "id": "h1", "method": "chat.history",
-             "params": {"sessionKey": "main", "limit": 5}}))
+        await comm.send_to(
+            text_data=json.dumps(
+                {
+                    "type": "req",
+                    "id": "h1",
+                    "method": "chat.history",
+                    "params": {"sessionKey": "main", "limit": 5},
+                }
+            )
+        )
         while True:
             frame = json.loads(await comm.receive_from(timeout=15))
             if frame.get("type") == "res" and frame.get("id") == "h1":
@@ -123,8 +135,9 @@ async def test_it_refuses_cross_origin_writes_and_anonymous_users(
     alice_sandbox: Sandbox,
 ) -> None:
     client = await client_for(alice_sandbox.owner)
-    response = await client.post("/sandbox/ui/tools/invoke", data={},
-                                  headers={"Origin": "http://evil.example"})
+    response = await client.post(
+        "/sandbox/ui/tools/invoke", data={}, headers={"Origin": "http://evil.example"}
+    )
     assert response.status_code == 403
 
     anonymous = AsyncClient()
@@ -161,12 +174,13 @@ async def test_bob_cannot_reach_alices_ui(alice_sandbox: Sandbox) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_it_opens_the_control_ui_in_a_browser(
-    sandbox_for: Callable[..., Sandbox], start_server: Callable[..., Any],
+    sandbox_for: Callable[..., Sandbox],
+    start_server: Callable[..., Any],
 ) -> None:
     from playwright.sync_api import sync_playwright
 
     from tests.factories import PASSWORD
-    from tests.test_chat_browser import ARTIFACTS, CHROMIUM_ARGS
+    from tests.fixtures.chat import ARTIFACTS, CHROMIUM_ARGS
 
     sandbox = sandbox_for("alice@chat.test")
     server = start_server("daphne")

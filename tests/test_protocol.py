@@ -82,13 +82,18 @@ def test_it_signs_the_connect_payload_the_way_the_gateway_checks_it() -> None:
     params = next(f["params"] for f in frames if f.get("method") == "connect")
     device = params["device"]
     info = ClientInfo(
-        client_id=params["client"]["id"], mode=params["client"]["mode"],
-        platform=params["client"]["platform"], role=params["role"],
+        client_id=params["client"]["id"],
+        mode=params["client"]["mode"],
+        platform=params["client"]["platform"],
+        role=params["role"],
         scopes=tuple(params["scopes"]),
     )
     payload = device_auth_payload(
-        device_id=device["id"], info=info, signed_at_ms=device["signedAt"],
-        token=params["auth"]["token"], nonce=device["nonce"],
+        device_id=device["id"],
+        info=info,
+        signed_at_ms=device["signedAt"],
+        token=params["auth"]["token"],
+        nonce=device["nonce"],
     )
     public = Ed25519PublicKey.from_public_bytes(_b64url_decode(device["publicKey"]))
     public.verify(_b64url_decode(device["signature"]), payload.encode())  # raises if wrong
@@ -176,8 +181,9 @@ async def test_it_reports_a_gateway_error_clearly(client: GatewayClient) -> None
 
 
 async def test_it_refuses_a_wrong_token(gateway: BareGateway) -> None:
-    c = GatewayClient(gateway.url, token="wrong", identity=DeviceIdentity.generate(),
-                      connect_timeout=10)
+    c = GatewayClient(
+        gateway.url, token="wrong", identity=DeviceIdentity.generate(), connect_timeout=10
+    )
     with pytest.raises(GatewayError) as caught:
         await c.start()
     assert not isinstance(caught.value, GatewayUnavailable)
@@ -186,9 +192,13 @@ async def test_it_refuses_a_wrong_token(gateway: BareGateway) -> None:
 
 
 async def test_it_gives_up_clearly_when_no_gateway_answers() -> None:
-    c = GatewayClient(f"ws://127.0.0.1:{free_port()}", token="t",
-                      identity=DeviceIdentity.generate(), connect_timeout=1.5,
-                      backoff=Backoff(initial=0.1))
+    c = GatewayClient(
+        f"ws://127.0.0.1:{free_port()}",
+        token="t",
+        identity=DeviceIdentity.generate(),
+        connect_timeout=1.5,
+        backoff=Backoff(initial=0.1),
+    )
     with pytest.raises(GatewayUnavailable, match="did not answer within"):
         await c.start()
     await c.close()

@@ -222,8 +222,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=json.dumps(frame))
 
     async def _status(self, state: str, message: str, progress: int | None = None) -> None:
-        await self._send({"type": "status", "state": state, "message": message,
-                          "progress": progress})
+        await self._send(
+            {"type": "status", "state": state, "message": message, "progress": progress}
+        )
 
     async def _error(self, code: str, message: str, **extra: Any) -> None:
         await self._send({"type": "error", "code": code, "message": message, **extra})
@@ -272,7 +273,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             identity = await database_sync_to_async(device_identity_for)(self.sandbox)
             await self._status("connecting", "Connecting to your agent…")
             self.client = GatewayClient(
-                self._gateway_url, token=self.sandbox.gateway_token, identity=identity,
+                self._gateway_url,
+                token=self.sandbox.gateway_token,
+                identity=identity,
                 connect_timeout=READY_TIMEOUT,
             )
             await self.client.start()
@@ -281,8 +284,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             log.warning("chat for sandbox %s could not connect: %s", self.sandbox.pk, exc.code)
             return
         except Exception:
-            log.exception("chat for sandbox %s: unexpected error while connecting",
-                          self.sandbox.pk)
+            log.exception("chat for sandbox %s: unexpected error while connecting", self.sandbox.pk)
             await self._fail("Something went wrong while connecting to your agent.")
             return
         async for event in self.client.events():
@@ -309,10 +311,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.session_keys.add(str(defaults["mainSessionKey"]))
         if restarted:
             for run_id in sorted(self.active_runs):
-                await self._send({
-                    "type": "run_error", "runId": run_id,
-                    "message": RESTARTED_MESSAGE,
-                })
+                await self._send(
+                    {
+                        "type": "run_error",
+                        "runId": run_id,
+                        "message": RESTARTED_MESSAGE,
+                    }
+                )
             self.active_runs.clear()
         await self._status("ready", "Connected")
         self.ready.set()
@@ -329,20 +334,28 @@ class ChatConsumer(AsyncWebsocketConsumer):
         run_id, state = payload.get("runId"), payload.get("state")
         if state == "delta":
             self.active_runs.add(str(run_id))
-            await self._send({"type": "delta", "runId": run_id,
-                              "delta": payload.get("deltaText") or ""})
+            await self._send(
+                {"type": "delta", "runId": run_id, "delta": payload.get("deltaText") or ""}
+            )
         elif state == "final":
             self.active_runs.discard(str(run_id))
-            await self._send({"type": "final", "runId": run_id,
-                              "text": message_text(payload.get("message"))})
+            await self._send(
+                {"type": "final", "runId": run_id, "text": message_text(payload.get("message"))}
+            )
         elif state == "aborted":
             self.active_runs.discard(str(run_id))
-            await self._send({"type": "aborted", "runId": run_id,
-                              "text": message_text(payload.get("message"))})
+            await self._send(
+                {"type": "aborted", "runId": run_id, "text": message_text(payload.get("message"))}
+            )
         elif state == "error":
             self.active_runs.discard(str(run_id))
-            await self._send({"type": "run_error", "runId": run_id,
-                              "message": payload.get("errorMessage") or "The reply failed."})
+            await self._send(
+                {
+                    "type": "run_error",
+                    "runId": run_id,
+                    "message": payload.get("errorMessage") or "The reply failed.",
+                }
+            )
         elif state == "status":
             await self._send({"type": "phase", "runId": run_id, "phase": payload.get("phase")})
         else:
@@ -368,7 +381,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self._deliver(frame)
             except GatewayError as exc:
                 await self._error(
-                    "send_failed", f"Your message was not delivered: {exc.message}",
+                    "send_failed",
+                    f"Your message was not delivered: {exc.message}",
                     id=frame["id"],
                 )
 
@@ -380,7 +394,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.client is None or self.failed:
             raise GatewayUnavailable(self.failed or "your agent is unavailable.")
         res = await self.client.chat_send(
-            frame["text"], session_key=SESSION_KEY, idempotency_key=frame["id"],
+            frame["text"],
+            session_key=SESSION_KEY,
+            idempotency_key=frame["id"],
             timeout=SEND_TIMEOUT,
         )
         await self._send({"type": "ack", "id": frame["id"], "runId": res.get("runId")})
@@ -423,12 +439,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._error("bad_frame", "A send needs a non-empty text.", id=msg_id)
             return
         if len(text) > MAX_MESSAGE_CHARS:
-            await self._error("too_large", f"Messages are limited to {MAX_MESSAGE_CHARS} "
-                              "characters.", id=msg_id)
+            await self._error(
+                "too_large", f"Messages are limited to {MAX_MESSAGE_CHARS} characters.", id=msg_id
+            )
             return
         if not self.sends.take():
-            await self._error("rate_limited", "You are sending messages too fast; wait a moment.",
-                              id=msg_id)
+            await self._error(
+                "rate_limited", "You are sending messages too fast; wait a moment.", id=msg_id
+            )
             return
         self.outbox.put_nowait({"id": msg_id, "text": text})
 

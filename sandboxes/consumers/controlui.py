@@ -60,8 +60,11 @@ class ControlUIConsumer(AsyncWebsocketConsumer):
         try:
             self.upstream = await self._open_upstream()
         except (OSError, TimeoutError, InvalidHandshake, BackendError) as exc:
-            log.info("control UI relay for sandbox %s: gateway unreachable (%s)",
-                     self.sandbox.pk, type(exc).__name__)
+            log.info(
+                "control UI relay for sandbox %s: gateway unreachable (%s)",
+                self.sandbox.pk,
+                type(exc).__name__,
+            )
             await self.close(code=4503)
             return
         await self.accept()
@@ -127,5 +130,3 @@ class ControlUIConsumer(AsyncWebsocketConsumer):
 def _browser_close_code(code: int) -> int:
     """Browsers may only be sent 1000 or 3000-4999."""
     return code if code == 1000 or 3000 <= code <= 4999 else 4503
-
-

@@ -319,8 +319,9 @@ class GatewayConnection:
                 if not nonce:
                     raise GatewayError("PROTOCOL", "connect.challenge without a nonce")
         params = build_connect_params(token=token, identity=identity, nonce=nonce, info=info)
-        await ws.send(json.dumps({"type": "req", "id": "connect", "method": "connect",
-                                  "params": params}))
+        await ws.send(
+            json.dumps({"type": "req", "id": "connect", "method": "connect", "params": params})
+        )
         while True:
             frame = _parse(await ws.recv())
             if frame.get("type") == "res" and frame.get("id") == "connect":
@@ -681,8 +682,10 @@ class GatewayClient:
     ) -> list[dict[str, Any]]:
         """Return the session's past messages, oldest first."""
         payload = await self.request(
-            "chat.history", {"sessionKey": session_key, "limit": limit},
-            timeout=timeout, retry=True,
+            "chat.history",
+            {"sessionKey": session_key, "limit": limit},
+            timeout=timeout,
+            retry=True,
         )
         messages = payload.get("messages")
         return messages if isinstance(messages, list) else []
