@@ -55,12 +55,50 @@ class Account(models.Model):
         return f"{self.user} on {self.plan}"
 
 
+# The tiers every installation starts with (the 0002 migration seeds a frozen copy).
+STANDARD_PLANS: dict[str, dict[str, Any]] = {
+    "free": {
+        "name": "Free",
+        "is_default": True,
+        "sleeps": True,
+        "sleep_after": timedelta(minutes=15),
+        "monthly_token_quota": 1_000_000,
+        "requests_per_minute": 20,
+        "memory_mb": 1536,
+        "cpu_millis": 1000,
+        "pids_max": 512,
+        "internet": False,
+        "max_sandboxes": 1,
+    },
+    "pro": {
+        "name": "Pro",
+        "is_default": False,
+        "sleeps": False,
+        "sleep_after": None,
+        "monthly_token_quota": 20_000_000,
+        "requests_per_minute": 120,
+        "memory_mb": 2048,
+        "cpu_millis": 2000,
+        "pids_max": 1024,
+        "internet": True,
+        "max_sandboxes": 3,
+    },
+}
+
+
+def ensure_standard_plans() -> None:
+    """Create the free and pro plans if they are missing; never changes staff's edits."""
+    for slug, fields in STANDARD_PLANS.items():
+        Plan.objects.get_or_create(slug=slug, defaults=fields)
+
+
 def default_plan() -> Plan:
-    """Return the plan new users start on: the one marked default, else 'free' (created if the
-    table was emptied, with the model's defaults, which are the free tier's)."""
+    """Return the plan new users start on: the one marked default, else 'free' (recreating the
+    standard plans if the table was emptied)."""
     plan = Plan.objects.filter(is_default=True).first()
     if plan is None:
-        plan, _ = Plan.objects.get_or_create(slug="free", defaults={"name": "Free"})
+        ensure_standard_plans()
+        plan = Plan.objects.get(slug="free")
     return plan
 
 

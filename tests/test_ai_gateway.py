@@ -30,7 +30,7 @@ from billing.models import plan_for
 from billing.usage import month_usage
 from tests.fakes.model_server import FakeModelServer, Script
 
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = pytest.mark.django_db(transaction=True)
 
 OPERATOR_KEY = "sk-operator-aaaaaaaaaaaaaaaa"
 USER_KEY = "sk-alice-own-bbbbbbbbbbbbbbbb"
