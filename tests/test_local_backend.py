@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 import threading
@@ -392,13 +394,28 @@ def default_gateway() -> str:
     return next(r["gateway"] for r in json.loads(out.stdout) if r.get("dst") == "default")
 
 
-def test_it_keeps_host_loopback_closed_when_internet_is_on(
+@pytest.fixture
+def host_only_service() -> Iterator[tuple[str, int]]:
+    """A listener on an extra address of the host (like a Docker bridge), not on loopback."""
+    address = f"198.18.{random.randint(1, 254)}.{random.randint(1, 254)}"
+    subprocess.run(["ip", "address", "add", f"{address}/32", "dev", "lo"], check=True)
+    try:
+        with socket.create_server((address, 0)) as server:
+            yield address, server.getsockname()[1]
+    finally:
+        subprocess.run(["ip", "address", "del", f"{address}/32", "dev", "lo"], check=True)
+
+
+def test_it_keeps_host_services_closed_when_internet_is_on(
     local_backend: LocalBackend,
     sandbox_root: Path,
     runtime_dir: Path,
     sandbox_ids: Iterator[int],
     ai_port: int,
+    host_only_service: tuple[str, int],
 ) -> None:
+    with socket.create_connection(host_only_service, timeout=3):
+        pass  # the host itself reaches it
     spec = tiny_spec(
         sandbox_root,
         runtime_dir,
@@ -411,13 +428,19 @@ def test_it_keeps_host_loopback_closed_when_internet_is_on(
     try:
         routes = local_backend.exec(spec, r.state, ["ip", "route"]).stdout
         assert "default via" in routes, "with internet the namespace has a default route"
-        # pasta would NAT the gateway address to the host's loopback without --no-map-gw.
+        assert "prohibit 169.254.169.254" in routes, "cloud metadata is blocked"
+        # pasta would NAT the gateway address to the host's loopback without --no-map-gw, and
+        # would connect to the host's other addresses without the prohibit routes.
         gateway = default_gateway()
         blocked = [("127.0.0.1", 5432), ("127.0.0.1", 6379), (gateway, 5432), (gateway, 6379)]
         blocked += [(ip, port) for ip in host_addresses() for port in (5432, 6379)]
+        blocked += [host_only_service]
         results = probe(local_backend, r, blocked)
         assert all(result != "open" for result in results), list(zip(blocked, results, strict=True))
+        assert results[-1] == "EACCES"
         assert probe(local_backend, r, [("127.0.0.1", ai_port)]) == ["open"]
+        undo = ["ip", "route", "del", "prohibit", host_only_service[0]]
+        assert local_backend.exec(spec, r.state, undo).exit_code != 0, "the sandbox cannot undo it"
     finally:
         local_backend.stop(spec, r.state)
 

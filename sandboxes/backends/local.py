@@ -25,6 +25,7 @@ Process tree of one sandbox (host view)::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -71,10 +72,17 @@ echo $!
 # pasta hands its own descriptors (among them the host-side listening socket of the port
 # forward, which lives in the host's network namespace) to the command it runs, and bwrap passes
 # inherited descriptors into the sandbox. Close everything but stdio before bwrap starts.
+# The same step runs as root of pasta's user namespace, so it can also add "prohibit" routes
+# (HERMIT_BLOCKED_NETS) to the sandbox's network namespace, which the sandbox itself, one
+# user namespace further down, cannot remove.
 _CLOSE_FDS = r"""for fd in /proc/self/fd/*; do fd=${fd##*/}
   if ((fd > 2)); then eval "exec $fd>&-"; fi
-done; exec "$@"
+done
+for net in $HERMIT_BLOCKED_NETS; do "$HERMIT_IP" route add prohibit "$net" || exit 126; done
+unset HERMIT_BLOCKED_NETS HERMIT_IP; exec "$@"
 """
+# Cloud metadata endpoints: never reachable from a sandbox, even with internet.
+METADATA_NETS = ("169.254.169.254/32", "fd00:ec2::254/128")
 # Join the sandbox's cgroups, then exec the rest (used by exec()). A command run this way is
 # the OOM killer's first choice, so a runaway helper dies before the gateway does.
 _JOIN = r"""for f in $HERMIT_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done
@@ -252,6 +260,8 @@ class LocalBackend(SandboxBackend):
         ]
         env = self.sandbox_env(spec)
         env["HERMIT_CGROUP_PROCS"] = " ".join(cgroups.procs_files(paths))
+        env["HERMIT_BLOCKED_NETS"] = " ".join(self.blocked_nets(spec))
+        env["HERMIT_IP"] = _resolve("ip")
         log = run_dir / LOG_NAME
         exit_file = run_dir / EXIT_NAME
         out = subprocess.run(
@@ -319,6 +329,20 @@ class LocalBackend(SandboxBackend):
         if spec.internet:
             args += ["--config-net", "--no-map-gw", "--dns-forward", DNS_FORWARD_ADDR]
         return args
+
+    def blocked_nets(self, spec: SandboxSpec) -> list[str]:
+        """Return the networks a sandbox with internet must not reach through pasta.
+
+        pasta makes the sandbox's outbound connections from the host, so without these routes a
+        sandbox with internet could reach services on the host's non-loopback addresses (say a
+        Docker bridge) and cloud metadata. Blocked: every address on the host's interfaces (as
+        of this start), the metadata endpoints, and ``HERMIT_SANDBOX_BLOCKED_NETS``. Without
+        internet the sandbox has no route at all, so nothing needs blocking.
+        """
+        if not spec.internet:
+            return []
+        extra = list(_setting("HERMIT_SANDBOX_BLOCKED_NETS", []))
+        return [*_host_addresses(), *METADATA_NETS, *extra]
 
     def bwrap_args(self, spec: SandboxSpec, run_dir: Path) -> list[str]:
         """Return bwrap's argv (without the command). The network namespace is pasta's."""
@@ -621,6 +645,23 @@ def _resolve(program: str) -> str:
     if os.sep in program:
         return program
     return shutil.which(program) or program
+
+
+def _host_addresses() -> list[str]:
+    """Return the host's own global addresses as /32 and /128 networks."""
+    out = subprocess.run(
+        [_resolve("ip"), "-json", "address", "show"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    found = []
+    for link in json.loads(out.stdout):
+        for info in link.get("addr_info", []):
+            if info.get("scope") in ("global", "site"):
+                found.append(f"{info['local']}/{128 if ':' in info['local'] else 32}")
+    return found
 
 
 def _free_port() -> int:
