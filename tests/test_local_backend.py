@@ -488,6 +488,39 @@ def test_it_caps_cpu_time(local_backend: LocalBackend, tiny: Running) -> None:
     assert float(result.stdout) < 1.4, "half a core for 2 s is about 1 s of CPU"
 
 
+SYSCALL_PROBE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+calls = {"keyctl": (250, 0, -3, 0), "io_uring_setup": (425, 1, 0), "userfaultfd": (323, 1),
+         "perf_event_open": (298, 0, 0, -1, -1, 0), "bpf": (321, 0, 0, 0)}
+for name, args in calls.items():
+    result = libc.syscall(*[ctypes.c_long(a) for a in args])
+    print("syscall", name, os.strerror(ctypes.get_errno()) if result < 0 else "allowed")
+print("syscall getpid", "allowed" if libc.syscall(39) > 0 else "denied")
+"""
+
+
+def test_it_denies_risky_syscalls_to_the_sandboxs_processes(
+    local_backend: LocalBackend, sandbox_root: Path, runtime_dir: Path, sandbox_ids: Iterator[int]
+) -> None:
+    spec = tiny_spec(sandbox_root, runtime_dir, next(sandbox_ids), TINY_SERVER)
+    node_path = str(node_binary(runtime_dir))
+    probe_then_serve = f"python3 -c '{SYSCALL_PROBE}'; exec {node_path} -e \"$0\""
+    spec.extra["command"] = ["sh", "-c", probe_then_serve, TINY_SERVER]
+    r = start(local_backend, spec)
+    try:
+        status = Path(f"/proc/{r.state['main'][0]}/status").read_text()
+        assert "Seccomp:\t2" in status, "the gateway runs under a seccomp filter"
+        lines = [
+            ln for ln in local_backend.logs(spec, r.state).splitlines() if ln.startswith("syscall")
+        ]
+        verdicts = dict(line.split(" ", 2)[1:] for line in lines)
+        assert verdicts.pop("getpid") == "allowed"
+        assert verdicts == dict.fromkeys(verdicts, "Operation not permitted") and len(verdicts) == 5
+    finally:
+        local_backend.stop(spec, r.state)
+
+
 def test_it_times_out_a_command(local_backend: LocalBackend, tiny: Running) -> None:
     result = local_backend.exec(tiny.spec, tiny.state, ["sleep", "30"], timeout=1)
     assert result.timed_out

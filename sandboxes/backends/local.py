@@ -50,12 +50,14 @@ from sandboxes.backends.base import (
     SandboxSpec,
     Stats,
 )
+from sandboxes.backends.seccomp import seccomp_program
 from sandboxes.openclaw.runtime import node_binary, openclaw_entry
 
 SANDBOX_UID = 1000  # the uid/gid processes have inside every sandbox
 DNS_FORWARD_ADDR = "169.254.1.53"  # pasta answers DNS here when the sandbox has internet
 LOG_NAME = "gateway.log"
 EXIT_NAME = "exit_code"
+SECCOMP_NAME = "seccomp.bpf"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # Detached supervisor. $1 log, $2 exit file, rest = argv. The subshell is backgrounded and the
@@ -79,7 +81,8 @@ _CLOSE_FDS = r"""for fd in /proc/self/fd/*; do fd=${fd##*/}
   if ((fd > 2)); then eval "exec $fd>&-"; fi
 done
 for net in $HERMIT_BLOCKED_NETS; do "$HERMIT_IP" route add prohibit "$net" || exit 126; done
-unset HERMIT_BLOCKED_NETS HERMIT_IP; exec "$@"
+if [ -n "$HERMIT_SECCOMP" ]; then exec 9<"$HERMIT_SECCOMP" || exit 126; fi
+unset HERMIT_BLOCKED_NETS HERMIT_IP HERMIT_SECCOMP; exec "$@"
 """
 # Cloud metadata endpoints: never reachable from a sandbox, even with internet.
 METADATA_NETS = ("169.254.169.254/32", "fd00:ec2::254/128")
@@ -205,6 +208,10 @@ class LocalBackend(SandboxBackend):
         for name, text in files.items():
             (etc / name).write_text(text)
             os.chmod(etc / name, 0o644)
+        program = seccomp_program()
+        if program:
+            (run_dir / SECCOMP_NAME).write_bytes(program)
+            os.chmod(run_dir / SECCOMP_NAME, 0o644)
         log = run_dir / LOG_NAME
         if log.exists():
             log.replace(run_dir / f"{LOG_NAME}.1")
@@ -262,6 +269,7 @@ class LocalBackend(SandboxBackend):
         env["HERMIT_CGROUP_PROCS"] = " ".join(cgroups.procs_files(paths))
         env["HERMIT_BLOCKED_NETS"] = " ".join(self.blocked_nets(spec))
         env["HERMIT_IP"] = _resolve("ip")
+        env["HERMIT_SECCOMP"] = str(run_dir / SECCOMP_NAME) if seccomp_program() else ""
         log = run_dir / LOG_NAME
         exit_file = run_dir / EXIT_NAME
         out = subprocess.run(
@@ -363,6 +371,7 @@ class LocalBackend(SandboxBackend):
             spec.name,
             "--die-with-parent",
             "--new-session",
+            *(["--seccomp", "9"] if seccomp_program() else []),  # fd 9: opened by _CLOSE_FDS
             "--size",
             str(self.tmp_size_mb * 1024 * 1024),
             "--tmpfs",
