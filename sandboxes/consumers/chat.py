@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import connection
 from django.http import Http404
 
 from sandboxes import actions
@@ -254,8 +255,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         progress: asyncio.Queue[Any] = asyncio.Queue()
 
         def run() -> None:
-            for step in actions.wake_sandbox(self.sandbox, actor_user=self.user):
-                loop.call_soon_threadsafe(progress.put_nowait, step)
+            try:
+                for step in actions.wake_sandbox(self.sandbox, actor_user=self.user):
+                    loop.call_soon_threadsafe(progress.put_nowait, step)
+            finally:
+                connection.close()  # a pool thread: do not keep its connection open
 
         await self._status("waking", "Waking your agent…", 0)
         waker = asyncio.ensure_future(database_sync_to_async(run, thread_sensitive=False)())
