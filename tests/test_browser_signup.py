@@ -5,26 +5,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
 
 from tests.factories import PASSWORD
+from tests.fixtures.chat import ARTIFACTS, CHROMIUM_ARGS
 from tests.fixtures.live import Server
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "var" / "test-artifacts"
 
 
 def _confirmation_link(server: Server, email: str, timeout: float = 10) -> str:

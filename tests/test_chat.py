@@ -195,7 +195,7 @@ async def test_it_keeps_the_conversation_through_a_gateway_restart(
     finally:
         await comm.disconnect()
         # the pool restores rows from its snapshot before each test: record the new gateway
-        await database_sync_to_async(sandbox_pool._snapshot)("alice@chat.test")
+        await database_sync_to_async(sandbox_pool.snapshot)("alice@chat.test")
 
 
 async def test_it_tells_the_user_plainly_when_a_message_cannot_be_delivered(

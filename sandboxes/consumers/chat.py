@@ -53,17 +53,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 from django.db import connection
-from django.http import Http404
 
 from sandboxes import actions
-from sandboxes.access import aget_sandbox_for_user
 from sandboxes.backends.base import BackendError
+from sandboxes.consumers.base import admit
 from sandboxes.models import Sandbox
 from sandboxes.openclaw.protocol import (
     CONNECTED_EVENT,
@@ -128,18 +125,6 @@ def device_identity_for(sandbox: Sandbox) -> DeviceIdentity:
     return DeviceIdentity.from_private_key_b64(sandbox.device_private_key)
 
 
-def origin_allowed(scope: dict[str, Any]) -> bool:
-    """Return True if the handshake's Origin is this site (same host) or a trusted origin."""
-    headers = dict(scope.get("headers") or [])
-    origin = headers.get(b"origin", b"").decode("latin-1")
-    host = headers.get(b"host", b"").decode("latin-1")
-    if not origin:
-        return False
-    if origin in getattr(settings, "CSRF_TRUSTED_ORIGINS", []):
-        return True
-    return bool(host) and urlsplit(origin).netloc == host
-
-
 def message_text(message: Any) -> str:
     """Return the plain text of a gateway chat message (string or list of content parts)."""
     if not isinstance(message, dict):
@@ -176,19 +161,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     client: GatewayClient | None = None
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if not origin_allowed(self.scope):
-            await self.close(code=4403)
+        sandbox = await admit(self)
+        if sandbox is None:
             return
-        if user is None or not user.is_authenticated:
-            await self.close(code=4401)
-            return
-        try:
-            self.sandbox = await aget_sandbox_for_user(user)
-        except Http404:
-            await self.close(code=4404)
-            return
-        self.user = user
+        self.sandbox = sandbox
+        self.user = self.scope["user"]
         self.tasks: set[asyncio.Task[Any]] = set()
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.ready = asyncio.Event()

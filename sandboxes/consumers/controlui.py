@@ -21,14 +21,13 @@ import time
 import websockets
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.http import Http404
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from sandboxes import actions
-from sandboxes.access import aget_sandbox_for_user
 from sandboxes.backends.base import BackendError
-from sandboxes.consumers.chat import ACTIVITY_INTERVAL, origin_allowed
+from sandboxes.consumers.base import admit
+from sandboxes.consumers.chat import ACTIVITY_INTERVAL
 from sandboxes.models import Sandbox
 from sandboxes.views_controlui import portal_origin
 
@@ -44,18 +43,10 @@ class ControlUIConsumer(AsyncWebsocketConsumer):
     pump: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
-        if not origin_allowed(self.scope):
-            await self.close(code=4403)
+        sandbox = await admit(self)
+        if sandbox is None:
             return
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close(code=4401)
-            return
-        try:
-            self.sandbox = await aget_sandbox_for_user(user)
-        except Http404:
-            await self.close(code=4404)
-            return
+        self.sandbox = sandbox
         self.last_activity = 0.0
         try:
             self.upstream = await self._open_upstream()

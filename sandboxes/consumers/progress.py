@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.http import Http404
 
-from sandboxes.access import aget_sandbox_for_user
+from sandboxes.consumers.base import admit
 from sandboxes.events import group_name
 
 
@@ -19,10 +18,8 @@ class ProgressConsumer(AsyncJsonWebsocketConsumer):
     group: str | None = None
 
     async def connect(self) -> None:
-        try:
-            sandbox = await aget_sandbox_for_user(self.scope.get("user"))
-        except Http404:
-            await self.close(code=4404)
+        sandbox = await admit(self)
+        if sandbox is None:
             return
         self.group = group_name(sandbox.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
