@@ -20,7 +20,7 @@ from billing.models import plan_for
 from sandboxes import runtime
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, Progress, SandboxSpec
-from sandboxes.events import record_event
+from sandboxes.events import broadcast_progress, record_event
 from sandboxes.models import Sandbox, SandboxEvent
 
 log = logging.getLogger(__name__)
@@ -140,13 +140,18 @@ def start_sandbox(
             sandbox.runtime = image
         spec = _spec(sandbox)
         state: dict[str, Any] = {}
+        last_message = ""
         for step in get_backend(sandbox.backend).start(spec):
             if step.state is not None:
                 state = step.state
                 Sandbox.objects.filter(pk=sandbox.pk).update(backend_state=state)
                 sandbox.backend_state = state
             percent = 10 + int(step.percent * 0.85)
-            record_event(sandbox, "progress", step.message, progress=percent)
+            if step.message != last_message:  # a new step is history; a tick is only shown
+                record_event(sandbox, "progress", step.message, progress=percent)
+                last_message = step.message
+            else:
+                broadcast_progress(sandbox, percent, step.message)
             yield Progress(percent, step.message)
     except (BackendError, runtime.RuntimeMissing) as exc:
         _fail(sandbox, str(exc))

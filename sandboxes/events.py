@@ -7,6 +7,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.utils import timezone
 
 from sandboxes.models import Sandbox, SandboxEvent
 
@@ -54,10 +55,30 @@ def event_payload(event: SandboxEvent) -> dict[str, Any]:
 
 def broadcast(event: SandboxEvent) -> None:
     """Send the event to listeners; a channel layer outage never breaks the action itself."""
+    _send(event.sandbox_id, event_payload(event))
+
+
+def broadcast_progress(sandbox: Sandbox, percent: int, message: str) -> None:
+    """Show a progress tick to live listeners without storing it as an event."""
+    _send(
+        sandbox.pk,
+        {
+            "type": "sandbox.event",
+            "id": None,
+            "kind": "progress",
+            "message": message,
+            "progress": percent,
+            "state": sandbox.state,
+            "created_at": timezone.now().isoformat(),
+        },
+    )
+
+
+def _send(sandbox_id: int, payload: dict[str, Any]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(group_name(event.sandbox_id), event_payload(event))
+        async_to_sync(layer.group_send)(group_name(sandbox_id), payload)
     except Exception:
-        log.warning("could not broadcast event %s for sandbox %s", event.kind, event.sandbox_id)
+        log.warning("could not broadcast %s for sandbox %s", payload["kind"], sandbox_id)

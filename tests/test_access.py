@@ -11,7 +11,7 @@ from django.urls import reverse
 from portal.asgi import application
 from sandboxes.access import get_sandbox_for_user
 from sandboxes.events import record_event
-from sandboxes.models import Sandbox
+from sandboxes.models import Sandbox, SandboxEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -78,3 +78,22 @@ async def test_it_closes_progress_for_anonymous_users() -> None:
     connected, _ = await ws.connect()
     assert not connected
     await ws.disconnect()
+
+
+async def test_it_streams_progress_written_by_another_process_without_redis(
+    alice: object, settings: object
+) -> None:
+    """The embedded default has no shared channel layer: the worker's events still arrive."""
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}  # type: ignore[attr-defined]
+    alices = await Sandbox.objects.aget(owner=alice)
+    ws = await _connect(alice)
+    try:
+        assert (await ws.connect())[0]
+        # Written straight to the database, as a Celery worker process would: no broadcast.
+        await SandboxEvent.objects.acreate(
+            sandbox=alices, kind="progress", message="from the worker", progress=60
+        )
+        event = await ws.receive_json_from(timeout=5)
+        assert (event["message"], event["progress"]) == ("from the worker", 60)
+    finally:
+        await ws.disconnect()

@@ -9,6 +9,7 @@
   const list = document.getElementById("events");
   if (!badge) return;
   let delay = 1000;
+  const seen = new Set();
   let current = document.getElementById("sandbox-card").dataset.state;
 
   function onEvent(ev) {
@@ -17,6 +18,8 @@
       bar.style.width = ev.progress + "%";
     }
     if (ev.message) msg.textContent = ev.message;
+    if (ev.id === null || ev.id === undefined || seen.has(ev.id)) return; // a tick, or a repeat
+    seen.add(ev.id);
     const li = document.createElement("li");
     const time = document.createElement("time");
     time.textContent = new Date(ev.created_at).toLocaleTimeString();
