@@ -37,6 +37,10 @@ class Plan(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def sleep_minutes(self) -> int:
+        return int(self.sleep_after.total_seconds() // 60) if self.sleep_after else 0
+
     def sleeps_after(self) -> timedelta | None:
         """Return the idle time after which a sandbox sleeps, or None if it never sleeps."""
         return self.sleep_after if self.sleeps else None

@@ -12,6 +12,7 @@ Every secret setting NAME may instead be read from the file named by NAME_FILE.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -206,6 +207,7 @@ ACCOUNT_LOGIN_METHODS = {"email"}
 ACCOUNT_SIGNUP_FIELDS = ["email*", "password1*", "password2*"]
 ACCOUNT_EMAIL_VERIFICATION = env("ACCOUNT_EMAIL_VERIFICATION", "mandatory")
 ACCOUNT_UNIQUE_EMAIL = True
+ACCOUNT_EMAIL_SUBJECT_PREFIX = "[Hermit] "
 ACCOUNT_LOGIN_ON_EMAIL_CONFIRMATION = True
 ACCOUNT_CONFIRM_EMAIL_ON_GET = False
 ACCOUNT_RATE_LIMITS = {
@@ -246,8 +248,11 @@ HERMIT_NODE_VERSION = env("HERMIT_NODE_VERSION", "24.21.0")
 HERMIT_BWRAP = env("HERMIT_BWRAP", "bwrap")
 HERMIT_PASTA = env("HERMIT_PASTA", "pasta")
 HERMIT_RUNTIME_DIR = Path(env("HERMIT_RUNTIME_DIR", str(HERMIT_DATA_DIR / "runtime"))).resolve()
-HERMIT_CGROUP_PARENT = env("HERMIT_CGROUP_PARENT", "hermit")
-HERMIT_UID_BASE = envint("HERMIT_UID_BASE", "200000")
+# Two installations on one machine must not share sandbox uids or cgroups: both defaults are
+# derived from the data directory.
+_INSTANCE = hashlib.sha256(str(HERMIT_DATA_DIR).encode()).hexdigest()[:8]
+HERMIT_CGROUP_PARENT = env("HERMIT_CGROUP_PARENT", f"hermit-{_INSTANCE}")
+HERMIT_UID_BASE = envint("HERMIT_UID_BASE", str(200_000 + int(_INSTANCE, 16) % 64 * 100_000))
 # Networks (CIDRs, comma-separated) a sandbox with internet must never reach, e.g. your LAN/VPC.
 HERMIT_SANDBOX_BLOCKED_NETS = envlist("HERMIT_SANDBOX_BLOCKED_NETS")
 HERMIT_START_TIMEOUT = envint("HERMIT_START_TIMEOUT", "60")

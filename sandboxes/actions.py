@@ -270,10 +270,16 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     """Compare the wanted state with what the backend reports and repair it. Return what it did.
 
     running but not running: restart (a crashed gateway comes back by itself).
+    sleeping on a plan that never sleeps (e.g. after the host restarted): start it.
     sleeping / stopped / failed but running: stop the stray gateway.
     starting / stopping / provisioning: pending work; left alone unless stuck far too long.
     """
     backend = get_backend(sandbox.backend)
+    if sandbox.state == State.SLEEPING and plan_for(sandbox.owner).sleeps_after() is None:
+        record_event(sandbox, "reconciled", "Always-on plan: waking the agent")
+        for _ in start_sandbox(sandbox):
+            pass
+        return "woke"
     if sandbox.state == State.RUNNING:
         result = backend.poll(spec_for(sandbox), sandbox.backend_state)
         if result.running:

@@ -36,6 +36,11 @@ def _staff_request(request: HttpRequest, queryset: QuerySet[Sandbox], what: str,
     messages.info(request, f"Requested {what} for {queryset.count()} sandbox(es).")
 
 
+admin.site.site_header = "Hermit administration"
+admin.site.site_title = "Hermit admin"
+admin.site.index_title = "Users, plans, sandboxes and the AI gateway"
+
+
 @admin.register(Sandbox)
 class SandboxAdmin(admin.ModelAdmin[Sandbox]):
     list_display = ("__str__", "owner", "state", "runtime", "last_activity_at", "updated_at")
@@ -77,6 +82,9 @@ class SandboxEventAdmin(admin.ModelAdmin[SandboxEvent]):
     list_select_related = ("sandbox__owner", "actor_user")
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False  # an audit log: read-only
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
 

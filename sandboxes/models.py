@@ -72,6 +72,7 @@ class Sandbox(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        verbose_name_plural = "sandboxes"
         constraints = [
             models.UniqueConstraint(fields=["owner", "name"], name="one_sandbox_name_per_owner")
         ]

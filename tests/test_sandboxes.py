@@ -154,3 +154,23 @@ def test_the_ops_cli_reports_and_runs_commands(sandbox_for: Callable[..., Sandbo
     call_command("sandbox", "logs", "ops@agents.test", "--lines", "50", stdout=out)
     assert out.getvalue().strip()
     assert sandbox.state == State.RUNNING
+
+
+def test_it_wakes_an_always_on_sandbox_found_asleep(sandbox_for: Callable[..., Sandbox]) -> None:
+    """After the host shut down (make run's Ctrl-C puts agents to sleep), pro agents come back."""
+    sandbox = sandbox_for("pro@agents.test", plan="pro")
+    actions.sleep_sandbox(sandbox)
+    assert sandbox.state == State.SLEEPING and not _poll(sandbox).running
+    assert tasks.reconcile_sandboxes().get("woke") == 1
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING and _poll(sandbox).running
+    assert sandbox.events.filter(kind="reconciled", message__contains="Always-on").exists()
+
+
+def test_the_ops_cli_puts_every_running_sandbox_to_sleep(
+    sandbox_for: Callable[..., Sandbox],
+) -> None:
+    sandbox = sandbox_for("ops@agents.test")
+    call_command("sandbox", "sleep", "--all", stdout=StringIO())
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.SLEEPING and not _poll(sandbox).running

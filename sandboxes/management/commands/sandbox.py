@@ -1,4 +1,4 @@
-"""Ops CLI: manage.py sandbox {list,start,stop,restart,status,logs,exec} [USER] [-- CMD...]."""
+"""Ops CLI: manage.py sandbox {list,start,stop,sleep,restart,status,logs,exec} [USER|--all]."""
 
 from __future__ import annotations
 
@@ -22,17 +22,24 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "verb", choices=["list", "start", "stop", "restart", "status", "logs", "exec"]
+            "verb",
+            choices=["list", "start", "stop", "sleep", "restart", "status", "logs", "exec"],
         )
         parser.add_argument("user", nargs="?")
         parser.add_argument("argv", nargs="*", help="for exec: the command to run")
         parser.add_argument("--name", default="default", help="sandbox name")
         parser.add_argument("--lines", type=int, default=100, help="for logs")
         parser.add_argument("--timeout", type=float, default=30.0, help="for exec")
+        parser.add_argument(
+            "--all", action="store_true", help="for stop and sleep: every running sandbox"
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         if opts["verb"] == "list":
             self._list()
+            return
+        if opts["all"]:
+            self._all(opts["verb"])
             return
         if not opts["user"]:
             raise CommandError(f"`sandbox {opts['verb']}` needs a USER (email or username).")
@@ -50,6 +57,20 @@ class Command(BaseCommand):
         if sandbox is None:
             raise CommandError(f"{who} has no sandbox called {name!r}.")
         return sandbox
+
+    def _all(self, verb: str) -> None:
+        if verb not in ("stop", "sleep"):
+            raise CommandError("--all works with stop and sleep only.")
+        running = Sandbox.objects.filter(state=Sandbox.State.RUNNING).select_related("owner")
+        for sandbox in running:
+            try:
+                getattr(self, f"_{verb}")(sandbox, {})
+            except (BackendError, actions.TransitionRefused) as exc:
+                self.stderr.write(f"{sandbox}: {exc}")
+
+    def _sleep(self, sandbox: Sandbox, opts: dict[str, Any]) -> None:
+        actions.sleep_sandbox(sandbox, actor=STAFF)
+        self.stdout.write(f"{sandbox} is {sandbox.state}")
 
     def _list(self) -> None:
         for s in Sandbox.objects.select_related("owner").order_by("pk"):
