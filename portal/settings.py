@@ -143,7 +143,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Redis: Celery broker and channel layer when set; a filesystem broker and in-memory layer when not.
 REDIS_URL = env("REDIS_URL")
-CELERY_BROKER_DIR = HERMIT_DATA_DIR / "celery-broker"
+CELERY_BROKER_DIR = Path(env("HERMIT_CELERY_BROKER_DIR", str(HERMIT_DATA_DIR / "celery-broker")))
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
     CHANNEL_LAYERS: dict[str, Any] = {

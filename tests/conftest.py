@@ -44,9 +44,12 @@ def sandbox_dirs() -> Iterator[dict[str, str]]:
         "HERMIT_DATA_DIR": str(data_dir),
         "HERMIT_CGROUP_PARENT": f"hermit-{run}",
         "HERMIT_UID_BASE": str(300_000 + (os.getpid() % 1000) * 1000),
+        # Without Redis the broker is a folder: servers must use this process's folder.
+        "HERMIT_CELERY_BROKER_DIR": str(settings.CELERY_BROKER_DIR),
     }
     for name, value in values.items():
-        setattr(settings, name, int(value) if name == "HERMIT_UID_BASE" else value)
+        if name != "HERMIT_CELERY_BROKER_DIR":
+            setattr(settings, name, int(value) if name == "HERMIT_UID_BASE" else value)
     settings.HERMIT_DATA_DIR = data_dir
     get_backend.cache_clear()
     yield values
