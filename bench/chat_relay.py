@@ -39,6 +39,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.fixtures.live import free_port, wait_for_port  # noqa: E402
+
 PYTHON = sys.executable
 FAKE_TOKEN = "fake-gateway-token"
 
@@ -140,18 +143,6 @@ async def fake_gateway(port: int, deltas: int, spacing: float) -> None:
 # --- processes and Django ----------------------------------------------------------------------
 
 
-def wait_port(port: int, timeout: float = 60.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
 @contextmanager
 def process(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
@@ -164,7 +155,7 @@ def process(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[
             start_new_session=True,
         )
         try:
-            wait_port(port)
+            wait_for_port(port, timeout=60)
             yield proc
         finally:
             proc.terminate()
@@ -407,8 +398,6 @@ def main() -> None:
     if args.fake_gateway:
         asyncio.run(fake_gateway(args.fake_gateway, deltas=10, spacing=0.02))
         return
-
-    from tests.fixtures.chat import free_port
 
     levels = [int(x) for x in args.levels.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="hermit-chat-bench-"))
