@@ -226,25 +226,21 @@ class LocalBackend(SandboxBackend):
                 )
 
     def _fresh_cgroups(self, spec: SandboxSpec) -> cgroups.CgroupPaths:
-        paths = cgroups.create(
-            self.cgroup_root,
-            self.cgroup_parent,
-            spec.name,
-            spec.memory_mb,
-            spec.cpu_millis,
-            spec.pids_max,
-        )
+        def create() -> cgroups.CgroupPaths:
+            return cgroups.create(
+                self.cgroup_root,
+                self.cgroup_parent,
+                spec.name,
+                spec.memory_mb,
+                spec.cpu_millis,
+                spec.pids_max,
+            )
+
+        paths = create()
         if cgroups.pids(paths):  # left over from a crash: nothing may run twice
             cgroups.kill_all(paths)
         cgroups.remove(paths)  # recreate, so OOM and CPU counters start at zero
-        return cgroups.create(
-            self.cgroup_root,
-            self.cgroup_parent,
-            spec.name,
-            spec.memory_mb,
-            spec.cpu_millis,
-            spec.pids_max,
-        )
+        return create()
 
     def _launch(
         self, spec: SandboxSpec, run_dir: Path, uid: int, paths: cgroups.CgroupPaths
