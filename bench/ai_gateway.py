@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.live import free_port, wait_for_port  # noqa: E402
+from tests.net import free_port, wait_for_port  # noqa: E402
 
 
 @contextmanager

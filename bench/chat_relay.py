@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.live import free_port, wait_for_port  # noqa: E402
+from tests.net import free_port, wait_for_port  # noqa: E402
 
 PYTHON = sys.executable
 FAKE_TOKEN = "fake-gateway-token"
