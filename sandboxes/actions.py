@@ -38,6 +38,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     State.FAILED: frozenset({State.STARTING, State.STOPPING}),
 }
 ACTIVITY_WRITE_INTERVAL = timedelta(seconds=30)
+FAILED_RETRY_AFTER = timedelta(minutes=2)  # always-on sandboxes that failed are retried
 
 
 class TransitionRefused(Exception):
@@ -271,15 +272,26 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
 
     running but not running: restart (a crashed gateway comes back by itself).
     sleeping on a plan that never sleeps (e.g. after the host restarted): start it.
+    failed on a plan that never sleeps: start it again, at most every FAILED_RETRY_AFTER.
     sleeping / stopped / failed but running: stop the stray gateway.
     starting / stopping / provisioning: pending work; left alone unless stuck far too long.
     """
     backend = get_backend(sandbox.backend)
-    if sandbox.state == State.SLEEPING and plan_for(sandbox.owner).sleeps_after() is None:
+    always_on = plan_for(sandbox.owner).sleeps_after() is None
+    if always_on and sandbox.state == State.SLEEPING:
         record_event(sandbox, "reconciled", "Always-on plan: waking the agent")
         for _ in start_sandbox(sandbox):
             pass
         return "woke"
+    if (
+        always_on
+        and sandbox.state == State.FAILED
+        and (timezone.now() - sandbox.updated_at >= FAILED_RETRY_AFTER)
+    ):
+        record_event(sandbox, "reconciled", "Always-on plan: trying to start the agent again")
+        for _ in start_sandbox(sandbox):
+            pass
+        return "retried"
     if sandbox.state == State.RUNNING:
         result = backend.poll(spec_for(sandbox), sandbox.backend_state)
         if result.running:

@@ -16,6 +16,7 @@ from allauth.account.models import EmailAddress
 from allauth.account.signals import email_confirmed
 from django.core.management import call_command
 from django.db import transaction
+from django.utils import timezone
 
 from sandboxes import actions, tasks
 from sandboxes.backends import get_backend
@@ -174,3 +175,20 @@ def test_the_ops_cli_puts_every_running_sandbox_to_sleep(
     call_command("sandbox", "sleep", "--all", stdout=StringIO())
     sandbox.refresh_from_db()
     assert sandbox.state == State.SLEEPING and not _poll(sandbox).running
+
+
+def test_it_retries_a_failed_always_on_sandbox_after_a_pause(
+    sandbox_for: Callable[..., Sandbox],
+) -> None:
+    sandbox = sandbox_for("pro@agents.test", plan="pro")
+    get_backend(sandbox.backend).stop(actions.spec_for(sandbox), sandbox.backend_state)
+    Sandbox.objects.filter(pk=sandbox.pk).update(state=State.FAILED)
+    sandbox.refresh_from_db()
+    assert actions.reconcile_sandbox(sandbox) != "retried"  # just failed: not yet
+    Sandbox.objects.filter(pk=sandbox.pk).update(
+        updated_at=timezone.now() - actions.FAILED_RETRY_AFTER
+    )
+    sandbox.refresh_from_db()
+    assert actions.reconcile_sandbox(sandbox) == "retried"
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING and _poll(sandbox).running
