@@ -430,14 +430,16 @@ def main() -> None:
 
 
 def run_part_one(tmp: Path, daphne_port: int, messages: int) -> None:
+    from django.conf import settings
+
     from sandboxes.openclaw.runtime import build_runtime
     from tests.fakes.model_server import FakeModelServer
     from tests.fixtures.chat import BareGateway
-    from tests.fixtures.runtime import NODE_VERSION, OPENCLAW_VERSION, ROOT
+    from tests.fixtures.runtime import NODE_VERSION, OPENCLAW_VERSION
 
     with FakeModelServer() as model:
         model.script(reply=" ".join(f"word{i}" for i in range(16)), chunks=16, delay=0.03)
-        runtime = build_runtime(ROOT / "var" / "runtime", OPENCLAW_VERSION, NODE_VERSION)
+        runtime = build_runtime(settings.HERMIT_RUNTIME_DIR, OPENCLAW_VERSION, NODE_VERSION)
         gateway = BareGateway(tmp / "gateway", model.openai_base_url, runtime)
         gateway.start()
         try:

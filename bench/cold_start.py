@@ -28,6 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+
+import django  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+django.setup()
 
 from sandboxes.backends import cgroups  # noqa: E402
 from sandboxes.backends.base import SandboxSpec  # noqa: E402
@@ -179,9 +185,8 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
 
-    runtime = build_runtime(ROOT / "var" / "runtime", "2026.9.6", "24.21.0")
-    (ROOT / "var").mkdir(exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=ROOT / "var"))
+    runtime = build_runtime(settings.HERMIT_RUNTIME_DIR, "2026.9.6", "24.21.0")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=settings.HERMIT_DATA_DIR))
     os.chmod(scratch, 0o711)  # sandbox uids traverse it
     backend = LocalBackend(run_root=scratch / "run", cgroup_parent=CGROUP_PARENT)
     results: dict[tuple[str, int], list[tuple[float, float, int]]] = {}

@@ -63,7 +63,22 @@ SITE_URL = env("SITE_URL", "http://127.0.0.1:8000").rstrip("/")
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver" if DEBUG else "")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", SITE_URL)
 
-HERMIT_DATA_DIR = Path(env("HERMIT_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+
+def _reachable_by_sandboxes(path: Path) -> bool:
+    """Return True if other users (the sandbox uids) can traverse every directory down to path."""
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents] if p.exists())
+
+
+def _default_data_dir() -> Path:
+    """./var, unless the checkout lies in a directory sandbox uids cannot enter (say a 0700
+    home): then a directory of this checkout's own under /var/lib/hermit, when we may."""
+    local = BASE_DIR / "var"
+    if _reachable_by_sandboxes(BASE_DIR) or os.geteuid() != 0:
+        return local
+    return Path("/var/lib/hermit") / hashlib.sha256(str(BASE_DIR).encode()).hexdigest()[:12]
+
+
+HERMIT_DATA_DIR = Path(env("HERMIT_DATA_DIR", str(_default_data_dir()))).resolve()
 HERMIT_DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 INSTALLED_APPS = [
