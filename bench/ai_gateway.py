@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 sys.path.insert(0, str(ROOT))
 
-from tests.net import free_port, wait_for_port  # noqa: E402
+from tests.net import free_port, stop_process, wait_for_port  # noqa: E402
 
 
 @contextmanager
@@ -43,12 +43,7 @@ def process(args: list[str], env: dict[str, str], port: int) -> Iterator[subproc
         wait_for_port(port)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def fake_upstream(env: dict[str, str], port: int, chunks: int, delay: float) -> Any:

@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.net import free_port, wait_for_port  # noqa: E402
+from tests.net import free_port, stop_process, wait_for_port  # noqa: E402
 
 PYTHON = sys.executable
 FAKE_TOKEN = "fake-gateway-token"
@@ -93,48 +93,21 @@ async def fake_gateway(port: int, deltas: int, spacing: float) -> None:
                 payload = {"ok": True}
             await ws.send(json.dumps({"type": "res", "id": rid, "ok": True, "payload": payload}))
 
+    def chat_event(run: str, state: str, text: str, **extra: Any) -> str:
+        message = {"role": "assistant", "content": [{"type": "text", "text": text}]}
+        payload = {"runId": run, "sessionKey": "agent:main:main", "state": state, **extra}
+        return json.dumps(
+            {"type": "event", "event": "chat", "payload": {**payload, "message": message}}
+        )
+
     async def stream(ws: Any, run: str) -> None:
         text = ""
         for seq in range(deltas):
             await asyncio.sleep(spacing)
             piece = f"@{time.time():.6f} "
             text += piece
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "event",
-                        "event": "chat",
-                        "payload": {
-                            "runId": run,
-                            "sessionKey": "agent:main:main",
-                            "seq": seq,
-                            "state": "delta",
-                            "deltaText": piece,
-                            "message": {
-                                "role": "assistant",
-                                "content": [{"type": "text", "text": text}],
-                            },
-                        },
-                    }
-                )
-            )
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "event",
-                    "event": "chat",
-                    "payload": {
-                        "runId": run,
-                        "sessionKey": "agent:main:main",
-                        "state": "final",
-                        "message": {
-                            "role": "assistant",
-                            "content": [{"type": "text", "text": "done"}],
-                        },
-                    },
-                }
-            )
-        )
+            await ws.send(chat_event(run, "delta", text, seq=seq, deltaText=piece))
+        await ws.send(chat_event(run, "final", "done"))
 
     async with websockets.serve(handler, "127.0.0.1", port, max_size=None, compression=None):
         await asyncio.Future()
@@ -158,12 +131,7 @@ def process(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[
             wait_for_port(port, timeout=60)
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 def configure_django(tmp: Path, daphne_port: int) -> None:

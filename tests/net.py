@@ -1,4 +1,4 @@
-"""Ports on 127.0.0.1 for servers that tests and benchmarks start."""
+"""Ports on 127.0.0.1, and stopping, for servers that tests and benchmarks start."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ def wait_for_port(
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Ask ``proc`` to exit (SIGTERM); kill it if it has not after ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
