@@ -6,10 +6,14 @@ Prints, for OpenAI-style streaming chat completions:
 - throughput at 50 concurrent streams (streams/s and chunks/s), direct vs gateway.
 
 The gateway runs as in production: ``daphne billing.ai_gateway.asgi:application`` in its own
-process, on a throwaway SQLite database (or ``--database-url``), with no Redis unless
-``--redis-url``. The fake upstream runs in its own process too. Usage:
+process, on a throwaway SQLite database, or with ``DATABASE_URL`` (or ``--database-url``) on a
+throwaway database created next to the one named (and dropped afterwards); with Redis when
+``REDIS_URL`` (or ``--redis-url``) is set. The fake upstream runs in its own process too. Ends
+with one ``RESULT key=value ...`` line of the headline figures. Usage:
 
     .venv/bin/python bench/ai_gateway.py [--requests 200] [--concurrency 50]
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/hermit REDIS_URL=redis://127.0.0.1:6379/0 \
+        .venv/bin/python bench/ai_gateway.py
 """
 
 from __future__ import annotations
@@ -132,15 +136,39 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--database-url", default="")
-    parser.add_argument("--redis-url", default="")
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""))
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="hermit-bench-")
     try:
-        run(args, tmp)
+        with throwaway_database(args.database_url) as database_url:
+            args.database_url = database_url
+            run(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def throwaway_database(url: str) -> Iterator[str]:
+    """Yield a URL to a fresh database on the server ``url`` names (dropped afterwards).
+
+    An empty ``url`` (SQLite in the bench's temporary data dir) is yielded as it is.
+    """
+    if not url:
+        yield url
+        return
+    import psycopg
+
+    name = f"hermit_bench_{os.getpid()}"
+    server = url.rsplit("/", 1)[0]
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{server}/{name}"
+    finally:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def run(args: argparse.Namespace, tmp: str) -> None:
@@ -159,6 +187,10 @@ def run(args: argparse.Namespace, tmp: str) -> None:
     print(f"AI gateway benchmark ({os.cpu_count()} CPUs, gateway under daphne, "
           f"{'PostgreSQL' if args.database_url else 'SQLite'}, "
           f"{'Redis' if args.redis_url else 'local'} rate limiter)")  # fmt: skip
+    result: dict[str, str] = {
+        "database": "postgresql" if args.database_url else "sqlite",
+        "rate_limiter": "redis" if args.redis_url else "local",
+    }
     with process(daphne, env, gateway_port):
         with fake_upstream(env, upstream_port, chunks=3, delay=0):
             seq = asyncio.run(sequential(targets, args.requests))
@@ -166,6 +198,7 @@ def run(args: argparse.Namespace, tmp: str) -> None:
         for p in (50, 99):
             d, g = pct(seq["direct_ttfb"], p), pct(seq["gateway_ttfb"], p)
             print(f"  p{p}: direct {ms(d)}  gateway {ms(g)}  added {ms(g - d)}  ratio {g / d:.2f}x")
+            result[f"ttfb_added_p{p}_ms"] = f"{(g - d) * 1000:.2f}"
 
         with fake_upstream(env, upstream_port, chunks=200, delay=0):
             seq = asyncio.run(sequential(targets, max(20, args.requests // 4)))
@@ -174,6 +207,7 @@ def run(args: argparse.Namespace, tmp: str) -> None:
             d, g = pct(seq["direct_chunk"], p), pct(seq["gateway_chunk"], p)
             print(f"  p{p}: direct {d * 1e6:.1f} us  gateway {g * 1e6:.1f} us  "
                   f"added {(g - d) * 1e6:.1f} us/chunk  ratio {g / d:.2f}x")  # fmt: skip
+            result[f"chunk_added_p{p}_us"] = f"{(g - d) * 1e6:.1f}"
 
         with fake_upstream(env, upstream_port, chunks=20, delay=0.02):
             print(f"\nThroughput, {args.concurrency} concurrent streams x {args.rounds} waves "
@@ -185,7 +219,9 @@ def run(args: argparse.Namespace, tmp: str) -> None:
                 streams = args.concurrency * args.rounds
                 print(f"  {name:8s}: {streams / seconds:7.1f} streams/s  "
                       f"{pieces / seconds:8.0f} pieces/s  ({seconds:.2f} s)")  # fmt: skip
-            print(f"  gateway/direct time ratio {results['gateway'] / results['direct']:.2f}x")
+            ratio = results["gateway"] / results["direct"]
+            print(f"  gateway/direct time ratio {ratio:.2f}x")
+            result[f"stream{args.concurrency}_ratio"] = f"{ratio:.2f}"
 
         with fake_upstream(env, upstream_port, chunks=3, delay=0):
             print(f"\nThroughput, {args.concurrency} concurrent short streams x "
@@ -194,6 +230,8 @@ def run(args: argparse.Namespace, tmp: str) -> None:
                 seconds, _ = asyncio.run(concurrent(url, k, args.concurrency, args.rounds * 2))
                 streams = args.concurrency * args.rounds * 2
                 print(f"  {name:8s}: {streams / seconds:7.1f} streams/s  ({seconds:.2f} s)")
+                result[f"short_{name}_streams_per_s"] = f"{streams / seconds:.1f}"
+    print("\nRESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
 
 
 if __name__ == "__main__":
