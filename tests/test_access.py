@@ -16,11 +16,48 @@ from sandboxes.models import Sandbox, SandboxEvent
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture
+def charlie(db: None) -> object:
+    """A signed-up user with no sandbox at all (say staff deleted it)."""
+    from tests.factories import make_user
+
+    user = make_user("charlie@example.com")
+    Sandbox.objects.filter(owner=user).delete()
+    return user
+
+
 def test_it_gives_each_user_only_their_own_sandbox(alice: object, bob: object) -> None:
     assert get_sandbox_for_user(alice).owner == alice
     assert get_sandbox_for_user(bob).owner == bob
     with pytest.raises(Http404):
         get_sandbox_for_user(bob, name="alices-other")
+
+
+def test_it_refuses_bob_alices_sandbox_by_its_name(alice: object, bob: object) -> None:
+    research = Sandbox.objects.create(owner=alice, name="research")
+    assert get_sandbox_for_user(alice, name="research") == research
+    with pytest.raises(Http404):
+        get_sandbox_for_user(bob, name="research")  # exists, but is alice's
+    assert get_sandbox_for_user(bob, name="default").owner == bob
+
+
+def test_it_refuses_a_user_with_no_sandbox_on_every_page(client: Client, charlie: object) -> None:
+    with pytest.raises(Http404):
+        get_sandbox_for_user(charlie)
+    client.force_login(charlie)  # type: ignore[arg-type]
+    for name in ("dashboard", "chat", "controlui-open"):
+        assert client.get(reverse(name)).status_code == 404, name
+    assert client.post(reverse("sandbox-start")).status_code == 404
+    assert not Sandbox.objects.filter(owner=charlie).exists()  # nothing made on the way
+
+
+@pytest.mark.parametrize("path", ["/ws/sandbox/progress/", "/ws/chat/"])
+async def test_it_closes_every_socket_of_a_user_with_no_sandbox(charlie: object, path: str) -> None:
+    ws = WebsocketCommunicator(application, path, headers=[(b"origin", b"http://127.0.0.1:8000")])
+    ws.scope["user"] = charlie
+    connected, code = await ws.connect()
+    assert (connected, code) == (False, 4404)
+    await ws.disconnect()
 
 
 def test_it_refuses_anonymous_users() -> None:

@@ -47,3 +47,16 @@ def test_it_sleeps_only_idle_sandboxes_on_sleeping_plans(alice: object) -> None:
     assert not sandbox.is_idle(now, pro.sleeps_after())
     sandbox.last_activity_at = now - timedelta(minutes=14)
     assert not sandbox.is_idle(now, free.sleeps_after())
+
+
+def test_an_always_on_plan_made_in_the_admin_never_sleeps(alice: object) -> None:
+    """The admin's add form leaves sleep_after at its 15-minute default when "sleeps" is
+    unticked: the flag alone must decide."""
+    always_on = Plan.objects.create(slug="always-on", name="Always on", sleeps=False)
+    assert always_on.sleep_after == timedelta(minutes=15)  # the default the form keeps
+    assert always_on.sleeps_after() is None
+    sandbox = Sandbox.objects.get(owner=alice)
+    sandbox.state = Sandbox.State.RUNNING
+    now = timezone.now()
+    sandbox.last_activity_at = now - timedelta(days=2)
+    assert not sandbox.is_idle(now, always_on.sleeps_after())

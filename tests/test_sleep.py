@@ -49,3 +49,15 @@ def test_activity_postpones_sleep(alice: Any) -> None:
         assert tasks.sleep_idle_sandboxes() == 0
     with time_machine.travel(timezone.now() + timedelta(minutes=26)):
         assert tasks.sleep_idle_sandboxes() == 1
+
+
+def test_it_never_sleeps_a_sandbox_on_an_always_on_plan_with_a_sleep_time_set(alice: Any) -> None:
+    """An always-on plan made in the admin keeps the form's 15-minute sleep_after."""
+    always_on = Plan.objects.create(slug="always-on", name="Always on", sleeps=False)
+    assert always_on.sleep_after == timedelta(minutes=15)
+    Account.objects.filter(user=alice).update(plan=always_on)
+    sandbox = _running(alice)
+    with time_machine.travel(timezone.now() + timedelta(hours=6)):
+        assert tasks.sleep_idle_sandboxes() == 0
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING
