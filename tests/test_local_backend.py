@@ -27,7 +27,7 @@ import pytest
 from sandboxes.backends import cgroups
 from sandboxes.backends.base import BackendError, ExecResult, SandboxSpec
 from sandboxes.backends.local import LocalBackend
-from sandboxes.openclaw.config import config_path, render_config
+from sandboxes.openclaw.config import CONFIG_PATH, render_config
 from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, GatewayConnection
 from sandboxes.openclaw.runtime import build_runtime, node_binary
 from tests.fixtures.runtime import NODE_VERSION, OPENCLAW_VERSION, ROOT, make_gateway_spec
@@ -217,14 +217,34 @@ def test_it_reuses_a_built_runtime_which_is_read_only(runtime_dir: Path) -> None
         assert path.stat().st_mode & 0o004, f"{path} is not world-readable"
 
 
-def test_it_keeps_secrets_out_of_the_config_file(gateways: list[Running]) -> None:
+def test_it_keeps_secrets_out_of_the_config_file(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
     a = gateways[0]
-    text = config_path(a.spec.data_dir).read_text()
+    text = local_backend.exec(a.spec, a.state, ["cat", CONFIG_PATH]).stdout
     assert a.spec.env["OPENCLAW_GATEWAY_TOKEN"] not in text
     assert a.spec.env["HERMIT_AI_KEY"] not in text
     config = json.loads(text)
     assert config["gateway"]["auth"]["token"] == "${OPENCLAW_GATEWAY_TOKEN}"
     assert config["models"]["providers"]["hermit"]["apiKey"] == "${HERMIT_AI_KEY}"
+
+
+def test_it_mounts_the_config_read_only_outside_the_data_dir(
+    local_backend: LocalBackend, gateways: list[Running]
+) -> None:
+    a = gateways[0]
+    assert a.spec.env["OPENCLAW_CONFIG_PATH"] == CONFIG_PATH
+    assert not Path(CONFIG_PATH).is_relative_to(a.spec.data_dir)
+    script = f"echo '{{}}' > {CONFIG_PATH}; mv {CONFIG_PATH} /etc/openclaw/moved"
+    result = local_backend.exec(a.spec, a.state, ["sh", "-c", script])
+    assert result.stderr.count("Read-only file system") == 2, result.stderr
+    assert "gateway" in local_backend.exec(a.spec, a.state, ["cat", CONFIG_PATH]).stdout
+    host = Path(a.state["run_dir"]) / "files" / "etc__openclaw__openclaw.json"
+    assert (host.stat().st_uid, host.stat().st_gid, host.stat().st_mode & 0o777) == (
+        0,
+        a.state["uid"],
+        0o640,
+    )
 
 
 def test_it_refuses_a_default_model_it_does_not_offer(tmp_path: Path) -> None:
@@ -272,9 +292,10 @@ def test_it_hides_the_other_sandboxs_files(
     local_backend: LocalBackend, gateways: list[Running]
 ) -> None:
     a, b = gateways
-    own = local_backend.exec(a.spec, a.state, ["cat", str(config_path(a.spec.data_dir))])
+    own = local_backend.exec(a.spec, a.state, ["cat", str(a.spec.data_dir / "logs/openclaw.log")])
     assert own.exit_code == 0 and "gateway" in own.stdout
-    other = local_backend.exec(a.spec, a.state, ["cat", str(config_path(b.spec.data_dir))])
+    assert (b.spec.data_dir / "logs/openclaw.log").is_file()
+    other = local_backend.exec(a.spec, a.state, ["cat", str(b.spec.data_dir / "logs/openclaw.log")])
     assert other.exit_code != 0
     assert "No such file" in other.stderr
     listing = local_backend.exec(a.spec, a.state, ["ls", str(b.spec.data_dir.parent)])

@@ -35,6 +35,10 @@ class SandboxSpec:
     internet: bool = False
     ai_gateway_port: int | None = None  # host loopback port the sandbox may reach as 127.0.0.1
     gateway_port: int = 18789  # the port the OpenClaw gateway listens on inside the sandbox
+    # Read-only files for the sandbox: absolute path inside it (outside data_dir) -> text. The
+    # backend keeps them where the sandbox cannot write (never in data_dir, which the sandbox
+    # controls) and mounts them read-only, so the sandbox can read but never swap them.
+    files: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -18,6 +18,14 @@ Process tree of one sandbox (host view)::
   (``--no-map-gw``), so the host's loopback stays out of reach.
 * The supervisor writes its own pid into the sandbox's cgroups before exec'ing pasta, so pasta,
   bwrap, the gateway and every process they start are capped and accounted together.
+* Root never follows a path the sandbox controls. The sandbox owns its data dir and may plant any
+  link there, so root touches it only through ``safefs`` (``O_NOFOLLOW`` directory fds, ``*at``
+  calls): the chown walk before a start, the directories made for the gateway, the size walk in
+  ``stats``. Files root writes for the sandbox (its /etc, ``spec.files`` such as the OpenClaw
+  config, the seccomp filter, the log and exit code) live in the root-owned run dir and are
+  mounted read-only.
+* Commands run with ``exec`` enter the sandbox's namespaces and cgroups as its user, under the
+  same seccomp filter as the gateway.
 * Everything needed to re-attach (pids with their start times, ports, cgroup paths, run dir) is in
   the state dict ``start`` returns; no method relies on memory of an earlier call.
 """
@@ -39,7 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sandboxes.backends import cgroups
+from sandboxes.backends import cgroups, safefs
 from sandboxes.backends.base import (
     BackendError,
     ExecResult,
@@ -50,7 +58,7 @@ from sandboxes.backends.base import (
     SandboxSpec,
     Stats,
 )
-from sandboxes.backends.seccomp import seccomp_program
+from sandboxes.backends.seccomp import seccomp_program, under_filter
 from sandboxes.openclaw.runtime import node_binary, openclaw_entry
 
 SANDBOX_UID = 1000  # the uid/gid processes have inside every sandbox
@@ -58,6 +66,7 @@ DNS_FORWARD_ADDR = "169.254.1.53"  # pasta answers DNS here when the sandbox has
 LOG_NAME = "gateway.log"
 EXIT_NAME = "exit_code"
 SECCOMP_NAME = "seccomp.bpf"
+FILES_NAME = "files"  # spec.files, mounted read-only
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # Detached supervisor. $1 log, $2 exit file, rest = argv. The subshell is backgrounded and the
@@ -212,18 +221,33 @@ class LocalBackend(SandboxBackend):
         if program:
             (run_dir / SECCOMP_NAME).write_bytes(program)
             os.chmod(run_dir / SECCOMP_NAME, 0o644)
+        self._write_files(spec, run_dir, uid)
         log = run_dir / LOG_NAME
         if log.exists():
             log.replace(run_dir / f"{LOG_NAME}.1")
         (run_dir / EXIT_NAME).unlink(missing_ok=True)
-        _chown_tree(spec.data_dir, uid)
-        os.chmod(spec.data_dir, 0o700)
+        try:
+            safefs.chown_tree(spec.data_dir, uid, uid, root_mode=0o700)
+        except OSError as exc:
+            raise BackendError(f"The sandbox data directory {spec.data_dir}: {exc}") from exc
         for parent in spec.data_dir.resolve().parents:
             if not os.stat(parent).st_mode & 0o001:
                 raise BackendError(
                     f"{parent} is not searchable by other users, so the sandbox uid cannot "
                     f"reach its data directory: chmod o+x {parent}"
                 )
+
+    def _write_files(self, spec: SandboxSpec, run_dir: Path, uid: int) -> None:
+        """Write ``spec.files`` into the run dir (root's), readable by the sandbox's group only."""
+        files = run_dir / FILES_NAME
+        shutil.rmtree(files, ignore_errors=True)
+        files.mkdir()
+        os.chmod(files, 0o755)  # noqa: S103 - the sandbox uid opens its files from here
+        for inside, text in spec.files.items():
+            host = files / _file_key(spec, inside)
+            host.write_text(text)
+            os.chown(host, 0, uid)
+            os.chmod(host, 0o640)
 
     def _fresh_cgroups(self, spec: SandboxSpec) -> cgroups.CgroupPaths:
         def create() -> cgroups.CgroupPaths:
@@ -387,6 +411,8 @@ class LocalBackend(SandboxBackend):
             args += ["--ro-bind", str(etc / name), f"/etc/{name}"]
         for shared in ("ssl", "ca-certificates", "alternatives", "localtime", "ld.so.cache"):
             args += ["--ro-bind-try", f"/etc/{shared}", f"/etc/{shared}"]
+        for inside in spec.files:
+            args += ["--ro-bind", str(run_dir / FILES_NAME / _file_key(spec, inside)), inside]
         args += [
             "--proc",
             "/proc",
@@ -582,8 +608,12 @@ class LocalBackend(SandboxBackend):
         ]
         env = self.sandbox_env(spec)
         env["HERMIT_CGROUP_PROCS"] = " ".join(cgroups.procs_files(state["cgroups"]))
+        argv = ["/bin/sh", "-c", _JOIN, "hermit-exec", *nsenter]
+        seccomp = Path(state["run_dir"]) / SECCOMP_NAME
+        if seccomp_program():
+            argv = under_filter(seccomp, argv)
         proc = subprocess.Popen(
-            ["/bin/sh", "-c", _JOIN, "hermit-exec", *nsenter],
+            argv,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -637,7 +667,7 @@ class LocalBackend(SandboxBackend):
             memory_bytes=memory,
             memory_limit_bytes=limit,
             cpu_seconds=cgroups.cpu_seconds(paths) if paths else 0.0,
-            disk_bytes=_disk_usage(spec.data_dir),
+            disk_bytes=safefs.disk_usage(spec.data_dir),
             oom_kills=cgroups.oom_kills(paths) if paths else 0,
         )
 
@@ -732,28 +762,19 @@ def _listening(pid: int, port: int) -> bool:
     return False
 
 
-def _chown_tree(root: Path, uid: int) -> None:
-    """Give every entry under ``root`` to ``uid`` (skipping those it already owns)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-            st = os.lstat(name)
-            if st.st_uid != uid or st.st_gid != uid:
-                os.lchown(name, uid, uid)
-
-
-def _disk_usage(root: Path) -> int:
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-    return total
+def _file_key(spec: SandboxSpec, inside: str) -> str:
+    """Return the run-dir file name for the read-only file at ``inside``; refuse odd paths."""
+    path = Path(inside)
+    if (
+        not path.is_absolute()
+        or ".." in path.parts
+        or str(path) != inside
+        or len(path.parts) < 3
+        or path.is_relative_to(spec.data_dir)
+        or path.parts[1] in ("proc", "dev", "tmp")
+    ):
+        raise BackendError(f"Cannot place a read-only file at {inside!r} in a sandbox.")
+    return inside.strip("/").replace("/", "__")
 
 
 def _tail(path: Path, lines: int) -> str:

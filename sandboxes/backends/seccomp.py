@@ -7,6 +7,10 @@ eBPF, perf events, userfaultfd, io_uring, cross-process memory access, and the m
 clock and swap calls. Denied calls fail with EPERM, so programs that probe for them (libuv tries
 io_uring first) fall back cleanly. Syscalls of other ABIs (x32, i386) are denied outright.
 
+The gateway gets the filter from ``bwrap --seccomp``; a command the backend runs inside a running
+sandbox (``exec``) gets the same one from ``under_filter``, installed before it enters the
+sandbox's namespaces, so no process in a sandbox runs without it.
+
 Only x86_64 is supported. ``seccomp_program()`` returns None elsewhere and the sandbox runs
 without the filter.
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 import errno
 import platform
 import struct
+import sys
+from pathlib import Path
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
@@ -93,3 +99,25 @@ def seccomp_program() -> bytes | None:
         program.append(_insn(_JEQ_K, remaining + 1, 0, number))
     program += [_insn(_RET_K, 0, 0, _RET_ALLOW), _insn(_RET_K, 0, 0, _RET_EPERM)]
     return b"".join(program)
+
+
+# Install the filter in $1 (after no_new_privs), then exec $2... . Runs as root on the host.
+_INSTALL_AND_EXEC = r"""
+import ctypes, os, sys
+program = open(sys.argv[1], "rb").read()
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+prog = Prog(len(program) // 8, program)
+libc = ctypes.CDLL(None, use_errno=True)
+ulong = ctypes.c_ulong
+libc.prctl.argtypes = [ctypes.c_int, ulong, ctypes.c_void_p, ulong, ulong]
+# PR_SET_NO_NEW_PRIVS = 38, PR_SET_SECCOMP = 22, SECCOMP_MODE_FILTER = 2
+if libc.prctl(38, 1, None, 0, 0) or libc.prctl(22, 2, ctypes.addressof(prog), 0, 0):
+    sys.exit("cannot install the seccomp filter: " + os.strerror(ctypes.get_errno()))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def under_filter(program_file: Path, argv: list[str]) -> list[str]:
+    """Return an argv that runs ``argv`` (absolute program path) under the filter in the file."""
+    return [sys.executable, "-c", _INSTALL_AND_EXEC, str(program_file), *argv]

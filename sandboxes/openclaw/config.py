@@ -6,6 +6,12 @@ gateway token and the AI gateway credential are written as ``${OPENCLAW_GATEWAY_
 travel only in the environment built by ``sandbox_env``. OpenClaw refuses to start on unknown keys,
 so every key here is one the pinned version (2026.9.6) accepts.
 
+The config file is not in the data dir: the sandbox owns that directory and could plant links
+there for root to follow. ``build_spec`` hands the rendered text to the backend as a read-only file
+at ``CONFIG_PATH`` (``SandboxSpec.files``); the gateway reads it through ``OPENCLAW_CONFIG_PATH``
+and cannot change it (OpenClaw keeps devices, approvals and cron jobs in SQLite under its state
+dir, so it runs with a read-only config; ``openclaw config set`` inside the sandbox fails).
+
 Inside the sandbox the gateway binds loopback. The portal reaches it through the backend's port
 forward (pasta splices host-loopback connections onto the sandbox's loopback), so the gateway sees
 the portal as a loopback client: with the shared token such a client is auto-approved as a device.
@@ -18,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sandboxes.backends import safefs
+
 PROVIDER_ID = "hermit"
 STATE_SUBDIR = "state"
 AGENT_ID = "main"
+CONFIG_PATH = "/etc/openclaw/openclaw.json"  # inside the sandbox: read-only, outside the data dir
+SUBDIRS = ("home", "tmp", "logs", "cache", STATE_SUBDIR)
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,10 @@ def state_dir(data_dir: Path) -> Path:
 
 
 def config_path(data_dir: Path) -> Path:
-    """Return where the rendered config must be written (``$OPENCLAW_STATE_DIR/openclaw.json``)."""
+    """Return OpenClaw's default config path, ``$OPENCLAW_STATE_DIR/openclaw.json``.
+
+    Only for a gateway run outside a sandbox (benches, tests): a sandbox reads ``CONFIG_PATH``.
+    """
     return state_dir(data_dir) / "openclaw.json"
 
 
@@ -118,18 +131,20 @@ def sandbox_env(
     data_dir: Path,
     gateway_token: str,
     ai_key: str,
+    config_file: str | None = None,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Return the gateway's environment: paths inside the data dir, the two secrets, quiet flags.
 
-    Every path is inside ``data_dir`` (the sandbox's only persistent writable directory), so
-    nothing the gateway writes escapes it except lock files under the sandbox's private /tmp.
+    Every writable path is inside ``data_dir`` (the sandbox's only persistent writable
+    directory), so nothing the gateway writes escapes it except lock files under the sandbox's
+    private /tmp. ``config_file`` (a sandbox passes ``CONFIG_PATH``) becomes
+    ``OPENCLAW_CONFIG_PATH``; without it OpenClaw reads ``config_path(data_dir)``.
     """
     data_dir = Path(data_dir)
     env = {
         "HOME": str(data_dir / "home"),
         "OPENCLAW_STATE_DIR": str(state_dir(data_dir)),
-        "OPENCLAW_CONFIG_PATH": str(config_path(data_dir)),
         "TMPDIR": str(data_dir / "tmp"),
         "NODE_COMPILE_CACHE": str(data_dir / "cache" / "node-compile-cache"),
         "OPENCLAW_GATEWAY_TOKEN": gateway_token,
@@ -141,12 +156,18 @@ def sandbox_env(
         "LANG": "C.UTF-8",
         "TZ": "UTC",
     }
+    if config_file:
+        env["OPENCLAW_CONFIG_PATH"] = config_file
     env.update(extra or {})
     return env
 
 
 def prepare_data_dir(data_dir: Path) -> None:
-    """Create the directories ``sandbox_env`` points at (the gateway does not create them all)."""
+    """Create the directories ``sandbox_env`` points at (the gateway does not create them all).
+
+    Runs as root on a directory the sandbox controls, so through ``safefs``: a link the sandbox
+    left in place of one of them is removed, never followed.
+    """
     data_dir = Path(data_dir)
-    for sub in ("home", "tmp", "logs", "cache", STATE_SUBDIR):
-        (data_dir / sub).mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    safefs.make_subdirs(data_dir, SUBDIRS)

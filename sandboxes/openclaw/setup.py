@@ -1,9 +1,13 @@
-"""Turn a Sandbox row into a backend SandboxSpec: config file, environment, limits."""
+"""Turn a Sandbox row into a backend SandboxSpec: config file, environment, limits.
+
+Runs as root, before every start, on a data dir the sandbox controls. It writes nothing there:
+the rendered config travels in the spec (``SandboxSpec.files``) and the backend mounts it
+read-only outside the data dir; the data dir's directories are made through ``safefs``.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from django.conf import settings
@@ -15,10 +19,10 @@ from sandboxes.openclaw import config
 
 
 def build_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec:
-    """Write the sandbox's OpenClaw config (no secrets in it) and return the spec to start it.
+    """Return the spec to start the sandbox, with its OpenClaw config (no secrets in it).
 
-    Mints a fresh AI-gateway credential for this start: only its hash is stored, and the
-    plaintext lives only in the gateway's environment.
+    Makes the data dir's directories. Mints a fresh AI-gateway credential for this start: only
+    its hash is stored, and the plaintext lives only in the gateway's environment.
     """
     from billing.ai_gateway.credentials import rotate_credential
 
@@ -31,17 +35,22 @@ def build_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec
         default_model=settings.HERMIT_DEFAULT_MODEL,
         allowed_origins=[settings.SITE_URL],
     )
-    _write_private(config.config_path(data_dir), json.dumps(rendered, indent=2))
     env = config.sandbox_env(
         data_dir=data_dir,
         gateway_token=sandbox.gateway_token,
         ai_key=rotate_credential(sandbox),
+        config_file=config.CONFIG_PATH,
     )
-    return _spec(sandbox, plan, Path(image.path), env)
+    files = {config.CONFIG_PATH: json.dumps(rendered, indent=2)}
+    return _spec(sandbox, plan, Path(image.path), env, files)
 
 
 def _spec(
-    sandbox: Sandbox, plan: Plan | None, runtime_dir: Path, env: dict[str, str]
+    sandbox: Sandbox,
+    plan: Plan | None,
+    runtime_dir: Path,
+    env: dict[str, str],
+    files: dict[str, str] | None = None,
 ) -> SandboxSpec:
     return SandboxSpec(
         sandbox_id=sandbox.pk,
@@ -54,6 +63,7 @@ def _spec(
         pids_max=plan.pids_max if plan else 0,
         internet=plan.internet if plan else False,
         ai_gateway_port=settings.HERMIT_AI_GATEWAY_PORT,
+        files=files or {},
     )
 
 
@@ -61,11 +71,3 @@ def minimal_spec(sandbox: Sandbox) -> SandboxSpec:
     """A spec good enough to stop, poll or inspect a running sandbox, built without the
     database or the runtime (which may be gone)."""
     return _spec(sandbox, None, Path("/nonexistent"), {})
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o640)
-    tmp.replace(path)
