@@ -6,6 +6,7 @@ run:  ## install what is missing, migrate, build the runtime, start everything
 test:  ## lint, types, migrations check and the whole test suite
 	bin/test
 
+bench: export DEBUG ?= True
 bench:
 	.venv/bin/python bench/cold_start.py && .venv/bin/python bench/chat_relay.py && .venv/bin/python bench/ai_gateway.py
 

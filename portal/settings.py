@@ -1,11 +1,14 @@
 """Hermit settings: one module, driven by environment variables.
 
-With no environment set, everything runs on one machine with no services: SQLite (WAL), a
-filesystem Celery broker, the in-memory channel layer, the local sandbox backend, mail to the
-console. Setting a variable switches a service on.
+DEBUG defaults to False: a deploy that forgets a variable refuses to start rather than run with
+development secrets. `make run` and `make test` export DEBUG=True themselves, and pytest and mypy
+load portal.settings_dev, which does the same. With DEBUG=True and nothing else set, everything
+runs on one machine with no services: SQLite (WAL), a filesystem Celery broker, the in-memory
+channel layer, the local sandbox backend, mail to the console. Setting a variable switches a
+service on. The SQLite file and the broker folder are private to the portal's user (0600, 0700).
 
 Production must set:
-    SECRET_KEY (or SECRET_KEY_FILE), DEBUG=False, ALLOWED_HOSTS, SITE_URL (https://...),
+    SECRET_KEY (or SECRET_KEY_FILE), ALLOWED_HOSTS, SITE_URL (https://...),
     DATABASE_URL, REDIS_URL, HERMIT_ENCRYPTION_KEYS (or _FILE), EMAIL_URL-style EMAIL_* settings.
 Every secret setting NAME may instead be read from the file named by NAME_FILE.
 """
@@ -54,10 +57,13 @@ def envlist(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in env(name, default).split(",") if item.strip()]
 
 
-DEBUG = envbool("DEBUG", "True")
+DEBUG = envbool("DEBUG", "False")
 SECRET_KEY = env("SECRET_KEY", "insecure-dev-key-only-for-local-use" if DEBUG else "")
 if not SECRET_KEY:
-    raise ValueError("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is False")
+    raise ValueError(
+        "SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is False (the default; "
+        "set DEBUG=True for development)"
+    )
 
 SITE_URL = env("SITE_URL", "http://127.0.0.1:8000").rstrip("/")
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver" if DEBUG else "")
@@ -78,12 +84,36 @@ def _default_data_dir() -> Path:
     return Path("/var/lib/hermit") / hashlib.sha256(str(BASE_DIR).encode()).hexdigest()[:12]
 
 
+def _make_private(path: Path, mode: int) -> None:
+    """Take group and other access away from path, if it is ours and they have any."""
+    st = path.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        path.chmod(mode)
+
+
+def _private_dir(path: Path) -> Path:
+    """Create the directory path (and its parents) and make it 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_private(path, 0o700)
+    return path
+
+
+def _private_sqlite(path: Path) -> None:
+    """Create the SQLite file 0600 before SQLite first opens it (SQLite gives its -wal and -shm
+    files the database file's mode), and make an existing one and its -wal/-shm 0600."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        if (path.parent / name).exists():
+            _make_private(path.parent / name, 0o600)
+
+
+# The data dir stays enterable (sandbox data dirs live below it); what is in it is private.
 HERMIT_DATA_DIR = Path(env("HERMIT_DATA_DIR", str(_default_data_dir()))).resolve()
 HERMIT_DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "portal.apps.HermitAdminConfig",  # django.contrib.admin, signing in through allauth + TOTP
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -114,6 +144,9 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "portal.urls"
+# The debug page hides URLs, DSNs and broker settings, and the password in any URL it shows.
+DEFAULT_EXCEPTION_REPORTER = "portal.lib.debug.SafeReporter"
+DEFAULT_EXCEPTION_REPORTER_FILTER = "portal.lib.debug.SafeReporterFilter"
 ASGI_APPLICATION = "portal.asgi.application"
 WSGI_APPLICATION = None
 
@@ -141,6 +174,7 @@ if DATABASE_URL:
     # Test databases are per test process, so test runs on one machine never collide.
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 else:
+    _private_sqlite(HERMIT_DATA_DIR / "hermit.sqlite3")
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
@@ -174,8 +208,9 @@ if REDIS_URL:
     }
 else:
     CELERY_BROKER_URL = "filesystem://"
+    _private_dir(CELERY_BROKER_DIR)
     for sub in ("in", "processed", "control"):
-        (CELERY_BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
+        _private_dir(CELERY_BROKER_DIR / sub)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(CELERY_BROKER_DIR / "in"),
         "data_folder_out": str(CELERY_BROKER_DIR / "in"),

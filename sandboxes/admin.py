@@ -1,4 +1,9 @@
-"""Staff views: every sandbox, runtime image and event, with actions that are recorded."""
+"""Staff views: every sandbox, runtime image and event, with actions that are recorded.
+
+Actions need a permission beyond viewing: start, stop and restart need
+``sandboxes.operate_sandbox``; making a runtime image current needs ``change_runtimeimage``.
+View-only staff neither see them nor can post them (Django checks ``allowed_permissions`` on both).
+"""
 
 from __future__ import annotations
 
@@ -36,11 +41,6 @@ def _staff_request(request: HttpRequest, queryset: QuerySet[Sandbox], what: str,
     messages.info(request, f"Requested {what} for {queryset.count()} sandbox(es).")
 
 
-admin.site.site_header = "Hermit administration"
-admin.site.site_title = "Hermit admin"
-admin.site.index_title = "Users, plans, sandboxes and the AI gateway"
-
-
 @admin.register(Sandbox)
 class SandboxAdmin(admin.ModelAdmin[Sandbox]):
     list_display = ("__str__", "owner", "state", "runtime", "last_activity_at", "updated_at")
@@ -60,15 +60,21 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
     list_select_related = ("owner", "runtime")
     actions = ["start", "stop", "restart"]
 
-    @admin.action(description="Start selected sandboxes")
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("sandboxes.operate_sandbox")
+
+    @admin.action(description="Start selected sandboxes", permissions=["operate"])
     def start(self, request: HttpRequest, queryset: QuerySet[Sandbox]) -> None:
         _staff_request(request, queryset, "start", tasks.start_sandbox)
 
-    @admin.action(description="Stop selected sandboxes")
+    @admin.action(description="Stop selected sandboxes", permissions=["operate"])
     def stop(self, request: HttpRequest, queryset: QuerySet[Sandbox]) -> None:
         _staff_request(request, queryset, "stop", tasks.stop_sandbox)
 
-    @admin.action(description="Restart selected sandboxes (moves them to the current runtime)")
+    @admin.action(
+        description="Restart selected sandboxes (moves them to the current runtime)",
+        permissions=["operate"],
+    )
     def restart(self, request: HttpRequest, queryset: QuerySet[Sandbox]) -> None:
         _staff_request(request, queryset, "restart", tasks.restart_sandbox)
 
@@ -102,7 +108,10 @@ class RuntimeImageAdmin(admin.ModelAdmin[RuntimeImage]):
     search_fields = ("openclaw_version", "path")
     actions = ["make_current"]
 
-    @admin.action(description="Make current (upgrade or roll back; sandboxes move on next start)")
+    @admin.action(
+        description="Make current (upgrade or roll back; sandboxes move on next start)",
+        permissions=["change"],
+    )
     def make_current(self, request: HttpRequest, queryset: QuerySet[RuntimeImage]) -> None:
         if queryset.count() != 1:
             messages.error(request, "Choose exactly one runtime image.")

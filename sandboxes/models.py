@@ -73,6 +73,7 @@ class Sandbox(models.Model):
 
     class Meta:
         verbose_name_plural = "sandboxes"
+        permissions = [("operate_sandbox", "Can start, stop and restart sandboxes")]
         constraints = [
             models.UniqueConstraint(fields=["owner", "name"], name="one_sandbox_name_per_owner")
         ]

@@ -88,9 +88,22 @@ def bob(db: None):
 
 @pytest.fixture
 def staff(db: None):
+    """A superuser with TOTP: ``client.force_login(staff)`` opens the admin."""
     from tests.factories import make_user
+    from tests.mfa import enroll_totp
 
-    return make_user("staff@example.com", is_staff=True, is_superuser=True)
+    user = make_user("staff@example.com", is_staff=True, is_superuser=True)
+    enroll_totp(user)
+    return user
+
+
+@pytest.fixture
+def client():
+    """Django's test client, whose force_login also passes a TOTP step for users who have
+    TOTP (the admin requires it), as a real login through allauth would."""
+    from tests.mfa import MfaClient
+
+    return MfaClient()
 
 
 @pytest.fixture(scope="session", autouse=True)
