@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -23,6 +24,13 @@ class Plan(models.Model):
     )
     monthly_token_quota = models.BigIntegerField(
         default=1_000_000, help_text="Model tokens a month through the AI gateway; 0 = unlimited."
+    )
+    monthly_spend_limit = models.DecimalField(
+        max_digits=10,
+        decimal_places=2,
+        default=Decimal("1.00"),
+        help_text="USD of model calls a month on Hermit's keys, priced from the AI gateway's "
+        "price table; 0 = unlimited.",
     )
     requests_per_minute = models.PositiveIntegerField(default=20)
     memory_mb = models.PositiveIntegerField(default=1536)
@@ -67,6 +75,7 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "sleeps": True,
         "sleep_after": timedelta(minutes=15),
         "monthly_token_quota": 1_000_000,
+        "monthly_spend_limit": Decimal("1.00"),
         "requests_per_minute": 20,
         "memory_mb": 1536,
         "cpu_millis": 1000,
@@ -80,6 +89,7 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "sleeps": False,
         "sleep_after": None,
         "monthly_token_quota": 20_000_000,
+        "monthly_spend_limit": Decimal("20.00"),
         "requests_per_minute": 120,
         "memory_mb": 2048,
         "cpu_millis": 2000,

@@ -22,7 +22,8 @@ def month_usage(user: Any, now: datetime | None = None) -> dict[str, Any]:
 
     Keys: ``input_tokens``, ``output_tokens``, ``tokens`` (metered, input + output), ``cost``
     (Decimal, metered calls), ``byok_tokens``, ``requests``, ``quota`` (0 = unlimited),
-    ``percent`` (0-100, of the quota; 0 when unlimited), ``exhausted`` (bool),
+    ``percent`` (0-100, of the quota; 0 when unlimited), ``spend_limit`` (Decimal USD, 0 =
+    unlimited), ``spend_percent`` (0-100), ``exhausted`` (bool: either limit reached),
     ``period_start`` and ``resets_at`` (aware UTC datetimes).
     """
     start = month_start(now)
@@ -38,18 +39,24 @@ def month_usage(user: Any, now: datetime | None = None) -> dict[str, Any]:
     input_tokens = totals["metered_in"] or 0
     output_tokens = totals["metered_out"] or 0
     tokens = input_tokens + output_tokens
-    quota = plan_for(user).monthly_token_quota
+    plan = plan_for(user)
+    quota, spend_limit = plan.monthly_token_quota, plan.monthly_spend_limit
+    cost = totals["metered_cost"] or Decimal(0)
     percent = min(100, int(tokens * 100 / quota)) if quota else 0
+    spend_percent = min(100, int(cost * 100 / spend_limit)) if spend_limit else 0
     return {
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "tokens": tokens,
-        "cost": totals["metered_cost"] or Decimal(0),
+        "cost": cost,
+        "spend_limit": spend_limit,
+        "spend_percent": spend_percent,
         "byok_tokens": (totals["byok_in"] or 0) + (totals["byok_out"] or 0),
         "requests": totals["calls"] or 0,
         "quota": quota,
         "percent": percent,
-        "exhausted": bool(quota) and tokens >= quota,
+        "exhausted": (bool(quota) and tokens >= quota)
+        or (bool(spend_limit) and cost >= spend_limit),
         "period_start": start,
         "resets_at": next_month_start(now),
     }

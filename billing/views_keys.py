@@ -1,8 +1,9 @@
 """The user's settings page for their own model provider keys (BYOK).
 
-Keys are stored encrypted (``UserProviderKey.api_key``) and shown only masked afterwards. When
-a key is saved for a provider, the AI gateway sends that user's calls to that provider with it
-instead of the operator's key, and those calls do not count against the plan's token quota.
+Keys are stored encrypted (``UserProviderKey.api_key``) and shown only masked afterwards. A key
+is saved only once the provider accepted it (see ``ProviderKeyForm``). The AI gateway then sends
+that user's calls to that provider with it instead of the operator's key, on upstreams that take
+user keys, and those calls do not count against the plan's quota.
 """
 
 from __future__ import annotations

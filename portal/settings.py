@@ -20,6 +20,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dj_database_url
 import django_stubs_ext
@@ -68,6 +69,20 @@ if not SECRET_KEY:
 SITE_URL = env("SITE_URL", "http://127.0.0.1:8000").rstrip("/")
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver" if DEBUG else "")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", SITE_URL)
+# The Control UI (HTML and JS a sandbox controls) is served from its own origin, never the
+# portal's: in production a host on another registrable domain than SITE_URL (e.g.
+# https://hermit-ui.example.net), so it shares neither cookies nor site with the portal. The
+# default is another host name and port of this machine (localhost is another site than
+# 127.0.0.1); bin/run serves it.
+HERMIT_CONTROL_UI_URL = env("HERMIT_CONTROL_UI_URL", "http://localhost:8002").rstrip("/")
+_control_ui = urlsplit(HERMIT_CONTROL_UI_URL)
+_site = urlsplit(SITE_URL)
+if _control_ui.scheme not in ("http", "https") or not _control_ui.hostname:
+    raise ValueError(f"HERMIT_CONTROL_UI_URL must be an http(s) URL: {HERMIT_CONTROL_UI_URL!r}")
+if (_control_ui.scheme, _control_ui.netloc.lower()) == (_site.scheme, _site.netloc.lower()):
+    raise ValueError("HERMIT_CONTROL_UI_URL must be another origin than SITE_URL")
+if _control_ui.hostname not in ALLOWED_HOSTS:
+    ALLOWED_HOSTS.append(_control_ui.hostname)
 
 
 def _reachable_by_sandboxes(path: Path) -> bool:
@@ -132,6 +147,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "portal.middleware.control_ui_origin",  # first: the Control UI origin's own URLs
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -316,6 +332,22 @@ HERMIT_OPENAI_API_KEY = env("HERMIT_OPENAI_API_KEY")
 HERMIT_OPENAI_BASE_URL = env("HERMIT_OPENAI_BASE_URL", "https://api.openai.com/v1")
 HERMIT_ANTHROPIC_API_KEY = env("HERMIT_ANTHROPIC_API_KEY")
 HERMIT_ANTHROPIC_BASE_URL = env("HERMIT_ANTHROPIC_BASE_URL", "https://api.anthropic.com")
+# AI gateway limits: calls one user may have under way at once (0 = no cap); how long a call's
+# quota reservation lives if its process dies; how long the gateway keeps reading (and billing)
+# an upstream answer after the client went away; the output assumed for a call that sets no
+# max_tokens, when reserving quota.
+HERMIT_AI_MAX_CONCURRENT_CALLS = envint("HERMIT_AI_MAX_CONCURRENT_CALLS", "8")
+HERMIT_AI_LEASE_SECONDS = envint("HERMIT_AI_LEASE_SECONDS", "900")
+HERMIT_AI_DRAIN_SECONDS = envint("HERMIT_AI_DRAIN_SECONDS", "300")
+HERMIT_AI_DEFAULT_MAX_OUTPUT = envint("HERMIT_AI_DEFAULT_MAX_OUTPUT", "4096")
+# On the operator's keys: the anthropic-beta values passed upstream, and the provider-side tool
+# types (globs, e.g. web_search_*) allowed; anything else is refused with a 400.
+HERMIT_AI_ANTHROPIC_BETAS = envlist(
+    "HERMIT_AI_ANTHROPIC_BETAS",
+    "prompt-caching-2024-07-31,token-efficient-tools-2025-02-19,"
+    "fine-grained-tool-streaming-2025-05-14,interleaved-thinking-2025-05-14",
+)
+HERMIT_AI_SERVER_TOOLS = envlist("HERMIT_AI_SERVER_TOOLS")
 HERMIT_AUTO_PROVISION = envbool("HERMIT_AUTO_PROVISION", "True")
 
 LANGUAGE_CODE = "en-us"

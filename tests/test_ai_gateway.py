@@ -85,17 +85,17 @@ class Gateway:
 
 @pytest.fixture
 def upstreams(model_server: FakeModelServer) -> dict[str, Upstream]:
-    Price.objects.create(
-        model="gpt-4o-mini", input_per_million=Decimal("0.15"),
-        cached_input_per_million=Decimal("0.075"), output_per_million=Decimal("0.60"),
-    )  # fmt: skip
-    Price.objects.create(
-        model="claude-*", input_per_million=Decimal(3), cached_input_per_million=Decimal("0.3"),
-        output_per_million=Decimal(15),
-    )  # fmt: skip
+    Price.objects.update_or_create(model="gpt-4o-mini", defaults=dict(
+        input_per_million=Decimal("0.15"), cached_input_per_million=Decimal("0.075"),
+        output_per_million=Decimal("0.60")))  # fmt: skip
+    Price.objects.update_or_create(model="claude-*", defaults=dict(
+        input_per_million=Decimal(3), cached_input_per_million=Decimal("0.3"),
+        output_per_million=Decimal(15)))  # fmt: skip
     return {
-        "openai": make_upstream(model_server, "openai", "fake-openai"),
-        "anthropic": make_upstream(model_server, "anthropic", "fake-anthropic"),
+        "openai": make_upstream(model_server, "openai", "fake-openai", accepts_user_keys=True),
+        "anthropic": make_upstream(
+            model_server, "anthropic", "fake-anthropic", accepts_user_keys=True
+        ),
     }
 
 
@@ -234,7 +234,8 @@ def test_it_refuses_calls_once_the_quota_is_used(gateway: Gateway, model_server:
     plan.monthly_token_quota = 1000
     plan.save()
     model_server.script(prompt_tokens=900, completion_tokens=100)
-    assert gateway.openai(openai_body()).status_code == 200  # 1000 of 1000 used
+    # Reserved up front: ~30 tokens of request and 50 of output fit in 1000.
+    assert gateway.openai(openai_body(max_tokens=50)).status_code == 200  # 1000 of 1000 used
     wait_for_records(1)
     openai = gateway.openai(openai_body())
     assert openai.status_code == 429
@@ -310,23 +311,66 @@ def test_it_passes_a_final_upstream_error_through(
     assert (row.outcome, row.status_code) == ("error", 500)
 
 
-def test_it_cancels_the_upstream_when_the_client_disconnects(
-    gateway: Gateway, model_server: FakeModelServer
-) -> None:
-    model_server.script(reply="x" * 100, chunks=100, delay=0.1, prompt_tokens=40)
-    with gateway.http.stream(
-        "POST", f"{gateway.base}/ai/v1/messages", json=anthropic_body(),
-        headers={"x-api-key": gateway.key, "anthropic-version": "2023-06-01"},
-    ) as response:  # fmt: skip
+def stream_then_hang_up(gateway: Gateway, api: str, body: dict[str, Any]) -> None:
+    """Start a streaming call, read until the first content delta, then drop the connection."""
+    if api == "openai":
+        url, headers = "/ai/v1/chat/completions", {"Authorization": f"Bearer {gateway.key}"}
+    else:
+        url = "/ai/v1/messages"
+        headers = {"x-api-key": gateway.key, "anthropic-version": "2023-06-01"}
+    with gateway.http.stream("POST", gateway.base + url, json=body, headers=headers) as response:
         for chunk in response.iter_raw():
-            if b"content_block_delta" in chunk:
+            if b"delta" in chunk and b"content" in chunk:
                 break
-    gateway.http.close()  # drop the connection mid-stream
-    assert model_server.disconnected.wait(5), "the upstream request was not cancelled"
-    assert model_server.completed == 0
+    gateway.http.close()
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_it_bills_a_client_that_disconnects_mid_stream(
+    gateway: Gateway, model_server: FakeModelServer, api: str
+) -> None:
+    model_server.script(reply="x" * 40, chunks=40, delay=0.03, prompt_tokens=120_000,
+                        completion_tokens=16_000)  # fmt: skip
+    body = openai_body() if api == "openai" else anthropic_body()
+    if api == "openai":
+        del body["stream_options"]  # the gateway asks for usage itself
+    stream_then_hang_up(gateway, api, body)
+    [row] = wait_for_records(1, timeout=10)
+    # The gateway read the upstream to its end after the client left, and billed all of it.
+    assert model_server.completed == 1 and model_server.disconnects == 0
+    assert (row.outcome, row.input_tokens, row.output_tokens) == ("cancelled", 120_000, 16_000)
+    assert row.cost > 0
+
+
+def test_it_bills_an_estimate_when_the_drain_is_cut(
+    gateway: Gateway, model_server: FakeModelServer, settings: Any
+) -> None:
+    settings.HERMIT_AI_DRAIN_SECONDS = 0.2
+    model_server.script(reply="x" * 100, chunks=100, delay=0.05, prompt_tokens=120_000,
+                        completion_tokens=16_000)  # fmt: skip
+    body = openai_body(max_tokens=3000)
+    stream_then_hang_up(gateway, "openai", body)
+    [row] = wait_for_records(1, timeout=10)
+    assert model_server.disconnected.wait(5), "the upstream was not closed after the drain time"
+    # No usage had come yet: the request's size / 4 as input, and the call's max output.
+    assert row.outcome == "cancelled" and "estimated" in row.error
+    assert row.output_tokens == 3000
+    assert row.input_tokens == len(json.dumps(body, separators=(",", ":"))) // 4
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_it_meters_a_non_streaming_answer_over_4_mib(
+    gateway: Gateway, model_server: FakeModelServer, api: str
+) -> None:
+    model_server.script(
+        reply="y" * (5 * 1024 * 1024), prompt_tokens=321, completion_tokens=1_300_000
+    )
+    send = gateway.openai if api == "openai" else gateway.anthropic
+    body = openai_body(stream=False) if api == "openai" else anthropic_body(stream=False)
+    response = send(body)
+    assert response.status_code == 200 and len(response.content) > 5 * 1024 * 1024
     [row] = wait_for_records(1)
-    assert row.outcome == "cancelled"
-    assert row.input_tokens == 40  # message_start had arrived before the disconnect
+    assert (row.outcome, row.input_tokens, row.output_tokens) == ("ok", 321, 1_300_000)
 
 
 def test_it_uses_the_users_own_key(client: Any, gateway: Gateway, model_server: FakeModelServer,
@@ -347,6 +391,8 @@ def test_it_uses_the_users_own_key(client: Any, gateway: Gateway, model_server: 
     model_server.script(prompt_tokens=500, completion_tokens=50)
     assert gateway.openai(openai_body()).status_code == 200
     assert model_server.requests[-1].headers["Authorization"] == f"Bearer {USER_KEY}"
+    plan.monthly_token_quota = 1_000_000  # bob shares the plan; his call is operator-paid
+    plan.save()
     bob_key = rotate_credential(bob.sandboxes.get())
     assert gateway.openai(openai_body(), key=bob_key).status_code == 200
     assert model_server.requests[-1].headers["Authorization"] == f"Bearer {OPERATOR_KEY}"

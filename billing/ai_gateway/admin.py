@@ -15,6 +15,7 @@ from billing.ai_gateway.models import (
     ModelRoute,
     Price,
     SandboxCredential,
+    SpendCounter,
     Upstream,
     UsageRecord,
     UserProviderKey,
@@ -40,8 +41,10 @@ class UpstreamForm(forms.ModelForm):
 @admin.register(Upstream)
 class UpstreamAdmin(admin.ModelAdmin):
     form = UpstreamForm
-    list_display = ["name", "provider", "base_url", "is_operator", "enabled", "has_key"]
-    list_filter = ["provider", "is_operator", "enabled"]
+    list_display = [
+        "name", "provider", "base_url", "is_operator", "enabled", "accepts_user_keys", "has_key",
+    ]  # fmt: skip
+    list_filter = ["provider", "is_operator", "enabled", "accepts_user_keys"]
 
     @admin.display(boolean=True, description="Key set")
     def has_key(self, obj: Upstream) -> bool:
@@ -100,4 +103,20 @@ class UsageRecordAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(SpendCounter)
+class SpendCounterAdmin(admin.ModelAdmin):
+    """What the quota sees without Redis (with Redis, the same figures live there)."""
+
+    list_display = ["user", "month", "used_cost", "used_tokens", "in_flight", "lease_until"]
+    list_select_related = ["user"]
+    search_fields = ["user__email"]
+    readonly_fields = [
+        "user", "month", "used_cost", "used_tokens", "reserved_cost", "reserved_tokens",
+        "in_flight", "lease_until",
+    ]  # fmt: skip
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -19,6 +19,7 @@ class Kind(enum.Enum):
 
     BAD_REQUEST = (400, "invalid_request_error", None, "invalid_request_error")
     AUTH = (401, "invalid_request_error", "invalid_api_key", "authentication_error")
+    FORBIDDEN = (403, "invalid_request_error", "account_deactivated", "permission_error")
     NOT_FOUND = (404, "invalid_request_error", "model_not_found", "not_found_error")
     QUOTA = (429, "insufficient_quota", "insufficient_quota", "rate_limit_error")
     RATE_LIMIT = (429, "requests", "rate_limit_exceeded", "rate_limit_error")

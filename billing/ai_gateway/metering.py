@@ -2,7 +2,10 @@
 
 ``UsageMeter.feed`` takes raw response bytes in whatever pieces they arrive and never holds more
 than one partial line (streaming) or a capped copy of the body (non-streaming). Only lines that
-mention usage or an error are parsed as JSON, so pass-through stays cheap.
+mention usage or an error are parsed as JSON, so pass-through stays cheap. A non-streaming body
+longer than the copy keeps only its last ``TAIL`` bytes, where both providers put ``usage`` (the
+last top-level key), and usage is read from there. It also counts the SSE events that passed
+(``events``), for an estimate when a stream is cut before its usage.
 
 Normalised counts (see models.py): ``input_tokens`` includes cached prompt tokens.
 - OpenAI: the final chunk's ``usage`` (sent when ``stream_options.include_usage`` is true):
@@ -22,7 +25,9 @@ from typing import Any
 from billing.ai_gateway.models import Api
 
 _INTERESTING = re.compile(rb'"usage"\s*:\s*\{|"error"')
+_USAGE_KEY = re.compile(rb'[,{]\s*"usage"\s*:\s*(?=\{)')
 MAX_BODY_COPY = 4 * 1024 * 1024
+TAIL = 64 * 1024
 
 
 @dataclass
@@ -44,13 +49,19 @@ class UsageMeter:
         self._partial = b""
         self._body: list[bytes] = []
         self._body_size = 0
+        self._tail = b""
+        self.events = 0
 
     def feed(self, data: bytes) -> None:
         if not self.streaming:
-            if self._body_size < MAX_BODY_COPY:
+            self._body_size += len(data)
+            if self._body_size <= MAX_BODY_COPY:
                 self._body.append(data)
-                self._body_size += len(data)
+            else:
+                self._tail = (b"".join(self._body) + self._tail + data)[-TAIL:]
+                self._body = []
             return
+        self.events += data.count(b"data:")
         if not _INTERESTING.search(data) and b"\n" in data and not self._partial:
             # Fast path: nothing to read in these complete-or-partial lines; keep the tail.
             self._partial = data[data.rfind(b"\n") + 1 :]
@@ -61,12 +72,19 @@ class UsageMeter:
         for line in lines:
             self._line(line)
 
+    @property
+    def body_size(self) -> int:
+        """Bytes of a non-streaming body seen so far."""
+        return self._body_size
+
     def finish(self) -> Usage:
         """Return the usage seen; call once the response has ended (or was cut off)."""
         if self.streaming:
             if self._partial:
                 self._line(self._partial)
                 self._partial = b""
+        elif self._tail:
+            self._take(_usage_in_tail(self._tail))
         else:
             try:
                 body = json.loads(b"".join(self._body))
@@ -111,6 +129,24 @@ class UsageMeter:
             u.input_tokens = _int(usage.get("input_tokens"), 0) + read + written
             u.cached_tokens = read
         u.output_tokens = _int(usage.get("output_tokens"), u.output_tokens)
+
+
+def _usage_in_tail(tail: bytes) -> Any:
+    """Return the last top-level-looking ``"usage": {...}`` object in ``tail``, or None.
+
+    Inside JSON strings every quote is escaped, so ``"usage":`` preceded by ``,`` or ``{`` is a
+    key; the last one is the response's own (both providers put it after the content).
+    """
+    matches = list(_USAGE_KEY.finditer(tail))
+    if not matches:
+        return None
+    text = tail.decode("utf-8", "replace")
+    start = len(tail[: matches[-1].end()].decode("utf-8", "replace"))
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text, start)
+    except ValueError:
+        return None
+    return value
 
 
 def _int(value: Any, default: int) -> int:

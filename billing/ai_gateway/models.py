@@ -45,6 +45,12 @@ class Upstream(models.Model):
         help_text="Used by default for its API when no route matches a model.",
     )
     enabled = models.BooleanField(default=True)
+    accepts_user_keys = models.BooleanField(
+        default=False,
+        help_text="Users' own keys (BYOK) for this provider replace the operator key here. Turn "
+        "on only for an upstream that really checks keys (OpenAI, Anthropic): on one that "
+        "ignores them, a made-up key would mean free, unmetered use.",
+    )
     timeout_seconds = models.FloatField(
         default=120.0, help_text="Longest wait for the response to start, and between chunks."
     )
@@ -169,6 +175,34 @@ class UserProviderKey(models.Model):
         if len(key) <= 12:
             return "…" + key[-2:]
         return f"{key[:3]}…{key[-4:]}"
+
+
+class SpendCounter(models.Model):
+    """One user's model spend in one calendar month, as the quota sees it (no Redis).
+
+    ``used_*`` is what finished calls cost (micro-USD) and used (tokens), operator-paid only;
+    ``reserved_*`` and ``in_flight`` are held by calls under way, as a lease that lapses at
+    ``lease_until`` (see billing.ai_gateway.limits).
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ai_spend"
+    )
+    month = models.DateField(help_text="The first day of the month (UTC).")
+    used_cost = models.BigIntegerField(default=0, help_text="Micro-USD.")
+    used_tokens = models.BigIntegerField(default=0)
+    reserved_cost = models.BigIntegerField(default=0, help_text="Micro-USD.")
+    reserved_tokens = models.BigIntegerField(default=0)
+    in_flight = models.IntegerField(default=0)
+    lease_until = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "month"], name="one_spend_counter_a_month")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} {self.month:%Y-%m}"
 
 
 class UsageRecord(models.Model):

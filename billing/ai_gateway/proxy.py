@@ -1,34 +1,48 @@
-"""Forwarding one model call: authorise, limit, pick the upstream, stream through, meter.
+"""Forwarding one model call: authorise, admit, pick the upstream, stream through, meter.
 
-Contract of ``forward``: it always returns a response in the caller's API format and always
-writes exactly one UsageRecord for the call: when the response ends, fails, or is cancelled
-because the client went away (Django raises CancelledError into the streaming iterator; the
-upstream response is then closed, which cancels the upstream request). Bytes are relayed as
-they arrive and never buffered whole. Provider keys go only to the upstream, never into logs
-or responses.
+Contract of ``forward``: it always returns a response in the caller's API format and writes
+exactly one UsageRecord per call, whatever happens:
+1. ``authorize`` (in a worker thread): the sandbox credential (401), an active owner (403), an
+   upstream (404); on the operator's keys, only priced models (404) and only allowed
+   ``anthropic-beta`` values and provider-side tools (400). It estimates the call's worst case
+   (request bytes / 4 as input, plus its max output) and, without Redis, admits it there.
+2. Admission (``limits``): requests a minute, calls at once and the monthly quota (money and
+   tokens), reserved atomically; with Redis in one Lua round trip. Refused calls count nowhere.
+3. ``Relay``: a task of its own opens the upstream (the fallback on 5xx, timeout or connection
+   error) and reads it to its end, metering it, while the response relays chunks as they
+   arrive (never buffered whole). If the client goes away, the task keeps reading for up to
+   HERMIT_AI_DRAIN_SECONDS, so the call is billed what the provider bills; if cut off then, or
+   if no usage came, it is billed an estimate. The task then records the call and settles its
+   reservation, shielded from cancellation.
+Provider keys go only to the upstream, never into logs or responses. Client-controlled text
+(the model name) is logged with ``%r``, so it cannot forge log lines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import httpx
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection
 from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 from django.utils import timezone
 
 from billing.ai_gateway import credentials, limits
 from billing.ai_gateway.errors import Kind, error_response
+from billing.ai_gateway.limits import Amount, Limits, Ticket, Verdict, to_micros
 from billing.ai_gateway.metering import Usage, UsageMeter
 from billing.ai_gateway.models import Api, UsageRecord
-from billing.ai_gateway.upstreams import Target, choose_targets, find_price
+from billing.ai_gateway.upstreams import Target, choose_targets, price_for
 from billing.models import Account, Plan, plan_for
 from portal.lib import http
 
@@ -37,6 +51,11 @@ log = logging.getLogger(__name__)
 ANTHROPIC_VERSION = "2023-06-01"
 PASS_RESPONSE_HEADERS = ("content-type", "content-encoding", "request-id", "x-request-id")
 MAX_BODY = 32 * 1024 * 1024
+
+
+QUEUE_CHUNKS = 16  # chunks read ahead of a slow client
+REQUEST_HEADERS = ("accept", "anthropic-version", "anthropic-beta")
+_tasks: set[asyncio.Task[None]] = set()  # relays under way (the loop keeps only weak refs)
 
 
 @dataclass
@@ -49,10 +68,15 @@ class Call:
     streaming: bool = False
     user_id: int | None = None
     sandbox_id: int | None = None
-    requests_per_minute: int = 0
+    plan_name: str = ""
     targets: list[Target] = field(default_factory=list)
     target: Target | None = None
     fallback_used: bool = False
+    limits: Limits = field(default_factory=lambda: Limits(0, 0, 0, 0))
+    reserve: Amount = field(default_factory=Amount)
+    input_estimate: int = 0
+    max_output: int = 0
+    ticket: Ticket | None = None
 
     def elapsed_ms(self, since: float | None = None) -> int:
         return int(((since or time.monotonic()) - self.started) * 1000)
@@ -84,32 +108,166 @@ def _plan(user: Any) -> Plan:
         return plan_for(user)
 
 
-def authorize(call: Call, key: str | None) -> None:
-    """Identify the sandbox, check the quota and choose targets; raise Refused otherwise."""
+def authorized_owner(key: str | None) -> Any:
+    """Return the credential of an active owner, or raise Refused (401, 403)."""
     credential = credentials.authenticate(key)
     if credential is None:
         raise Refused(Kind.AUTH, "Invalid Hermit AI gateway key.")
+    if not credential.sandbox.owner.is_active:
+        raise Refused(Kind.FORBIDDEN, "This Hermit account is deactivated: model calls refused.")
+    return credential
+
+
+def authorize(call: Call, key: str | None, body: dict[str, Any], size: int,
+              headers: Mapping[str, str]) -> None:  # fmt: skip
+    """Identify the sandbox, choose targets, apply the operator-key policy, estimate the call's
+    worst case and (without Redis) admit it; raise Refused otherwise."""
+    credential = authorized_owner(key)
     sandbox = credential.sandbox
     call.user_id, call.sandbox_id = sandbox.owner_id, sandbox.pk
     plan = _plan(sandbox.owner)
-    call.requests_per_minute = plan.requests_per_minute
-    call.targets = choose_targets(sandbox.owner_id, call.api, call.model)
-    if not call.targets:
-        raise Refused(Kind.NOT_FOUND, f"No upstream is configured for model {call.model!r}.")
-    quota = plan.monthly_token_quota
-    if quota and not call.targets[0].byok:
-        used = limits.tokens_this_month(sandbox.owner_id)
-        if used >= quota:
-            resets = limits.next_month_start().date().isoformat()
-            raise Refused(
-                Kind.QUOTA,
-                f"Hermit monthly token quota exhausted: {used:,} of {quota:,} tokens used "
-                f"on the {plan.name} plan. It resets on {resets}; upgrade your plan or add "
-                "your own provider key in Settings to continue.",
-            )
+    call.plan_name = plan.name
+    call.targets = payable_targets(call, choose_targets(sandbox.owner_id, call.api, call.model))
+    primary = call.targets[0]
+    if not primary.byok:
+        check_operator_policy(call.api, body, headers.get("anthropic-beta", ""))
+    call.input_estimate, call.max_output = max(1, size // 4), max_output(body)
+    if primary.byok:
+        call.limits = Limits(
+            plan.requests_per_minute, settings.HERMIT_AI_MAX_CONCURRENT_CALLS, 0, 0
+        )
+    else:
+        price = price_for(primary, call.model)
+        assert price is not None  # payable_targets made sure
+        cost = price.cost(call.input_estimate, call.max_output, 0)
+        call.reserve = Amount(to_micros(cost), call.input_estimate + call.max_output)
+        call.limits = Limits(
+            plan.requests_per_minute,
+            settings.HERMIT_AI_MAX_CONCURRENT_CALLS,
+            to_micros(plan.monthly_spend_limit),
+            plan.monthly_token_quota,
+        )
+    if not limits.uses_redis():
+        call.ticket = admitted(call, limits.admit_db(call.user_id, call.limits, call.reserve))
     now = timezone.now()
     if credential.last_used_at is None or (now - credential.last_used_at).total_seconds() > 60:
         type(credential).objects.filter(pk=credential.pk).update(last_used_at=now)
+
+
+def payable_targets(call: Call, targets: list[Target]) -> list[Target]:
+    """Return the targets this call may use: the primary pays (operator key: the model must be
+    priced, else 404), and a fallback only if the same party pays and, for us, it is priced."""
+    if not targets:
+        raise Refused(Kind.NOT_FOUND, f"No upstream is configured for model {call.model!r}.")
+    primary = targets[0]
+    if not primary.byok and price_for(primary, call.model) is None:
+        raise Refused(
+            Kind.NOT_FOUND,
+            f"The model {call.model!r} is not available with Hermit's key. Use a listed model "
+            "(GET /v1/models), or add your own provider key in Settings.",
+        )
+    return [primary] + [
+        t for t in targets[1:]
+        if t.byok == primary.byok and (t.byok or price_for(t, call.model) is not None)
+    ]  # fmt: skip
+
+
+def check_operator_policy(api: str, body: dict[str, Any], beta: str) -> None:
+    """Refuse (400) what would cost more than tokens on the operator's key: betas and
+    provider-side tools not allowed in settings."""
+    if api == Api.ANTHROPIC:
+        for value in (v.strip() for v in beta.split(",")):
+            if value and value not in settings.HERMIT_AI_ANTHROPIC_BETAS:
+                raise Refused(
+                    Kind.BAD_REQUEST,
+                    f"The anthropic-beta value {value!r} is not allowed with Hermit's key "
+                    f"(allowed: {', '.join(settings.HERMIT_AI_ANTHROPIC_BETAS) or 'none'}).",
+                )
+        if body.get("mcp_servers"):
+            raise Refused(Kind.BAD_REQUEST, "mcp_servers is not available with Hermit's key.")
+    for kind in provider_tools(api, body):
+        if not any(fnmatch.fnmatchcase(kind, p) for p in settings.HERMIT_AI_SERVER_TOOLS):
+            raise Refused(
+                Kind.BAD_REQUEST,
+                f"The provider-side tool {kind!r} is not available with Hermit's key; "
+                "use your own tools, or your own provider key.",
+            )
+
+
+def provider_tools(api: str, body: dict[str, Any]) -> list[str]:
+    """Return the types of the tools in ``body`` that the provider runs (and bills) itself."""
+    tools = body.get("tools")
+    kinds = [str(t.get("type")) for t in tools if isinstance(t, dict)] if isinstance(
+        tools, list) else []  # fmt: skip
+    if api == Api.ANTHROPIC:
+        found = [k for k in kinds if k not in ("None", "custom")]
+    else:
+        found = [k for k in kinds if k not in ("function", "custom")]
+        if body.get("web_search_options") is not None:
+            found.append("web_search")
+    return found
+
+
+def max_output(body: dict[str, Any]) -> int:
+    """Return the most output tokens the call asks for (a default when it sets none)."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return int(settings.HERMIT_AI_DEFAULT_MAX_OUTPUT)
+
+
+def admitted(call: Call, verdict: Verdict) -> Ticket:
+    """Return the verdict's ticket, or raise Refused saying which limit refused the call."""
+    if verdict.ticket is not None:
+        return verdict.ticket
+    resets = limits.next_month_start().date().isoformat()
+    tail = (f" It resets on {resets}; upgrade your plan or add your own provider key in "
+            "Settings to continue.")  # fmt: skip
+    if verdict.reason == "rate":
+        raise Refused(
+            Kind.RATE_LIMIT,
+            f"Too many model requests: your plan allows {call.limits.requests_per_minute} "
+            "a minute.",
+            retry_after=verdict.retry_after,
+        )
+    if verdict.reason == "busy":
+        raise Refused(
+            Kind.RATE_LIMIT,
+            f"Too many model calls at once: at most {verdict.limit} may run together.",
+            retry_after=verdict.retry_after,
+        )
+    if verdict.reason == "cost":
+        raise Refused(
+            Kind.QUOTA,
+            f"Hermit monthly spend limit reached: ${verdict.used / 1e6:.2f} of "
+            f"${verdict.limit / 1e6:.2f} used or reserved on the {call.plan_name} plan, and this "
+            f"call may cost up to ${call.reserve.cost / 1e6:.4f}." + tail,
+        )
+    if verdict.used >= verdict.limit:
+        raise Refused(
+            Kind.QUOTA,
+            f"Hermit monthly token quota exhausted: {verdict.used:,} of {verdict.limit:,} tokens "
+            f"used on the {call.plan_name} plan." + tail,
+        )
+    raise Refused(
+        Kind.QUOTA,
+        f"Hermit monthly token quota would be exceeded: {verdict.used:,} of {verdict.limit:,} "
+        f"tokens used or reserved on the {call.plan_name} plan, and this call may use up to "
+        f"{call.reserve.tokens:,}." + tail,
+    )
+
+
+async def admit_redis(call: Call) -> None:
+    """Admit the call on Redis (after ``authorize``, which admits it itself without Redis)."""
+    if call.ticket is not None:
+        return
+    assert call.user_id is not None
+    lim = call.limits
+    if not (lim.requests_per_minute or lim.max_concurrent or lim.cost or lim.tokens):
+        call.ticket = Ticket(call.user_id, limits.month_start().date(), Amount(), "none")
+        return
+    call.ticket = admitted(call, await limits.admit_redis(call.user_id, lim, call.reserve))
 
 
 def record(
@@ -120,16 +278,14 @@ def record(
     ttfb_ms: int | None = None,
     error: str = "",
 ) -> UsageRecord:
-    """Write the call's UsageRecord, priced from the Price table."""
+    """Write the call's UsageRecord, priced from the Price table; settle a database ticket."""
     usage = usage or Usage()
     cost = Decimal(0)
     target = call.target
-    if usage.seen:
-        for name in (target.model if target else "", call.model):
-            price = find_price(name) if name else None
-            if price is not None:
-                cost = price.cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens)
-                break
+    if usage.seen and target is not None:
+        price = price_for(target, call.model)
+        if price is not None:
+            cost = price.cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens)
     row = UsageRecord.objects.create(
         user_id=call.user_id,
         sandbox_id=call.sandbox_id,
@@ -148,27 +304,47 @@ def record(
         fallback_used=call.fallback_used,
         error=error[:300],
     )
+    if call.ticket is not None:
+        limits.settle_db(call.ticket, spent(row))
     log.info(
-        "ai call user=%s sandbox=%s model=%s target=%s status=%s outcome=%s in=%s out=%s ms=%s",
+        "ai call user=%s sandbox=%s model=%r target=%r status=%s outcome=%s in=%s out=%s ms=%s",
         call.user_id, call.sandbox_id, call.model, target.name if target else "-", status,
         outcome, usage.input_tokens, usage.output_tokens, row.latency_ms,
     )  # fmt: skip
     return row
 
 
-arecord = sync_to_async(record)
+def spent(row: UsageRecord) -> Amount:
+    """Return what a recorded call used of its owner's quota (nothing when BYOK)."""
+    return Amount() if row.byok else Amount(to_micros(row.cost), row.total_tokens)
+
+
+def _record_closing(*args: Any, **kwargs: Any) -> UsageRecord:
+    # Runs in a pool thread that outlives the request: leave no connection open there.
+    try:
+        return record(*args, **kwargs)
+    finally:
+        connection.close()
+
+
+async def finish(call: Call, outcome: str, status: int, usage: Usage | None = None,
+                 ttfb_ms: int | None = None, error: str = "") -> None:  # fmt: skip
+    """Record the call and settle its ticket. Await it shielded: it must not be lost."""
+    record_async = sync_to_async(_record_closing, thread_sensitive=False)
+    row = await record_async(call, outcome, status, usage, ttfb_ms, error)
+    if call.ticket is not None:
+        await limits.settle_redis(call.ticket, spent(row))
 
 
 async def refuse(call: Call, refusal: Refused) -> HttpResponseBase:
-    """Record and answer a call the gateway refused or could not get answered upstream."""
-    failed = refusal.kind in (Kind.UPSTREAM, Kind.TIMEOUT)
-    outcome = UsageRecord.Outcome.ERROR if failed else UsageRecord.Outcome.REFUSED
-    await arecord(call, outcome, refusal.kind.status, error=refusal.message)
+    """Record and answer a call the gateway refused before sending it upstream."""
+    await asyncio.shield(finish(call, UsageRecord.Outcome.REFUSED, refusal.kind.status,
+                                error=refusal.message))  # fmt: skip
     return error_response(call.api, refusal.kind, refusal.message, refusal.retry_after)
 
 
 def upstream_request(call: Call, target: Target, body: dict[str, Any], raw: bytes,
-                     request: HttpRequest) -> httpx.Request:  # fmt: skip
+                     headers_in: Mapping[str, str]) -> httpx.Request:  # fmt: skip
     """Build the upstream request: the target's key, the target's model, usage asked for."""
     changed = False
     if body.get("model") != target.model:
@@ -182,12 +358,12 @@ def upstream_request(call: Call, target: Target, body: dict[str, Any], raw: byte
     content = json.dumps(body).encode() if changed else raw
     headers = {
         "content-type": "application/json",
-        "accept": request.headers.get("accept", "application/json"),
+        "accept": headers_in.get("accept") or "application/json",
         "accept-encoding": "identity",
     }
     if call.api == Api.ANTHROPIC:
-        headers["anthropic-version"] = request.headers.get("anthropic-version", ANTHROPIC_VERSION)
-        if beta := request.headers.get("anthropic-beta"):
+        headers["anthropic-version"] = headers_in.get("anthropic-version") or ANTHROPIC_VERSION
+        if beta := headers_in.get("anthropic-beta"):
             headers["anthropic-beta"] = beta
         if target.api_key:
             headers["x-api-key"] = target.api_key
@@ -199,9 +375,8 @@ def upstream_request(call: Call, target: Target, body: dict[str, Any], raw: byte
     )
 
 
-async def open_upstream(
-    call: Call, body: dict[str, Any], raw: bytes, request: HttpRequest
-) -> httpx.Response:
+async def open_upstream(call: Call, body: dict[str, Any], raw: bytes,
+                        headers: Mapping[str, str]) -> httpx.Response:  # fmt: skip
     """Send to the primary target, then to the fallback on 5xx, timeout or connection error.
 
     Return the upstream response with its body not yet read. Raise Refused if all failed.
@@ -213,7 +388,7 @@ async def open_upstream(
         last = index == len(call.targets) - 1
         try:
             response = await client.send(
-                upstream_request(call, target, body, raw, request), stream=True
+                upstream_request(call, target, body, raw, headers), stream=True
             )
         except httpx.TimeoutException:
             failure = Refused(Kind.TIMEOUT, f"The model provider ({target.name}) timed out.")
@@ -232,34 +407,134 @@ async def open_upstream(
     raise failure
 
 
-async def relay(call: Call, response: httpx.Response) -> AsyncIterator[bytes]:
-    """Yield the upstream body as it arrives, metering it; record the call when it ends."""
-    meter = UsageMeter(call.api, call.streaming)
-    outcome = UsageRecord.Outcome.OK if response.status_code < 400 else UsageRecord.Outcome.ERROR
-    error = ""
-    ttfb: int | None = None
-    try:
-        async for chunk in response.aiter_raw():
-            if ttfb is None:
-                ttfb = call.elapsed_ms()
-            meter.feed(chunk)
-            yield chunk
-    except asyncio.CancelledError:
-        outcome, error = UsageRecord.Outcome.CANCELLED, "The client disconnected."
-        raise
-    except GeneratorExit:
-        outcome, error = UsageRecord.Outcome.CANCELLED, "The client disconnected."
-        raise
-    except httpx.HTTPError as exc:
-        outcome, error = UsageRecord.Outcome.ERROR, f"Upstream stream broke: {type(exc).__name__}"
-    finally:
+class Relay:
+    """One admitted call's trip upstream, in a task that outlives the client if it must.
+
+    ``opened`` resolves to the upstream response (or Refused); ``body()`` yields its chunks. If
+    the client goes away (``client_gone``), the task keeps reading, unrelayed, for at most
+    HERMIT_AI_DRAIN_SECONDS. The task always ends by recording the call and settling it.
+    """
+
+    def __init__(self, call: Call, body: dict[str, Any], raw: bytes,
+                 headers: Mapping[str, str]) -> None:  # fmt: skip
+        self.call = call
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
+        self.opened: asyncio.Future[httpx.Response] = asyncio.get_running_loop().create_future()
+        self.gone = False
+        self.reading = True
+        self.task = asyncio.create_task(self._run(body, raw, headers))
+        _tasks.add(self.task)
+        self.task.add_done_callback(_tasks.discard)
+
+    async def _run(self, body: dict[str, Any], raw: bytes, headers: Mapping[str, str]) -> None:
+        call = self.call
+        try:
+            response = await open_upstream(call, body, raw, headers)
+        except Refused as refusal:
+            self.reading = False
+            self.opened.set_exception(refusal)
+            outcome = UsageRecord.Outcome.ERROR
+            await asyncio.shield(finish(call, outcome, refusal.kind.status, error=refusal.message))
+            return
+        except asyncio.CancelledError:
+            # The client left while the provider was still working, and the drain time is up.
+            self.reading = False
+            usage = Usage(call.input_estimate, call.max_output, 0, True)
+            error = "The client disconnected; cut off before the answer started (estimated)."
+            outcome = UsageRecord.Outcome.CANCELLED
+            await asyncio.shield(finish(call, outcome, 0, usage, None, error))
+            return
+        self.opened.set_result(response)
+        await self._pump(response)
+
+    async def _pump(self, response: httpx.Response) -> None:
+        call = self.call
+        meter = UsageMeter(call.api, call.streaming)
+        ok = response.status_code < 400
+        outcome = UsageRecord.Outcome.OK if ok else UsageRecord.Outcome.ERROR
+        error, ttfb, cut, broke = "", None, False, False
+        try:
+            async for chunk in response.aiter_raw():
+                if ttfb is None:
+                    ttfb = call.elapsed_ms()
+                meter.feed(chunk)
+                if not self.gone:
+                    await self.queue.put(chunk)
+        except asyncio.CancelledError:
+            cut = True
+        except httpx.HTTPError as exc:
+            broke = True
+            outcome, error = (
+                UsageRecord.Outcome.ERROR,
+                f"Upstream stream broke: {type(exc).__name__}",
+            )
+        self.reading = False
+        if not self.gone:
+            await self.queue.put(None)
         await response.aclose()
         usage = meter.finish()
         if meter.stream_error and outcome == UsageRecord.Outcome.OK:
             outcome = UsageRecord.Outcome.ERROR
         error = error or meter.stream_error
-        # Shielded: a second cancellation must not lose the usage of a call already paid for.
-        await asyncio.shield(arecord(call, outcome, response.status_code, usage, ttfb, error))
+        if self.gone:
+            outcome = UsageRecord.Outcome.CANCELLED
+            error = "The client disconnected; the answer was read to its end."
+        if cut:
+            error = "The client disconnected; cut off after the drain time (estimated)."
+        usage, estimated = estimate(call, usage, meter, ok, broke, cut)
+        if estimated and not (cut or broke):
+            error = (error + " Usage estimated: the provider reported none.").strip()
+        await asyncio.shield(finish(call, outcome, response.status_code, usage, ttfb, error))
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """Yield the upstream body as it arrives; tell the task when the client is gone."""
+        ended = False
+        try:
+            while (chunk := await self.queue.get()) is not None:
+                yield chunk
+            ended = True
+            # The response ends once the call is recorded, as clients (and tests) expect.
+            await asyncio.shield(self.task)
+        finally:
+            if not ended:
+                self.client_gone()
+
+    def client_gone(self) -> None:
+        """Stop relaying; keep reading (and billing) for at most HERMIT_AI_DRAIN_SECONDS."""
+        if self.gone:
+            return
+        self.gone = True
+        while not self.queue.empty():
+            self.queue.get_nowait()  # unblocks the task if it waits on a full queue
+        self.opened.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if self.reading:
+            asyncio.get_running_loop().call_later(settings.HERMIT_AI_DRAIN_SECONDS, self._cut)
+
+    def _cut(self) -> None:
+        if self.reading:
+            self.task.cancel()
+
+
+def estimate(call: Call, usage: Usage, meter: UsageMeter, ok: bool, broke: bool,
+             cut: bool) -> tuple[Usage, bool]:  # fmt: skip
+    """Return (usage to bill, whether it is an estimate).
+
+    Cut off after the drain time: the provider went on generating, so the input seen (else the
+    request's estimate) and the call's max output. The stream broke: the input seen (else the
+    estimate) and the output seen (at least one token per SSE event). A successful answer with
+    no usage: the input estimate and the output seen (SSE events, or body bytes / 4).
+    """
+    inp = usage.input_tokens or call.input_estimate
+    if cut:
+        return Usage(
+            inp, max(usage.output_tokens, call.max_output), usage.cached_tokens, True
+        ), True
+    if broke:
+        return Usage(inp, max(usage.output_tokens, meter.events), usage.cached_tokens, True), True
+    if usage.seen or not ok:
+        return usage, False
+    seen = meter.events if call.streaming else meter.body_size // 4
+    return Usage(call.input_estimate, seen, 0, True), True
 
 
 async def forward(request: HttpRequest, api: str) -> HttpResponseBase:
@@ -273,20 +548,21 @@ async def forward(request: HttpRequest, api: str) -> HttpResponseBase:
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         return error_response(api, Kind.BAD_REQUEST, "The body must be JSON with a 'model'.")
     call.model, call.streaming = body["model"], bool(body.get("stream"))
+    headers = {name: request.headers.get(name, "") for name in REQUEST_HEADERS}
     try:
-        await sync_to_async(authorize)(call, presented_key(request))
-        assert call.user_id is not None
-        allowed, retry = await limits.check_rate(call.user_id, call.requests_per_minute)
-        if not allowed:
-            raise Refused(
-                Kind.RATE_LIMIT,
-                f"Too many model requests: your plan allows {call.requests_per_minute} a minute.",
-                retry_after=retry,
-            )
-        upstream = await open_upstream(call, body, raw, request)
+        await sync_to_async(authorize)(call, presented_key(request), body, len(raw), headers)
+        await admit_redis(call)
     except Refused as refusal:
         return await refuse(call, refusal)
-    streaming = StreamingHttpResponse(relay(call, upstream), status=upstream.status_code)
+    relay = Relay(call, body, raw, headers)
+    try:
+        upstream = await asyncio.shield(relay.opened)
+    except Refused as refusal:  # recorded by the relay
+        return error_response(api, refusal.kind, refusal.message, refusal.retry_after)
+    except asyncio.CancelledError:
+        relay.client_gone()
+        raise
+    streaming = StreamingHttpResponse(relay.body(), status=upstream.status_code)
     for name in PASS_RESPONSE_HEADERS:
         if name in upstream.headers:
             streaming[name] = upstream.headers[name]

@@ -3,8 +3,12 @@
 Order: the first ``ModelRoute`` (by priority) whose pattern matches the model and whose upstream
 speaks the call's API; else the first enabled operator ``Upstream`` for that API; else the
 operator upstream configured in settings (HERMIT_OPENAI_API_KEY / HERMIT_ANTHROPIC_API_KEY with
-their base URLs). A matching route's fallback, if any, is the second target. When the user has
-saved a key for a target's provider (BYOK), it replaces the operator's key for that target.
+their base URLs). A matching route's fallback, if any, is the second target. Disabled
+upstreams are never used. When the user has saved a key for a target's provider (BYOK) and the
+target's upstream accepts user keys, the user's key replaces the operator's for that target.
+
+``check_user_key`` asks the provider whether a user's key is good (a free model listing), before
+it is saved.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 from django.conf import settings
 
 from billing.ai_gateway.models import Api, ModelRoute, Price, Provider, Upstream, UserProviderKey
@@ -83,7 +89,7 @@ def _speaks(upstream: Upstream, api: str) -> bool:
 
 
 def _target(upstream: Upstream, model: str, keys: dict[str, str]) -> Target:
-    user_key = keys.get(upstream.key_provider())
+    user_key = keys.get(upstream.key_provider()) if upstream.accepts_user_keys else None
     return Target(
         upstream_id=upstream.pk,
         name=upstream.name,
@@ -108,7 +114,13 @@ def settings_upstream(api: str) -> Upstream | None:
         provider = Provider.OPENAI
     if not key:
         return None
-    return Upstream(name=f"settings:{provider}", provider=provider, base_url=base, api_key=key)
+    # The provider's own API checks users' keys; an OpenAI-compatible server elsewhere may not.
+    official = urlsplit(base).hostname in OFFICIAL_HOSTS
+    return Upstream(name=f"settings:{provider}", provider=provider, base_url=base, api_key=key,
+                    accepts_user_keys=official)  # fmt: skip
+
+
+OFFICIAL_HOSTS = {"api.openai.com", "api.anthropic.com"}
 
 
 def choose_targets(user_id: int, api: str, model: str) -> list[Target]:
@@ -135,6 +147,49 @@ def listed_models() -> list[str]:
     names = {r.pattern for r in table.routes} | set(table.prices)
     names.add(settings.HERMIT_DEFAULT_MODEL)
     return sorted(n for n in names if not GLOB_CHARS & set(n))
+
+
+def price_for(target: Target, requested: str) -> Price | None:
+    """Return the price of a call to ``target``: of the model sent upstream, else requested."""
+    return find_price(target.model) or find_price(requested)
+
+
+def user_key_upstream(provider: str) -> Upstream | None:
+    """Return the upstream a user's key for ``provider`` would be checked against and used on."""
+    upstream = (
+        Upstream.objects.filter(provider=provider, enabled=True, accepts_user_keys=True)
+        .order_by("-is_operator", "id")
+        .first()
+    )
+    if upstream is not None:
+        return upstream
+    for api in (Api.OPENAI, Api.ANTHROPIC):
+        fallback = settings_upstream(api)
+        if fallback is not None and fallback.provider == provider and fallback.accepts_user_keys:
+            return fallback
+    return None
+
+
+def check_user_key(provider: str, key: str) -> str:
+    """Ask the provider whether ``key`` works (a model listing, free); return "" or the problem."""
+    upstream = user_key_upstream(provider)
+    if upstream is None:
+        return "Hermit has no upstream for this provider that takes your own keys."
+    base = upstream.base_url.rstrip("/")
+    if upstream.api == Api.ANTHROPIC:
+        url, headers = f"{base}/v1/models", {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    else:
+        url, headers = f"{base}/models", {"authorization": f"Bearer {key}"}
+    try:
+        with httpx.Client(timeout=10, trust_env=False, follow_redirects=False) as http:
+            response = http.get(url, headers=headers)
+    except httpx.HTTPError as exc:
+        return f"Could not reach {upstream.name} to check the key ({type(exc).__name__})."
+    if response.status_code in (401, 403):
+        return f"{upstream.name} refused this key ({response.status_code}): check it and retry."
+    if response.status_code != 200:
+        return f"{upstream.name} answered {response.status_code} when checking the key."
+    return ""
 
 
 def find_price(model: str) -> Price | None:

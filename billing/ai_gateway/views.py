@@ -16,8 +16,8 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from billing.ai_gateway import credentials, proxy
-from billing.ai_gateway.errors import Kind, error_response
+from billing.ai_gateway import proxy
+from billing.ai_gateway.errors import error_response
 from billing.ai_gateway.models import Api
 from billing.ai_gateway.upstreams import listed_models
 
@@ -36,18 +36,18 @@ async def messages(request: HttpRequest) -> HttpResponseBase:
     return await proxy.forward(request, Api.ANTHROPIC)
 
 
-def _models_for(key: str | None) -> list[str] | None:
-    if credentials.authenticate(key) is None:
-        return None
+def _models_for(key: str | None) -> list[str]:
+    proxy.authorized_owner(key)
     return listed_models()
 
 
 @require_GET
 async def models(request: HttpRequest) -> HttpResponseBase:
     api = Api.ANTHROPIC if "anthropic-version" in request.headers else Api.OPENAI
-    names = await sync_to_async(_models_for)(proxy.presented_key(request))
-    if names is None:
-        return error_response(api, Kind.AUTH, "Invalid Hermit AI gateway key.")
+    try:
+        names = await sync_to_async(_models_for)(proxy.presented_key(request))
+    except proxy.Refused as refusal:
+        return error_response(api, refusal.kind, refusal.message)
     data: list[dict[str, Any]]
     if api == Api.ANTHROPIC:
         data = [

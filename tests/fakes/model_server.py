@@ -7,7 +7,8 @@ Routes:
 - ``POST /v1/chat/completions`` (also ``/chat/completions``): OpenAI. Streams
   ``chat.completion.chunk`` events (role chunk, content chunks, finish chunk, a usage chunk when
   ``stream_options.include_usage`` is true) and ``data: [DONE]``.
-- ``GET /v1/models`` (also ``/models``): OpenAI model list.
+- ``GET /v1/models`` (also ``/models``): the model list, in Anthropic's format when the request
+  carries ``anthropic-version``, else OpenAI's; a bad key gets the provider's 401.
 - ``POST /v1/messages``: Anthropic. Streams ``message_start`` (with usage),
   ``content_block_start``, ``ping``, ``content_block_delta`` (``text_delta``) ...,
   ``content_block_stop``, ``message_delta`` (with usage), ``message_stop``.
@@ -16,7 +17,8 @@ Scripting (thread-safe): ``server.script(reply=..., chunks=..., delay=..., statu
 sets the default behaviour; ``server.enqueue(Script(...))`` queues one-shot behaviours consumed
 by the next requests in order. ``server.requests`` records every request (headers + JSON);
 ``server.disconnected`` is set (and ``server.disconnects`` counted) when a client goes away
-mid-stream. ``server.reset()`` restores the defaults.
+mid-stream. ``server.api_keys`` (None: any key) makes it answer other keys with the provider's
+own 401 error. ``server.reset()`` restores the defaults.
 
 Use in-process: ``with FakeModelServer() as fake: fake.url`` (a background thread on a random
 127.0.0.1 port), or from the shell: ``python -m tests.fakes.model_server --port 18900``.
@@ -60,6 +62,7 @@ class Script:
     completion_tokens: int | None = None
     cached_tokens: int = 0
     model: str | None = None  # the model name reported back; default echoes the request
+    split_writes: bool = False  # write each SSE event in two halves, 20 ms apart (two reads)
 
 
 @dataclass
@@ -122,6 +125,7 @@ class FakeModelServer:
         self.host = host
         self.port = port
         self.api_keys = api_keys  # None accepts any key; else others get a 401
+        self._initial_api_keys = api_keys
         self.requests: list[RecordedRequest] = []
         self.disconnected = threading.Event()
         self.disconnects = 0
@@ -150,6 +154,7 @@ class FakeModelServer:
         """Forget requests, queued scripts and disconnects; restore the default script."""
         with self._lock:
             self._default = Script()
+            self.api_keys = self._initial_api_keys
             self._queue.clear()
             self.requests.clear()
             self.disconnects = 0
@@ -264,12 +269,21 @@ class FakeModelServer:
             await asyncio.sleep(min(left, 0.02))
 
     async def _stream(
-        self, request: web.Request, events: AsyncIterator[bytes], headers: dict[str, str]
+        self,
+        request: web.Request,
+        events: AsyncIterator[bytes],
+        headers: dict[str, str],
+        split: bool = False,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers=headers)
         try:
             await response.prepare(request)
             async for event in events:
+                if split:  # cut inside the data line, so the reader gets it in two reads
+                    middle = event.index(b"data:") + (len(event) - event.index(b"data:")) // 2
+                    await response.write(event[:middle])
+                    await self._sleep(request, 0.02)
+                    event = event[middle:]
                 await response.write(event)
             await response.write_eof()
         except ConnectionResetError:
@@ -292,6 +306,24 @@ class FakeModelServer:
     async def openai_models(self, request: web.Request) -> web.Response:
         await self._record(request)
         models = ["gpt-4o", "gpt-4o-mini", "fake-model"]
+        if "anthropic-version" in request.headers:
+            if not self._key_ok(request.headers.get("x-api-key")):
+                return self.anthropic_error(401)
+            listed = [
+                {"type": "model", "id": m, "display_name": m, "created_at": "2025-09-29T00:00:00Z"}
+                for m in ("claude-sonnet-4-5", "claude-haiku-4-5")
+            ]
+            return web.json_response(
+                {
+                    "data": listed,
+                    "has_more": False,
+                    "first_id": listed[0]["id"],
+                    "last_id": listed[-1]["id"],
+                }
+            )
+        auth = request.headers.get("Authorization", "")
+        if not self._key_ok(auth[7:] if auth.startswith("Bearer ") else None):
+            return self.openai_error(401, "Incorrect API key provided.")
         data = [
             {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"}
             for m in models
@@ -379,7 +411,7 @@ class FakeModelServer:
             yield b"data: [DONE]\n\n"
 
         headers = {"Content-Type": "text/event-stream; charset=utf-8", "x-request-id": _req_id()}
-        return await self._stream(request, events(), headers)
+        return await self._stream(request, events(), headers, script.split_writes)
 
     # --- Anthropic -------------------------------------------------------------------------
     @staticmethod
@@ -483,7 +515,7 @@ class FakeModelServer:
             "request-id": _req_id(),
             "Cache-Control": "no-cache",
         }
-        return await self._stream(request, events(), headers)
+        return await self._stream(request, events(), headers, script.split_writes)
 
 
 def _openai_usage(script: Script, body: dict[str, Any], n_pieces: int) -> dict[str, Any]:
