@@ -2,6 +2,12 @@
 
 Each transition is claimed with a conditional UPDATE (``filter(pk=..., state=old)``), so two
 workers racing on the same sandbox cannot both win, and each is recorded as a SandboxEvent.
+
+Who may run: a sandbox starts only while its owner's account is active (every start path ends
+in :func:`start_sandbox`, which refuses otherwise), and reconcile stops the sandboxes of
+deactivated accounts. A sandbox's first start is asked for (:func:`request_provisioning`) once
+its owner may have one: a confirmed email address, or a staff account (made by ops, say with
+``createsuperuser``, which has no confirmation step).
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+from allauth.account.models import EmailAddress
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from billing.models import plan_for
@@ -39,10 +47,56 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 ACTIVITY_WRITE_INTERVAL = timedelta(seconds=30)
 FAILED_RETRY_AFTER = timedelta(minutes=2)  # always-on sandboxes that failed are retried
+PROVISION_REQUEST_AGAIN_AFTER = timedelta(minutes=5)  # a lost provisioning task is asked again
+OWNER_INACTIVE_MESSAGE = "This account is deactivated, so its agent cannot start."
 
 
 class TransitionRefused(Exception):
     """The sandbox is not in a state from which the requested change is allowed."""
+
+
+class OwnerInactive(TransitionRefused):
+    """The sandbox's owner is deactivated: it may not start."""
+
+
+def owner_is_active(sandbox: Sandbox) -> bool:
+    """Return True if the sandbox's owner is active now (read fresh, not from a cached row)."""
+    return get_user_model().objects.filter(pk=sandbox.owner_id, is_active=True).exists()
+
+
+def may_provision(user: Any) -> bool:
+    """Return True if ``user`` may have a sandbox started: an active account that is staff, has
+    a confirmed email address, or signed up where confirming one is not mandatory."""
+    if not user.is_active:
+        return False
+    if user.is_staff or settings.ACCOUNT_EMAIL_VERIFICATION != "mandatory":
+        return True
+    return EmailAddress.objects.filter(user=user, verified=True).exists()
+
+
+def request_provisioning(sandbox: Sandbox, *, actor_user: Any = None) -> bool:
+    """Note that the first start of ``sandbox`` is asked for; return True if the caller should
+    enqueue it now.
+
+    False if the sandbox is not provisioning, its owner may not have one yet (see
+    :func:`may_provision`), or a request was made in the last PROVISION_REQUEST_AGAIN_AFTER
+    (so a page that is reloaded does not queue the same work again). Two requests racing may
+    both return True: the provisioning task is idempotent, so one start happens.
+    """
+    if sandbox.state != State.PROVISIONING or not may_provision(sandbox.owner):
+        return False
+    recent = timezone.now() - PROVISION_REQUEST_AGAIN_AFTER
+    if sandbox.events.filter(kind="queued", created_at__gte=recent).exists():
+        return False
+    record_event(
+        sandbox,
+        "queued",
+        "Your agent is queued to start",
+        progress=1,
+        actor=Actor.USER if actor_user is not None else Actor.SYSTEM,
+        actor_user=actor_user,
+    )
+    return True
 
 
 def transition(
@@ -122,9 +176,12 @@ def start_sandbox(
     """Start the sandbox's gateway, yielding progress; end running, or failed with a reason.
 
     Raises TransitionRefused if the sandbox cannot start from its current state (for example
-    another worker is already starting it). Never leaves a half-started sandbox behind: the
-    backend cleans up after itself on failure.
+    another worker is already starting it), and OwnerInactive (a TransitionRefused) if its
+    owner is deactivated. Never leaves a half-started sandbox behind: the backend cleans up
+    after itself on failure.
     """
+    if not owner_is_active(sandbox):
+        raise OwnerInactive(OWNER_INACTIVE_MESSAGE)
     transition(
         sandbox,
         State.STARTING,
@@ -230,7 +287,7 @@ def wake_sandbox(
 
     Starts it if it is asleep, stopped by sleep or failed; if someone else is already starting
     it, follows that start through the database until it ends. Ends with the sandbox running,
-    or raises BackendError with the reason.
+    or raises BackendError with the reason (also when its owner is deactivated).
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -243,6 +300,8 @@ def wake_sandbox(
                 if sandbox.state == State.PROVISIONING:
                     sandbox.data_dir.mkdir(parents=True, exist_ok=True)
                 yield from start_sandbox(sandbox, actor=actor, actor_user=actor_user)
+            except OwnerInactive as exc:
+                raise BackendError(str(exc)) from exc
             except TransitionRefused:
                 continue  # someone else moved first: follow them
             if sandbox.state != State.RUNNING:
@@ -267,9 +326,63 @@ def gateway_endpoint(sandbox: Sandbox) -> tuple[str, int]:
     return get_backend(sandbox.backend).endpoint(spec_for(sandbox), sandbox.backend_state)
 
 
+def mark_crashed(sandbox: Sandbox) -> bool:
+    """If the database says running but the backend says the gateway is gone, record the crash,
+    clear what is left of it and move the sandbox to failed; return True. Otherwise (still
+    running, or not running according to the database) return False.
+
+    Idempotent and race-safe: of several callers that saw the same crash (two chat tabs,
+    reconcile), one claims the running → failed change; the others get False. The caller that
+    got True starts the sandbox again (a chat through :func:`wake_sandbox`, reconcile directly).
+    """
+    sandbox.refresh_from_db()
+    if sandbox.state != State.RUNNING:
+        return False
+    backend = get_backend(sandbox.backend)
+    spec, seen = spec_for(sandbox), dict(sandbox.backend_state)
+    result = backend.poll(spec, seen)
+    if result.running:
+        return False
+    why = "ran out of memory" if result.oom_killed else (result.detail or "stopped")
+    try:  # the claim: while it is stopping, other callers wait instead of starting it
+        transition(sandbox, State.STOPPING, message=f"The gateway {why}")
+    except TransitionRefused:
+        return False
+    record_event(sandbox, "crashed", f"The gateway {why}; restarting it")
+    try:
+        backend.stop(spec, seen)  # clear what is left of it (network helper, cgroup)
+    except BackendError as exc:
+        log.warning("sandbox %s: clearing a crashed gateway failed: %s", sandbox.pk, exc)
+    transition(
+        sandbox,
+        State.FAILED,
+        message="Crashed",
+        error_message=f"The gateway {why}.",
+        backend_state={},
+    )
+    return True
+
+
+def _reconcile_inactive_owner(sandbox: Sandbox, backend: Any) -> str:
+    """A deactivated account's sandbox: stop whatever runs, never start anything."""
+    if sandbox.state == State.RUNNING:
+        stop_sandbox(sandbox, to=State.STOPPED)
+        record_event(sandbox, "reconciled", "Account deactivated: stopped its agent")
+        return "stopped-inactive"
+    if sandbox.state in (State.SLEEPING, State.STOPPED, State.FAILED) and sandbox.backend_state:
+        spec = spec_for(sandbox)
+        if backend.poll(spec, sandbox.backend_state).running:
+            backend.stop(spec, sandbox.backend_state)
+            Sandbox.objects.filter(pk=sandbox.pk).update(backend_state={})
+            record_event(sandbox, "reconciled", "Account deactivated: stopped its agent")
+            return "stopped-inactive"
+    return "inactive"
+
+
 def reconcile_sandbox(sandbox: Sandbox) -> str:
     """Compare the wanted state with what the backend reports and repair it. Return what it did.
 
+    owner deactivated: stop it if anything runs; start nothing (whatever its plan).
     running but not running: restart (a crashed gateway comes back by itself).
     sleeping on a plan that never sleeps (e.g. after the host restarted): start it.
     failed on a plan that never sleeps: start it again, at most every FAILED_RETRY_AFTER.
@@ -277,6 +390,8 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     starting / stopping / provisioning: pending work; left alone unless stuck far too long.
     """
     backend = get_backend(sandbox.backend)
+    if not owner_is_active(sandbox):
+        return _reconcile_inactive_owner(sandbox, backend)
     always_on = plan_for(sandbox.owner).sleeps_after() is None
     if always_on and sandbox.state == State.SLEEPING:
         record_event(sandbox, "reconciled", "Always-on plan: waking the agent")
@@ -293,12 +408,8 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
             pass
         return "retried"
     if sandbox.state == State.RUNNING:
-        result = backend.poll(spec_for(sandbox), sandbox.backend_state)
-        if result.running:
-            return "ok"
-        why = "ran out of memory" if result.oom_killed else (result.detail or "stopped")
-        record_event(sandbox, "crashed", f"The gateway {why}; restarting it")
-        backend.stop(spec_for(sandbox), sandbox.backend_state)  # clear what is left of it
+        if not mark_crashed(sandbox):
+            return "ok" if sandbox.state == State.RUNNING else "raced"
         for _ in start_sandbox(sandbox):
             pass
         return "restarted"

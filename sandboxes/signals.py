@@ -1,13 +1,19 @@
-"""Sign-up creates the user's sandbox; a confirmed email address provisions it."""
+"""Sign-up creates the user's sandbox; a confirmed email address, or signing in with an account
+that may have one, provisions it.
+
+Signing in covers accounts that never confirm an address (staff made with ``createsuperuser``,
+or sites where verification is not mandatory), so no one is left "provisioning" forever, and
+asks again for a sandbox whose provisioning task was lost. See
+:func:`sandboxes.actions.request_provisioning` for who may have one and how often it is asked.
+"""
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from allauth.account.signals import email_confirmed
 from django.conf import settings
-from django.db import transaction
+from django.contrib.auth.signals import user_logged_in
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
@@ -25,8 +31,17 @@ def provision_on_confirmation(request: Any, email_address: Any, **kwargs: Any) -
     """Sandboxes cost real memory, so only verified accounts get one started."""
     if not settings.HERMIT_AUTO_PROVISION:
         return
-    from sandboxes.tasks import provision_sandbox
+    from sandboxes.tasks import request_provisioning
 
-    waiting = email_address.user.sandboxes.filter(state="provisioning")
-    for pk in waiting.values_list("pk", flat=True):
-        transaction.on_commit(partial(provision_sandbox.delay, pk))
+    for sandbox in email_address.user.sandboxes.filter(state="provisioning"):
+        request_provisioning(sandbox)
+
+
+@receiver(user_logged_in)
+def provision_on_sign_in(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    if not settings.HERMIT_AUTO_PROVISION:
+        return
+    from sandboxes.tasks import request_provisioning
+
+    for sandbox in user.sandboxes.filter(state="provisioning"):
+        request_provisioning(sandbox, actor_user=user)

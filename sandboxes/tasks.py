@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from functools import partial
+from typing import Any
 
 from celery import shared_task
+from django.db import transaction
 from django.utils import timezone
 
 from billing.models import plan_for
@@ -28,6 +31,15 @@ def provision_sandbox(sandbox_id: int) -> None:
         return
     with contextlib.suppress(actions.TransitionRefused):  # another worker claimed it
         actions.provision_sandbox(sandbox)
+
+
+def request_provisioning(sandbox: Sandbox, *, actor_user: Any = None) -> bool:
+    """Enqueue the sandbox's first start once the current transaction commits, if
+    :func:`sandboxes.actions.request_provisioning` says so. Return True if it was enqueued."""
+    if not actions.request_provisioning(sandbox, actor_user=actor_user):
+        return False
+    transaction.on_commit(partial(provision_sandbox.delay, sandbox.pk))
+    return True
 
 
 @shared_task(acks_late=True)

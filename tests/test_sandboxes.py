@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from sandboxes import actions, tasks
 from sandboxes.backends import get_backend
+from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
 from tests.factories import make_user
 from tests.fixtures.live import Server
@@ -192,3 +193,105 @@ def test_it_retries_a_failed_always_on_sandbox_after_a_pause(
     assert actions.reconcile_sandbox(sandbox) == "retried"
     sandbox.refresh_from_db()
     assert sandbox.state == State.RUNNING and _poll(sandbox).running
+
+
+@pytest.fixture
+def eager_tasks() -> Any:
+    """Celery tasks run in the caller, at once (no worker)."""
+    from portal.celery import app
+
+    before = app.conf.task_always_eager
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = before
+
+
+def test_a_superuser_made_on_the_command_line_gets_a_sandbox_on_sign_in(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, eager_tasks: None
+) -> None:
+    """createsuperuser has no email confirmation: signing in asks for the first start, so the
+    dashboard never shows "provisioning" forever."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    settings.HERMIT_AUTO_PROVISION = True
+    monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "correct horse battery staple")
+    call_command(
+        "createsuperuser", "--noinput", "--username", "root", "--email", "root@example.com"
+    )
+    root = get_user_model().objects.get(username="root")
+    sandbox = Sandbox.objects.get(owner=root)
+    assert sandbox.state == State.PROVISIONING
+    assert not EmailAddress.objects.filter(user=root, verified=True).exists()
+
+    Client().force_login(root)
+    sandbox.refresh_from_db()
+    # The start ran (and failed: no runtime is built in this test): no longer provisioning.
+    assert sandbox.state == State.FAILED and "build_runtime" in sandbox.error_message
+    kinds = list(sandbox.events.order_by("id").values_list("kind", "state"))
+    assert ("queued", State.PROVISIONING) in kinds and ("state", State.STARTING) in kinds
+
+
+def test_signing_in_provisions_only_accounts_that_may_have_a_sandbox(
+    settings: Any, eager_tasks: None
+) -> None:
+    from django.test import Client
+
+    settings.HERMIT_AUTO_PROVISION = True
+    settings.ACCOUNT_EMAIL_VERIFICATION = "mandatory"
+    unverified = make_user("unverified@example.com")
+    EmailAddress.objects.filter(user=unverified).update(verified=False)
+    verified = make_user("verified@example.com")
+    for user in (unverified, verified):
+        Client().force_login(user)
+    assert Sandbox.objects.get(owner=unverified).state == State.PROVISIONING
+    assert not Sandbox.objects.get(owner=unverified).events.filter(kind="queued").exists()
+    assert Sandbox.objects.get(owner=verified).state == State.FAILED  # started (no runtime)
+    # asked once: signing in again does not queue it again
+    Client().force_login(verified)
+    assert Sandbox.objects.get(owner=verified).events.filter(kind="queued").count() == 1
+
+
+def test_reconcile_stops_a_deactivated_users_always_on_sandbox(
+    sandbox_for: Callable[..., Sandbox],
+) -> None:
+    from django.contrib.auth import get_user_model
+
+    sandbox = sandbox_for("pro@agents.test", plan="pro")
+    since = timezone.now()
+    get_user_model().objects.filter(pk=sandbox.owner_id).update(is_active=False)
+    assert tasks.reconcile_sandboxes().get("stopped-inactive") == 1
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.STOPPED and not _poll(sandbox).running
+    # asleep or failed on an always-on plan: still never started again
+    for state in (State.SLEEPING, State.FAILED):
+        Sandbox.objects.filter(pk=sandbox.pk).update(
+            state=state, updated_at=timezone.now() - actions.FAILED_RETRY_AFTER
+        )
+        assert tasks.reconcile_sandboxes() == {"inactive": 1}
+    sandbox.refresh_from_db()
+    assert not _poll(sandbox).running
+    assert not sandbox.events.filter(
+        kind="state", state=State.STARTING, created_at__gte=since
+    ).exists()
+
+
+def test_no_start_path_starts_a_deactivated_users_sandbox(alice: Any) -> None:
+    from django.contrib.auth import get_user_model
+
+    sandbox = Sandbox.objects.get(owner=alice)
+    get_user_model().objects.filter(pk=alice.pk).update(is_active=False)
+    for state in (State.PROVISIONING, State.SLEEPING, State.STOPPED, State.FAILED):
+        Sandbox.objects.filter(pk=sandbox.pk).update(state=state)
+        sandbox.refresh_from_db()
+        with pytest.raises(actions.OwnerInactive):
+            list(actions.start_sandbox(sandbox))
+        with pytest.raises(BackendError, match="deactivated"):
+            list(actions.wake_sandbox(sandbox, timeout=5))
+        tasks.start_sandbox(sandbox.pk)
+        tasks.provision_sandbox(sandbox.pk)
+        tasks.restart_sandbox(sandbox.pk)
+        sandbox.refresh_from_db()
+        assert sandbox.state in (state, State.STOPPED)  # restart may stop it, never start it
+    assert not sandbox.events.filter(kind="state", state=State.STARTING).exists()
+    assert not actions.may_provision(alice.__class__.objects.get(pk=alice.pk))

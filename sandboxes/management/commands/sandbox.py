@@ -1,8 +1,15 @@
-"""Ops CLI: manage.py sandbox {list,start,stop,sleep,restart,status,logs,exec} [USER|--all]."""
+"""Ops CLI: manage.py sandbox {list,start,stop,sleep,restart,status,logs,exec} [USER|--all].
+
+``exec`` runs a command inside the user's sandbox: options go before ``--`` and everything after
+the first ``--`` is the command, verbatim (``sandbox exec USER --timeout 50 -- ls -la /tmp``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -17,8 +24,35 @@ from sandboxes.models import Sandbox, SandboxEvent
 STAFF = SandboxEvent.Actor.STAFF
 
 
+class CommandAfterDashes(CommandParser):
+    """Parses the arguments before the first ``--``; what follows it becomes ``argv``, verbatim.
+
+    Options may come anywhere before the ``--`` (argparse alone refuses them between two
+    positionals, as in ``exec USER --timeout 50 -- CMD``, and drops a later ``--`` from CMD).
+    """
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        given = list(sys.argv[1:] if args is None else args)
+        command: list[str] = []
+        if "--" in given:
+            cut = given.index("--")
+            given, command = given[:cut], given[cut + 1 :]
+        parsed = self.parse_intermixed_args(given, namespace)
+        if command and parsed.argv:
+            self.error(f"put the command after --, not before: {' '.join(parsed.argv)}")
+        parsed.argv = command or parsed.argv
+        return parsed
+
+
 class Command(BaseCommand):
     help = "Inspect and control users' sandboxes. USER is an email address or username."
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        parser.__class__ = CommandAfterDashes  # same parser, with the split at "--"
+        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -26,7 +60,9 @@ class Command(BaseCommand):
             choices=["list", "start", "stop", "sleep", "restart", "status", "logs", "exec"],
         )
         parser.add_argument("user", nargs="?")
-        parser.add_argument("argv", nargs="*", help="for exec: the command to run")
+        parser.add_argument(
+            "argv", nargs="*", help="for exec: the command to run, after -- (exec USER -- CMD)"
+        )
         parser.add_argument("--name", default="default", help="sandbox name")
         parser.add_argument("--lines", type=int, default=100, help="for logs")
         parser.add_argument("--timeout", type=float, default=30.0, help="for exec")
