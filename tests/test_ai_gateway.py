@@ -449,3 +449,197 @@ def test_it_shows_this_months_usage_on_the_dashboard(client: Any, alice: Any) ->
     assert 'id="ai-usage"' in page
     assert "250,000 of 1,000,000 (25%)" in page
     assert "$0.0600" in page
+
+
+def test_it_serves_only_priced_models_on_the_operator_key(
+    gateway: Gateway, model_server: FakeModelServer
+) -> None:
+    openai = gateway.openai(openai_body(model="o1-pro"))
+    assert openai.status_code == 404
+    error = openai.json()["error"]
+    assert error["code"] == "model_not_found" and "'o1-pro' is not available" in error["message"]
+    anthropic = gateway.anthropic(anthropic_body(model="claude-opus-4-1"))
+    assert anthropic.status_code == 200  # priced by the "claude-*" glob of this fixture
+    Price.objects.filter(model="claude-*").delete()
+    anthropic = gateway.anthropic(anthropic_body(model="claude-opus-4-1"))
+    assert anthropic.status_code == 404
+    assert anthropic.json()["error"]["type"] == "not_found_error"
+    assert [r.json["model"] for r in model_server.requests] == ["claude-opus-4-1"]
+    assert gateway.openai(openai_body()).status_code == 200
+
+
+def test_it_seeds_prices_for_the_default_models(settings: Any) -> None:
+    from importlib import import_module
+
+    from django.apps import apps
+
+    Price.objects.all().delete()
+    import_module("billing.ai_gateway.migrations.0003_seed_prices").seed(apps, None)
+    mini = Price.objects.get(model=settings.HERMIT_DEFAULT_MODEL)
+    assert (mini.input_per_million, mini.output_per_million) == (Decimal("0.15"), Decimal("0.6"))
+    assert Price.objects.filter(model__startswith="claude-sonnet-4-5").exists()
+    assert not Price.objects.filter(model__contains="*").exists()  # exact names only
+
+
+def test_it_counts_the_quota_in_money(gateway: Gateway, model_server: FakeModelServer,
+                                      alice: Any) -> None:  # fmt: skip
+    plan = plan_for(alice)
+    plan.monthly_spend_limit, plan.monthly_token_quota = Decimal("0.05"), 0
+    plan.save()
+    # 3,000 input + 1,000 output on claude-* ($3 / $15 a million) = $0.024 a call.
+    model_server.script(prompt_tokens=3000, completion_tokens=1000)
+    body = {**anthropic_body(), "max_tokens": 1000}
+    assert gateway.anthropic(body).status_code == 200
+    assert gateway.anthropic(body).status_code == 200  # $0.048 spent
+    refused = gateway.anthropic(body)
+    assert refused.status_code == 429
+    message = refused.json()["error"]["message"]
+    assert "monthly spend limit reached: $0.05 of $0.05" in message
+    assert len(model_server.requests) == 2
+    assert month_usage(alice)["cost"] == Decimal("0.048")
+
+
+def test_it_refuses_unlisted_betas_and_provider_tools(
+    gateway: Gateway, model_server: FakeModelServer, settings: Any
+) -> None:
+    headers = {"x-api-key": gateway.key, "anthropic-version": "2023-06-01"}
+    url = f"{gateway.base}/ai/v1/messages"
+    betas = "prompt-caching-2024-07-31,context-1m-2025-08-07"
+    beta = gateway.http.post(
+        url, json=anthropic_body(), headers={**headers, "anthropic-beta": betas}
+    )
+    assert beta.status_code == 400
+    assert "'context-1m-2025-08-07' is not allowed" in beta.json()["error"]["message"]
+    search = {**anthropic_body(), "tools": [
+        {"name": "get_time", "input_schema": {"type": "object"}},
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]}  # fmt: skip
+    refused = gateway.http.post(url, json=search, headers=headers)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["type"] == "invalid_request_error"
+    assert "'web_search_20250305' is not available" in refused.json()["error"]["message"]
+    openai = gateway.openai(openai_body(web_search_options={}))
+    assert openai.status_code == 400 and "'web_search'" in openai.json()["error"]["message"]
+    assert model_server.requests == []
+
+    allowed = gateway.http.post(url, json=anthropic_body(), headers={
+        **headers, "anthropic-beta": "prompt-caching-2024-07-31"})  # fmt: skip
+    assert allowed.status_code == 200
+    assert model_server.requests[-1].headers["anthropic-beta"] == "prompt-caching-2024-07-31"
+    settings.HERMIT_AI_SERVER_TOOLS = ["web_search_*"]
+    assert gateway.http.post(url, json=search, headers=headers).status_code == 200
+
+
+def test_it_checks_a_users_key_before_saving_it(client: Any, gateway: Gateway,
+                                               model_server: FakeModelServer,
+                                               alice: Any) -> None:  # fmt: skip
+    model_server.api_keys = {OPERATOR_KEY, USER_KEY, "sk-ant-alice-good-key"}
+    client.force_login(alice)
+    url = reverse("provider-keys")
+    for provider in ("openai", "anthropic"):
+        page = client.post(url, {"provider": provider, "api_key": "sk-made-up-cccccccccccc"})
+        assert page.status_code == 200
+        assert (
+            "fake-" in page.content.decode() and "refused this key (401)" in page.content.decode()
+        )
+    compatible = client.post(url, {"provider": "openai-compatible", "api_key": "anything-goes"})
+    assert "no upstream for this provider that takes your own keys" in compatible.content.decode()
+    assert not UserProviderKey.objects.exists()
+    assert client.post(url, {"provider": "openai", "api_key": USER_KEY}).status_code == 302
+    assert client.post(url, {"provider": "anthropic",
+                             "api_key": "sk-ant-alice-good-key"}).status_code == 302  # fmt: skip
+    assert UserProviderKey.objects.filter(user=alice).count() == 2
+    checks = [r for r in model_server.requests if r.path.endswith("/models")]
+    assert checks[-1].headers["x-api-key"] == "sk-ant-alice-good-key"
+
+
+def test_it_uses_the_operator_key_where_user_keys_are_not_taken(
+    gateway: Gateway, model_server: FakeModelServer, upstreams: dict[str, Upstream], alice: Any
+) -> None:
+    """An OpenAI-compatible server may ignore keys: a saved key must not make calls free."""
+    local = make_upstream(model_server, "openai-compatible", "local-llm", key="")
+    ModelRoute.objects.create(pattern="gpt-4o-mini", upstream=local)
+    UserProviderKey.objects.create(user=alice, provider="openai-compatible", api_key="made-up",
+                                   hint="…up")  # fmt: skip
+    model_server.script(prompt_tokens=100, completion_tokens=10)
+    assert gateway.openai(openai_body()).status_code == 200
+    assert "Authorization" not in model_server.requests[-1].headers
+    [row] = wait_for_records(1)
+    assert (row.byok, row.upstream, row.input_tokens) == (False, local, 100)
+    assert month_usage(alice)["tokens"] == 110
+
+
+def test_it_refuses_a_deactivated_users_key(gateway: Gateway, model_server: FakeModelServer,
+                                            alice: Any) -> None:  # fmt: skip
+    alice.is_active = False
+    alice.save()
+    openai = gateway.openai(openai_body())
+    assert openai.status_code == 403
+    assert "deactivated" in openai.json()["error"]["message"]
+    anthropic = gateway.anthropic(anthropic_body())
+    assert (anthropic.status_code, anthropic.json()["error"]["type"]) == (403, "permission_error")
+    auth = {"Authorization": f"Bearer {gateway.key}"}
+    assert gateway.http.get(f"{gateway.base}/ai/v1/models", headers=auth).status_code == 403
+    assert model_server.requests == []
+
+
+def test_it_quotes_the_model_name_in_logs(gateway: Gateway, caplog: pytest.LogCaptureFixture,
+                                          upstreams: dict[str, Upstream]) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO)
+    forged = "nope\n2026-01-01 INFO billing.ai_gateway.proxy: ai call user=1 outcome=ok"
+    ModelRoute.objects.create(pattern="nope*", upstream=upstreams["openai"])
+    gateway.openai(openai_body(model=forged))
+    wait_for_records(1)
+    lines = caplog.text.splitlines()
+    assert not any(line.startswith("2026-01-01") for line in lines)
+    assert any(repr(forged) in line for line in lines)
+
+
+def test_it_refuses_a_key_that_only_shares_the_prefix(
+    gateway: Gateway, model_server: FakeModelServer
+) -> None:
+    credential = SandboxCredential.objects.get()
+    assert gateway.key.startswith(credential.prefix)
+    forged = credential.prefix + "A" * (len(gateway.key) - len(credential.prefix))
+    assert gateway.openai(openai_body(), key=forged).status_code == 401
+    assert model_server.requests == []
+
+
+def test_it_never_uses_a_disabled_upstream(gateway: Gateway, model_server: FakeModelServer,
+                                           upstreams: dict[str, Upstream]) -> None:  # fmt: skip
+    second = make_upstream(model_server, "openai", "second", key="sk-second-eeeeeeee")
+    routed = make_upstream(model_server, "openai", "routed", key="sk-routed-ffffffff",
+                           is_operator=False, enabled=False)  # fmt: skip
+    ModelRoute.objects.create(pattern="gpt-*", upstream=routed)
+    first = upstreams["openai"]
+    first.enabled = False
+    first.save()
+    assert gateway.openai(openai_body()).status_code == 200
+    assert model_server.requests[-1].headers["Authorization"] == "Bearer sk-second-eeeeeeee"
+    second.enabled = False
+    second.save()
+    assert gateway.openai(openai_body()).status_code == 404
+    assert len(model_server.requests) == 1
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_it_reads_usage_split_across_network_reads(
+    gateway: Gateway, model_server: FakeModelServer, api: str
+) -> None:
+    model_server.script(prompt_tokens=777, completion_tokens=55, split_writes=True)
+    send = gateway.openai if api == "openai" else gateway.anthropic
+    response = send(openai_body() if api == "openai" else anthropic_body())
+    assert response.status_code == 200 and "Hello" in response.text
+    [row] = wait_for_records(1)
+    assert (row.input_tokens, row.output_tokens) == (777, 55)
+
+
+def test_it_keeps_provider_keys_out_of_reprs(alice: Any, upstreams: dict[str, Upstream]) -> None:
+    from billing.ai_gateway.upstreams import choose_targets
+
+    UserProviderKey.objects.create(user=alice, provider="openai", api_key=USER_KEY, hint="sk-…bbbb")
+    [target] = choose_targets(alice.pk, "openai", "gpt-4o-mini")
+    assert target.api_key == USER_KEY
+    shown = [repr(target), str(target), repr(upstreams["openai"]), str(upstreams["openai"]),
+             repr(UserProviderKey.objects.get()), str(UserProviderKey.objects.get())]  # fmt: skip
+    for text in shown:
+        assert USER_KEY not in text and OPERATOR_KEY not in text

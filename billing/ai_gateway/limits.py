@@ -35,7 +35,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError
-from django.db.models import Case, F, Q, Sum, Value, When
+from django.db.models import BigIntegerField, Case, F, IntegerField, Q, Sum, Value, When
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
@@ -172,9 +172,10 @@ def _claim_row(user_id: int, month: date, limits: Limits, reserve: Amount,
                now: datetime) -> Verdict:  # fmt: skip
     """Reserve on the user's counter row with one conditional UPDATE (creating the row once)."""
     lapsed = Q(lease_until__lt=now)
-    live_n = Case(When(lapsed, then=Value(0)), default=F("in_flight"))
-    live_c = Case(When(lapsed, then=Value(0)), default=F("reserved_cost"))
-    live_t = Case(When(lapsed, then=Value(0)), default=F("reserved_tokens"))
+    big = BigIntegerField()
+    live_n = Case(When(lapsed, then=Value(0)), default=F("in_flight"), output_field=IntegerField())
+    live_c = Case(When(lapsed, then=Value(0)), default=F("reserved_cost"), output_field=big)
+    live_t = Case(When(lapsed, then=Value(0)), default=F("reserved_tokens"), output_field=big)
     fits = Q()
     if limits.max_concurrent:
         fits &= Q(live_n__lt=limits.max_concurrent)
@@ -183,7 +184,7 @@ def _claim_row(user_id: int, month: date, limits: Limits, reserve: Amount,
     if limits.tokens:
         fits &= Q(total_t__lte=limits.tokens - reserve.tokens)
     rows = SpendCounter.objects.filter(user_id=user_id, month=month)
-    for _ in range(2):
+    for _ in range(3):
         updated = (
             rows.alias(
                 live_n=live_n, total_c=F("used_cost") + live_c, total_t=F("used_tokens") + live_t
@@ -200,16 +201,21 @@ def _claim_row(user_id: int, month: date, limits: Limits, reserve: Amount,
             return Verdict(Ticket(user_id, month, reserve, "db"))
         row = rows.first()
         if row is not None:
-            return _why_not(row, limits, reserve, now)
+            verdict = _why_not(row, limits, reserve, now)
+            if verdict is not None:
+                return verdict
+            continue  # the row was created between the UPDATE and the read: try again
         used = month_used(user_id, now)
         with contextlib.suppress(IntegrityError):  # created meanwhile by another call
             SpendCounter.objects.create(
                 user_id=user_id, month=month, used_cost=used.cost, used_tokens=used.tokens
             )
-    raise RuntimeError("the spend counter row could not be created")
+    raise RuntimeError("the spend counter row kept changing under this admission")
 
 
-def _why_not(row: SpendCounter, limits: Limits, reserve: Amount, now: datetime) -> Verdict:
+def _why_not(row: SpendCounter, limits: Limits, reserve: Amount,
+             now: datetime) -> Verdict | None:  # fmt: skip
+    """Return the refusal the row explains, or None if the call fits it after all."""
     live = row.lease_until >= now
     n = row.in_flight if live else 0
     used = Amount(
@@ -219,12 +225,14 @@ def _why_not(row: SpendCounter, limits: Limits, reserve: Amount, now: datetime) 
     return _verdict_for(limits, reserve, n, used)
 
 
-def _verdict_for(limits: Limits, reserve: Amount, in_flight: int, used: Amount) -> Verdict:
+def _verdict_for(limits: Limits, reserve: Amount, in_flight: int, used: Amount) -> Verdict | None:
     if limits.max_concurrent and in_flight >= limits.max_concurrent:
         return Verdict(reason="busy", retry_after=1.0, used=in_flight, limit=limits.max_concurrent)
     if limits.cost and used.cost + reserve.cost > limits.cost:
         return Verdict(reason="cost", used=used.cost, limit=limits.cost)
-    return Verdict(reason="tokens", used=used.tokens, limit=limits.tokens)
+    if limits.tokens and used.tokens + reserve.tokens > limits.tokens:
+        return Verdict(reason="tokens", used=used.tokens, limit=limits.tokens)
+    return None
 
 
 def settle_db(ticket: Ticket, spent: Amount) -> None:
