@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import include, path, re_path
+from django.urls import include, path
 
 from billing import views_keys
 from portal import views
@@ -13,7 +13,6 @@ urlpatterns = [
     path("sandbox/start/", views.sandbox_start, name="sandbox-start"),
     path("chat/", views_chat.chat, name="chat"),
     path("sandbox/control-ui/", views_controlui.open_control_ui, name="controlui-open"),
-    re_path(r"^sandbox/ui/(?P<path>.*)$", views_controlui.proxy, name="controlui-proxy"),
     path("accounts/", include("allauth.urls")),
     path("admin/", admin.site.urls),
     path("ai/", include("billing.ai_gateway.urls")),

@@ -1,61 +1,73 @@
-"""OpenClaw's own Control UI, passed through the portal under the user's Django login.
+"""OpenClaw's own Control UI, served from its own origin, never the portal's.
 
-``/sandbox/control-ui/`` wakes the user's sandbox if needed and sends the browser to
-``/sandbox/ui/#token=...``: the gateway token travels in the URL fragment (never in a request
-line, a log or a Referer) and only to the sandbox's owner, so the UI connects and its browser
-device is paired without anyone touching a CLI. ``/sandbox/ui/<path>`` is an HTTP proxy (httpx,
-streaming) to the gateway's own HTTP server, and ``ws(s)://.../sandbox/ui`` is relayed by
-:class:`sandboxes.consumers.controlui.ControlUIConsumer`.
+The Control UI is HTML and JS that the sandbox controls, so it must not run where the portal's
+cookies, pages and admin live. It is served on ``HERMIT_CONTROL_UI_URL`` (another host, or in
+the embedded default another host name and port, ``http://localhost:8002``), which
+:mod:`portal.middleware` gives only the Control UI's URLs (``portal.urls_controlui``), only its
+own cookie, and the containment headers below; the portal's origin has no Control UI route.
 
-Every request resolves the sandbox with :func:`sandboxes.access.aget_sandbox_for_user`: the URL
-names no sandbox, so a user can only ever reach their own (another user's is a 404).
+1. ``/sandbox/control-ui/`` (portal origin, Django login): wakes the user's sandbox and answers
+   a page that POSTs a one-time ticket (:mod:`sandboxes.controlui_auth`) to the Control UI
+   origin. The ticket travels in a POST body, not a URL (logs, Referer).
+2. ``/_hermit/enter`` (Control UI origin): takes a ticket only from a POST whose Origin is the
+   portal's, so no other site can log a browser into someone else's Control UI. It sets the
+   Control UI cookie and sends the browser to ``/#token=...``: the gateway token travels in the
+   URL fragment (never in a request line, a log or a Referer) and only to the sandbox's owner,
+   so the UI connects and its browser device is paired without anyone touching a CLI.
+3. Every other path (Control UI origin) is an HTTP proxy (httpx, streaming) to the gateway's
+   own HTTP server, at the same path (the gateway serves its UI at its root).
+   :class:`sandboxes.consumers.controlui.ControlUIConsumer` relays the WebSocket.
 
-The gateway serves the UI at its root (OpenClaw's default, no ``controlUi.basePath``); the
-proxy maps ``/sandbox/ui/X`` to ``/X`` and tells the UI its base path by rewriting the base-path
-attribute and root-relative links of its HTML and the ``basePath`` of
-``control-ui-config.json``. The gateway must list the portal's origin (``SITE_URL``) in
-``gateway.controlUi.allowedOrigins`` (sandboxes.openclaw.setup does); the relay presents that
-origin after checking the browser's own. Neither side forwards client addresses, so
-``gateway.trustedProxies`` stays empty and the gateway treats the portal as a local client.
+Each request re-checks its cookie's grant (:func:`controlui_auth.sandbox_for_session`: active
+owner, same password, the sandbox the one door gives them). Writes (any method but GET, HEAD,
+OPTIONS) need the Control UI's own Origin (or Referer); none at all is refused.
 
-What crosses the proxy: a whitelist of request headers plus the gateway token as a Bearer
-header (added here, never sent by the browser); the portal's cookies never reach the sandbox,
-and the sandbox cannot set cookies on the portal's origin.
+What crosses the proxy. Up: a whitelist of request headers plus the gateway token as a Bearer
+header (added here, never sent by the browser); no Cookie, no Authorization from the browser,
+and the upstream client keeps no cookie jar. Down: a whitelist of response headers (no
+Set-Cookie, Service-Worker-Allowed, Access-Control-*, X-Frame-Options, ...); the gateway's
+own Content-Security-Policy passes, as it can only tighten ours. Requests that would register
+a service worker are refused, so a sandbox cannot leave code running on the shared Control UI
+origin. The middleware adds :func:`content_security_policy` and :data:`SECURITY_HEADERS` to
+every response of the Control UI origin.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import AsyncIterator
-from typing import Any
-from urllib.parse import quote, urlsplit
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from urllib.parse import quote
 
 import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.views import redirect_to_login
 from django.http import (
     Http404,
     HttpRequest,
     HttpResponse,
+    HttpResponseBadRequest,
     HttpResponseBase,
     HttpResponseForbidden,
+    HttpResponseRedirect,
     StreamingHttpResponse,
 )
-from django.shortcuts import redirect
+from django.shortcuts import render
+from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
 
-from sandboxes import actions
-from sandboxes.access import aget_sandbox_for_user, get_sandbox_for_user
+from sandboxes import actions, controlui_auth
+from sandboxes.access import get_sandbox_for_user
 from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
+from sandboxes.origins import control_ui_origin, origin_of, portal_origins
 
-BASE_PATH = "/sandbox/ui"
+ENTER_PATH = "_hermit/enter"
 REQUEST_HEADERS = frozenset(
     {
         "accept",
+        "accept-encoding",
         "accept-language",
         "cache-control",
         "content-type",
@@ -67,129 +79,200 @@ REQUEST_HEADERS = frozenset(
         "user-agent",
     }
 )
-DROPPED_RESPONSE_HEADERS = frozenset(
+RESPONSE_HEADERS = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "set-cookie",
-        "content-length",
+        "accept-ranges",
+        "content-disposition",
         "content-encoding",
+        "content-language",
+        "content-range",
+        "content-security-policy",
+        "content-type",
+        "etag",
+        "last-modified",
+        "location",
     }
 )
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-REWRITE_LIMIT = 4 * 1024 * 1024
-_ROOT_LINK = re.compile(rb'((?:href|src|action)=")/(?!/)')
+_PATH_SAFE = "/!$&'()*+,;=:@-._~"
+
+
+def content_security_policy() -> str:
+    """Our policy for every Control UI response: it may not be framed, reach other origins,
+    post forms elsewhere, change its base URL or load plugins. Scripts from its own origin and
+    inline ones may run (the sandbox serves the origin's scripts anyway; the gateway's own
+    hash-based policy, passed through, restricts inline ones for the genuine UI)."""
+    ui = control_ui_origin()
+    ws = "ws" + ui.removeprefix("http")
+    return "; ".join(
+        [
+            "default-src 'self'",
+            "script-src 'self' 'unsafe-inline' 'wasm-unsafe-eval'",
+            "style-src 'self' 'unsafe-inline'",
+            "img-src 'self' data: blob:",
+            "media-src 'self' data: blob:",
+            "font-src 'self' data:",
+            f"connect-src 'self' {ws}",
+            "worker-src 'self'",
+            "frame-src 'self'",
+            "frame-ancestors 'none'",
+            "form-action 'self'",
+            "base-uri 'none'",
+            "object-src 'none'",
+        ]
+    )
+
+
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
 
 _client: httpx.AsyncClient | None = None
 
 
 def _http() -> httpx.AsyncClient:
-    """One pooled client per process (the proxy's only outside system)."""
+    """One pooled client per process (the proxy's only outside system). Its cookie jar accepts
+    nothing: a jar would keep every sandbox's cookies and send them on to every other sandbox."""
     global _client
     if _client is None:
-        _client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None), follow_redirects=False)
+        _client = httpx.AsyncClient(
+            timeout=httpx.Timeout(30.0, read=None),
+            follow_redirects=False,
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        )
     return _client
 
 
-def portal_origin() -> str:
-    """The portal's canonical origin, as the gateway's ``allowedOrigins`` lists it."""
-    parts = urlsplit(settings.SITE_URL)
-    return f"{parts.scheme}://{parts.netloc}"
+def _plain(text: str, status: int) -> HttpResponse:
+    return HttpResponse(text, status=status, content_type="text/plain; charset=utf-8")
 
 
-def same_origin(request: HttpRequest) -> bool:
-    """True if the request's Origin (or, lacking one, Referer) is this site."""
-    source = request.headers.get("Origin") or request.headers.get("Referer") or ""
-    if not source:
-        return False
-    parts = urlsplit(source)
-    origin = f"{parts.scheme}://{parts.netloc}"
-    return origin in settings.CSRF_TRUSTED_ORIGINS or parts.netloc == request.get_host()
+# -- portal origin ---------------------------------------------------------------------------
 
 
 @login_required
 def open_control_ui(request: HttpRequest) -> HttpResponse:
-    """Wake the user's sandbox if needed and hand the Control UI its token (owner only)."""
+    """Wake the user's sandbox if needed and hand its owner a ticket to the Control UI origin."""
     sandbox = get_sandbox_for_user(request.user)
     try:
         for _ in actions.wake_sandbox(sandbox, actor_user=request.user):
             pass
     except BackendError as exc:
-        return HttpResponse(
-            f"Your agent could not start: {exc}",
-            status=503,
-            content_type="text/plain; charset=utf-8",
-        )
+        return _plain(f"Your agent could not start: {exc}", 503)
     actions.record_activity(sandbox)
-    response = redirect(f"{BASE_PATH}/#token={quote(sandbox.gateway_token, safe='')}")
+    response = render(
+        request,
+        "sandboxes/controlui_open.html",
+        {
+            "enter_url": f"{control_ui_origin()}/{ENTER_PATH}",
+            "ticket": controlui_auth.mint_ticket(request.user, sandbox),
+        },
+    )
     response["Cache-Control"] = "no-store"
-    response["Referrer-Policy"] = "no-referrer"
+    # "origin", not "no-referrer": with the latter, browsers send the POST's Origin as "null"
+    response["Referrer-Policy"] = "origin"
     return response
 
 
-@csrf_exempt  # the Control UI cannot know Django's CSRF token; unsafe methods need our Origin
+# -- Control UI origin -----------------------------------------------------------------------
+
+
+@csrf_exempt  # a cross-origin POST by design: the portal's Origin and the ticket are the proof
+@require_POST
+def enter(request: HttpRequest) -> HttpResponse:
+    """Exchange a ticket from the portal for the Control UI cookie, then open the UI."""
+    if origin_of(request.headers.get("Origin", "")) not in portal_origins():
+        return _plain("Open the Control UI from your dashboard.", 403)
+    grant = controlui_auth.redeem_ticket(request.POST.get("ticket", ""))
+    sandbox = controlui_auth.sandbox_for_grant(grant)
+    if grant is None or sandbox is None:
+        return _plain("This link has expired. Open the Control UI again from your dashboard.", 403)
+    response = HttpResponseRedirect(f"/#token={quote(sandbox.gateway_token, safe='')}")
+    response.status_code = 303
+    response["Cache-Control"] = "no-store"
+    response.set_cookie(
+        controlui_auth.COOKIE_NAME,
+        controlui_auth.session_value(grant),
+        max_age=controlui_auth.SESSION_AGE,
+        path="/",
+        secure=control_ui_origin().startswith("https:"),
+        httponly=True,
+        samesite="Lax",
+    )
+    return response
+
+
+def same_origin(request: HttpRequest) -> bool:
+    """True if the request's Origin (or, lacking one, Referer) is the Control UI's own."""
+    source = request.headers.get("Origin") or request.headers.get("Referer") or ""
+    return bool(source) and origin_of(source) == control_ui_origin()
+
+
+def upstream_path(path: str) -> str | None:
+    """The path to ask the gateway for, quoted; None if it holds control characters."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return None
+    return "/" + quote(path, safe=_PATH_SAFE)
+
+
+@csrf_exempt  # the Control UI cannot know Django's CSRF token; writes need our own Origin
 async def proxy(request: HttpRequest, path: str) -> HttpResponseBase:
-    """Forward one request to the user's own gateway and stream the answer back."""
-    user = await request.auser()
-    if not user.is_authenticated:
-        return redirect_to_login(request.get_full_path())
+    """Forward one request to the granted sandbox's gateway and stream the answer back."""
     if request.method not in SAFE_METHODS and not same_origin(request):
         return HttpResponseForbidden("Cross-origin requests to the Control UI are refused.")
-    sandbox = await aget_sandbox_for_user(user)  # Http404 for anyone without one
+    if request.headers.get("Service-Worker"):
+        return HttpResponseForbidden("Service workers are not allowed on the Control UI origin.")
+    target = upstream_path(path)
+    if target is None:
+        return HttpResponseBadRequest("Bad path.")
+    value = request.COOKIES.get(controlui_auth.COOKIE_NAME)
+    sandbox = await controlui_auth.asandbox_for_session(value)
+    if sandbox is None:
+        if request.method in ("GET", "HEAD"):
+            return HttpResponseRedirect(
+                settings.SITE_URL + reverse("controlui-open", urlconf=settings.ROOT_URLCONF)
+            )
+        return HttpResponseForbidden("Open the Control UI from your dashboard.")
     if sandbox.state != Sandbox.State.RUNNING:
-        return HttpResponse(
-            "Your agent is not running. Open it again from the dashboard.",
-            status=503,
-            content_type="text/plain",
-        )
+        return _plain("Your agent is not running. Open it again from the dashboard.", 503)
     try:
         host, port = await sync_to_async(actions.gateway_endpoint)(sandbox)
     except BackendError:
         raise Http404("No running agent") from None
     await sync_to_async(actions.record_activity)(sandbox)
-    upstream = _http().build_request(
-        request.method or "GET",
-        f"http://{host}:{port}/{path}",
-        params=request.GET.urlencode() or None,
-        headers=_request_headers(request, sandbox.gateway_token),
-        content=request.body if request.method not in SAFE_METHODS else None,
-    )
     try:
+        upstream = _http().build_request(
+            request.method or "GET",
+            f"http://{host}:{port}{target}",
+            params=request.GET.urlencode() or None,
+            headers=_request_headers(request, sandbox.gateway_token),
+            content=request.body if request.method not in SAFE_METHODS else None,
+        )
         response = await _http().send(upstream, stream=True)
+    except httpx.InvalidURL:
+        return HttpResponseBadRequest("Bad path.")
     except httpx.HTTPError:
-        return HttpResponse("Your agent did not answer.", status=502, content_type="text/plain")
-    return await _relay(response, path)
+        return _plain("Your agent did not answer.", 502)
+    return _relay(response)
 
 
 def _request_headers(request: HttpRequest, token: str) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS}
-    headers["Authorization"] = f"Bearer {token}"
-    headers["Accept-Encoding"] = "identity"  # so bodies can be rewritten and streamed as-is
+    headers = {k.lower(): v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS}
+    headers.setdefault("accept-encoding", "identity")  # none would mean "any" to the gateway
+    headers["authorization"] = f"Bearer {token}"
     return headers
 
 
-async def _relay(response: httpx.Response, path: str) -> HttpResponseBase:
-    content_type = response.headers.get("content-type", "")
-    out: HttpResponseBase
-    if _rewritable(path, content_type):
-        body = await response.aread()
-        await response.aclose()
-        out = HttpResponse(_rewrite(path, content_type, body), status=response.status_code)
-    else:
-        out = StreamingHttpResponse(_stream(response), status=response.status_code)
+def _relay(response: httpx.Response) -> StreamingHttpResponse:
+    out = StreamingHttpResponse(_stream(response), status=response.status_code)
     for name, value in response.headers.multi_items():
-        if name.lower() not in DROPPED_RESPONSE_HEADERS:
-            out[name] = value
-    if "location" in response.headers:
-        out["Location"] = _rebase_location(response.headers["location"])
+        if name.lower() in RESPONSE_HEADERS:
+            out.headers[name] = value
     out["Cache-Control"] = "private, no-cache"
-    out["Vary"] = "Cookie"
     return out
 
 
@@ -199,34 +282,3 @@ async def _stream(response: httpx.Response) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         await response.aclose()
-
-
-def _rewritable(path: str, content_type: str) -> bool:
-    return content_type.startswith("text/html") or path.endswith("control-ui-config.json")
-
-
-def _rewrite(path: str, content_type: str, body: bytes) -> bytes:
-    """Tell the UI it lives under BASE_PATH (see the module docstring)."""
-    if len(body) > REWRITE_LIMIT:
-        return body
-    if path.endswith("control-ui-config.json"):
-        try:
-            data: Any = json.loads(body)
-        except ValueError:
-            return body
-        if isinstance(data, dict) and not data.get("basePath"):
-            data["basePath"] = BASE_PATH
-        return json.dumps(data).encode()
-    body = body.replace(
-        b'data-openclaw-control-ui-base-path=""',
-        f'data-openclaw-control-ui-base-path="{BASE_PATH}"'.encode(),
-    )
-    return _ROOT_LINK.sub(rb"\1" + BASE_PATH.encode() + b"/", body)
-
-
-def _rebase_location(location: str) -> str:
-    return (
-        BASE_PATH + location
-        if location.startswith("/") and not location.startswith("//")
-        else location
-    )

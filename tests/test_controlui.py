@@ -1,4 +1,5 @@
-"""The Control UI passthrough (HTTP proxy + WebSocket relay) against a real sandboxed gateway."""
+"""The Control UI passthrough (HTTP proxy + WebSocket relay, on the Control UI's own origin)
+against a real sandboxed gateway."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from urllib.parse import unquote
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
 from django.test import AsyncClient
 
 from portal.asgi import application
+from sandboxes import controlui_auth
 from sandboxes.models import Sandbox
 from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, build_connect_params
+from sandboxes.origins import control_ui_origin, portal_origin
 from tests.factories import make_user
-from tests.fixtures.chat import session_cookie
-
-ORIGIN = "http://testserver"
+from tests.fixtures.controlui import UIClient, enter_ui, portal_client, ticket_for, ui_host
 
 
 @pytest.fixture
@@ -28,18 +30,18 @@ def alice_sandbox(sandbox_for: Callable[..., Sandbox]) -> Sandbox:
     return sandbox_for("alice@chat.test")
 
 
-async def client_for(user: Any) -> AsyncClient:
-    client = AsyncClient()
-    await sync_to_async(client.force_login)(user)
-    return client
-
-
-async def open_ui_socket(user: Any | None, origin: str = ORIGIN) -> WebsocketCommunicator:
-    headers = [(b"origin", origin.encode()), (b"host", b"testserver")]
-    if user is not None:
-        cookie = await sync_to_async(session_cookie)(user)
-        headers.append((b"cookie", cookie.encode()))
-    return WebsocketCommunicator(application, "/sandbox/ui", headers=headers)
+async def open_ui_socket(
+    client: UIClient | None, origin: str | None = None
+) -> WebsocketCommunicator:
+    """A Control UI WebSocket, with the Control UI cookie of ``client`` if given."""
+    headers = [
+        (b"origin", (origin or control_ui_origin()).encode()),
+        (b"host", ui_host().encode()),
+    ]
+    if client is not None:
+        value = client.cookies[controlui_auth.COOKIE_NAME].value
+        headers.append((b"cookie", f"{controlui_auth.COOKIE_NAME}={value}".encode()))
+    return WebsocketCommunicator(application, "/", headers=headers)
 
 
 async def body_of(response: Any) -> bytes:
@@ -49,42 +51,44 @@ async def body_of(response: Any) -> bytes:
 
 
 async def test_it_hands_the_owner_the_ui_with_its_token(alice_sandbox: Sandbox) -> None:
-    client = await client_for(alice_sandbox.owner)
-    response = await client.get("/sandbox/control-ui/")
-    assert response.status_code == 302
+    ticket = await ticket_for(alice_sandbox.owner)
+    assert alice_sandbox.gateway_token not in ticket
+    response = await UIClient().post(
+        "/_hermit/enter", {"ticket": ticket}, headers={"origin": portal_origin()}
+    )
+    assert response.status_code == 303
     location = response["Location"]
-    assert location.startswith("/sandbox/ui/#token=")
+    assert location.startswith("/#token=")
     assert unquote(location.split("#token=", 1)[1]) == alice_sandbox.gateway_token
     assert response["Cache-Control"] == "no-store"
 
 
-async def test_it_proxies_the_ui_under_the_portal(alice_sandbox: Sandbox) -> None:
-    client = await client_for(alice_sandbox.owner)
-    page = await client.get("/sandbox/ui/")
+async def test_it_proxies_the_ui_on_its_own_origin(alice_sandbox: Sandbox) -> None:
+    client = await enter_ui(alice_sandbox.owner)
+    page = await client.get("/")
     assert page.status_code == 200
     html = (await body_of(page)).decode()
-    assert 'data-openclaw-control-ui-base-path="/sandbox/ui"' in html
     assert "<title>OpenClaw Control</title>" in html
     assert not page.has_header("Set-Cookie")
-    assert "Cookie" in page["Vary"]
+    assert "frame-ancestors 'none'" in page["Content-Security-Policy"]
 
-    script = re.search(r'src="(/sandbox/ui/assets/[^"]+\.js)"', html)
+    script = re.search(r'src="/(assets/[^"?]+\.js)', html)
     assert script, html[:2000]
-    asset = await client.get(script.group(1))
+    asset = await client.get("/" + script.group(1), headers={"accept-encoding": "identity"})
     assert asset.status_code == 200
     assert "javascript" in asset["Content-Type"]
     assert b"import" in await body_of(asset)
 
     # the gateway only serves its UI config to authenticated callers: the proxy adds the token
-    config = await client.get("/sandbox/ui/control-ui-config.json")
+    config = await client.get("/control-ui-config.json", headers={"accept-encoding": "identity"})
     assert config.status_code == 200
-    assert json.loads(await body_of(config))["basePath"] == "/sandbox/ui"
+    assert isinstance(json.loads(await body_of(config)), dict)
 
 
 async def test_it_relays_the_ui_websocket_and_pairs_the_browser_device(
     alice_sandbox: Sandbox,
 ) -> None:
-    comm = await open_ui_socket(alice_sandbox.owner)
+    comm = await open_ui_socket(await enter_ui(alice_sandbox.owner))
     connected, code = await comm.connect(timeout=15)
     assert connected, code
     try:
@@ -134,40 +138,39 @@ async def test_it_relays_the_ui_websocket_and_pairs_the_browser_device(
 async def test_it_refuses_cross_origin_writes_and_anonymous_users(
     alice_sandbox: Sandbox,
 ) -> None:
-    client = await client_for(alice_sandbox.owner)
+    client = await enter_ui(alice_sandbox.owner)
     response = await client.post(
-        "/sandbox/ui/tools/invoke", data={}, headers={"Origin": "http://evil.example"}
+        "/tools/invoke", data={}, headers={"Origin": "http://evil.example"}
     )
     assert response.status_code == 403
 
-    anonymous = AsyncClient()
-    for url in ("/sandbox/ui/", "/sandbox/control-ui/"):
-        response = await anonymous.get(url)
-        assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+    response = await AsyncClient().get("/sandbox/control-ui/")
+    assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+    response = await UIClient().get("/")
+    assert response.status_code == 302
+    assert response["Location"] == settings.SITE_URL + "/sandbox/control-ui/"
     comm = await open_ui_socket(None)
     connected, code = await comm.connect(timeout=10)
     assert not connected and code == 4401
-    comm = await open_ui_socket(alice_sandbox.owner, origin="http://evil.example")
-    connected, _ = await comm.connect(timeout=10)
-    assert not connected
+    comm = await open_ui_socket(client, origin="http://evil.example")
+    connected, code = await comm.connect(timeout=10)
+    assert not connected and code == 4403
 
 
 async def test_bob_cannot_reach_alices_ui(alice_sandbox: Sandbox) -> None:
     bob = await sync_to_async(make_user)("bob@chat.test")
     await sync_to_async(Sandbox.objects.filter(owner=bob).delete)()
-    client = await client_for(bob)
-    for url in ("/sandbox/ui/", "/sandbox/ui/control-ui-config.json", "/sandbox/control-ui/"):
-        assert (await client.get(url)).status_code == 404, url
-    comm = await open_ui_socket(bob)
-    connected, code = await comm.connect(timeout=10)
-    assert not connected and code == 4404
+    assert (await (await portal_client(bob)).get("/sandbox/control-ui/")).status_code == 404
+    for url in ("/", "/control-ui-config.json"):
+        assert (await UIClient().get(url)).status_code == 302, url
 
     # with a sandbox of his own that is not running, bob still never sees alice's
-    await sync_to_async(Sandbox.objects.create)(owner=bob, state="stopped")
-    page = await client.get("/sandbox/ui/")
+    stopped = await sync_to_async(Sandbox.objects.create)(owner=bob, state="stopped")
+    client = await enter_ui(bob, await sync_to_async(controlui_auth.mint_ticket)(bob, stopped))
+    page = await client.get("/")
     assert page.status_code == 503
     assert alice_sandbox.gateway_token not in (await body_of(page)).decode()
-    comm = await open_ui_socket(bob)
+    comm = await open_ui_socket(client)
     connected, code = await comm.connect(timeout=10)
     assert not connected and code == 4503
 
@@ -175,7 +178,7 @@ async def test_bob_cannot_reach_alices_ui(alice_sandbox: Sandbox) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_it_opens_the_control_ui_in_a_browser(
     sandbox_for: Callable[..., Sandbox],
-    start_server: Callable[..., Any],
+    two_origin_portal: Callable[..., tuple[str, str]],
 ) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -183,26 +186,30 @@ def test_it_opens_the_control_ui_in_a_browser(
     from tests.fixtures.chat import ARTIFACTS, CHROMIUM_ARGS
 
     sandbox = sandbox_for("alice@chat.test")
-    server = start_server("daphne")
+    # SITE_URL stays the origin the sandbox's gateway allows: the relay presents it
+    portal, ui = two_origin_portal(
+        SITE_URL=settings.SITE_URL, CSRF_TRUSTED_ORIGINS=settings.SITE_URL
+    )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 860})
         frames: list[str] = []
         page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(str(f))))
-        page.goto(server.url + "/accounts/login/")
+        page.goto(portal + "/accounts/login/")
         page.fill("input[name=login]", sandbox.owner.email)
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
         page.wait_for_url("**/dashboard/")
-        page.goto(server.url + "/sandbox/control-ui/")
+        page.goto(portal + "/sandbox/control-ui/")
         deadline = time.monotonic() + 45
         while not any('"hello-ok"' in f for f in frames) and time.monotonic() < deadline:
             page.wait_for_timeout(250)
         assert any('"hello-ok"' in f for f in frames), frames[:3]
         assert '"deviceToken"' in next(f for f in frames if '"hello-ok"' in f)  # paired
-        assert page.url.startswith(server.url + "/sandbox/ui/")
+        assert page.url.startswith(ui + "/"), page.url  # its own origin, not the portal's
         assert sandbox.gateway_token not in page.url  # the UI drops the fragment once read
+        assert page.evaluate("document.cookie") == ""  # no portal cookie; its own is HttpOnly
         page.wait_for_timeout(2000)
         page.screenshot(path=str(ARTIFACTS / "control-ui.png"))
         browser.close()

@@ -1,32 +1,43 @@
-"""What every sandbox WebSocket checks before it accepts: origin, login, ownership."""
+"""What every sandbox WebSocket checks before it accepts: origin, login, ownership.
+
+Origins are compared whole (scheme, host and port: :mod:`sandboxes.origins`). The portal's
+sockets accept the portal's origins (``SITE_URL``, ``CSRF_TRUSTED_ORIGINS``) or the
+connection's own (its scheme and Host); a handshake without an Origin is refused.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
-from urllib.parse import urlsplit
 
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 from django.http import Http404
 
 from sandboxes.access import aget_sandbox_for_user
 from sandboxes.models import Sandbox
+from sandboxes.origins import origin_of, portal_origins
 
 CLOSE_FOREIGN_ORIGIN = 4403
 CLOSE_NOT_SIGNED_IN = 4401
 CLOSE_NO_SANDBOX = 4404
 
 
-def origin_allowed(scope: dict[str, Any]) -> bool:
-    """Return True if the handshake's Origin is this site (same host) or a trusted origin."""
-    headers = dict(scope.get("headers") or [])
-    origin = headers.get(b"origin", b"").decode("latin-1")
-    host = headers.get(b"host", b"").decode("latin-1")
+def header(scope: dict[str, Any], name: bytes) -> str:
+    """The value of one handshake header ("" if absent)."""
+    return dict(scope.get("headers") or []).get(name, b"").decode("latin-1")
+
+
+def origin_allowed(scope: dict[str, Any], allowed: Collection[str] | None = None) -> bool:
+    """Return True if the handshake's Origin is one of ``allowed`` origins; by default, one of
+    the portal's or the connection's own (same scheme, host and port)."""
+    origin = origin_of(header(scope, b"origin"))
     if not origin:
         return False
-    if origin in getattr(settings, "CSRF_TRUSTED_ORIGINS", []):
-        return True
-    return bool(host) and urlsplit(origin).netloc == host
+    if allowed is not None:
+        return origin in allowed
+    host = header(scope, b"host")
+    own = origin_of(f"{'https' if scope.get('scheme') == 'wss' else 'http'}://{host}")
+    return origin in portal_origins() or (bool(host) and origin == own)
 
 
 async def admit(consumer: AsyncWebsocketConsumer) -> Sandbox | None:

@@ -1,13 +1,15 @@
-"""The Control UI's WebSocket, relayed frame for frame to the user's own gateway.
+"""The Control UI's WebSocket, on the Control UI origin, relayed frame for frame to the gateway.
 
-The browser's handshake must come from this site (Origin checked against the Host) and carry a
-Django session; the sandbox comes from :func:`sandboxes.access.aget_sandbox_for_user` only. The
-relay presents the portal's canonical origin (``SITE_URL``, which the gateway's
-``controlUi.allowedOrigins`` lists) and no cookies and no forwarded addresses. The Control UI
-does its own protocol-v4 handshake with its own browser device key through the relay; the
-portal does not read or change frames, it only counts them as activity.
+The handshake must come from the Control UI origin itself (Origin, scheme + host + port) and
+carry the Control UI cookie, whose grant is re-checked now
+(:func:`sandboxes.controlui_auth.sandbox_for_session`: active owner, same password, the sandbox
+the one door gives them). portal.asgi routes it here with no session middleware: the portal's
+session is never read. The relay presents the portal's canonical origin (``SITE_URL``, which
+the gateway's ``controlUi.allowedOrigins`` lists), no cookies and no forwarded addresses. The
+Control UI does its own protocol-v4 handshake with its own browser device key through the
+relay; the portal does not read or change frames, it only counts them as activity.
 
-Close codes to the browser: 4401 not signed in, 4403 foreign origin, 4404 no sandbox,
+Close codes to the browser: 4401 no valid Control UI cookie, 4403 foreign origin,
 4503 the agent is not running or did not answer; otherwise the gateway's own close code.
 """
 
@@ -21,15 +23,21 @@ import time
 import websockets
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.http import parse_cookie
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from sandboxes import actions
+from sandboxes import actions, controlui_auth
 from sandboxes.backends.base import BackendError
-from sandboxes.consumers.base import admit
+from sandboxes.consumers.base import (
+    CLOSE_FOREIGN_ORIGIN,
+    CLOSE_NOT_SIGNED_IN,
+    header,
+    origin_allowed,
+)
 from sandboxes.consumers.chat import ACTIVITY_INTERVAL
 from sandboxes.models import Sandbox
-from sandboxes.views_controlui import portal_origin
+from sandboxes.origins import control_ui_origin, portal_origin
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +51,13 @@ class ControlUIConsumer(AsyncWebsocketConsumer):
     pump: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
-        sandbox = await admit(self)
+        if not origin_allowed(self.scope, {control_ui_origin()}):
+            await self.close(code=CLOSE_FOREIGN_ORIGIN)
+            return
+        cookies = parse_cookie(header(self.scope, b"cookie"))
+        sandbox = await controlui_auth.asandbox_for_session(cookies.get(controlui_auth.COOKIE_NAME))
         if sandbox is None:
+            await self.close(code=CLOSE_NOT_SIGNED_IN)
             return
         self.sandbox = sandbox
         self.last_activity = 0.0

@@ -1,0 +1,382 @@
+"""The Control UI's own origin: what crosses it and what may not, against a hostile gateway double.
+
+The Control UI is HTML and JS that the sandbox controls, so these tests put a hostile stand-in
+(tests.fakes.gateway_double) where the sandbox's gateway would be and check that its pages,
+headers and scripts cannot reach the portal: no portal route on its origin and no Control UI
+route on the portal's, no cookie either way, the containment headers, writes and WebSockets only
+from its own origin (scheme, host and port), an owner-bound grant re-checked on every request,
+and, in Chromium, a hostile page that gets nothing from the portal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+import time_machine
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.utils import timezone
+
+from portal.asgi import application
+from sandboxes import controlui_auth
+from sandboxes.models import Sandbox
+from sandboxes.origins import control_ui_origin, portal_origin
+from tests.factories import PASSWORD, make_user
+from tests.fakes.gateway_double import GatewayDouble
+from tests.fixtures.chat import session_cookie
+from tests.fixtures.controlui import UIClient, enter_ui, portal_client, ticket_for, ui_host
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+GATEWAY_TOKEN = "gw-token-of-the-double"
+
+
+@pytest.fixture
+def double() -> Iterator[GatewayDouble]:
+    with GatewayDouble() as gw:
+        yield gw
+
+
+def point_at(user: Any, double: GatewayDouble) -> Sandbox:
+    """Make ``user``'s sandbox a running one whose gateway is the double."""
+    Sandbox.objects.filter(owner=user).update(
+        state=Sandbox.State.RUNNING,
+        backend="local",
+        backend_state={"host_port": double.port},
+        gateway_token=GATEWAY_TOKEN,
+    )
+    return Sandbox.objects.get(owner=user)
+
+
+@pytest.fixture
+def alice(double: GatewayDouble) -> Any:
+    user = make_user("alice@ui.test")
+    point_at(user, double)
+    return user
+
+
+def ui_client() -> UIClient:
+    return UIClient()
+
+
+async def entered(user: Any) -> UIClient:
+    return await enter_ui(user)
+
+
+async def test_it_serves_no_control_ui_on_the_portal_origin_and_no_portal_on_its_own(
+    alice: Any, double: GatewayDouble
+) -> None:
+    portal = await portal_client(alice)
+    for path in ("/sandbox/ui/", "/sandbox/ui/index.html", "/_hermit/enter"):
+        assert (await portal.get(path)).status_code == 404, path
+    assert double.requests == []
+
+    # the Control UI origin has no admin, no login and no portal page: only the proxy, which
+    # sends a browser without its own grant to the portal to get one
+    anonymous = ui_client()
+    for path in ("/admin/", "/accounts/login/", "/dashboard/"):
+        response = await anonymous.get(path)
+        assert response.status_code == 302, path
+        assert response["Location"] == settings.SITE_URL + "/sandbox/control-ui/"
+    assert double.requests == []
+
+    cookie = await sync_to_async(session_cookie)(alice)
+    comm = WebsocketCommunicator(
+        application,
+        "/",
+        headers=[
+            (b"origin", b"http://testserver"),
+            (b"host", b"testserver"),
+            (b"cookie", cookie.encode()),
+        ],
+    )
+    with pytest.raises(ValueError, match="No route"):
+        await comm.connect(timeout=5)
+
+
+async def test_it_hands_the_owner_a_one_time_ticket_for_a_cookie_of_the_ui_origin(
+    alice: Any,
+) -> None:
+    ticket = await ticket_for(alice)
+    assert GATEWAY_TOKEN not in ticket  # the token never shows on the portal's page
+
+    client = ui_client()
+    for origin in (None, "http://evil.example", control_ui_origin(), "https://127.0.0.1:8000"):
+        headers = {"origin": origin} if origin else {}
+        response = await client.post("/_hermit/enter", {"ticket": ticket}, headers=headers)
+        assert response.status_code == 403, origin
+    response = await client.post(
+        "/_hermit/enter", {"ticket": ticket}, headers={"origin": portal_origin()}
+    )
+    assert response.status_code == 303
+    assert unquote(response["Location"].split("/#token=", 1)[1]) == GATEWAY_TOKEN
+    morsel = response.cookies[controlui_auth.COOKIE_NAME]
+    assert morsel["httponly"] and morsel["samesite"] == "Lax"
+    assert morsel["max-age"] == controlui_auth.SESSION_AGE and morsel["path"] == "/"
+    assert not morsel["domain"]  # host-only: the Control UI's host alone
+    assert set(response.cookies) == {controlui_auth.COOKIE_NAME}
+
+    again = await ui_client().post(
+        "/_hermit/enter", {"ticket": ticket}, headers={"origin": portal_origin()}
+    )
+    assert again.status_code == 403  # single use
+
+    with time_machine.travel(timezone.now() + timedelta(seconds=controlui_auth.TICKET_AGE + 1)):
+        late = await ui_client().post(
+            "/_hermit/enter",
+            {"ticket": await ticket_for(alice)},
+            headers={"origin": portal_origin()},
+        )
+    # minted and spent at the same travelled time: still valid; spent later: expired
+    assert late.status_code == 303
+    stale = await ticket_for(alice)
+    with time_machine.travel(timezone.now() + timedelta(seconds=controlui_auth.TICKET_AGE + 1)):
+        late = await ui_client().post(
+            "/_hermit/enter", {"ticket": stale}, headers={"origin": portal_origin()}
+        )
+    assert late.status_code == 403
+
+
+async def test_it_never_forwards_the_browsers_cookies_or_credentials(
+    alice: Any, double: GatewayDouble
+) -> None:
+    client = await entered(alice)
+    own = client.cookies[controlui_auth.COOKIE_NAME].value
+    # a browser sends every cookie of the host: the portal's, when it shares the host name
+    client.cookies["sessionid"] = "the-portal-session"
+    client.cookies["csrftoken"] = "portal-csrf"
+    response = await client.get("/index.html", headers={"authorization": "Basic x"})
+    assert response.status_code == 200
+    sent = double.last["headers"]
+    assert "cookie" not in sent
+    assert sent["authorization"] == f"Bearer {GATEWAY_TOKEN}"
+    leaked = repr(double.requests)
+    for secret in (own, "the-portal-session", "portal-csrf", "Basic x"):
+        assert secret not in leaked
+
+
+async def test_it_keeps_no_sandbox_cookie_for_the_next_request(
+    alice: Any, double: GatewayDouble
+) -> None:
+    """The proxy's pooled upstream client must not be a cookie jar shared by all sandboxes."""
+    bob = await sync_to_async(make_user)("bob@ui.test")
+    with GatewayDouble() as bobs:
+        await sync_to_async(point_at)(bob, bobs)
+        alices, bobs_client = await entered(alice), await entered(bob)
+        for client in (alices, bobs_client, alices):
+            assert (await client.get("/")).status_code == 200
+        assert len(bobs.requests) == 1
+        assert "cookie" not in bobs.last["headers"]
+    assert len(double.requests) == 2
+    assert all("cookie" not in r["headers"] for r in double.requests)
+
+
+async def test_it_strips_the_sandboxes_cookies_and_breakout_headers(
+    alice: Any, double: GatewayDouble
+) -> None:
+    client = await entered(alice)
+    response = await client.get("/")
+    assert response.status_code == 200
+    assert b"hostile" in b"".join([c async for c in response.streaming_content])  # type: ignore[attr-defined]
+    for name in (
+        "Set-Cookie",
+        "Service-Worker-Allowed",
+        "Access-Control-Allow-Origin",
+        "Access-Control-Allow-Credentials",
+        "Clear-Site-Data",
+        "Refresh",
+    ):
+        assert name not in response.headers, name
+    assert not response.cookies
+    assert response["X-Frame-Options"] == "DENY"
+    assert response["Cross-Origin-Opener-Policy"] == "same-origin"
+    assert response["Referrer-Policy"] == "no-referrer"
+    assert response["X-Content-Type-Options"] == "nosniff"
+    ours, theirs = response["Content-Security-Policy"].split(", ", 1)
+    for directive in (
+        "frame-ancestors 'none'",
+        "form-action 'self'",
+        "base-uri 'none'",
+        "object-src 'none'",
+        f"connect-src 'self' ws://{ui_host()}",
+    ):
+        assert directive in ours.split("; "), directive
+    assert theirs == "default-src *"  # one more policy: it can only tighten ours
+
+
+async def test_it_refuses_writes_and_sockets_not_from_its_own_origin(
+    alice: Any, double: GatewayDouble
+) -> None:
+    client = await entered(alice)
+    refused: tuple[dict[str, str], ...] = (
+        {},  # neither Origin nor Referer
+        {"origin": portal_origin()},
+        {"origin": "https://" + ui_host()},  # same host and port, other scheme
+        {"origin": "http://localhost:9999"},  # same host, other port
+        {"referer": portal_origin() + "/dashboard/"},
+    )
+    for headers in refused:
+        response = await client.post("/tools/invoke", {}, headers=headers)
+        assert response.status_code == 403, headers
+    assert double.requests == []
+    for headers in ({"origin": control_ui_origin()}, {"referer": control_ui_origin() + "/chat"}):
+        response = await client.post("/tools/invoke", {}, headers=headers)
+        assert response.status_code == 200, headers
+    assert [r["method"] for r in double.requests] == ["POST", "POST"]
+
+    own = client.cookies[controlui_auth.COOKIE_NAME].value
+    for origin, code in (
+        (None, 4403),
+        (portal_origin(), 4403),
+        ("https://" + ui_host(), 4403),
+        ("http://localhost:9999", 4403),
+        (control_ui_origin(), 4503),  # admitted; the double speaks no WebSocket
+    ):
+        handshake = [
+            (b"host", ui_host().encode()),
+            (b"cookie", f"{controlui_auth.COOKIE_NAME}={own}".encode()),
+        ]
+        if origin:
+            handshake.append((b"origin", origin.encode()))
+        comm = WebsocketCommunicator(application, "/", headers=handshake)
+        connected, got = await comm.connect(timeout=10)
+        assert not connected and got == code, (origin, got)
+    comm = WebsocketCommunicator(
+        application,
+        "/",
+        headers=[(b"host", ui_host().encode()), (b"origin", control_ui_origin().encode())],
+    )
+    connected, got = await comm.connect(timeout=10)
+    assert not connected and got == 4401  # no grant
+
+
+async def test_the_portals_sockets_check_scheme_and_port_of_the_origin() -> None:
+    """Only a same-host origin passes the allowed-hosts check in front: admit() must refuse
+    another scheme or port itself (4403), before it looks at the login (4401)."""
+    for origin, code in (
+        ("https://testserver", 4403),
+        ("http://testserver:9999", 4403),
+        ("http://testserver", 4401),
+    ):
+        for path in ("/ws/sandbox/progress/", "/ws/chat/"):
+            comm = WebsocketCommunicator(
+                application, path, headers=[(b"origin", origin.encode()), (b"host", b"testserver")]
+            )
+            connected, got = await comm.connect(timeout=10)
+            assert not connected and got == code, (origin, path, got)
+    comm = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"host", b"testserver")])
+    connected, got = await comm.connect(timeout=10)
+    assert not connected and got != 4401  # no Origin: refused before any login is looked at
+
+
+async def test_it_answers_bad_paths_cleanly(alice: Any, double: GatewayDouble) -> None:
+    client = await entered(alice)
+    for path in ("/%00", "/a%0d%0aSet-Cookie:%20x=1", "/%7f"):
+        response = await client.get(path)
+        assert response.status_code == 400, path
+    assert double.requests == []
+    assert (await (await portal_client(alice)).get("/sandbox/ui/%00")).status_code == 404
+    response = await client.get("/a%3Fb%23c/d e")
+    assert response.status_code == 200
+    assert double.last["path"] == "/a%3Fb%23c/d%20e"
+
+
+async def test_it_rechecks_the_owner_on_every_request(alice: Any, double: GatewayDouble) -> None:
+    client = await entered(alice)
+    assert (await client.get("/")).status_code == 200
+
+    await sync_to_async(type(alice).objects.filter(pk=alice.pk).update)(is_active=False)
+    assert (await client.get("/")).status_code == 302
+    assert (await client.post("/x", {}, headers={"origin": control_ui_origin()})).status_code == 403
+    await sync_to_async(type(alice).objects.filter(pk=alice.pk).update)(is_active=True)
+    assert (await client.get("/")).status_code == 200
+
+    # the sandbox changes hands: alice's grant does not follow it
+    bob = await sync_to_async(make_user)("bob@ui.test")
+    await sync_to_async(Sandbox.objects.filter(owner=bob).delete)()
+    await sync_to_async(Sandbox.objects.filter(owner=alice).update)(owner=bob)
+    assert (await client.get("/")).status_code == 302
+    await sync_to_async(Sandbox.objects.filter(owner=bob).update)(owner=alice)
+    assert (await client.get("/")).status_code == 200
+
+    # a new password ends every grant made before it
+    def change_password() -> None:
+        alice.set_password("another horse battery staple")
+        alice.save()
+
+    await sync_to_async(change_password)()
+    assert (await client.get("/")).status_code == 302
+    client = await entered(alice)
+    with time_machine.travel(timezone.now() + timedelta(seconds=controlui_auth.SESSION_AGE + 1)):
+        assert (await client.get("/")).status_code == 302
+    assert (await client.get("/")).status_code == 200
+    served = len(double.requests)
+    sandbox = await Sandbox.objects.aget(owner=alice)
+    forged = ui_client()
+    forged.cookies[controlui_auth.COOKIE_NAME] = controlui_auth.session_value(
+        controlui_auth.Grant(alice.pk, sandbox.pk, "guessed")
+    )
+    assert (await forged.get("/")).status_code == 302
+    assert len(double.requests) == served
+
+
+def hostile_results(context: Any, portal: str, ui: str, email: str) -> dict[str, str]:
+    """Sign in on the portal, open the Control UI, run the hostile page; return what it got."""
+    page = context.new_page()
+    page.goto(portal + "/accounts/login/")
+    page.fill("input[name=login]", email)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/dashboard/")
+    page.goto(portal + "/sandbox/control-ui/")
+    try:
+        page.wait_for_url(ui + "/#token=*")
+    except Exception:
+        raise AssertionError(page.url + page.content()[:3000]) from None
+    page.goto(f"{ui}/hostile.html?portal={portal}")
+    page.wait_for_selector("#result:not(:empty)", state="attached", timeout=20000)
+    results: dict[str, str] = json.loads(page.inner_text("#result"))
+    page.goto(portal + "/dashboard/")  # the portal session survived whatever the page tried
+    assert page.url == portal + "/dashboard/", page.url
+    return results
+
+
+def test_a_hostile_ui_page_gets_nothing_from_the_portal_in_chromium(
+    double: GatewayDouble, two_origin_portal: Callable[..., tuple[str, str]]
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from tests.fixtures.chat import CHROMIUM_ARGS
+
+    point_at(make_user("mallory-victim@ui.test"), double)
+    portal, ui = two_origin_portal()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            # As served: the CSP stops every reach out of the Control UI origin.
+            got = hostile_results(browser.new_context(), portal, ui, "mallory-victim@ui.test")
+            # Without the CSP, the origin wall alone still holds.
+            bare = hostile_results(
+                browser.new_context(bypass_csp=True), portal, ui, "mallory-victim@ui.test"
+            )
+        finally:
+            browser.close()
+    for results in (got, bare):
+        assert results["cookie"] == "", results  # no portal cookie, no planted one, ours HttpOnly
+        assert results["read_dashboard"].startswith("error:"), results
+        assert results["mint_ticket"].startswith("error:"), results
+        assert not results["chat_socket"].startswith("message:"), results
+        assert results["service_worker"].startswith("error:"), results
+    assert got["logout"].startswith("error:"), got
+    assert bare["logout"] == "sent:opaque"  # it went out, and the session survived (above)
+    assert bare["chat_socket"].startswith("closed:"), bare
+    assert all("cookie" not in r["headers"] for r in double.requests), json.dumps(
+        [r["headers"] for r in double.requests], indent=1
+    )
+    assert {r["headers"]["authorization"] for r in double.requests} == {f"Bearer {GATEWAY_TOKEN}"}
