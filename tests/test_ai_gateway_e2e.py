@@ -51,6 +51,7 @@ def test_it_meters_a_real_openclaw_chat_to_its_owner(
 ) -> None:
     sandbox = sandbox_for("metered@agents.test")
     owner = sandbox.owner
+    Price.objects.all().delete()  # the seeded prices (exact names) would win over the glob
     Price.objects.create(model="*", input_per_million=Decimal(1), output_per_million=Decimal(2))
     model_server.script(reply=REPLY, chunks=5, prompt_tokens=4321, completion_tokens=17)
     host, port = actions.gateway_endpoint(sandbox)
