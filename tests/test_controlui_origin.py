@@ -161,6 +161,31 @@ async def test_it_never_forwards_the_browsers_cookies_or_credentials(
         assert secret not in leaked
 
 
+def test_each_layer_alone_keeps_the_browsers_cookies_from_the_sandbox() -> None:
+    """The middleware drops foreign cookies, and the proxy forwards no Cookie header even if
+    one got through: either alone keeps a portal cookie from reaching a sandbox."""
+    from django.test import RequestFactory
+
+    from portal.middleware import _enter
+    from sandboxes.views_controlui import _request_headers
+
+    request = RequestFactory().get(
+        "/", headers={"host": ui_host(), "cookie": f"sessionid=s; {controlui_auth.COOKIE_NAME}=g"}
+    )
+    assert _enter(request)
+    assert "HTTP_COOKIE" not in request.META and "cookie" not in request.headers
+    assert request.COOKIES == {controlui_auth.COOKIE_NAME: "g"}
+
+    request = RequestFactory().get(
+        "/", headers={"cookie": "sessionid=s", "authorization": "Basic x", "accept": "*/*"}
+    )
+    assert _request_headers(request, "t") == {
+        "accept": "*/*",
+        "accept-encoding": "identity",
+        "authorization": "Bearer t",
+    }
+
+
 async def test_it_keeps_no_sandbox_cookie_for_the_next_request(
     alice: Any, double: GatewayDouble
 ) -> None:
