@@ -67,7 +67,8 @@ from billing.ai_gateway.models import Upstream
 from billing.ai_gateway.credentials import rotate_credential
 from sandboxes.actions import create_sandbox
 user = get_user_model().objects.create_user(username="bench", email="bench@example.com")
-plan = plan_for(user); plan.requests_per_minute = 0; plan.monthly_token_quota = 0; plan.save()
+plan = plan_for(user); plan.requests_per_minute = 0; plan.monthly_token_quota = 0
+plan.monthly_spend_limit = 0; plan.save()
 Upstream.objects.update_or_create(name="bench", defaults=dict(provider="openai",
     base_url={upstream_base!r}, api_key="sk-bench", is_operator=True))
 print(rotate_credential(create_sandbox(user)))
@@ -174,7 +175,8 @@ def throwaway_database(url: str) -> Iterator[str]:
 def run(args: argparse.Namespace, tmp: str) -> None:
     env = {**os.environ, "HERMIT_DATA_DIR": tmp, "DATABASE_URL": args.database_url,
            "REDIS_URL": args.redis_url, "DJANGO_SETTINGS_MODULE": "portal.settings",
-           "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}  # fmt: skip
+           "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING", "DEBUG": "True",
+           "HERMIT_AI_MAX_CONCURRENT_CALLS": "0"}  # fmt: skip
     upstream_port, gateway_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}/v1"
     key = setup_database(env, upstream)
