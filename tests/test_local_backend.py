@@ -7,6 +7,7 @@ and re-attach tests use cheap sandboxes whose command is a tiny Node HTTP server
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +28,7 @@ import pytest
 from sandboxes.backends import cgroups
 from sandboxes.backends.base import BackendError, ExecResult, SandboxSpec
 from sandboxes.backends.local import LocalBackend
+from sandboxes.backends.seccomp import DENIED_X86_64
 from sandboxes.openclaw.config import CONFIG_PATH, render_config
 from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, GatewayConnection
 from sandboxes.openclaw.runtime import build_runtime, node_binary
@@ -365,6 +367,187 @@ def test_it_blocks_host_loopback_services_but_reaches_the_ai_gateway(
     assert result.stdout.strip() == f"200 {AI_REPLY.decode()}", result.stderr
 
 
+LOOPBACK_OR_ANY_V6 = {"0" * 32, "0" * 24 + "01000000"}  # ::, ::1 as /proc/net/tcp6 writes them
+
+
+@dataclass(frozen=True)
+class Sock:
+    table: str  # tcp, tcp6, udp, udp6
+    address: str  # hex, as the kernel writes it
+    port: int
+    state: str  # 0A: TCP listening; 07: UDP unconnected
+    inode: int
+
+    @property
+    def on_loopback_or_any(self) -> bool:
+        if self.table.endswith("6"):
+            return self.address in LOOPBACK_OR_ANY_V6
+        return self.address == "00000000" or self.address.endswith("7F")  # 0.0.0.0, 127/8
+
+    @property
+    def listening(self) -> bool:
+        return self.state == ("0A" if self.table.startswith("tcp") else "07")
+
+
+def sockets(net: Path) -> list[Sock]:
+    """Every TCP and UDP socket of one network namespace (``net``: a /proc/<pid>/net dir)."""
+    found = []
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        for line in (net / table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port = fields[1].split(":")
+            found.append(Sock(table, address, int(port, 16), fields[3], int(fields[9])))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    return {int(t[8:-1]) for t in fd_targets(pid) if t.startswith("socket:[")}
+
+
+UDP_PROBE = """
+import json, select, socket, sys, time
+targets, inbound_port = json.loads(sys.argv[1]), int(sys.argv[2])
+inbound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+inbound.bind(("127.0.0.1", inbound_port))
+out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+got, deadline = [], time.monotonic() + 4
+while time.monotonic() < deadline:
+    for port in targets:
+        try:
+            out.sendto(b"ping from the sandbox", ("127.0.0.1", port))
+        except OSError:
+            pass
+    for sock in select.select([inbound, out], [], [], 0.5)[0]:
+        got.append(sock.recvfrom(100)[0].decode(errors="replace"))
+print(json.dumps(got))
+"""
+
+
+@pytest.fixture
+def host_listeners() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP listener on the portal's port 8000 (unless taken) and a UDP echo server on loopback.
+
+    Yields (the echo server's port, the datagrams it has received).
+    """
+    tcp = socket.socket()
+    with contextlib.suppress(OSError):
+        tcp.bind(("127.0.0.1", 8000))
+        tcp.listen()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.2)
+    received: list[bytes] = []
+    stop = threading.Event()
+
+    def echo() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                data, peer = udp.recvfrom(100)
+                received.append(data)
+                udp.sendto(data, peer)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    yield udp.getsockname()[1], received
+    stop.set()
+    thread.join()
+    udp.close()
+    tcp.close()
+
+
+def test_it_reaches_no_host_port_but_the_ai_gateway(
+    local_backend: LocalBackend,
+    gateways: list[Running],
+    ai_port: int,
+    host_listeners: tuple[int, list[bytes]],
+) -> None:
+    a = gateways[0]
+    echo_port, echoed = host_listeners
+    pasta = socket_inodes(a.state["pasta"][0])
+    inside = sockets(Path(f"/proc/{a.state['init'][0]}/net"))
+    host = sockets(Path("/proc/self/net"))
+    # pasta's sockets: in the sandbox, one listener per forward out (only the AI gateway); on
+    # the host, the gateway's forward in; no UDP socket on either side.
+    assert {s.port for s in inside if s.inode in pasta and s.listening} == {ai_port}
+    assert {(s.address, s.port) for s in host if s.inode in pasta and s.listening} == {
+        ("0100007F", a.state["host_port"])
+    }
+    assert [s for s in inside + host if s.inode in pasta and s.table.startswith("udp")] == []
+    # Every port the host listens on (loopback or any address), tried from inside, except
+    # those the sandbox itself listens on (its gateway).
+    own = {s.port for s in inside if s.listening and s.inode not in pasta}
+    tcp_ports = sorted(
+        {s.port for s in host if s.table.startswith("tcp") and s.listening and s.on_loopback_or_any}
+        - own
+    )
+    udp_ports = sorted(
+        {s.port for s in host if s.table.startswith("udp") and s.listening and s.on_loopback_or_any}
+    )
+    assert ai_port in tcp_ports and 8000 in tcp_ports and echo_port in udp_ports
+    targets = [(ip, port) for port in tcp_ports for ip in ("127.0.0.1", "::1")]
+    results = probe(local_backend, a, targets)
+    reached = {target for target, result in zip(targets, results, strict=True) if result == "open"}
+    assert {port for _, port in reached} == {ai_port}, reached
+    # UDP, both ways: the sandbox sends to every host UDP port (an echo server among them)
+    # and waits on a port of its own, to which the host sends.
+    inbound = free_udp_port()
+    sender = threading.Thread(target=send_udp, args=(inbound, 5.0), daemon=True)
+    sender.start()
+    argv = ["python3", "-c", UDP_PROBE, json.dumps(udp_ports), str(inbound)]
+    result = local_backend.exec(a.spec, a.state, argv)
+    sender.join()
+    assert result.exit_code == 0, result.stderr
+    assert (json.loads(result.stdout), echoed) == ([], [])
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def send_udp(port: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                sock.sendto(b"ping from the host", ("127.0.0.1", port))
+            time.sleep(0.2)
+
+
+CANARIES = {
+    "DATABASE_URL": "postgres://hermit:canary-db-password@127.0.0.1/hermit",
+    "REDIS_URL": "redis://:canary-redis-password@127.0.0.1:6379/0",
+    "SECRET_KEY": "canary-secret-key",
+    "HERMIT_ENCRYPTION_KEYS": "canary-encryption-key",
+    "STRIPE_SECRET_KEY": "sk_live_canary",
+}
+
+
+def test_it_gives_the_sandbox_none_of_the_portals_environment(
+    local_backend: LocalBackend,
+    sandbox_root: Path,
+    runtime_dir: Path,
+    sandbox_ids: Iterator[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in CANARIES.items():
+        monkeypatch.setenv(name, value)
+    spec = tiny_spec(sandbox_root, runtime_dir, next(sandbox_ids), TINY_SERVER)
+    r = start(local_backend, spec)
+    try:
+        pids = [r.state["supervisor"][0], *(p.pid for p in local_backend.processes(spec, r.state))]
+        environs = {pid: Path(f"/proc/{pid}/environ").read_bytes() for pid in pids}
+        inside = local_backend.exec(spec, r.state, ["sh", "-c", "env; cat /proc/[0-9]*/environ"])
+    finally:
+        local_backend.stop(spec, r.state)
+    assert len(environs) >= 5, "supervisor, pasta, bwrap, init and the server"
+    assert all(b"PATH=" in env for env in environs.values())
+    assert "PATH=" in inside.stdout
+    for text in [inside.stdout, *(env.decode(errors="replace") for env in environs.values())]:
+        assert "canary" not in text
+
+
 def test_it_allows_writes_only_to_its_data_dir_and_tmp(
     local_backend: LocalBackend, gateways: list[Running]
 ) -> None:
@@ -509,37 +692,139 @@ def test_it_caps_cpu_time(local_backend: LocalBackend, tiny: Running) -> None:
     assert float(result.stdout) < 1.4, "half a core for 2 s is about 1 s of CPU"
 
 
+# Every syscall the filter must deny, written out here (not read from seccomp.py, so that taking
+# one off the table fails this test), with arguments that make it fail with an error other than
+# EPERM, or succeed, when it is not filtered (see the baseline in the test).
+DENIED_PROBES: dict[str, list[int | str]] = {
+    "uselib": [134, 0],
+    "ustat": [136, 0, 0],
+    "sysfs": [139, 99],
+    "_sysctl": [156, 0],
+    "adjtimex": [159, 0],
+    "acct": [163, 0],
+    "settimeofday": [164, 1, 0],
+    "swapon": [167, 0, 0],
+    "swapoff": [168, 0],
+    "reboot": [169, 0, 0, 0, 0],
+    "iopl": [172, 4],
+    "ioperm": [173, 0, 65537, 0],
+    "init_module": [175, 0, 0, 0],
+    "delete_module": [176, 0, 0],
+    "quotactl": [179, 255, 0, 0, 0],
+    "lookup_dcookie": [212, 0, 0, 0],
+    "clock_settime": [227, 0, 0],
+    "kexec_load": [246, 0, 0, 0, 0],
+    "add_key": [248, 0, 0, 0, 0, 0],
+    "request_key": [249, 0, 0, 0, 0],
+    "keyctl": [250, 9999],
+    "perf_event_open": [298, 0, 0, -1, -1, 0],
+    "fanotify_init": [300, 0x200, 0],  # FAN_REPORT_FID: allowed unprivileged
+    "name_to_handle_at": [303, -100, 0, 0, 0, 0],
+    "open_by_handle_at": [304, -1, 0, 0],
+    "clock_adjtime": [305, 9999, 0],
+    "process_vm_readv": [310, "pid", 0, 0, 0, 0, 0],
+    "process_vm_writev": [311, "pid", 0, 0, 0, 0, 0],
+    "kcmp": [312, "pid", "pid", 99, 0, 0],
+    "finit_module": [313, -1, 0, 0],
+    "kexec_file_load": [320, -1, -1, 0, 0, 0],
+    "bpf": [321, 9999, 0, 0],
+    "userfaultfd": [323, 1],  # UFFD_USER_MODE_ONLY: allowed unprivileged
+    "io_uring_setup": [425, 1, 0],
+    "io_uring_enter": [426, -1, 0, 0, 0, 0, 0],
+    "io_uring_register": [427, -1, 0, 0, 0],
+}
+# Only capabilities deny these too (an unprivileged caller gets EPERM with or without the filter).
+DENIED_BY_CAPABILITIES_TOO = {"acct", "swapon", "swapoff", "reboot"}
+# Prints {name: "ok" | strerror}: each call above, getpid, and getpid through the i386 ABI
+# (int 0x80, from a code page) and the x32 ABI (number | 0x40000000).
 SYSCALL_PROBE = """
-import ctypes, os
+import ctypes, json, mmap, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
-calls = {"keyctl": (250, 0, -3, 0), "io_uring_setup": (425, 1, 0), "userfaultfd": (323, 1),
-         "perf_event_open": (298, 0, 0, -1, -1, 0), "bpf": (321, 0, 0, 0)}
+libc.syscall.restype = ctypes.c_long
+verdicts = {}
+calls = {**json.loads(sys.argv[1]), "getpid": [39], "x32 getpid": [39 | 0x40000000]}
 for name, args in calls.items():
+    args = [os.getpid() if a == "pid" else a for a in args]
+    ctypes.set_errno(0)
     result = libc.syscall(*[ctypes.c_long(a) for a in args])
-    print("syscall", name, os.strerror(ctypes.get_errno()) if result < 0 else "allowed")
-print("syscall getpid", "allowed" if libc.syscall(39) > 0 else "denied")
+    verdicts[name] = os.strerror(ctypes.get_errno()) if result < 0 else "ok"
+page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(bytes([0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0xC3]))  # mov eax, 20; int 0x80; ret
+result = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))()
+verdicts["i386 getpid"] = "ok" if result > 0 else os.strerror(-result)
+print("verdicts", json.dumps(verdicts), flush=True)
 """
+EPERM_TEXT = os.strerror(errno.EPERM)
+
+
+def probe_syscalls(run: Callable[[list[str]], str]) -> dict[str, str]:
+    """Run SYSCALL_PROBE through ``run(argv) -> output``; return its verdicts."""
+    calls = {**{name: [nr] for name, nr in DENIED_X86_64.items()}, **DENIED_PROBES}
+    output = run(["python3", "-c", SYSCALL_PROBE, json.dumps(calls)])
+    line = next(ln for ln in output.splitlines() if ln.startswith("verdicts "))
+    return dict(json.loads(line.split(" ", 1)[1]))
 
 
 def test_it_denies_risky_syscalls_to_the_sandboxs_processes(
     local_backend: LocalBackend, sandbox_root: Path, runtime_dir: Path, sandbox_ids: Iterator[int]
 ) -> None:
+    assert {n: a[0] for n, a in DENIED_PROBES.items()}.items() <= DENIED_X86_64.items()
     spec = tiny_spec(sandbox_root, runtime_dir, next(sandbox_ids), TINY_SERVER)
+    # The gateway's own process tree probes first, then serves.
+    calls = json.dumps({**{name: [nr] for name, nr in DENIED_X86_64.items()}, **DENIED_PROBES})
+    script = 'python3 -c "$0" "$1"; exec "$2" -e "$3"'
     node_path = str(node_binary(runtime_dir))
-    probe_then_serve = f"python3 -c '{SYSCALL_PROBE}'; exec {node_path} -e \"$0\""
-    spec.extra["command"] = ["sh", "-c", probe_then_serve, TINY_SERVER]
+    spec.extra["command"] = ["sh", "-c", script, SYSCALL_PROBE, calls, node_path, TINY_SERVER]
     r = start(local_backend, spec)
     try:
         status = Path(f"/proc/{r.state['main'][0]}/status").read_text()
         assert "Seccomp:\t2" in status, "the gateway runs under a seccomp filter"
-        lines = [
-            ln for ln in local_backend.logs(spec, r.state).splitlines() if ln.startswith("syscall")
-        ]
-        verdicts = dict(line.split(" ", 2)[1:] for line in lines)
-        assert verdicts.pop("getpid") == "allowed"
-        assert verdicts == dict.fromkeys(verdicts, "Operation not permitted") and len(verdicts) == 5
+        in_main = probe_syscalls(lambda argv: local_backend.logs(spec, r.state))
+        in_exec = probe_syscalls(lambda argv: local_backend.exec(spec, r.state, argv).stdout)
     finally:
         local_backend.stop(spec, r.state)
+    uid = str(local_backend.uid_base + next(sandbox_ids))
+    unprivileged = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    baseline = probe_syscalls(
+        lambda argv: (
+            subprocess.run(
+                [*unprivileged, "/usr/bin/python3", *argv[1:]], capture_output=True, text=True
+            ).stdout
+        )
+    )
+    probed = {*DENIED_X86_64, *DENIED_PROBES, "i386 getpid", "x32 getpid"}
+    for verdicts in (in_main, in_exec, baseline):
+        assert verdicts.pop("getpid") == "ok"
+        assert set(verdicts) == probed
+    assert in_main == dict.fromkeys(probed, EPERM_TEXT), in_main
+    assert in_exec == dict.fromkeys(probed, EPERM_TEXT), in_exec
+    # Unfiltered, almost all of them fail otherwise or succeed: the filter is what denies them.
+    filtered_only = {name for name, verdict in baseline.items() if verdict != EPERM_TEXT}
+    assert filtered_only >= {"process_vm_readv", "process_vm_writev", "i386 getpid", "x32 getpid"}
+    assert len(filtered_only) >= len(probed) - 2 * len(DENIED_BY_CAPABILITIES_TOO), baseline
+
+
+def test_it_forbids_new_user_namespaces(
+    local_backend: LocalBackend, sandbox_root: Path, runtime_dir: Path, sandbox_ids: Iterator[int]
+) -> None:
+    spec = tiny_spec(sandbox_root, runtime_dir, next(sandbox_ids), TINY_SERVER)
+    attempt = "unshare --user --map-root-user true && echo userns made || echo userns refused"
+    node_path = str(node_binary(runtime_dir))
+    spec.extra["command"] = ["sh", "-c", f'{attempt}; exec "$0" -e "$1"', node_path, TINY_SERVER]
+    r = start(local_backend, spec)
+    try:
+        by_gateway = [ln for ln in local_backend.logs(spec, r.state).splitlines() if "userns" in ln]
+        by_exec = local_backend.exec(spec, r.state, ["sh", "-c", attempt]).stdout.strip()
+    finally:
+        local_backend.stop(spec, r.state)
+    assert (by_gateway, by_exec) == (["userns refused"], "userns refused")
+    uid = r.state["uid"]
+    outside = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sh", "-c", attempt],
+        capture_output=True,
+        text=True,
+    )
+    assert outside.stdout.strip() == "userns made", "the host lets this uid make one"
 
 
 def test_it_times_out_a_command(local_backend: LocalBackend, tiny: Running) -> None:
@@ -555,6 +840,7 @@ import json, sys
 from pathlib import Path
 from sandboxes.backends.base import SandboxSpec
 from sandboxes.backends.local import LocalBackend
+from sandboxes.backends.seccomp import DENIED_X86_64
 args = json.loads(sys.argv[1])
 spec = SandboxSpec(**{**args["spec"], "data_dir": Path(args["spec"]["data_dir"]),
                       "runtime_dir": Path(args["spec"]["runtime_dir"])})
