@@ -21,8 +21,11 @@ Server → browser:
 - ``{"type": "status", "state": S, "message": M, "progress": P|null}`` with ``S`` one of
   ``waking`` (the sandbox is starting, ``P`` 0-100), ``connecting``, ``ready``,
   ``reconnecting`` (the gateway went away; sends wait for it), ``failed`` (fatal; ``M`` says why).
-- ``{"type": "history", "messages": [{"role": "user"|"assistant", "text", "runId"}]}``: sent
-  when ready, after every reconnect, and on request.
+- ``{"type": "history", "messages": [{"role": "user"|"assistant"|"notice", "text", "runId"}]}``:
+  sent when ready, after every reconnect, and on request. Turns the gateway injected itself
+  (``provenance.kind == "internal_system"``, such as its "[System] Your previous turn was
+  interrupted ..." prompt after a restart) are not the user's: the restart prompt becomes a
+  ``notice`` with :data:`RESUMED_NOTICE`, the others are left out.
 - ``{"type": "ack", "id": ID, "runId": RUN}``: the gateway accepted message ``ID``.
 - ``{"type": "phase", "runId", "phase"}``: what the agent is doing before text arrives.
 - ``{"type": "delta", "runId", "delta"}``: new reply text, appended in order.
@@ -36,6 +39,11 @@ Server → browser:
 - ``{"type": "error", "code", "message", "id"?}``: a frame was refused (``bad_json``,
   ``bad_frame``, ``too_large``, ``rate_limited``) or a message could not be delivered
   (``send_failed``, with the message ``id``). The session stays open.
+
+Crashes: when the connection drops, every reconnect attempt first asks the backend whether the
+gateway still runs (:func:`sandboxes.actions.mark_crashed`); a dead one is marked failed and
+woken at once, so recovery does not wait for reconcile. Several tabs on the same sandbox race
+through conditional UPDATEs: one restarts it, the others follow that start.
 
 Limits: frames over :data:`MAX_FRAME_CHARS` and more than the token-bucket rates are answered
 with an error frame and ignored. Every frame in either direction counts as activity for the
@@ -85,7 +93,11 @@ RESTARTED_MESSAGE = (
     "Your agent restarted while answering. It resumes interrupted work by itself; "
     "its reply will appear below."
 )
+RESUMED_NOTICE = "Your agent restarted while answering and picked up where it left off."
 MESSAGE_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# OpenClaw's own turns in the transcript: provenance.kind, and the tool that wrote the turn.
+INTERNAL_PROVENANCE = "internal_system"
+RESTART_RECOVERY_TOOL = "main_session_restart_recovery"
 
 
 @dataclass
@@ -141,17 +153,36 @@ def message_text(message: Any) -> str:
     return str(message.get("text") or "")
 
 
+def history_entry(message: dict[str, Any]) -> dict[str, Any] | None:
+    """Return the browser's ``{role, text, runId}`` entry for one ``chat.history`` message, or
+    None if the browser should not see it.
+
+    A turn the gateway injected (``provenance.kind`` ``internal_system``) is never shown as the
+    user's: its restart-recovery prompt becomes a ``notice``, any other is left out.
+    """
+    role, text = message.get("role"), message_text(message)
+    meta = message.get("__openclaw") or {}
+    provenance = message.get("provenance")
+    if isinstance(provenance, dict) and provenance.get("kind") == INTERNAL_PROVENANCE:
+        if provenance.get("sourceTool") == RESTART_RECOVERY_TOOL:
+            return {"role": "notice", "text": RESUMED_NOTICE, "runId": None}
+        return None
+    if role not in ("user", "assistant") or not text:
+        return None
+    return {"role": role, "text": text, "runId": meta.get("runId")}
+
+
 def history_entries(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Turn ``chat.history`` messages into the browser's ``{role, text, runId}`` entries."""
-    entries = []
-    for message in messages:
-        role = message.get("role")
-        text = message_text(message)
-        if role not in ("user", "assistant") or not text:
-            continue
-        meta = message.get("__openclaw") or {}
-        entries.append({"role": role, "text": text, "runId": meta.get("runId")})
-    return entries
+    """Turn ``chat.history`` messages into the browser's entries (see :func:`history_entry`)."""
+    return [entry for m in messages if isinstance(m, dict) and (entry := history_entry(m))]
+
+
+def _mark_crashed(sandbox: Sandbox) -> bool:
+    """actions.mark_crashed in a pool thread (it may wait seconds for the backend)."""
+    try:
+        return actions.mark_crashed(sandbox)
+    finally:
+        connection.close()  # a pool thread: do not keep its connection open
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -217,8 +248,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # --- the gateway side ------------------------------------------------------------------
     async def _gateway_url(self) -> str:
-        """Wake the sandbox if needed (streaming progress) and return its gateway's URL."""
+        """Wake the sandbox if needed (streaming progress) and return its gateway's URL.
+
+        On a reconnect (the gateway went away), a gateway the backend finds dead is marked
+        crashed and woken now, rather than at the next reconcile.
+        """
         await database_sync_to_async(self.sandbox.refresh_from_db)()
+        reconnecting = self.client is not None and self.client.hello is not None
+        if reconnecting and self.sandbox.state == Sandbox.State.RUNNING:
+            await database_sync_to_async(_mark_crashed, thread_sensitive=False)(self.sandbox)
         if self.sandbox.state != Sandbox.State.RUNNING:
             await self._wake()
         try:
