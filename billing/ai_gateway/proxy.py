@@ -319,18 +319,18 @@ def spent(row: UsageRecord) -> Amount:
     return Amount() if row.byok else Amount(to_micros(row.cost), row.total_tokens)
 
 
-def _record_closing(*args: Any, **kwargs: Any) -> UsageRecord:
-    # Runs in a pool thread that outlives the request: leave no connection open there.
-    try:
-        return record(*args, **kwargs)
-    finally:
+def _record_in_worker(*args: Any, **kwargs: Any) -> UsageRecord:
+    # Runs in one of the loop's few worker threads, which keep their connection between calls
+    # (a connection per call would cost more than the insert); drop it if it went bad.
+    if connection.connection is not None and not connection.is_usable():
         connection.close()
+    return record(*args, **kwargs)
 
 
 async def finish(call: Call, outcome: str, status: int, usage: Usage | None = None,
                  ttfb_ms: int | None = None, error: str = "") -> None:  # fmt: skip
     """Record the call and settle its ticket. Await it shielded: it must not be lost."""
-    record_async = sync_to_async(_record_closing, thread_sensitive=False)
+    record_async = sync_to_async(_record_in_worker, thread_sensitive=False)
     row = await record_async(call, outcome, status, usage, ttfb_ms, error)
     if call.ticket is not None:
         await limits.settle_redis(call.ticket, spent(row))
