@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import random
@@ -457,12 +458,27 @@ def host_listeners() -> Iterator[tuple[int, list[bytes]]]:
 
 def test_it_reaches_no_host_port_but_the_ai_gateway(
     local_backend: LocalBackend,
-    gateways: list[Running],
+    sandbox_root: Path,
+    runtime_dir: Path,
+    sandbox_ids: Iterator[int],
     ai_port: int,
     host_listeners: tuple[int, list[bytes]],
 ) -> None:
-    a = gateways[0]
-    echo_port, echoed = host_listeners
+    # Started after the host's listeners, so that pasta's "auto" forwarding (were it on)
+    # would find them.
+    spec = tiny_spec(
+        sandbox_root, runtime_dir, next(sandbox_ids), TINY_SERVER, ai_gateway_port=ai_port
+    )
+    a = start(local_backend, spec)
+    try:
+        check_no_host_port_but_the_ai_gateway(local_backend, a, ai_port, *host_listeners)
+    finally:
+        local_backend.stop(spec, a.state)
+
+
+def check_no_host_port_but_the_ai_gateway(
+    local_backend: LocalBackend, a: Running, ai_port: int, echo_port: int, echoed: list[bytes]
+) -> None:
     pasta = socket_inodes(a.state["pasta"][0])
     inside = sockets(Path(f"/proc/{a.state['init'][0]}/net"))
     host = sockets(Path("/proc/self/net"))
@@ -473,6 +489,14 @@ def test_it_reaches_no_host_port_but_the_ai_gateway(
         ("0100007F", a.state["host_port"])
     }
     assert [s for s in inside + host if s.inode in pasta and s.table.startswith("udp")] == []
+    # pasta's "auto" forwards whatever is bound at its start (and, in some versions, later):
+    # its command line must name each forward and turn UDP off both ways.
+    argv = Path(f"/proc/{a.state['pasta'][0]}/cmdline").read_text().split("\0")
+    options = dict(itertools.pairwise(argv))
+    assert options["--tcp-ns"] == str(ai_port)
+    assert options["--tcp-ports"] == f"127.0.0.1/{a.state['host_port']}:{a.spec.gateway_port}"
+    assert (options["--udp-ports"], options["--udp-ns"]) == ("none", "none")
+    assert not {"-t", "-u", "-T", "-U"} & set(argv)
     # Every port the host listens on (loopback or any address), tried from inside, except
     # those the sandbox itself listens on (its gateway).
     own = {s.port for s in inside if s.listening and s.inode not in pasta}
