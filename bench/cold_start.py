@@ -5,7 +5,13 @@ median time from the start request to a 200 from ``/readyz`` and the median idle
 gateway (anonymous + shmem RSS of a cgroup holding just that gateway, read after ``--settle``
 seconds), for bare gateways (plain ``node openclaw.mjs gateway run`` on the host) and for sandboxed
 ones (LocalBackend: pasta + bubblewrap + cgroups), and the sandbox/bare ratio. Every start uses
-a fresh data directory, so these are true cold starts. Needs root.
+a fresh data directory, so these are true cold starts. Needs root. Ends with one
+``RESULT key=value ...`` line of the headline figures (per count N: ``ready_bare_xN_s``,
+``ready_sandbox_xN_s``, ``ready_ratio_xN``, ``paired_ratio_xN``, ``cpu_ratio_xN``,
+``rss_sandbox_xN_mb``, ``rss_ratio_xN``).
+
+Everything the gateways touch (data dirs, their working directory) lies in the settings' data
+dir, which the gateways' own uids can enter wherever the checkout is (say a 0700 home).
 
     .venv/bin/python bench/cold_start.py [--counts 1,3] [--runs 3] [--settle 5]
 """
@@ -39,6 +45,7 @@ from sandboxes.backends import cgroups  # noqa: E402
 from sandboxes.backends.base import SandboxSpec  # noqa: E402
 from sandboxes.backends.local import LocalBackend, _free_port  # noqa: E402
 from sandboxes.openclaw.config import (  # noqa: E402
+    CONFIG_PATH,
     config_path,
     prepare_data_dir,
     render_config,
@@ -50,12 +57,21 @@ CGROUP_PARENT = f"hermit-bench-{os.getpid()}"
 MB = 1024 * 1024
 
 
-def make_data_dir(root: Path, index: int) -> tuple[Path, dict[str, str]]:
+def make_data_dir(root: Path, index: int, *, sandboxed: bool) -> tuple[Path, dict[str, str], str]:
+    """Return a fresh data dir, the gateway's environment and its config (JSON). A bare gateway
+    reads the config from its state dir; a sandboxed one from CONFIG_PATH, as in production."""
     data_dir = root / f"gw-{index}"
     prepare_data_dir(data_dir)
-    config = render_config(data_dir=data_dir, ai_gateway_port=9, models=["bench-model"])
-    config_path(data_dir).write_text(json.dumps(config))
-    return data_dir, sandbox_env(data_dir=data_dir, gateway_token="bench", ai_key="bench")
+    config = json.dumps(render_config(data_dir=data_dir, ai_gateway_port=9, models=["bench-model"]))
+    if not sandboxed:
+        config_path(data_dir).write_text(config)
+    env = sandbox_env(
+        data_dir=data_dir,
+        gateway_token="bench",
+        ai_key="bench",
+        config_file=CONFIG_PATH if sandboxed else None,
+    )
+    return data_dir, env, config
 
 
 def wait_ready(port: int, deadline: float) -> None:
@@ -74,7 +90,7 @@ class Bare:
     """A gateway run directly on the host, in an unlimited cgroup used only to measure it."""
 
     def __init__(self, runtime: Path, root: Path, index: int) -> None:
-        self.data_dir, env = make_data_dir(root, index)
+        self.data_dir, env, _ = make_data_dir(root, index, sandboxed=False)
         self.port = _free_port()
         self.paths = cgroups.create(
             Path("/sys/fs/cgroup"), CGROUP_PARENT, f"bare-{index}", 1 << 20, 100_000, 100_000
@@ -92,11 +108,16 @@ class Bare:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             ["/bin/sh", "-c", join, "bare", *argv, "--port", str(self.port)],
+            cwd=self.data_dir,  # not the bench's own directory: that uid may not enter it
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_ready(self.port, self.started + 120)
+        try:
+            wait_ready(self.port, self.started + 120)
+        except BaseException:
+            self.stop()  # not in the batch's list yet: leave no process or cgroup behind
+            raise
         self.ready_after = time.monotonic() - self.started
         self.cpu_at_ready = cgroups.cpu_seconds(self.paths)
 
@@ -119,7 +140,7 @@ class Sandboxed:
     """A gateway started through the local backend."""
 
     def __init__(self, backend: LocalBackend, runtime: Path, root: Path, index: int) -> None:
-        data_dir, env = make_data_dir(root, index)
+        data_dir, env, config = make_data_dir(root, index, sandboxed=True)
         self.backend = backend
         self.spec = SandboxSpec(
             sandbox_id=880_000 + index,
@@ -130,6 +151,7 @@ class Sandboxed:
             memory_mb=2048,
             cpu_millis=0,  # no CPU cap: measure the sandbox, not a plan's limit
             ai_gateway_port=9,
+            files={CONFIG_PATH: config},
         )
         self.started = time.monotonic()
         self.state: dict[str, object] = {}
@@ -227,6 +249,7 @@ def report(
     paired: dict[int, list[float]],
     runs: int,
 ) -> None:
+    result: dict[str, str] = {}
     print()
     print(
         f"{'at once':>7} | {'ready: bare':>11} {'sandbox':>8} {'ratio':>5} {'paired':>6} | "
@@ -246,12 +269,24 @@ def report(
             f"{count:>7} | {bt:>10.2f}s {st:>7.2f}s {tr:>5.2f} {pr:>6.2f} | {bc:>11.2f} "
             f"{sc:>8.2f} {cr:>5.2f} | {bm / MB:>12.0f}MB {sm / MB:>6.0f}MB {mr:>5.2f}"
         )
+        result.update(
+            {
+                f"ready_bare_x{count}_s": f"{bt:.2f}",
+                f"ready_sandbox_x{count}_s": f"{st:.2f}",
+                f"ready_ratio_x{count}": f"{tr:.2f}",
+                f"paired_ratio_x{count}": f"{pr:.2f}",
+                f"cpu_ratio_x{count}": f"{cr:.2f}",
+                f"rss_sandbox_x{count}_mb": f"{sm / MB:.0f}",
+                f"rss_ratio_x{count}": f"{mr:.2f}",
+            }
+        )
     print(
         f"\nmedians over {runs} runs of fresh (cold) data dirs. 'paired' = median of each run's"
         " sandbox/bare ready-time ratio (bare and sandboxed starts alternate, so each pair sees"
         " similar machine load). CPU-s = CPU time the gateway's cgroup used until /readyz"
         " answered, which other load on the machine barely moves. Target: under 1.10."
     )
+    print("\nRESULT " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
 
 
 if __name__ == "__main__":
