@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from sandboxes import actions
-from sandboxes.backends import get_backend
+from sandboxes.backends import get_backend, safefs
 from sandboxes.backends.base import ExecResult
 from sandboxes.models import Sandbox
 
@@ -146,3 +146,31 @@ def test_it_cannot_hard_link_a_host_file(sandbox_for: Callable[..., Sandbox]) ->
     assert result.exit_code != 0
     assert result.stderr.count("Invalid cross-device link") == 2, result.stderr
     assert not (sandbox.data_dir / "hard-link").exists()
+
+
+def test_it_walks_a_planted_tree_without_following_or_opening_anything(tmp_path: Path) -> None:
+    """The same rules, on the helpers themselves, with links and a FIFO a walk must not open."""
+    outside, tree = tmp_path / "outside", tmp_path / "tree"
+    (outside / "dir").mkdir(parents=True)
+    (outside / "dir" / "big").write_bytes(b"\1" * BIG)
+    (tree / "deep").mkdir(parents=True)
+    (tree / "deep" / "own").write_bytes(b"\2" * 8192)
+    os.mkfifo(tree / "deep" / "fifo")  # opening it for reading would block forever
+    (tree / "deep" / "dir-link").symlink_to(outside / "dir")
+    (tree / "deep" / "up-link").symlink_to("../../outside/dir")
+    (tree / "home").symlink_to(outside / "dir")
+    (tree / "logs").symlink_to(outside / "made-by-root")
+    before = fingerprint(outside)
+
+    safefs.make_subdirs(tree, ["home", "logs", "tmp"])
+    safefs.chown_tree(tree, 4242, 4242, root_mode=0o700)
+    size = safefs.disk_usage(tree)
+
+    assert fingerprint(outside) == before
+    assert not (outside / "made-by-root").exists()
+    for name in ("home", "logs", "tmp"):
+        assert (tree / name).is_dir() and not (tree / name).is_symlink()
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in [tree, *tree.rglob("*")]}
+    assert owners == {(4242, 4242)}
+    assert (tree.stat().st_mode & 0o777) == 0o700
+    assert 8192 <= size < BIG // 2
