@@ -13,7 +13,11 @@ emission time; the same load is also run straight against the fake gateway. Prin
 N and the largest N whose p99 stays within 50 ms of the direct p99.
 
 Everything runs on this machine: daphne as in production (``portal.asgi``, DEBUG off, a
-throwaway SQLite database, in-memory channel layer), the load generator in this process.
+throwaway SQLite database, in-memory channel layer), the load generator in this process. The
+throwaway data dir is a fresh temporary directory; the runtime image is the one the settings
+name (so no build), wherever the checkout is. Ends with one ``RESULT key=value ...`` line:
+``relay_added_p50_ms``, ``relay_added_p99_ms``, ``direct_p50_ms``, ``relay_p50_ms`` (part 1)
+and ``max_sessions``, ``relay_p99_ms_at_max``, ``direct_p99_ms_at_max`` (part 2).
 
     .venv/bin/python bench/chat_relay.py [--messages 40] [--levels 1,10,25,50,100,150,200]
 """
@@ -24,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import runpy
 import secrets
 import shutil
 import statistics
@@ -135,6 +140,8 @@ def process(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[
 
 
 def configure_django(tmp: Path, daphne_port: int) -> None:
+    """Point Django (this process and the servers it starts) at a throwaway data dir in ``tmp``,
+    keeping the runtime image the settings would use without it."""
     from cryptography.fernet import Fernet
 
     for name in ("DATABASE_URL", "REDIS_URL"):
@@ -142,7 +149,6 @@ def configure_django(tmp: Path, daphne_port: int) -> None:
     os.environ.update(
         {
             "DJANGO_SETTINGS_MODULE": "portal.settings",
-            "HERMIT_DATA_DIR": str(tmp),
             "DEBUG": "False",
             "SECRET_KEY": secrets.token_urlsafe(40),
             "HERMIT_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
@@ -152,6 +158,10 @@ def configure_django(tmp: Path, daphne_port: int) -> None:
             "HERMIT_AUTO_PROVISION": "False",
         }
     )
+    if "HERMIT_RUNTIME_DIR" not in os.environ:  # the settings' choice, before the data dir moves
+        defaults = runpy.run_path(str(ROOT / "portal" / "settings.py"))
+        os.environ["HERMIT_RUNTIME_DIR"] = str(defaults["HERMIT_RUNTIME_DIR"])
+    os.environ["HERMIT_DATA_DIR"] = str(tmp)
     import django
     from django.core.management import call_command
 
@@ -202,7 +212,7 @@ async def open_portal_chat(daphne_port: int, cookie: str) -> Any:
 # --- part 1: real OpenClaw, per frame ---------------------------------------------------------
 
 
-async def per_frame(daphne_port: int, gateway: Any, cookie: str, messages: int) -> None:
+async def per_frame(daphne_port: int, gateway: Any, cookie: str, messages: int) -> dict[str, str]:
     from sandboxes.openclaw.protocol import DeviceIdentity, GatewayClient
 
     direct = GatewayClient(gateway.url, token=gateway.token, identity=DeviceIdentity.generate())
@@ -242,7 +252,7 @@ async def per_frame(daphne_port: int, gateway: Any, cookie: str, messages: int) 
             added_ms.append((t_relay - t_direct) * 1000)
     if not added_ms:
         print("part 1: no frames matched (did the direct client see the portal's runs?)")
-        return
+        return {"relay_added_p50_ms": "nan"}
     print(f"\nPart 1: real OpenClaw gateway, {messages} replies, {len(added_ms)} delta frames")
     print("  latency from the gateway's stamp on a delta to the client (ms; 1 ms clock grain)")
     print(f"  {'':8}{'p50':>8}{'p99':>8}")
@@ -256,6 +266,12 @@ async def per_frame(daphne_port: int, gateway: Any, cookie: str, messages: int) 
         f"  added by the portal per frame: p50 {pct(added_ms, 50):.2f} ms, "
         f"p99 {pct(added_ms, 99):.2f} ms, mean {statistics.fmean(added_ms):.2f} ms"
     )
+    return {
+        "relay_added_p50_ms": f"{pct(added_ms, 50):.2f}",
+        "relay_added_p99_ms": f"{pct(added_ms, 99):.2f}",
+        "direct_p50_ms": f"{pct(direct_ms, 50):.1f}",
+        "relay_p50_ms": f"{pct(relay_ms, 50):.1f}",
+    }
 
 
 # --- part 2: capacity --------------------------------------------------------------------------
@@ -327,7 +343,7 @@ async def load_direct(port: int, n: int, seconds: float) -> list[float]:
 
 async def capacity(
     daphne_port: int, fake_port: int, cookies: list[str], levels: list[int], seconds: float
-) -> None:
+) -> dict[str, str]:
     print(
         f"\nPart 2: sessions at 1 message/s, 10 deltas per reply, {seconds:g} s per level, "
         "one daphne process"
@@ -336,7 +352,7 @@ async def capacity(
         f"  {'sessions':>8} {'frames/s':>9} {'direct p50':>11} {'direct p99':>11}"
         f" {'relay p50':>10} {'relay p99':>10} {'extra p99':>10}"
     )
-    best = 0
+    best, at_best = 0, {"relay_p99_ms_at_max": "nan", "direct_p99_ms_at_max": "nan"}
     for n in levels:
         direct = await load_direct(fake_port, n, seconds)
         relay = await load_portal(daphne_port, cookies[:n], seconds)
@@ -349,7 +365,12 @@ async def capacity(
         if extra > 50:
             break
         best = n
+        at_best = {
+            "relay_p99_ms_at_max": f"{pct(relay, 99):.1f}",
+            "direct_p99_ms_at_max": f"{pct(direct, 99):.1f}",
+        }
     print(f"  largest tested level within 50 ms extra p99: {best} sessions")
+    return {"max_sessions": str(best), **at_best}
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -390,14 +411,18 @@ def main() -> None:
             process(daphne, daphne_port, tmp / "daphne.log"),
             process(fake, fake_port, tmp / "fake-gateway.log"),
         ):
+            result: dict[str, str] = {}
             if not args.skip_openclaw:
-                run_part_one(tmp, daphne_port, args.messages)
-            asyncio.run(capacity(daphne_port, fake_port, cookies, levels, args.seconds))
+                result.update(run_part_one(tmp, daphne_port, args.messages))
+            result.update(
+                asyncio.run(capacity(daphne_port, fake_port, cookies, levels, args.seconds))
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    print("\nRESULT " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
 
 
-def run_part_one(tmp: Path, daphne_port: int, messages: int) -> None:
+def run_part_one(tmp: Path, daphne_port: int, messages: int) -> dict[str, str]:
     from django.conf import settings
 
     from sandboxes.openclaw.runtime import build_runtime
@@ -412,7 +437,7 @@ def run_part_one(tmp: Path, daphne_port: int, messages: int) -> None:
         gateway.start()
         try:
             cookie = make_chat_user("relay@bench.test", gateway.port, gateway.token)
-            asyncio.run(per_frame(daphne_port, gateway, cookie, messages))
+            return asyncio.run(per_frame(daphne_port, gateway, cookie, messages))
         finally:
             gateway.stop()
 
