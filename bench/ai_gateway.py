@@ -128,6 +128,15 @@ async def concurrent(url: str, key: str, streams: int, rounds: int) -> tuple[flo
         return time.perf_counter() - started, pieces
 
 
+SERVERS = {
+    "daphne": lambda port: [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                            "billing.ai_gateway.asgi:application"],
+    "uvicorn": lambda port: [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+                             "--log-level", "warning", "--no-access-log",
+                             "billing.ai_gateway.asgi:application"],
+}  # fmt: skip
+
+
 def ms(value: float) -> str:
     return f"{value * 1000:.2f} ms"
 
@@ -137,6 +146,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--server", choices=sorted(SERVERS), default="daphne",
+                        help="the ASGI server the gateway runs under")  # fmt: skip
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""))
     args = parser.parse_args()
@@ -180,20 +191,20 @@ def run(args: argparse.Namespace, tmp: str) -> None:
     upstream_port, gateway_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}/v1"
     key = setup_database(env, upstream)
-    daphne = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(gateway_port),
-              "billing.ai_gateway.asgi:application"]  # fmt: skip
+    server = SERVERS[args.server](gateway_port)
     targets = {
         "direct": (f"{upstream}/chat/completions", "sk-bench"),
         "gateway": (f"http://127.0.0.1:{gateway_port}/ai/v1/chat/completions", key),
     }
-    print(f"AI gateway benchmark ({os.cpu_count()} CPUs, gateway under daphne, "
+    print(f"AI gateway benchmark ({os.cpu_count()} CPUs, gateway under {args.server}, "
           f"{'PostgreSQL' if args.database_url else 'SQLite'}, "
           f"{'Redis' if args.redis_url else 'local'} rate limiter)")  # fmt: skip
     result: dict[str, str] = {
         "database": "postgresql" if args.database_url else "sqlite",
         "rate_limiter": "redis" if args.redis_url else "local",
+        "server": args.server,
     }
-    with process(daphne, env, gateway_port):
+    with process(server, env, gateway_port):
         with fake_upstream(env, upstream_port, chunks=3, delay=0):
             seq = asyncio.run(sequential(targets, args.requests))
         print(f"\nTime to first byte, {args.requests} sequential streams (3 chunks):")
@@ -233,6 +244,7 @@ def run(args: argparse.Namespace, tmp: str) -> None:
                 streams = args.concurrency * args.rounds * 2
                 print(f"  {name:8s}: {streams / seconds:7.1f} streams/s  ({seconds:.2f} s)")
                 result[f"short_{name}_streams_per_s"] = f"{streams / seconds:.1f}"
+    result["load1"] = f"{os.getloadavg()[0]:.2f}"
     print("\nRESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
 
 

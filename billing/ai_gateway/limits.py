@@ -333,7 +333,7 @@ def _keys(user_id: int, month: date) -> list[str]:
 async def admit_redis(user_id: int, limits: Limits, reserve: Amount,
                       now: datetime | None = None) -> Verdict:  # fmt: skip
     """Admit one call with one Lua script on Redis (two when the month's usage is not loaded)."""
-    from asgiref.sync import sync_to_async
+    from billing.ai_gateway import db
 
     now = now or timezone.now()
     stamp = time.time()
@@ -351,7 +351,7 @@ async def admit_redis(user_id: int, limits: Limits, reserve: Amount,
         if code == 0:
             return Verdict(Ticket(user_id, month, reserve, "redis"))
         if code == -1:
-            used = await sync_to_async(month_used, thread_sensitive=False)(user_id, now)
+            used = await db.run(month_used, user_id, now)
             async with client.pipeline(transaction=True) as pipe:
                 pipe.hsetnx(keys[2], "c", used.cost)
                 pipe.hsetnx(keys[2], "t", used.tokens)

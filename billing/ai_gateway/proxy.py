@@ -31,19 +31,18 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.contrib.auth import get_user_model
 from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 from django.utils import timezone
 
-from billing.ai_gateway import credentials, limits
+from billing.ai_gateway import credentials, db, limits
 from billing.ai_gateway.errors import Kind, error_response
 from billing.ai_gateway.limits import Amount, Limits, Ticket, Verdict, to_micros
 from billing.ai_gateway.metering import Usage, UsageMeter
-from billing.ai_gateway.models import Api, UsageRecord
+from billing.ai_gateway.models import Api, SandboxCredential, UsageRecord
 from billing.ai_gateway.upstreams import Target, choose_targets, price_for
-from billing.models import Account, Plan, plan_for
+from billing.models import plan_for
 from portal.lib import http
 
 log = logging.getLogger(__name__)
@@ -100,34 +99,36 @@ def presented_key(request: HttpRequest) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _plan(user: Any) -> Plan:
-    """Return the user's plan, from the row loaded with the credential when it is there."""
-    try:
-        return user.account.plan
-    except Account.DoesNotExist:
-        return plan_for(user)
+def _plan(holder: credentials.KeyHolder) -> credentials.PlanLimits:
+    """Return the owner's plan, read with the key; create their account if they have none."""
+    if holder.plan is not None:
+        return holder.plan
+    plan = plan_for(get_user_model()(pk=holder.owner_id))
+    return credentials.PlanLimits(
+        plan.name, plan.requests_per_minute, plan.monthly_spend_limit, plan.monthly_token_quota
+    )
 
 
-def authorized_owner(key: str | None) -> Any:
-    """Return the credential of an active owner, or raise Refused (401, 403)."""
-    credential = credentials.authenticate(key)
-    if credential is None:
+def authorized_owner(key: str | None) -> credentials.KeyHolder:
+    """Return who the key speaks for, if an active owner; else raise Refused (401, 403)."""
+    holder = credentials.authenticate(key)
+    if holder is None:
         raise Refused(Kind.AUTH, "Invalid Hermit AI gateway key.")
-    if not credential.sandbox.owner.is_active:
+    if not holder.owner_active:
         raise Refused(Kind.FORBIDDEN, "This Hermit account is deactivated: model calls refused.")
-    return credential
+    return holder
 
 
 def authorize(call: Call, key: str | None, body: dict[str, Any], size: int,
               headers: Mapping[str, str]) -> None:  # fmt: skip
     """Identify the sandbox, choose targets, apply the operator-key policy, estimate the call's
     worst case and (without Redis) admit it; raise Refused otherwise."""
-    credential = authorized_owner(key)
-    sandbox = credential.sandbox
-    call.user_id, call.sandbox_id = sandbox.owner_id, sandbox.pk
-    plan = _plan(sandbox.owner)
+    holder = authorized_owner(key)
+    call.user_id, call.sandbox_id = holder.owner_id, holder.sandbox_id
+    plan = _plan(holder)
     call.plan_name = plan.name
-    call.targets = payable_targets(call, choose_targets(sandbox.owner_id, call.api, call.model))
+    targets = choose_targets(holder.owner_id, call.api, call.model, holder.user_keys)
+    call.targets = payable_targets(call, targets)
     primary = call.targets[0]
     if not primary.byok:
         check_operator_policy(call.api, body, headers.get("anthropic-beta", ""))
@@ -150,8 +151,8 @@ def authorize(call: Call, key: str | None, body: dict[str, Any], size: int,
     if not limits.uses_redis():
         call.ticket = admitted(call, limits.admit_db(call.user_id, call.limits, call.reserve))
     now = timezone.now()
-    if credential.last_used_at is None or (now - credential.last_used_at).total_seconds() > 60:
-        type(credential).objects.filter(pk=credential.pk).update(last_used_at=now)
+    if holder.last_used_at is None or (now - holder.last_used_at).total_seconds() > 60:
+        SandboxCredential.objects.filter(pk=holder.credential_id).update(last_used_at=now)
 
 
 def payable_targets(call: Call, targets: list[Target]) -> list[Target]:
@@ -319,19 +320,10 @@ def spent(row: UsageRecord) -> Amount:
     return Amount() if row.byok else Amount(to_micros(row.cost), row.total_tokens)
 
 
-def _record_in_worker(*args: Any, **kwargs: Any) -> UsageRecord:
-    # Runs in one of the loop's few worker threads, which keep their connection between calls
-    # (a connection per call would cost more than the insert); drop it if it went bad.
-    if connection.connection is not None and not connection.is_usable():
-        connection.close()
-    return record(*args, **kwargs)
-
-
 async def finish(call: Call, outcome: str, status: int, usage: Usage | None = None,
                  ttfb_ms: int | None = None, error: str = "") -> None:  # fmt: skip
     """Record the call and settle its ticket. Await it shielded: it must not be lost."""
-    record_async = sync_to_async(_record_in_worker, thread_sensitive=False)
-    row = await record_async(call, outcome, status, usage, ttfb_ms, error)
+    row = await db.run(record, call, outcome, status, usage, ttfb_ms, error)
     if call.ticket is not None:
         await limits.settle_redis(call.ticket, spent(row))
 
@@ -550,7 +542,7 @@ async def forward(request: HttpRequest, api: str) -> HttpResponseBase:
     call.model, call.streaming = body["model"], bool(body.get("stream"))
     headers = {name: request.headers.get(name, "") for name in REQUEST_HEADERS}
     try:
-        await sync_to_async(authorize)(call, presented_key(request), body, len(raw), headers)
+        await db.run(authorize, call, presented_key(request), body, len(raw), headers)
         await admit_redis(call)
     except Refused as refusal:
         return await refuse(call, refusal)

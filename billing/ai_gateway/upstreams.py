@@ -123,9 +123,14 @@ def settings_upstream(api: str) -> Upstream | None:
 OFFICIAL_HOSTS = {"api.openai.com", "api.anthropic.com"}
 
 
-def choose_targets(user_id: int, api: str, model: str) -> list[Target]:
-    """Return the upstream attempts for this call, primary first; empty if none is configured."""
-    keys = {k.provider: k.api_key for k in UserProviderKey.objects.filter(user_id=user_id)}
+def choose_targets(user_id: int, api: str, model: str,
+                   keys: dict[str, str] | None = None) -> list[Target]:  # fmt: skip
+    """Return the upstream attempts for this call, primary first; empty if none is configured.
+
+    ``keys`` are the user's own provider keys (read from the database when not given).
+    """
+    if keys is None:
+        keys = {k.provider: k.api_key for k in UserProviderKey.objects.filter(user_id=user_id)}
     table = routing_table()
     for route in table.routes:
         if not (route.matches(model) and _speaks(route.upstream, api)):

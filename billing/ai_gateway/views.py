@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from billing.ai_gateway import proxy
+from billing.ai_gateway import db, proxy
 from billing.ai_gateway.errors import error_response
 from billing.ai_gateway.models import Api
 from billing.ai_gateway.upstreams import listed_models
@@ -45,7 +44,7 @@ def _models_for(key: str | None) -> list[str]:
 async def models(request: HttpRequest) -> HttpResponseBase:
     api = Api.ANTHROPIC if "anthropic-version" in request.headers else Api.OPENAI
     try:
-        names = await sync_to_async(_models_for)(proxy.presented_key(request))
+        names = await db.run(_models_for, proxy.presented_key(request))
     except proxy.Refused as refusal:
         return error_response(api, refusal.kind, refusal.message)
     data: list[dict[str, Any]]

@@ -1,0 +1,100 @@
+"""What keeps the AI gateway's per-call cost low, held as behaviour (bench/ai_gateway.py has the
+figures): its database connections outlive calls, a call is authorised in one query, and the
+sandbox-facing app runs none of Django's per-request signals (each costs a thread hop).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.core.signals import request_finished, request_started
+from django.db.backends.signals import connection_created
+from django.utils import timezone
+
+from billing.ai_gateway import proxy
+from billing.ai_gateway.models import SandboxCredential, Upstream, UserProviderKey
+from billing.ai_gateway.upstreams import routing_table
+from billing.models import plan_for
+from tests.fakes.model_server import FakeModelServer
+from tests.test_ai_gateway import USER_KEY, Gateway, gateway, openai_body, upstreams
+
+__all__ = ["gateway", "upstreams"]  # fixtures used here
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Counter:
+    """Counts a signal's sends, from any thread."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, **kwargs: Any) -> None:
+        with self._lock:
+            self.count += 1
+
+
+@pytest.fixture
+def connections_made() -> Iterator[Counter]:
+    counter = Counter()
+    connection_created.connect(counter, dispatch_uid="test-connections-made")
+    yield counter
+    connection_created.disconnect(dispatch_uid="test-connections-made")
+
+
+def test_it_keeps_its_database_connections_between_calls(
+    gateway: Gateway, model_server: FakeModelServer, connections_made: Counter
+) -> None:
+    for _ in range(3):  # the worker threads that serve these calls connect once
+        assert gateway.openai(openai_body()).status_code == 200
+    connections_made.count = 0
+    for _ in range(12):
+        assert gateway.openai(openai_body()).status_code == 200
+    # Each call authorises and records itself on the database; they reuse the connections.
+    assert connections_made.count < 3
+
+
+def test_it_authorizes_a_call_in_one_query(
+    gateway: Gateway, alice: Any, upstreams: dict[str, Upstream],
+    django_assert_num_queries: Any, settings: Any,
+) -> None:  # fmt: skip
+    settings.REDIS_URL = "redis://127.0.0.1:6379/0"  # admission is a Redis step, not counted here
+    plan = plan_for(alice)
+    UserProviderKey.objects.create(user=alice, provider="openai", api_key=USER_KEY, hint="x")
+    SandboxCredential.objects.update(last_used_at=timezone.now())
+    routing_table()  # loaded once per TABLE_TTL, not per call
+    call = proxy.Call(api="openai", model="gpt-4o-mini", streaming=True)
+    with django_assert_num_queries(1):
+        proxy.authorize(call, gateway.key, openai_body(), 100, {})
+    assert (call.user_id, call.sandbox_id) == (alice.pk, alice.sandboxes.get().pk)
+    assert call.plan_name == plan.name
+    assert call.limits.requests_per_minute == plan.requests_per_minute
+    [target] = call.targets
+    assert (target.byok, target.api_key) == (True, USER_KEY)
+
+
+def test_it_authorizes_an_owner_with_no_account_yet(
+    gateway: Gateway, alice: Any, upstreams: dict[str, Upstream]
+) -> None:
+    alice.account.delete()
+    call = proxy.Call(api="openai", model="gpt-4o-mini", streaming=True)
+    proxy.authorize(call, gateway.key, openai_body(), 100, {})
+    assert call.plan_name == plan_for(alice).name
+    assert call.targets[0].byok is False
+
+
+def test_it_runs_no_request_signals(gateway: Gateway, model_server: FakeModelServer) -> None:
+    started, finished = Counter(), Counter()
+    request_started.connect(started, dispatch_uid="test-gateway-started")
+    request_finished.connect(finished, dispatch_uid="test-gateway-finished")
+    try:
+        assert gateway.openai(openai_body()).status_code == 200
+        assert gateway.openai(openai_body(stream=False)).status_code == 200
+    finally:
+        request_started.disconnect(dispatch_uid="test-gateway-started")
+        request_finished.disconnect(dispatch_uid="test-gateway-finished")
+    assert (started.count, finished.count) == (0, 0)
