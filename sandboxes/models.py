@@ -126,3 +126,15 @@ class SandboxEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
+
+
+class SpentControlUITicket(models.Model):
+    """A Control UI ticket's nonce, once redeemed: the unique key makes a second redemption
+    fail in the database, atomically, whatever the cache backend (controlui_auth). Rows older
+    than a ticket's lifetime are purged when tickets are redeemed."""
+
+    nonce = models.CharField(max_length=64, unique=True)
+    spent_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    def __str__(self) -> str:
+        return f"ticket spent at {self.spent_at:%Y-%m-%d %H:%M:%S}"
