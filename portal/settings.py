@@ -323,6 +323,17 @@ HERMIT_UID_BASE = envint("HERMIT_UID_BASE", str(200_000 + int(_INSTANCE, 16) % 6
 HERMIT_SANDBOX_BLOCKED_NETS = envlist("HERMIT_SANDBOX_BLOCKED_NETS")
 HERMIT_START_TIMEOUT = envint("HERMIT_START_TIMEOUT", "60")
 HERMIT_READY_TIMEOUT = envint("HERMIT_READY_TIMEOUT", "30")
+# A gateway that crashes HERMIT_CRASH_LIMIT times in a row, each within HERMIT_CRASH_WINDOW
+# seconds of its start, stays failed: automatic restarts wait HERMIT_CRASH_BACKOFF seconds,
+# doubling with each further crash up to HERMIT_CRASH_BACKOFF_MAX; an explicit start by the
+# owner or staff is allowed once per HERMIT_CRASH_BACKOFF seconds after the last crash.
+HERMIT_CRASH_LIMIT = envint("HERMIT_CRASH_LIMIT", "3")
+HERMIT_CRASH_WINDOW = envint("HERMIT_CRASH_WINDOW", "600")
+HERMIT_CRASH_BACKOFF = envint("HERMIT_CRASH_BACKOFF", "60")
+HERMIT_CRASH_BACKOFF_MAX = envint("HERMIT_CRASH_BACKOFF_MAX", "1800")
+# gateway.log (the sandbox's stdout/stderr) is moved to gateway.log.1 at a start once it is
+# larger than this; one old copy is kept.
+HERMIT_GATEWAY_LOG_MAX_BYTES = envint("HERMIT_GATEWAY_LOG_MAX_BYTES", str(10 * 1024 * 1024))
 HERMIT_AI_GATEWAY_PORT = envint("HERMIT_AI_GATEWAY_PORT", "8001")
 HERMIT_DEFAULT_MODEL = env("HERMIT_DEFAULT_MODEL", "gpt-4o-mini")
 # The model ids sandboxes are offered (the AI gateway maps each to an upstream).
