@@ -8,6 +8,14 @@ in :func:`start_sandbox`, which refuses otherwise), and reconcile stops the sand
 deactivated accounts. A sandbox's first start is asked for (:func:`request_provisioning`) once
 its owner may have one: a confirmed email address, or a staff account (made by ops, say with
 ``createsuperuser``, which has no confirmation step).
+
+Crash back-off: a gateway that crashes HERMIT_CRASH_LIMIT times in a row, each within
+HERMIT_CRASH_WINDOW of its start, stays failed with ``restart_after`` set HERMIT_CRASH_BACKOFF
+ahead, doubling with each further crash up to HERMIT_CRASH_BACKOFF_MAX (:func:`mark_crashed`).
+Until then no automatic start happens (reconcile, a chat or Control UI wake):
+:func:`start_sandbox` raises CrashBackoff. An explicit start (the owner's "Try again", staff in
+the admin or the CLI) is allowed once HERMIT_CRASH_BACKOFF has passed since the last crash. A
+restart after a crash does not count as activity for the sleep schedule.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 from allauth.account.models import EmailAddress
@@ -57,6 +65,37 @@ class TransitionRefused(Exception):
 
 class OwnerInactive(TransitionRefused):
     """The sandbox's owner is deactivated: it may not start."""
+
+
+class CrashBackoff(TransitionRefused):
+    """The sandbox crashed repeatedly: it may not start yet."""
+
+
+def crash_backoff(crashes: int) -> timedelta | None:
+    """Return how long automatic starts wait after ``crashes`` crashes in a row, or None."""
+    over = crashes - settings.HERMIT_CRASH_LIMIT
+    if over < 0:
+        return None
+    longest = timedelta(seconds=settings.HERMIT_CRASH_BACKOFF_MAX)
+    return min(timedelta(seconds=settings.HERMIT_CRASH_BACKOFF) * 2 ** min(over, 30), longest)
+
+
+def backoff_message(restart_after: Any) -> str:
+    return (
+        "Your agent crashed repeatedly; it will be retried at "
+        f"{restart_after.astimezone(UTC):%H:%M} UTC."
+    )
+
+
+def check_crash_backoff(sandbox: Sandbox, *, explicit: bool) -> None:
+    """Raise CrashBackoff if repeated crashes hold off this start (see the module docstring)."""
+    now = timezone.now()
+    if not sandbox.in_crash_backoff(now):
+        return
+    pause = timedelta(seconds=settings.HERMIT_CRASH_BACKOFF)
+    if explicit and (sandbox.last_crash_at is None or now - sandbox.last_crash_at >= pause):
+        return
+    raise CrashBackoff(backoff_message(sandbox.restart_after))
 
 
 def owner_is_active(sandbox: Sandbox) -> bool:
@@ -171,17 +210,25 @@ def _spec(sandbox: Sandbox) -> SandboxSpec:
 
 
 def start_sandbox(
-    sandbox: Sandbox, *, actor: str = Actor.SYSTEM, actor_user: Any = None
+    sandbox: Sandbox,
+    *,
+    actor: str = Actor.SYSTEM,
+    actor_user: Any = None,
+    explicit: bool = False,
 ) -> Iterator[Progress]:
     """Start the sandbox's gateway, yielding progress; end running, or failed with a reason.
 
     Raises TransitionRefused if the sandbox cannot start from its current state (for example
-    another worker is already starting it), and OwnerInactive (a TransitionRefused) if its
-    owner is deactivated. Never leaves a half-started sandbox behind: the backend cleans up
-    after itself on failure.
+    another worker is already starting it), OwnerInactive (a TransitionRefused) if its
+    owner is deactivated, and CrashBackoff (a TransitionRefused) if it crashed repeatedly and
+    this start is automatic, or ``explicit`` but too soon (staff starts are always explicit).
+    Never leaves a half-started sandbox behind: the backend cleans up after itself on failure.
+    A start after a crash leaves ``last_activity_at`` alone: only use is activity.
     """
     if not owner_is_active(sandbox):
         raise OwnerInactive(OWNER_INACTIVE_MESSAGE)
+    check_crash_backoff(sandbox, explicit=explicit or actor == Actor.STAFF)
+    after_crash = sandbox.state == State.FAILED and sandbox.crash_count > 0
     transition(
         sandbox,
         State.STARTING,
@@ -216,13 +263,15 @@ def start_sandbox(
         yield Progress(100, f"Failed: {exc}")
         return
     now = timezone.now()
+    activity: dict[str, Any] = {} if after_crash else {"last_activity_at": now}
     transition(
         sandbox,
         State.RUNNING,
         message="Your agent is running",
         progress=100,
         started_at=now,
-        last_activity_at=now,
+        restart_after=None,
+        **activity,
     )
     yield Progress(100, "Your agent is running")
 
@@ -275,9 +324,11 @@ def sleep_sandbox(sandbox: Sandbox, *, actor: str = Actor.SYSTEM) -> None:
 def restart_sandbox(
     sandbox: Sandbox, *, actor: str = Actor.SYSTEM, actor_user: Any = None
 ) -> Iterator[Progress]:
+    """Stop (if running or failed) and start again: an explicit start (see start_sandbox)."""
+    check_crash_backoff(sandbox, explicit=True)
     if sandbox.state in (State.RUNNING, State.FAILED):
         stop_sandbox(sandbox, actor=actor, actor_user=actor_user)
-    yield from start_sandbox(sandbox, actor=actor, actor_user=actor_user)
+    yield from start_sandbox(sandbox, actor=actor, actor_user=actor_user, explicit=True)
 
 
 def wake_sandbox(
@@ -300,7 +351,7 @@ def wake_sandbox(
                 if sandbox.state == State.PROVISIONING:
                     sandbox.data_dir.mkdir(parents=True, exist_ok=True)
                 yield from start_sandbox(sandbox, actor=actor, actor_user=actor_user)
-            except OwnerInactive as exc:
+            except (OwnerInactive, CrashBackoff) as exc:
                 raise BackendError(str(exc)) from exc
             except TransitionRefused:
                 continue  # someone else moved first: follow them
@@ -333,7 +384,10 @@ def mark_crashed(sandbox: Sandbox) -> bool:
 
     Idempotent and race-safe: of several callers that saw the same crash (two chat tabs,
     reconcile), one claims the running → failed change; the others get False. The caller that
-    got True starts the sandbox again (a chat through :func:`wake_sandbox`, reconcile directly).
+    got True starts the sandbox again (a chat through :func:`wake_sandbox`, reconcile directly)
+    unless the crash put it in back-off (``restart_after``, see the module docstring): the crash
+    count goes on while each gateway crashes within HERMIT_CRASH_WINDOW of its start, and starts
+    again at 1 after one that ran longer.
     """
     sandbox.refresh_from_db()
     if sandbox.state != State.RUNNING:
@@ -348,7 +402,18 @@ def mark_crashed(sandbox: Sandbox) -> bool:
         transition(sandbox, State.STOPPING, message=f"The gateway {why}")
     except TransitionRefused:
         return False
-    record_event(sandbox, "crashed", f"The gateway {why}; restarting it")
+    now = timezone.now()
+    window = timedelta(seconds=settings.HERMIT_CRASH_WINDOW)
+    soon = sandbox.started_at is not None and now - sandbox.started_at < window
+    crashes = sandbox.crash_count + 1 if soon else 1
+    pause = crash_backoff(crashes)
+    restart_after = now + pause if pause is not None else None
+    error = f"The gateway {why}."
+    if restart_after is None:
+        record_event(sandbox, "crashed", f"The gateway {why}; restarting it")
+    else:
+        error = f"{error} {backoff_message(restart_after)}"
+        record_event(sandbox, "crashed", f"The gateway {why} ({crashes} crashes in a row)")
     try:
         backend.stop(spec, seen)  # clear what is left of it (network helper, cgroup)
     except BackendError as exc:
@@ -357,8 +422,11 @@ def mark_crashed(sandbox: Sandbox) -> bool:
         sandbox,
         State.FAILED,
         message="Crashed",
-        error_message=f"The gateway {why}.",
+        error_message=error,
         backend_state={},
+        crash_count=crashes,
+        last_crash_at=now,
+        restart_after=restart_after,
     )
     return True
 
@@ -386,6 +454,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     running but not running: restart (a crashed gateway comes back by itself).
     sleeping on a plan that never sleeps (e.g. after the host restarted): start it.
     failed on a plan that never sleeps: start it again, at most every FAILED_RETRY_AFTER.
+    crashed repeatedly (``restart_after`` ahead): start nothing until then ("backoff").
     sleeping / stopped / failed but running: stop the stray gateway.
     starting / stopping / provisioning: pending work; left alone unless stuck far too long.
     """
@@ -403,6 +472,8 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
         and sandbox.state == State.FAILED
         and (timezone.now() - sandbox.updated_at >= FAILED_RETRY_AFTER)
     ):
+        if sandbox.in_crash_backoff(timezone.now()):
+            return "backoff"
         record_event(sandbox, "reconciled", "Always-on plan: trying to start the agent again")
         for _ in start_sandbox(sandbox):
             pass
@@ -410,6 +481,8 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     if sandbox.state == State.RUNNING:
         if not mark_crashed(sandbox):
             return "ok" if sandbox.state == State.RUNNING else "raced"
+        if sandbox.in_crash_backoff(timezone.now()):
+            return "backoff"
         for _ in start_sandbox(sandbox):
             pass
         return "restarted"

@@ -68,6 +68,13 @@ class Sandbox(models.Model):
     error_message = models.TextField(blank=True)
     last_activity_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
+    crash_count = models.PositiveIntegerField(
+        default=0, help_text="Crashes in a row, each soon after its start (see actions)."
+    )
+    last_crash_at = models.DateTimeField(null=True, blank=True)
+    restart_after = models.DateTimeField(
+        null=True, blank=True, help_text="After repeated crashes: no automatic start before this."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -96,6 +103,10 @@ class Sandbox(models.Model):
         if sleep_after is None or self.state != self.State.RUNNING:
             return False
         return now - self.last_activity_at >= sleep_after
+
+    def in_crash_backoff(self, now: datetime) -> bool:
+        """Return True if repeated crashes hold off automatic starts at ``now``."""
+        return self.restart_after is not None and now < self.restart_after
 
     @property
     def is_up(self) -> bool:

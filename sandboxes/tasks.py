@@ -44,11 +44,13 @@ def request_provisioning(sandbox: Sandbox, *, actor_user: Any = None) -> bool:
 
 @shared_task(acks_late=True)
 def start_sandbox(sandbox_id: int) -> None:
+    """An explicit start (the owner's dashboard button, staff in the admin): allowed during a
+    crash back-off once its pause has passed (see sandboxes.actions)."""
     sandbox = _get(sandbox_id)
     if sandbox is None or sandbox.state in (State.RUNNING, State.STARTING):
         return
     try:
-        for _ in actions.start_sandbox(sandbox):
+        for _ in actions.start_sandbox(sandbox, explicit=True):
             pass
     except actions.TransitionRefused:
         pass

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from io import StringIO
 from typing import Any
 
@@ -86,6 +87,8 @@ def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
 
 def test_it_restarts_a_crashed_gateway_on_reconcile(sandbox_for: Callable[..., Sandbox]) -> None:
     sandbox = sandbox_for("pro@agents.test", plan="pro")
+    idle_since = timezone.now() - timedelta(hours=1)
+    Sandbox.objects.filter(pk=sandbox.pk).update(last_activity_at=idle_since)
     old_main = sandbox.backend_state["main"][0]
     os.kill(old_main, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -101,6 +104,7 @@ def test_it_restarts_a_crashed_gateway_on_reconcile(sandbox_for: Callable[..., S
     assert sandbox.backend_state["main"][0] != old_main
     crash = sandbox.events.get(kind="crashed")
     assert "restarting" in crash.message
+    assert sandbox.last_activity_at == idle_since  # a crash restart is not activity
     assert tasks.reconcile_sandboxes().get("ok", 0) >= 1
 
 
