@@ -28,7 +28,7 @@ import pytest
 
 from sandboxes.backends import cgroups
 from sandboxes.backends.base import BackendError, ExecResult, SandboxSpec
-from sandboxes.backends.local import LocalBackend
+from sandboxes.backends.local import LOG_NAME, LocalBackend, _open_log
 from sandboxes.backends.seccomp import DENIED_X86_64
 from sandboxes.openclaw.config import CONFIG_PATH, render_config
 from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, GatewayConnection
@@ -248,6 +248,31 @@ def test_it_mounts_the_config_read_only_outside_the_data_dir(
         a.state["uid"],
         0o640,
     )
+    run_dir = Path(a.state["run_dir"])
+    modes = {
+        p: (p.stat().st_uid, p.stat().st_gid, p.stat().st_mode & 0o777)
+        for p in (run_dir, run_dir / LOG_NAME)
+    }
+    assert modes == {run_dir: (0, a.state["uid"], 0o750), run_dir / LOG_NAME: (0, 0, 0o600)}
+
+
+def test_it_rotates_a_large_log_at_start_and_keeps_one_old_copy(tmp_path: Path) -> None:
+    log, old = tmp_path / LOG_NAME, tmp_path / f"{LOG_NAME}.1"
+    log.write_text("small\n")
+    os.chmod(log, 0o644)
+    _open_log(tmp_path, max_bytes=100)
+    assert log.read_text() == "small\n" and not old.exists()  # small: kept, appended to
+    assert log.stat().st_mode & 0o777 == 0o600
+    old.write_text("older\n")
+    log.write_text("x" * 101)
+    _open_log(tmp_path, max_bytes=100)
+    assert old.read_text() == "x" * 101  # the oldest copy is gone
+    assert log.read_text() == "" and log.stat().st_mode & 0o777 == 0o600
+    (tmp_path / "elsewhere").write_text("")
+    log.unlink()
+    log.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        _open_log(tmp_path, max_bytes=100)
 
 
 def test_it_refuses_a_default_model_it_does_not_offer(tmp_path: Path) -> None:

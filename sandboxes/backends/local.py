@@ -204,8 +204,12 @@ class LocalBackend(SandboxBackend):
         """Write the sandbox's /etc, rotate its log, hand its data dir to its uid."""
         etc = run_dir / "etc"
         etc.mkdir(parents=True, exist_ok=True)
-        for path in (self.run_root, run_dir, etc):
-            os.chmod(path, 0o755)  # noqa: S103 - the sandbox uid reads /etc from here
+        os.chmod(self.run_root, 0o755)  # noqa: S103 - root's; the run dirs below are closed
+        # Only root and the sandbox's uid (which bwrap and the seccomp step open files as)
+        # may enter its run dir: its log and config are nobody else's business.
+        os.chown(run_dir, 0, uid)
+        os.chmod(run_dir, 0o750)  # noqa: S103 - group = the sandbox uid only
+        os.chmod(etc, 0o755)  # noqa: S103 - the sandbox uid reads /etc from here
         home = spec.env.get("HOME", str(spec.data_dir))
         files = {
             "passwd": f"hermit:x:{SANDBOX_UID}:{SANDBOX_UID}:Hermit sandbox:{home}:/bin/sh\n",
@@ -222,9 +226,7 @@ class LocalBackend(SandboxBackend):
             (run_dir / SECCOMP_NAME).write_bytes(program)
             os.chmod(run_dir / SECCOMP_NAME, 0o644)
         self._write_files(spec, run_dir, uid)
-        log = run_dir / LOG_NAME
-        if log.exists():
-            log.replace(run_dir / f"{LOG_NAME}.1")
+        _open_log(run_dir, int(_setting("HERMIT_GATEWAY_LOG_MAX_BYTES", 10 * 1024 * 1024)))
         (run_dir / EXIT_NAME).unlink(missing_ok=True)
         try:
             safefs.chown_tree(spec.data_dir, uid, uid, root_mode=0o700)
@@ -673,6 +675,22 @@ class LocalBackend(SandboxBackend):
 
 
 # -- small helpers ---------------------------------------------------------------------------
+
+
+def _open_log(run_dir: Path, max_bytes: int) -> None:
+    """Make the run dir's gateway.log root's, 0600, moving it to gateway.log.1 (one old copy)
+    first if it is over ``max_bytes``. The supervisor appends to it as root. The run dir is
+    root's, but links are refused all the same (O_NOFOLLOW)."""
+    log = run_dir / LOG_NAME
+    with contextlib.suppress(FileNotFoundError):
+        if log.lstat().st_size > max_bytes:
+            log.replace(run_dir / f"{LOG_NAME}.1")
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def _resolve(program: str) -> str:
