@@ -1,10 +1,10 @@
 """ASGI entry point: HTTP through Django, WebSockets through Channels, split by origin.
 
-A WebSocket whose ``Host`` is the Control UI's (``HERMIT_CONTROL_UI_URL``) reaches only the
-Control UI relay, with no session middleware: the Control UI origin never sees the portal's
-session, and the relay checks its own cookie and Origin. Every other WebSocket reaches the
-portal's routes (portal.routing) behind the allowed-hosts Origin check and session auth. HTTP
-is split the same way by portal.middleware.
+A WebSocket whose ``Host`` names the Control UI's host (``HERMIT_CONTROL_UI_URL``), on any port,
+reaches only the Control UI relay, with no session middleware: the Control UI origin never sees
+the portal's session, and the relay checks its own cookie and Origin. Every other WebSocket
+reaches the portal's routes (portal.routing) behind the allowed-hosts Origin check and session
+auth. HTTP is split the same way by portal.middleware.
 """
 
 from __future__ import annotations

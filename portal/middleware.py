@@ -1,11 +1,12 @@
 """The Control UI origin's wall, as the first middleware of every request.
 
-A request whose ``Host`` is the Control UI's (``HERMIT_CONTROL_UI_URL``) is served by
-``portal.urls_controlui`` only: none of the portal's pages, admin or APIs exist there, and the
-Control UI's routes exist nowhere else. Such a request keeps only the Control UI's own cookie
-(a browser may send the portal's cookies to another port of the same host: nothing below ever
-sees them), and its response carries the Control UI's Content-Security-Policy and the other
-containment headers, and sets no cookie but the Control UI's own. Other requests pass untouched.
+A request whose ``Host`` names the Control UI's host (``HERMIT_CONTROL_UI_URL``), on any port
+(browsers share a host's cookies across its ports), is served by ``portal.urls_controlui`` only:
+none of the portal's pages, admin or APIs exist there, and the Control UI's routes exist nowhere
+else. Such a request keeps only the Control UI's own cookie (a browser may send the portal's
+cookies to another port of the same host: nothing below ever sees them), and its response
+carries the Control UI's Content-Security-Policy and the other containment headers, and sets no
+cookie but the Control UI's own. Other requests pass untouched.
 """
 
 from __future__ import annotations

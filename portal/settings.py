@@ -16,6 +16,7 @@ Every secret setting NAME may instead be read from the file named by NAME_FILE.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -81,6 +82,22 @@ if _control_ui.scheme not in ("http", "https") or not _control_ui.hostname:
     raise ValueError(f"HERMIT_CONTROL_UI_URL must be an http(s) URL: {HERMIT_CONTROL_UI_URL!r}")
 if (_control_ui.scheme, _control_ui.netloc.lower()) == (_site.scheme, _site.netloc.lower()):
     raise ValueError("HERMIT_CONTROL_UI_URL must be another origin than SITE_URL")
+# Browsers share cookies across the ports of a host: the Control UI owns its whole host name.
+if _control_ui.hostname == _site.hostname:
+    raise ValueError(
+        "HERMIT_CONTROL_UI_URL must be on another host name than SITE_URL (cookies are shared "
+        f"by every port of a host): both are {_site.hostname!r}"
+    )
+if (
+    not DEBUG
+    and (_control_ui.hostname or "").split(".")[-2:] == (_site.hostname or "").split(".")[-2:]
+):
+    logging.getLogger("portal.settings").warning(
+        "HERMIT_CONTROL_UI_URL (%s) looks like the same site as SITE_URL (%s): put the Control "
+        "UI on another registrable domain, or its pages count as same-site for the portal",
+        _control_ui.hostname,
+        _site.hostname,
+    )
 if _control_ui.hostname not in ALLOWED_HOSTS:
     ALLOWED_HOSTS.append(_control_ui.hostname)
 
@@ -351,6 +368,9 @@ HERMIT_AI_MAX_CONCURRENT_CALLS = envint("HERMIT_AI_MAX_CONCURRENT_CALLS", "8")
 HERMIT_AI_LEASE_SECONDS = envint("HERMIT_AI_LEASE_SECONDS", "900")
 HERMIT_AI_DRAIN_SECONDS = envint("HERMIT_AI_DRAIN_SECONDS", "300")
 HERMIT_AI_DEFAULT_MAX_OUTPUT = envint("HERMIT_AI_DEFAULT_MAX_OUTPUT", "4096")
+# How long the AI gateway process may reuse what a key opens (sandbox, owner, plan, own keys)
+# before reading it again; changes saved in another process reach it within this time. 0 = never.
+HERMIT_AI_KEY_CACHE_SECONDS = envint("HERMIT_AI_KEY_CACHE_SECONDS", "5")
 # On the operator's keys: the anthropic-beta values passed upstream, and the provider-side tool
 # types (globs, e.g. web_search_*) allowed; anything else is refused with a 400.
 HERMIT_AI_ANTHROPIC_BETAS = envlist(
@@ -386,6 +406,10 @@ if not DEBUG:
     SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", "True")
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+    if SITE_URL.startswith("https://"):
+        # __Host-: Secure, Path=/, no Domain, so no other host (nor http) can set or shadow them
+        SESSION_COOKIE_NAME = "__Host-sessionid"
+        CSRF_COOKIE_NAME = "__Host-csrftoken"
     SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", "31536000")
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True

@@ -3,9 +3,12 @@
 The Control UI origin never sees the portal's session. The portal, on its own origin and with
 the user's session, mints a *ticket* (:func:`mint_ticket`): signed with ``SECRET_KEY``
 (``django.core.signing``, its own salt), naming the user and their sandbox, valid for
-``TICKET_AGE`` seconds and redeemable once (:func:`redeem_ticket` claims its nonce in the
-cache). The Control UI origin exchanges it for its own cookie (``COOKIE_NAME``: HttpOnly,
-SameSite=Lax, host-only, ``SESSION_AGE`` seconds), whose value is a second signed grant.
+``TICKET_AGE`` seconds and redeemable once (:func:`redeem_ticket` inserts its nonce into a
+unique column, :class:`sandboxes.models.SpentControlUITicket`: atomic in the database, whatever
+the cache backend). The Control UI origin exchanges it for its own cookie (``COOKIE_NAME``:
+HttpOnly, SameSite=Lax, host-only, ``SESSION_AGE`` seconds; ``__Host-`` prefixed, so also
+Secure, Path=/ and without Domain, when the Control UI is on https), whose value is a second
+signed grant.
 
 Every request and WebSocket on the Control UI origin re-checks the grant
 (:func:`sandbox_for_grant`): the user still exists and is active, their password has not
@@ -18,19 +21,27 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core import signing
-from django.core.cache import cache
+from django.db import IntegrityError, transaction
 from django.http import Http404
+from django.utils import timezone
 from django.utils.crypto import constant_time_compare, salted_hmac
 
 from sandboxes.access import get_sandbox_for_user
-from sandboxes.models import Sandbox
+from sandboxes.models import Sandbox, SpentControlUITicket
 
-COOKIE_NAME = "hermit_controlui"
+# __Host-: the browser keeps it to this very host (no Domain), https-only, Path=/
+COOKIE_NAME = (
+    "__Host-hermit_controlui"
+    if settings.HERMIT_CONTROL_UI_URL.startswith("https://")
+    else "hermit_controlui"
+)
 TICKET_AGE = 60
 SESSION_AGE = 3600
 _TICKET_SALT = "hermit.controlui.ticket"
@@ -76,9 +87,21 @@ def redeem_ticket(ticket: str) -> Grant | None:
     nonce = data.get("n") if isinstance(data, dict) else None
     if grant is None or not isinstance(nonce, str):
         return None
-    if not cache.add(f"hermit:controlui-ticket:{nonce}", 1, TICKET_AGE + 5):
-        return None
-    return grant
+    return grant if _spend(nonce) else None
+
+
+def _spend(nonce: str) -> bool:
+    """Record ``nonce`` as spent; False if it already was. Purge nonces too old to matter."""
+    now = timezone.now()
+    SpentControlUITicket.objects.filter(
+        spent_at__lt=now - timedelta(seconds=TICKET_AGE + 5)
+    ).delete()
+    try:
+        with transaction.atomic():
+            SpentControlUITicket.objects.create(nonce=nonce, spent_at=now)
+    except IntegrityError:
+        return False
+    return True
 
 
 def session_value(grant: Grant) -> str:

@@ -5,6 +5,10 @@ An origin is ``scheme://host[:port]``, lower-cased, with the scheme's default po
 is another. The Control UI (HTML and JS the sandbox controls) lives on its own origin,
 ``HERMIT_CONTROL_UI_URL``; the portal's origins are ``SITE_URL`` and ``CSRF_TRUSTED_ORIGINS``,
 never including the Control UI's.
+
+Browsers do not keep cookies apart by port, so the Control UI owns its whole *host name*: a
+request to any port of it is a Control UI request (:func:`is_control_ui_host`), and the portal
+is never served there (settings refuse a ``SITE_URL`` on the same host name).
 """
 
 from __future__ import annotations
@@ -50,9 +54,17 @@ def portal_origins() -> frozenset[str]:
     return frozenset(listed - {"", control_ui_origin()})
 
 
+def hostname_of(host: str) -> str:
+    """The lower-cased host name in a ``Host`` header (``host[:port]``), or "" if malformed."""
+    try:
+        name = urlsplit(f"//{host.strip()}").hostname or ""
+    except ValueError:
+        return ""
+    return name.rstrip(".")  # as Django's host check does: "localhost." is "localhost"
+
+
 def is_control_ui_host(host: str) -> bool:
-    """True if a request's ``Host`` header names the Control UI's origin."""
-    if not host:
-        return False
-    scheme = urlsplit(settings.HERMIT_CONTROL_UI_URL).scheme.lower()
-    return origin_of(f"{scheme}://{host}") == control_ui_origin()
+    """True if a request's ``Host`` header names the Control UI's host, on whatever port:
+    a browser would share that host's cookies with the Control UI's origin."""
+    ours = urlsplit(settings.HERMIT_CONTROL_UI_URL).hostname
+    return bool(host) and hostname_of(host) == ours

@@ -18,6 +18,15 @@ own cookie, and the containment headers below; the portal's origin has no Contro
    own HTTP server, at the same path (the gateway serves its UI at its root).
    :class:`sandboxes.consumers.controlui.ControlUIConsumer` relays the WebSocket.
 
+Only requests the Control UI makes itself reach the gateway (the proxy adds the gateway's
+token to each, and a top-level navigation from another site carries the Lax cookie): a browser's
+``Sec-Fetch-Site`` must be ``same-origin`` or ``none`` (typed, bookmarked, reloaded), except for
+a top-level navigation (``Sec-Fetch-Mode: navigate``, ``Sec-Fetch-Dest: document``) to exactly
+``/`` with no query, the entry page, which is how step 2's redirect arrives (its chain began on
+the portal, so Chromium sends ``cross-site``). Everything else, and a request without
+``Sec-Fetch-Site`` (browsers from before 2023, non-browsers), is refused with 403: every current
+browser sends it to an https or localhost origin, which the Control UI's must be.
+
 Each request re-checks its cookie's grant (:func:`controlui_auth.sandbox_for_session`: active
 owner, same password, the sandbox the one door gives them). Writes (any method but GET, HEAD,
 OPTIONS) need the Control UI's own Origin (or Referer); none at all is refused.
@@ -219,9 +228,27 @@ def upstream_path(path: str) -> str | None:
     return "/" + quote(path, safe=_PATH_SAFE)
 
 
+def from_the_ui(request: HttpRequest, path: str) -> bool:
+    """True if the browser says the Control UI itself (or its user, directly) made the request,
+    or it is a top-level navigation to the entry page ``/`` (see the module docstring)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site in ("same-origin", "none"):
+        return True
+    return (
+        site is not None
+        and path == ""
+        and not request.META.get("QUERY_STRING")
+        and request.method in ("GET", "HEAD")
+        and request.headers.get("Sec-Fetch-Mode") == "navigate"
+        and request.headers.get("Sec-Fetch-Dest") == "document"
+    )
+
+
 @csrf_exempt  # the Control UI cannot know Django's CSRF token; writes need our own Origin
 async def proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     """Forward one request to the granted sandbox's gateway and stream the answer back."""
+    if not from_the_ui(request, path):
+        return HttpResponseForbidden("Open the Control UI from your dashboard.")
     if request.method not in SAFE_METHODS and not same_origin(request):
         return HttpResponseForbidden("Cross-origin requests to the Control UI are refused.")
     if request.headers.get("Service-Worker"):

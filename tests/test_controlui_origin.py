@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import time_machine
@@ -405,3 +405,224 @@ def test_a_hostile_ui_page_gets_nothing_from_the_portal_in_chromium(
         [r["headers"] for r in double.requests], indent=1
     )
     assert {r["headers"]["authorization"] for r in double.requests} == {f"Bearer {GATEWAY_TOKEN}"}
+
+
+# -- the Control UI's host name, whatever the port ---------------------------------------------
+
+
+async def test_it_serves_only_the_control_ui_on_every_port_of_its_host_name(
+    alice: Any, double: GatewayDouble
+) -> None:
+    """Cookies ignore ports: the portal answering on the UI's host name (another port) would
+    hand sandbox JS its session and CSRF cookies. Any port of that host gets the Control UI."""
+    from portal.asgi import ByHost
+
+    other_port = UIClient(host=f"{urlsplit(settings.HERMIT_CONTROL_UI_URL).hostname}:8000")
+    for path in ("/accounts/login/", "/admin/login/", "/dashboard/"):
+        response = await other_port.get(path)
+        assert response.status_code == 302, path
+        assert response["Location"] == settings.SITE_URL + "/sandbox/control-ui/"
+        assert not response.cookies  # no csrftoken or session from the portal
+    assert double.requests == []
+
+    reached: list[str] = []
+
+    def app(name: str) -> Any:
+        async def called(scope: Any, receive: Any, send: Any) -> None:
+            reached.append(name)
+
+        return called
+
+    router = ByHost(control_ui=app("ui"), portal=app("portal"))
+    name = urlsplit(settings.HERMIT_CONTROL_UI_URL).hostname or ""
+    for host in (ui_host(), f"{name}:8000", f"{name.upper()}.:1", "testserver"):
+        await router({"type": "websocket", "headers": [(b"host", host.encode())]}, None, None)
+    assert reached == ["ui", "ui", "ui", "portal"]
+
+
+@pytest.mark.parametrize(
+    ("env", "refused"),
+    [
+        (
+            {"SITE_URL": "http://127.0.0.1:8000", "HERMIT_CONTROL_UI_URL": "http://127.0.0.1:8002"},
+            True,
+        ),
+        (
+            {"SITE_URL": "http://localhost:8000", "HERMIT_CONTROL_UI_URL": "http://LOCALHOST:8002"},
+            True,
+        ),
+        (
+            {"SITE_URL": "http://127.0.0.1:8000", "HERMIT_CONTROL_UI_URL": "http://localhost:8002"},
+            False,
+        ),
+    ],
+)
+def test_settings_refuse_a_control_ui_on_the_portals_host_name(
+    env: dict[str, str], refused: bool
+) -> None:
+    result = load_settings(DEBUG="True", **env)
+    assert (result.returncode != 0) == refused, result.stderr[-2000:]
+    if refused:
+        assert "HERMIT_CONTROL_UI_URL must be on another host name than SITE_URL" in result.stderr
+
+
+PRODUCTION = {
+    "DEBUG": "False",
+    "SECRET_KEY": "k" * 50,
+    "ALLOWED_HOSTS": "portal.example.com",
+    "SITE_URL": "https://portal.example.com",
+    "HERMIT_CONTROL_UI_URL": "https://ui.example.net",
+}
+
+
+def test_production_uses_host_prefixed_secure_cookies_and_warns_of_a_shared_site() -> None:
+    result = load_settings(**PRODUCTION)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "session": ["__Host-sessionid", True, "/", None],
+        "csrf": ["__Host-csrftoken", True, "/", None],
+        "ui": "__Host-hermit_controlui",
+    }
+    assert "same site" not in result.stderr
+
+    shared = load_settings(**{**PRODUCTION, "HERMIT_CONTROL_UI_URL": "https://ui.example.com"})
+    assert shared.returncode == 0, shared.stderr[-2000:]
+    assert "looks like the same site as SITE_URL" in shared.stderr
+
+
+def load_settings(**env: str) -> Any:
+    """Load portal.settings (and the Control UI's cookie name) in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    from cryptography.fernet import Fernet
+
+    script = (
+        "import json, django; django.setup(); from django.conf import settings as s;"
+        "from sandboxes.controlui_auth import COOKIE_NAME;"
+        "print(json.dumps({'session': [s.SESSION_COOKIE_NAME, s.SESSION_COOKIE_SECURE,"
+        " s.SESSION_COOKIE_PATH, s.SESSION_COOKIE_DOMAIN], 'csrf': [s.CSRF_COOKIE_NAME,"
+        " s.CSRF_COOKIE_SECURE, s.CSRF_COOKIE_PATH, s.CSRF_COOKIE_DOMAIN], 'ui': COOKIE_NAME}))"
+    )
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("DEBUG", "SITE_URL"))}
+    keep.update(env, DJANGO_SETTINGS_MODULE="portal.settings")
+    keep.setdefault("HERMIT_ENCRYPTION_KEYS", Fernet.generate_key().decode())
+    return subprocess.run(
+        [sys.executable, "-c", script], env=keep, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_the_portals_renamed_cookies_still_log_in_and_stay_off_the_ui(
+    alice: Any, double: GatewayDouble
+) -> None:
+    """With production's ``__Host-`` names the portal's sockets still find the session, and the
+    Control UI origin still drops the portal's cookies."""
+    from django.test import override_settings
+
+    with override_settings(
+        SESSION_COOKIE_NAME="__Host-sessionid", CSRF_COOKIE_NAME="__Host-csrftoken"
+    ):
+        cookie = await sync_to_async(session_cookie)(alice)
+        assert cookie.startswith("__Host-sessionid=")
+        comm = WebsocketCommunicator(
+            application,
+            "/ws/sandbox/progress/",
+            headers=[
+                (b"origin", b"http://testserver"),
+                (b"host", b"testserver"),
+                (b"cookie", cookie.encode()),
+            ],
+        )
+        connected, _ = await comm.connect(timeout=10)
+        assert connected  # logged in through the renamed session cookie
+        await comm.disconnect()
+
+        client = await entered(alice)
+        client.cookies["__Host-sessionid"] = "the-portal-session"
+        client.cookies["__Host-csrftoken"] = "portal-csrf"
+        assert (await client.get("/")).status_code == 200
+        assert "cookie" not in double.last["headers"]
+        assert "the-portal-session" not in repr(double.requests)
+
+
+# -- only the Control UI's own requests reach the gateway --------------------------------------
+
+NAVIGATE = {"sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+
+
+async def test_it_lets_other_sites_only_navigate_to_the_entry_page(
+    alice: Any, double: GatewayDouble
+) -> None:
+    """Each proxied request carries the gateway's token, and a top-level navigation from another
+    site carries the Lax cookie: other sites may open ``/`` and nothing else."""
+    client = await entered(alice)
+    cases: list[tuple[str, dict[str, str], int]] = [
+        ("/", {"sec-fetch-site": "cross-site", **NAVIGATE}, 200),  # the entry redirect
+        ("/", {"sec-fetch-site": "same-site", **NAVIGATE}, 200),
+        ("/", {"sec-fetch-site": "none", **NAVIGATE}, 200),  # typed, bookmarked
+        ("/index.html", {"sec-fetch-site": "same-origin"}, 200),
+        ("/api/sessions/delete", {"sec-fetch-site": "cross-site", **NAVIGATE}, 403),
+        ("/?action=reset", {"sec-fetch-site": "cross-site", **NAVIGATE}, 403),
+        (
+            "/",
+            {
+                "sec-fetch-site": "cross-site",
+                "sec-fetch-mode": "no-cors",
+                "sec-fetch-dest": "image",
+            },
+            403,
+        ),
+        (
+            "/",
+            {
+                "sec-fetch-site": "cross-site",
+                "sec-fetch-mode": "navigate",
+                "sec-fetch-dest": "iframe",
+            },
+            403,
+        ),
+        ("/api/x", {"sec-fetch-site": "same-site", "sec-fetch-mode": "cors"}, 403),
+    ]
+    for path, headers, code in cases:
+        before = len(double.requests)
+        response = await client.get(path, headers=headers)
+        assert response.status_code == code, (path, headers)
+        assert len(double.requests) == before + (code == 200), (path, headers)
+
+    # without Fetch Metadata (old browsers, scripts) nothing is proxied, cookie or not
+    bare = UIClient(fetch_metadata=False)
+    bare.cookies = client.cookies
+    for method in (bare.get, bare.head):
+        assert (await method("/")).status_code == 403
+    assert (await UIClient(fetch_metadata=False).get("/")).status_code == 403
+    assert all(r["path"] in ("/", "/index.html") for r in double.requests)
+
+
+# -- one-time tickets, whatever the cache ----------------------------------------------------
+
+
+async def test_a_ticket_is_spent_once_even_if_the_cache_forgets_or_races(alice: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.core.cache import cache
+    from django.db import connection
+
+    ticket = await ticket_for(alice)
+    assert await sync_to_async(controlui_auth.redeem_ticket)(ticket) is not None
+    await sync_to_async(cache.clear)()  # an evicted, restarted or per-process cache
+    assert await sync_to_async(controlui_auth.redeem_ticket)(ticket) is None
+
+    racing = await ticket_for(alice)
+
+    def redeem(_: int) -> bool:
+        try:
+            return controlui_auth.redeem_ticket(racing) is not None
+        finally:
+            connection.close()
+
+    def race() -> list[bool]:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(redeem, range(8)))
+
+    assert sorted(await sync_to_async(race)()) == [False] * 7 + [True]
