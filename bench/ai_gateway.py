@@ -3,7 +3,8 @@
 Prints, for OpenAI-style streaming chat completions:
 - time to first byte (p50, p99) direct vs through the gateway, and the ratio / added ms;
 - per-chunk time of a 200-chunk stream with no upstream delay (p50, p99), direct vs gateway;
-- throughput at 50 concurrent streams (streams/s and chunks/s), direct vs gateway.
+- throughput at 50 concurrent streams (streams/s and chunks/s), direct vs gateway, their waves
+  taking turns so that both see the same load from the rest of the machine.
 
 The gateway runs as in production: ``daphne billing.ai_gateway.asgi:application`` in its own
 process, on a throwaway SQLite database, or with ``DATABASE_URL`` (or ``--database-url``) on a
@@ -115,17 +116,27 @@ async def sequential(targets: dict[str, tuple[str, str]], n: int) -> dict[str, l
     return out
 
 
-async def concurrent(url: str, key: str, streams: int, rounds: int) -> tuple[float, int]:
-    """Run ``rounds`` waves of ``streams`` concurrent streams; return (seconds, pieces)."""
+async def concurrent(targets: dict[str, tuple[str, str]], streams: int,
+                     rounds: int) -> dict[str, tuple[float, int]]:  # fmt: skip
+    """Run ``rounds`` waves of ``streams`` concurrent streams on each target, the targets' waves
+    taking turns (so both see the same machine load); return {target: (seconds, pieces)}."""
     limits = httpx.Limits(max_connections=streams * 2, max_keepalive_connections=streams)
+    out = {name: (0.0, 0) for name in targets}
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        await asyncio.gather(*(one_stream(client, url, key) for _ in range(streams)))  # warm-up
-        started = time.perf_counter()
-        pieces = 0
+        for url, key in targets.values():  # warm-up
+            await asyncio.gather(*(one_stream(client, url, key) for _ in range(streams)))
         for _ in range(rounds):
-            results = await asyncio.gather(*(one_stream(client, url, key) for _ in range(streams)))
-            pieces += sum(len(arrivals) for _, arrivals in results)
-        return time.perf_counter() - started, pieces
+            for name, (url, key) in targets.items():
+                started = time.perf_counter()
+                results = await asyncio.gather(
+                    *(one_stream(client, url, key) for _ in range(streams))
+                )
+                seconds, pieces = out[name]
+                out[name] = (
+                    seconds + time.perf_counter() - started,
+                    pieces + sum(len(arrivals) for _, arrivals in results),
+                )
+    return out
 
 
 SERVERS = {
@@ -225,22 +236,20 @@ def run(args: argparse.Namespace, tmp: str) -> None:
         with fake_upstream(env, upstream_port, chunks=20, delay=0.02):
             print(f"\nThroughput, {args.concurrency} concurrent streams x {args.rounds} waves "
                   "(20 chunks, 20 ms apart upstream):")  # fmt: skip
-            results = {}
-            for name, (url, k) in targets.items():
-                seconds, pieces = asyncio.run(concurrent(url, k, args.concurrency, args.rounds))
-                results[name] = seconds
+            waves = asyncio.run(concurrent(targets, args.concurrency, args.rounds))
+            for name, (seconds, pieces) in waves.items():
                 streams = args.concurrency * args.rounds
                 print(f"  {name:8s}: {streams / seconds:7.1f} streams/s  "
                       f"{pieces / seconds:8.0f} pieces/s  ({seconds:.2f} s)")  # fmt: skip
-            ratio = results["gateway"] / results["direct"]
+            ratio = waves["gateway"][0] / waves["direct"][0]
             print(f"  gateway/direct time ratio {ratio:.2f}x")
             result[f"stream{args.concurrency}_ratio"] = f"{ratio:.2f}"
 
         with fake_upstream(env, upstream_port, chunks=3, delay=0):
             print(f"\nThroughput, {args.concurrency} concurrent short streams x "
                   f"{args.rounds * 2} waves (no upstream delay):")  # fmt: skip
-            for name, (url, k) in targets.items():
-                seconds, _ = asyncio.run(concurrent(url, k, args.concurrency, args.rounds * 2))
+            waves = asyncio.run(concurrent(targets, args.concurrency, args.rounds * 2))
+            for name, (seconds, _) in waves.items():
                 streams = args.concurrency * args.rounds * 2
                 print(f"  {name:8s}: {streams / seconds:7.1f} streams/s  ({seconds:.2f} s)")
                 result[f"short_{name}_streams_per_s"] = f"{streams / seconds:.1f}"

@@ -1,11 +1,13 @@
 """What keeps the AI gateway's per-call cost low, held as behaviour (bench/ai_gateway.py has the
-figures): its database connections outlive calls, a call is authorised in one query, and the
+figures): its database connections outlive calls, a call is authorised in one query, what a key
+opens is cached for a bounded time (dropped at once on saves in the process), and the
 sandbox-facing app runs none of Django's per-request signals (each costs a thread hop).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +16,8 @@ from django.core.signals import request_finished, request_started
 from django.db.backends.signals import connection_created
 from django.utils import timezone
 
-from billing.ai_gateway import proxy
+from billing.ai_gateway import credentials, proxy
+from billing.ai_gateway.credentials import rotate_credential
 from billing.ai_gateway.models import SandboxCredential, Upstream, UserProviderKey
 from billing.ai_gateway.upstreams import routing_table
 from billing.models import plan_for
@@ -98,3 +101,39 @@ def test_it_runs_no_request_signals(gateway: Gateway, model_server: FakeModelSer
         request_started.disconnect(dispatch_uid="test-gateway-started")
         request_finished.disconnect(dispatch_uid="test-gateway-finished")
     assert (started.count, finished.count) == (0, 0)
+
+
+def test_it_drops_cached_keys_when_this_process_saves(
+    gateway: Gateway, model_server: FakeModelServer, alice: Any
+) -> None:
+    assert gateway.openai(openai_body()).status_code == 200  # alice's key is cached now
+    new = rotate_credential(alice.sandboxes.get())
+    assert gateway.openai(openai_body()).status_code == 401
+    assert gateway.openai(openai_body(), key=new).status_code == 200
+    alice.is_active = False
+    alice.save()
+    assert gateway.openai(openai_body(), key=new).status_code == 403
+
+
+def test_it_reads_a_key_again_after_the_cache_time(
+    gateway: Gateway, alice: Any, settings: Any
+) -> None:
+    settings.HERMIT_AI_KEY_CACHE_SECONDS = 5
+    start = time.monotonic()
+    holder = credentials.authenticate(gateway.key, now=start)
+    assert holder is not None and holder.owner_active
+    # Saved by another process (no signal here): seen once the cached holder has expired.
+    type(alice).objects.filter(pk=alice.pk).update(is_active=False)
+    cached = credentials.authenticate(gateway.key, now=start + 4.9)
+    assert cached is not None and cached.owner_active
+    fresh = credentials.authenticate(gateway.key, now=start + 5.1)
+    assert fresh is not None and not fresh.owner_active
+
+
+def test_it_caches_no_key_when_told_not_to(gateway: Gateway, alice: Any, settings: Any) -> None:
+    settings.HERMIT_AI_KEY_CACHE_SECONDS = 0
+    start = time.monotonic()
+    assert credentials.authenticate(gateway.key, now=start) is not None
+    type(alice).objects.filter(pk=alice.pk).update(is_active=False)
+    holder = credentials.authenticate(gateway.key, now=start)
+    assert holder is not None and not holder.owner_active

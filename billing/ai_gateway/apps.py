@@ -10,11 +10,19 @@ class AiGatewayConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.contrib.auth import get_user_model
         from django.db.models.signals import post_delete, post_save
 
-        from billing.ai_gateway import models, upstreams
+        from billing import models as billing_models
+        from billing.ai_gateway import credentials, models, upstreams
 
         for model in (models.Upstream, models.ModelRoute, models.Price):
             for name, signal in (("save", post_save), ("delete", post_delete)):
                 uid = f"ai-routing-{model.__name__}-{name}"
                 signal.connect(upstreams.invalidate_routing_table, sender=model, dispatch_uid=uid)
+        holders = (models.SandboxCredential, models.UserProviderKey, get_user_model(),
+                   billing_models.Account, billing_models.Plan)  # fmt: skip
+        for holder in holders:
+            for name, signal in (("save", post_save), ("delete", post_delete)):
+                uid = f"ai-keys-{holder.__name__}-{name}"
+                signal.connect(credentials.forget_keys, sender=holder, dispatch_uid=uid)

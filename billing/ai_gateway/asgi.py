@@ -26,6 +26,8 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.urls import set_script_prefix
 
+from portal.lib import http
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 URLCONF = "billing.ai_gateway.sandbox_urls"
@@ -48,9 +50,23 @@ class GatewayASGIHandler(ASGIHandler):
         return request, error
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+            return
         if scope["type"] != "http":
             raise ValueError(f"The AI gateway serves only HTTP, not {scope['type']}.")
         await self.handle(scope, receive, send)
+
+    async def lifespan(self, receive: Any, send: Any) -> None:
+        """Close the outbound HTTP client at shutdown (servers that speak ASGI lifespan)."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await http.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:
         """Answer one request as Django's handler does, less its signals: the response is

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import httpx
+import aiohttp
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
@@ -153,6 +153,7 @@ def authorize(call: Call, key: str | None, body: dict[str, Any], size: int,
     now = timezone.now()
     if holder.last_used_at is None or (now - holder.last_used_at).total_seconds() > 60:
         SandboxCredential.objects.filter(pk=holder.credential_id).update(last_used_at=now)
+        credentials.touched(holder, now)
 
 
 def payable_targets(call: Call, targets: list[Target]) -> list[Target]:
@@ -335,8 +336,18 @@ async def refuse(call: Call, refusal: Refused) -> HttpResponseBase:
     return error_response(call.api, refusal.kind, refusal.message, refusal.retry_after)
 
 
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """One request to send upstream. ``headers`` hold the provider key: never log them."""
+
+    url: str
+    content: bytes
+    headers: dict[str, str] = field(repr=False)
+    timeout: aiohttp.ClientTimeout
+
+
 def upstream_request(call: Call, target: Target, body: dict[str, Any], raw: bytes,
-                     headers_in: Mapping[str, str]) -> httpx.Request:  # fmt: skip
+                     headers_in: Mapping[str, str]) -> UpstreamRequest:  # fmt: skip
     """Build the upstream request: the target's key, the target's model, usage asked for."""
     changed = False
     if body.get("model") != target.model:
@@ -361,38 +372,44 @@ def upstream_request(call: Call, target: Target, body: dict[str, Any], raw: byte
             headers["x-api-key"] = target.api_key
     elif target.api_key:
         headers["authorization"] = f"Bearer {target.api_key}"
-    timeout = httpx.Timeout(target.timeout, connect=min(10.0, target.timeout))
-    return http.client().build_request(
-        "POST", target.url(call.api), content=content, headers=headers, timeout=timeout
+    # The target's timeout bounds the wait for the response to start and between chunks.
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=min(10.0, target.timeout), sock_read=target.timeout
     )
+    return UpstreamRequest(target.url(call.api), content, headers, timeout)
+
+
+async def send(request: UpstreamRequest) -> aiohttp.ClientResponse:
+    """Send ``request``; return the response with its body not yet read."""
+    return await http.client().post(
+        request.url, data=request.content, headers=request.headers, timeout=request.timeout,
+        allow_redirects=False,
+    )  # fmt: skip
 
 
 async def open_upstream(call: Call, body: dict[str, Any], raw: bytes,
-                        headers: Mapping[str, str]) -> httpx.Response:  # fmt: skip
+                        headers: Mapping[str, str]) -> aiohttp.ClientResponse:  # fmt: skip
     """Send to the primary target, then to the fallback on 5xx, timeout or connection error.
 
     Return the upstream response with its body not yet read. Raise Refused if all failed.
     """
-    client = http.client()
     failure: Refused | None = None
     for index, target in enumerate(call.targets):
         call.target, call.fallback_used = target, index > 0
         last = index == len(call.targets) - 1
         try:
-            response = await client.send(
-                upstream_request(call, target, body, raw, headers), stream=True
-            )
-        except httpx.TimeoutException:
+            response = await send(upstream_request(call, target, body, raw, headers))
+        except TimeoutError:
             failure = Refused(Kind.TIMEOUT, f"The model provider ({target.name}) timed out.")
             continue
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             failure = Refused(
                 Kind.UPSTREAM,
                 f"The model provider ({target.name}) is unreachable ({type(exc).__name__}).",
             )
             continue
-        if response.status_code >= 500 and not last:
-            await response.aclose()
+        if response.status >= 500 and not last:
+            response.close()
             continue
         return response
     assert failure is not None
@@ -411,7 +428,9 @@ class Relay:
                  headers: Mapping[str, str]) -> None:  # fmt: skip
         self.call = call
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
-        self.opened: asyncio.Future[httpx.Response] = asyncio.get_running_loop().create_future()
+        self.opened: asyncio.Future[aiohttp.ClientResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
         self.gone = False
         self.reading = True
         self.task = asyncio.create_task(self._run(body, raw, headers))
@@ -439,14 +458,14 @@ class Relay:
         self.opened.set_result(response)
         await self._pump(response)
 
-    async def _pump(self, response: httpx.Response) -> None:
+    async def _pump(self, response: aiohttp.ClientResponse) -> None:
         call = self.call
         meter = UsageMeter(call.api, call.streaming)
-        ok = response.status_code < 400
+        ok = response.status < 400
         outcome = UsageRecord.Outcome.OK if ok else UsageRecord.Outcome.ERROR
         error, ttfb, cut, broke = "", None, False, False
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 if ttfb is None:
                     ttfb = call.elapsed_ms()
                 meter.feed(chunk)
@@ -454,7 +473,7 @@ class Relay:
                     await self.queue.put(chunk)
         except asyncio.CancelledError:
             cut = True
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             broke = True
             outcome, error = (
                 UsageRecord.Outcome.ERROR,
@@ -463,7 +482,12 @@ class Relay:
         self.reading = False
         if not self.gone:
             await self.queue.put(None)
-        await response.aclose()
+            # Let the response send what it holds before the record's thread competes for the GIL.
+            await asyncio.sleep(0)
+        if cut or broke:
+            response.close()  # the connection is in an unknown state: do not reuse it
+        else:
+            response.release()
         usage = meter.finish()
         if meter.stream_error and outcome == UsageRecord.Outcome.OK:
             outcome = UsageRecord.Outcome.ERROR
@@ -476,7 +500,7 @@ class Relay:
         usage, estimated = estimate(call, usage, meter, ok, broke, cut)
         if estimated and not (cut or broke):
             error = (error + " Usage estimated: the provider reported none.").strip()
-        await asyncio.shield(finish(call, outcome, response.status_code, usage, ttfb, error))
+        await asyncio.shield(finish(call, outcome, response.status, usage, ttfb, error))
 
     async def body(self) -> AsyncIterator[bytes]:
         """Yield the upstream body as it arrives; tell the task when the client is gone."""
@@ -554,7 +578,7 @@ async def forward(request: HttpRequest, api: str) -> HttpResponseBase:
     except asyncio.CancelledError:
         relay.client_gone()
         raise
-    streaming = StreamingHttpResponse(relay.body(), status=upstream.status_code)
+    streaming = StreamingHttpResponse(relay.body(), status=upstream.status)
     for name in PASS_RESPONSE_HEADERS:
         if name in upstream.headers:
             streaming[name] = upstream.headers[name]
