@@ -5,7 +5,11 @@ of the portal. This app resolves every request against ``billing.ai_gateway.sand
 and runs no portal middleware (no sessions, no admin, no CSRF, no host check: callers are
 sandboxes, authenticated per request by their gateway key). Run it as a second server:
 
-    uvicorn --host 127.0.0.1 --port 8001 --no-access-log billing.ai_gateway.asgi:application
+    uvicorn --host 127.0.0.1 --port 8001 --no-access-log --lifespan on \
+        --timeout-graceful-shutdown 10 billing.ai_gateway.asgi:application
+
+(uvicorn rather than daphne: it speaks ASGI lifespan, whose shutdown closes the outbound HTTP
+client, and it is the server the tests run the gateway under.)
 
 It is on every model call's path, so it also skips what Django does per request for code that
 runs in request threads: no thread-sensitive context and no request_started/request_finished
