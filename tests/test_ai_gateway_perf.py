@@ -6,23 +6,34 @@ sandbox-facing app runs none of Django's per-request signals (each costs a threa
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import pytest
 from django.core.signals import request_finished, request_started
+from django.db import IntegrityError
 from django.db.backends.signals import connection_created
 from django.utils import timezone
 
-from billing.ai_gateway import credentials, proxy
+from billing.ai_gateway import credentials, proxy, usage_writer
 from billing.ai_gateway.credentials import rotate_credential
-from billing.ai_gateway.models import SandboxCredential, Upstream, UserProviderKey
+from billing.ai_gateway.models import SandboxCredential, Upstream, UsageRecord, UserProviderKey
 from billing.ai_gateway.upstreams import routing_table
 from billing.models import plan_for
 from tests.fakes.model_server import FakeModelServer
-from tests.test_ai_gateway import USER_KEY, Gateway, gateway, openai_body, upstreams
+from tests.test_ai_gateway import (
+    USER_KEY,
+    Gateway,
+    gateway,
+    openai_body,
+    upstreams,
+    wait_for_records,
+)
 
 __all__ = ["gateway", "upstreams"]  # fixtures used here
 
@@ -137,3 +148,43 @@ def test_it_caches_no_key_when_told_not_to(gateway: Gateway, alice: Any, setting
     type(alice).objects.filter(pk=alice.pk).update(is_active=False)
     holder = credentials.authenticate(gateway.key, now=start)
     assert holder is not None and not holder.owner_active
+
+
+def test_it_records_each_of_many_calls_that_end_together_once(
+    gateway: Gateway, model_server: FakeModelServer, alice: Any, settings: Any
+) -> None:
+    settings.HERMIT_AI_MAX_CONCURRENT_CALLS = 0
+    model_server.script(prompt_tokens=7, completion_tokens=3)
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda _: Gateway(gateway.base, gateway.key).openai(
+            openai_body()).status_code, range(12)))  # fmt: skip
+    assert codes == [200] * 12
+    rows = wait_for_records(12)
+    assert len(rows) == 12 and UsageRecord.objects.count() == 12
+    assert {(r.user_id, r.input_tokens, r.output_tokens, r.outcome) for r in rows} == {
+        (alice.pk, 7, 3, "ok")
+    }
+
+
+def test_it_writes_a_batchs_good_records_when_one_fails(alice: Any) -> None:
+    first, *good = [UsageRecord(user=alice, api="openai", model=f"m{i}") for i in range(4)]
+    bad = UsageRecord(user_id=alice.pk + 10_000, api="openai", model="bad")  # no such user
+    release = threading.Event()
+
+    def hold_the_writer() -> tuple[UsageRecord, None]:
+        release.wait(5)  # the others queue up meanwhile, to be written as one batch
+        return first, None
+
+    async def write_together() -> list[Any]:
+        held = asyncio.ensure_future(usage_writer.write(hold_the_writer))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(usage_writer.write(partial(lambda r: (r, None), row)))
+                for row in (good[0], bad, *good[1:])]  # fmt: skip
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(held, *rest, return_exceptions=True)
+
+    results = asyncio.run(write_together())
+    assert isinstance(results[2], IntegrityError)
+    assert [r.model for r in results if isinstance(r, UsageRecord)] == ["m0", "m1", "m2", "m3"]
+    assert sorted(UsageRecord.objects.values_list("model", flat=True)) == ["m0", "m1", "m2", "m3"]

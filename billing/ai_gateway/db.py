@@ -17,7 +17,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -65,6 +66,11 @@ def _ready() -> None:
 def _in_worker(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     _ready()
     return func(*args, **kwargs)
+
+
+def submit(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+    """Start ``func(*args, **kwargs)`` on a gateway worker thread; return its future."""
+    return _pool().submit(partial(_in_worker, func, *args, **kwargs))
 
 
 async def run(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

@@ -12,8 +12,9 @@ exactly one UsageRecord per call, whatever happens:
    error) and reads it to its end, metering it, while the response relays chunks as they
    arrive (never buffered whole). If the client goes away, the task keeps reading for up to
    HERMIT_AI_DRAIN_SECONDS, so the call is billed what the provider bills; if cut off then, or
-   if no usage came, it is billed an estimate. The task then records the call and settles its
-   reservation, shielded from cancellation.
+   if no usage came, it is billed an estimate. The task then records the call (``usage_writer``
+   batches the records of calls that end together) and settles its reservation, shielded from
+   cancellation.
 Provider keys go only to the upstream, never into logs or responses. Client-controlled text
 (the model name) is logged with ``%r``, so it cannot forge log lines.
 """
@@ -28,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -36,7 +38,7 @@ from django.contrib.auth import get_user_model
 from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 from django.utils import timezone
 
-from billing.ai_gateway import credentials, db, limits
+from billing.ai_gateway import credentials, db, limits, usage_writer
 from billing.ai_gateway.errors import Kind, error_response
 from billing.ai_gateway.limits import Amount, Limits, Ticket, Verdict, to_micros
 from billing.ai_gateway.metering import Usage, UsageMeter
@@ -272,15 +274,10 @@ async def admit_redis(call: Call) -> None:
     call.ticket = admitted(call, await limits.admit_redis(call.user_id, lim, call.reserve))
 
 
-def record(
-    call: Call,
-    outcome: str,
-    status: int,
-    usage: Usage | None = None,
-    ttfb_ms: int | None = None,
-    error: str = "",
-) -> UsageRecord:
-    """Write the call's UsageRecord, priced from the Price table; settle a database ticket."""
+def usage_row(call: Call, outcome: str, status: int, usage: Usage | None, ttfb_ms: int | None,
+              error: str, latency_ms: int) -> tuple[UsageRecord, Ticket | None]:  # fmt: skip
+    """Return the call's UsageRecord (unsaved, priced from the Price table) and its database
+    ticket to settle, if any. Logs the call."""
     usage = usage or Usage()
     cost = Decimal(0)
     target = call.target
@@ -288,7 +285,7 @@ def record(
         price = price_for(target, call.model)
         if price is not None:
             cost = price.cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens)
-    row = UsageRecord.objects.create(
+    row = UsageRecord(
         user_id=call.user_id,
         sandbox_id=call.sandbox_id,
         upstream_id=target.upstream_id if target else None,
@@ -298,7 +295,7 @@ def record(
         output_tokens=usage.output_tokens,
         cached_tokens=usage.cached_tokens,
         cost=cost,
-        latency_ms=call.elapsed_ms(),
+        latency_ms=latency_ms,
         ttfb_ms=ttfb_ms,
         status_code=status,
         outcome=outcome,
@@ -306,27 +303,24 @@ def record(
         fallback_used=call.fallback_used,
         error=error[:300],
     )
-    if call.ticket is not None:
-        limits.settle_db(call.ticket, spent(row))
     log.info(
         "ai call user=%s sandbox=%s model=%r target=%r status=%s outcome=%s in=%s out=%s ms=%s",
         call.user_id, call.sandbox_id, call.model, target.name if target else "-", status,
-        outcome, usage.input_tokens, usage.output_tokens, row.latency_ms,
+        outcome, usage.input_tokens, usage.output_tokens, latency_ms,
     )  # fmt: skip
-    return row
-
-
-def spent(row: UsageRecord) -> Amount:
-    """Return what a recorded call used of its owner's quota (nothing when BYOK)."""
-    return Amount() if row.byok else Amount(to_micros(row.cost), row.total_tokens)
+    ticket = call.ticket if call.ticket is not None and call.ticket.store == "db" else None
+    return row, ticket
 
 
 async def finish(call: Call, outcome: str, status: int, usage: Usage | None = None,
                  ttfb_ms: int | None = None, error: str = "") -> None:  # fmt: skip
     """Record the call and settle its ticket. Await it shielded: it must not be lost."""
-    row = await db.run(record, call, outcome, status, usage, ttfb_ms, error)
+    latency = call.elapsed_ms()
+    row = await usage_writer.write(
+        partial(usage_row, call, outcome, status, usage, ttfb_ms, error, latency)
+    )
     if call.ticket is not None:
-        await limits.settle_redis(call.ticket, spent(row))
+        await limits.settle_redis(call.ticket, usage_writer.spent(row))
 
 
 async def refuse(call: Call, refusal: Refused) -> HttpResponseBase:

@@ -50,6 +50,9 @@ def routing_table() -> RoutingTable:
     if table is not None and time.monotonic() - table.loaded_at < TABLE_TTL:
         return table
     with _table_lock:
+        table = _table  # another thread may have loaded it while this one waited
+        if table is not None and time.monotonic() - table.loaded_at < TABLE_TTL:
+            return table
         routes = list(ModelRoute.objects.select_related("upstream", "fallback"))
         operators = list(Upstream.objects.filter(is_operator=True, enabled=True).order_by("id"))
         prices = {p.model: p for p in Price.objects.all()}
