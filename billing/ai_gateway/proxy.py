@@ -42,7 +42,7 @@ from billing.ai_gateway import credentials, db, limits, usage_writer
 from billing.ai_gateway.errors import Kind, error_response
 from billing.ai_gateway.limits import Amount, Limits, Ticket, Verdict, to_micros
 from billing.ai_gateway.metering import Usage, UsageMeter
-from billing.ai_gateway.models import Api, SandboxCredential, UsageRecord
+from billing.ai_gateway.models import Api, Provider, SandboxCredential, UsageRecord
 from billing.ai_gateway.upstreams import Target, choose_targets, price_for
 from billing.models import plan_for
 from portal.lib import http
@@ -189,6 +189,17 @@ def check_operator_policy(api: str, body: dict[str, Any], beta: str) -> None:
                 )
         if body.get("mcp_servers"):
             raise Refused(Kind.BAD_REQUEST, "mcp_servers is not available with Hermit's key.")
+    elif body.get("n") not in (None, 1):
+        # n answers cost n times the output that was reserved for one.
+        raise Refused(Kind.BAD_REQUEST, "Only n=1 is available with Hermit's key.")
+    tier = body.get("service_tier")
+    if tier not in STANDARD_TIERS[api]:
+        # A premium tier is billed above the list prices the quota is counted in.
+        raise Refused(
+            Kind.BAD_REQUEST,
+            f"The service_tier {tier!r} is not available with Hermit's key "
+            f"(allowed: {', '.join(t for t in STANDARD_TIERS[api] if t)}).",
+        )
     for kind in provider_tools(api, body):
         if not any(fnmatch.fnmatchcase(kind, p) for p in settings.HERMIT_AI_SERVER_TOOLS):
             raise Refused(
@@ -210,6 +221,12 @@ def provider_tools(api: str, body: dict[str, Any]) -> list[str]:
         if body.get("web_search_options") is not None:
             found.append("web_search")
     return found
+
+
+STANDARD_TIERS: dict[str, tuple[str | None, ...]] = {
+    Api.OPENAI: (None, "auto", "default", "flex"),
+    Api.ANTHROPIC: (None, "auto", "standard_only"),
+}
 
 
 def max_output(body: dict[str, Any]) -> int:
@@ -324,9 +341,11 @@ async def finish(call: Call, outcome: str, status: int, usage: Usage | None = No
 
 
 async def refuse(call: Call, refusal: Refused) -> HttpResponseBase:
-    """Record and answer a call the gateway refused before sending it upstream."""
-    await asyncio.shield(finish(call, UsageRecord.Outcome.REFUSED, refusal.kind.status,
-                                error=refusal.message))  # fmt: skip
+    """Record and answer a call the gateway refused before sending it upstream. A caller with
+    no valid key is answered but not recorded: anyone can send those, as many as they like."""
+    if call.user_id is not None:
+        await asyncio.shield(finish(call, UsageRecord.Outcome.REFUSED, refusal.kind.status,
+                                    error=refusal.message))  # fmt: skip
     return error_response(call.api, refusal.kind, refusal.message, refusal.retry_after)
 
 
@@ -340,19 +359,23 @@ class UpstreamRequest:
     timeout: aiohttp.ClientTimeout
 
 
-def upstream_request(call: Call, target: Target, body: dict[str, Any], raw: bytes,
+def upstream_request(call: Call, target: Target, body: dict[str, Any],
                      headers_in: Mapping[str, str]) -> UpstreamRequest:  # fmt: skip
-    """Build the upstream request: the target's key, the target's model, usage asked for."""
-    changed = False
-    if body.get("model") != target.model:
-        body = {**body, "model": target.model}
-        changed = True
+    """Build the upstream request: the target's key, the target's model, usage asked for and,
+    on Hermit's key, output capped at what was reserved.
+
+    The body sent is always the one parsed here, re-serialized, so the upstream reads exactly
+    what was priced (a raw body with a duplicate "model" key could name another model)."""
+    body = {**body, "model": target.model}
     if call.api == Api.OPENAI and call.streaming:
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
-            body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
-            changed = True
-    content = json.dumps(body).encode() if changed else raw
+            body["stream_options"] = {**(options or {}), "include_usage": True}
+    if not target.byok and not _sets_max_output(body):
+        # The reservation assumed this many output tokens: never let the model write more.
+        name = "max_completion_tokens" if target.provider == Provider.OPENAI else "max_tokens"
+        body[name] = call.max_output
+    content = json.dumps(body).encode()
     headers = {
         "content-type": "application/json",
         "accept": headers_in.get("accept") or "application/json",
@@ -373,6 +396,13 @@ def upstream_request(call: Call, target: Target, body: dict[str, Any], raw: byte
     return UpstreamRequest(target.url(call.api), content, headers, timeout)
 
 
+def _sets_max_output(body: dict[str, Any]) -> bool:
+    return any(
+        isinstance(body.get(n), int) and not isinstance(body.get(n), bool) and body[n] > 0
+        for n in ("max_completion_tokens", "max_tokens")
+    )
+
+
 async def send(request: UpstreamRequest) -> aiohttp.ClientResponse:
     """Send ``request``; return the response with its body not yet read."""
     return await http.client().post(
@@ -381,7 +411,7 @@ async def send(request: UpstreamRequest) -> aiohttp.ClientResponse:
     )  # fmt: skip
 
 
-async def open_upstream(call: Call, body: dict[str, Any], raw: bytes,
+async def open_upstream(call: Call, body: dict[str, Any],
                         headers: Mapping[str, str]) -> aiohttp.ClientResponse:  # fmt: skip
     """Send to the primary target, then to the fallback on 5xx, timeout or connection error.
 
@@ -392,7 +422,7 @@ async def open_upstream(call: Call, body: dict[str, Any], raw: bytes,
         call.target, call.fallback_used = target, index > 0
         last = index == len(call.targets) - 1
         try:
-            response = await send(upstream_request(call, target, body, raw, headers))
+            response = await send(upstream_request(call, target, body, headers))
         except TimeoutError:
             failure = Refused(Kind.TIMEOUT, f"The model provider ({target.name}) timed out.")
             continue
@@ -418,7 +448,7 @@ class Relay:
     HERMIT_AI_DRAIN_SECONDS. The task always ends by recording the call and settling it.
     """
 
-    def __init__(self, call: Call, body: dict[str, Any], raw: bytes,
+    def __init__(self, call: Call, body: dict[str, Any],
                  headers: Mapping[str, str]) -> None:  # fmt: skip
         self.call = call
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
@@ -427,14 +457,14 @@ class Relay:
         )
         self.gone = False
         self.reading = True
-        self.task = asyncio.create_task(self._run(body, raw, headers))
+        self.task = asyncio.create_task(self._run(body, headers))
         _tasks.add(self.task)
         self.task.add_done_callback(_tasks.discard)
 
-    async def _run(self, body: dict[str, Any], raw: bytes, headers: Mapping[str, str]) -> None:
+    async def _run(self, body: dict[str, Any], headers: Mapping[str, str]) -> None:
         call = self.call
         try:
-            response = await open_upstream(call, body, raw, headers)
+            response = await open_upstream(call, body, headers)
         except Refused as refusal:
             self.reading = False
             self.opened.set_exception(refusal)
@@ -557,6 +587,8 @@ async def forward(request: HttpRequest, api: str) -> HttpResponseBase:
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         return error_response(api, Kind.BAD_REQUEST, "The body must be JSON with a 'model'.")
+    if not isinstance(body.get("stream", False), bool):
+        return error_response(api, Kind.BAD_REQUEST, "'stream' must be true or false.")
     call.model, call.streaming = body["model"], bool(body.get("stream"))
     headers = {name: request.headers.get(name, "") for name in REQUEST_HEADERS}
     try:
@@ -564,7 +596,7 @@ async def forward(request: HttpRequest, api: str) -> HttpResponseBase:
         await admit_redis(call)
     except Refused as refusal:
         return await refuse(call, refusal)
-    relay = Relay(call, body, raw, headers)
+    relay = Relay(call, body, headers)
     try:
         upstream = await asyncio.shield(relay.opened)
     except Refused as refusal:  # recorded by the relay
