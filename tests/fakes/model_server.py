@@ -351,7 +351,7 @@ class FakeModelServer:
         usage = _openai_usage(script, body, len(pieces))
         ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if not body.get("stream"):
-            message = {
+            message: dict[str, Any] = {
                 "role": "assistant",
                 "content": script.reply,
                 "refusal": None,
