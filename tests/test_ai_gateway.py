@@ -697,3 +697,13 @@ def test_it_records_no_refusal_of_a_caller_without_a_key(gateway: Gateway) -> No
     assert gateway.openai(openai_body(), key="").status_code == 401
     time.sleep(0.3)
     assert not UsageRecord.objects.exists()
+
+
+def test_it_records_a_call_whose_figures_overflow_a_token_column(
+    gateway: Gateway, model_server: FakeModelServer
+) -> None:
+    model_server.script(reply="big", chunks=1, prompt_tokens=5 * 10**9, completion_tokens=7)
+    assert gateway.openai(openai_body()).status_code == 200
+    [row] = wait_for_records(1)
+    assert (row.outcome, row.input_tokens, row.output_tokens) == ("ok", 2**31 - 1, 7)
+    assert row.cost > 0

@@ -22,6 +22,7 @@ Provider keys go only to the upstream, never into logs or responses. Client-cont
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -234,7 +235,7 @@ def max_output(body: dict[str, Any]) -> int:
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            return min(value, OUTPUT_CEILING)
     return int(settings.HERMIT_AI_DEFAULT_MAX_OUTPUT)
 
 
@@ -291,11 +292,26 @@ async def admit_redis(call: Call) -> None:
     call.ticket = admitted(call, await limits.admit_redis(call.user_id, lim, call.reserve))
 
 
+TOKEN_CEILING = 2**31 - 1  # the token columns' range; a client's or upstream's figure is capped
+OUTPUT_CEILING = 1_000_000  # more output than any model writes in one call
+
+
+def _bounded(usage: Usage) -> Usage:
+    """Return ``usage`` with counts the record can hold, so an absurd figure (a client's
+    max_tokens in an estimate, a broken upstream) can never make the record fail to save."""
+    return dataclasses.replace(
+        usage,
+        input_tokens=min(usage.input_tokens, TOKEN_CEILING),
+        output_tokens=min(usage.output_tokens, TOKEN_CEILING),
+        cached_tokens=min(usage.cached_tokens, TOKEN_CEILING),
+    )
+
+
 def usage_row(call: Call, outcome: str, status: int, usage: Usage | None, ttfb_ms: int | None,
               error: str, latency_ms: int) -> tuple[UsageRecord, Ticket | None]:  # fmt: skip
     """Return the call's UsageRecord (unsaved, priced from the Price table) and its database
     ticket to settle, if any. Logs the call."""
-    usage = usage or Usage()
+    usage = _bounded(usage or Usage())
     cost = Decimal(0)
     target = call.target
     if usage.seen and target is not None:
