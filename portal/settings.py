@@ -367,6 +367,11 @@ HERMIT_ANTHROPIC_BASE_URL = env("HERMIT_ANTHROPIC_BASE_URL", "https://api.anthro
 HERMIT_AI_MAX_CONCURRENT_CALLS = envint("HERMIT_AI_MAX_CONCURRENT_CALLS", "8")
 HERMIT_AI_LEASE_SECONDS = envint("HERMIT_AI_LEASE_SECONDS", "900")
 HERMIT_AI_DRAIN_SECONDS = envint("HERMIT_AI_DRAIN_SECONDS", "300")
+# No call lives longer than this; it must be shorter than the lease, so that a live call's quota
+# reservation never expires under it.
+HERMIT_AI_MAX_CALL_SECONDS = envint("HERMIT_AI_MAX_CALL_SECONDS", "840")
+if HERMIT_AI_MAX_CALL_SECONDS >= HERMIT_AI_LEASE_SECONDS:
+    raise ValueError("HERMIT_AI_MAX_CALL_SECONDS must be less than HERMIT_AI_LEASE_SECONDS")
 HERMIT_AI_DEFAULT_MAX_OUTPUT = envint("HERMIT_AI_DEFAULT_MAX_OUTPUT", "4096")
 # How long the AI gateway process may reuse what a key opens (sandbox, owner, plan, own keys)
 # before reading it again; changes saved in another process reach it within this time. 0 = never.

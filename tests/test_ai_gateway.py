@@ -707,3 +707,16 @@ def test_it_records_a_call_whose_figures_overflow_a_token_column(
     [row] = wait_for_records(1)
     assert (row.outcome, row.input_tokens, row.output_tokens) == ("ok", 2**31 - 1, 7)
     assert row.cost > 0
+
+
+def test_it_cuts_a_call_at_its_time_limit_and_bills_it(
+    gateway: Gateway, model_server: FakeModelServer, settings: Any
+) -> None:
+    settings.HERMIT_AI_MAX_CALL_SECONDS = 1
+    model_server.script(reply="a very slow answer indeed", chunks=20, delay=0.2)
+    started = time.monotonic()
+    response = gateway.openai(openai_body())
+    assert response.status_code == 200 and time.monotonic() - started < 3
+    [row] = wait_for_records(1)
+    assert row.outcome == "error" and "time limit" in row.error
+    assert row.output_tokens >= 4096 and row.cost > 0  # the reserved output: nothing slips by

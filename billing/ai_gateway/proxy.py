@@ -461,7 +461,9 @@ class Relay:
 
     ``opened`` resolves to the upstream response (or Refused); ``body()`` yields its chunks. If
     the client goes away (``client_gone``), the task keeps reading, unrelayed, for at most
-    HERMIT_AI_DRAIN_SECONDS. The task always ends by recording the call and settling it.
+    HERMIT_AI_DRAIN_SECONDS. No call lives longer than HERMIT_AI_MAX_CALL_SECONDS (shorter than
+    the quota lease, so a live call never loses its reservation). The task always ends by
+    recording the call and settling it.
     """
 
     def __init__(self, call: Call, body: dict[str, Any],
@@ -472,10 +474,12 @@ class Relay:
             asyncio.get_running_loop().create_future()
         )
         self.gone = False
+        self.expired = False
         self.reading = True
         self.task = asyncio.create_task(self._run(body, headers))
         _tasks.add(self.task)
         self.task.add_done_callback(_tasks.discard)
+        asyncio.get_running_loop().call_later(settings.HERMIT_AI_MAX_CALL_SECONDS, self._expire)
 
     async def _run(self, body: dict[str, Any], headers: Mapping[str, str]) -> None:
         call = self.call
@@ -492,6 +496,8 @@ class Relay:
             self.reading = False
             usage = Usage(call.input_estimate, call.max_output, 0, True)
             error = "The client disconnected; cut off before the answer started (estimated)."
+            if self.expired:
+                error = "The call passed its time limit before the answer started (estimated)."
             outcome = UsageRecord.Outcome.CANCELLED
             await asyncio.shield(finish(call, outcome, 0, usage, None, error))
             return
@@ -537,6 +543,9 @@ class Relay:
             error = "The client disconnected; the answer was read to its end."
         if cut:
             error = "The client disconnected; cut off after the drain time (estimated)."
+            if self.expired:
+                outcome = UsageRecord.Outcome.ERROR
+                error = "The call passed its time limit and was cut off (estimated)."
         usage, estimated = estimate(call, usage, meter, ok, broke, cut)
         if estimated and not (cut or broke):
             error = (error + " Usage estimated: the provider reported none.").strip()
@@ -568,6 +577,11 @@ class Relay:
 
     def _cut(self) -> None:
         if self.reading:
+            self.task.cancel()
+
+    def _expire(self) -> None:
+        if self.reading:
+            self.expired = True
             self.task.cancel()
 
 
