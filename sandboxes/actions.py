@@ -437,14 +437,25 @@ def _reconcile_inactive_owner(sandbox: Sandbox, backend: Any) -> str:
         stop_sandbox(sandbox, to=State.STOPPED)
         record_event(sandbox, "reconciled", "Account deactivated: stopped its agent")
         return "stopped-inactive"
-    if sandbox.state in (State.SLEEPING, State.STOPPED, State.FAILED) and sandbox.backend_state:
-        spec = spec_for(sandbox)
-        if backend.poll(spec, sandbox.backend_state).running:
-            backend.stop(spec, sandbox.backend_state)
-            Sandbox.objects.filter(pk=sandbox.pk).update(backend_state={})
-            record_event(sandbox, "reconciled", "Account deactivated: stopped its agent")
-            return "stopped-inactive"
+    if _stop_stray(sandbox, backend, "Account deactivated: stopped its agent"):
+        return "stopped-inactive"
     return "inactive"
+
+
+def _stop_stray(sandbox: Sandbox, backend: Any, message: str) -> bool:
+    """Stop a gateway that runs while the sandbox should not (sleeping, stopped or failed);
+    return whether there was one."""
+    if sandbox.state not in (State.SLEEPING, State.STOPPED, State.FAILED):
+        return False
+    if not sandbox.backend_state:
+        return False
+    spec = spec_for(sandbox)
+    if not backend.poll(spec, sandbox.backend_state).running:
+        return False
+    backend.stop(spec, sandbox.backend_state)
+    Sandbox.objects.filter(pk=sandbox.pk).update(backend_state={})
+    record_event(sandbox, "reconciled", message)
+    return True
 
 
 def reconcile_sandbox(sandbox: Sandbox) -> str:
@@ -487,11 +498,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
             pass
         return "restarted"
     if sandbox.state in (State.SLEEPING, State.STOPPED, State.FAILED) and sandbox.backend_state:
-        spec = spec_for(sandbox)
-        if backend.poll(spec, sandbox.backend_state).running:
-            backend.stop(spec, sandbox.backend_state)
-            Sandbox.objects.filter(pk=sandbox.pk).update(backend_state={})
-            record_event(sandbox, "reconciled", "Stopped a gateway that should not be running")
+        if _stop_stray(sandbox, backend, "Stopped a gateway that should not be running"):
             return "stopped-stray"
         return "ok"
     stuck_after = timedelta(
