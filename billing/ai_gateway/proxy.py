@@ -230,13 +230,21 @@ STANDARD_TIERS: dict[str, tuple[str | None, ...]] = {
 }
 
 
-def max_output(body: dict[str, Any]) -> int:
-    """Return the most output tokens the call asks for (a default when it sets none)."""
+def requested_output(body: dict[str, Any]) -> int | None:
+    """Return the output tokens the call itself limits itself to, or None if it sets none."""
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return min(value, OUTPUT_CEILING)
-    return int(settings.HERMIT_AI_DEFAULT_MAX_OUTPUT)
+            return value
+    return None
+
+
+def max_output(body: dict[str, Any]) -> int:
+    """Return the most output tokens the call asks for (a default when it sets none)."""
+    requested = requested_output(body)
+    if requested is None:
+        return int(settings.HERMIT_AI_DEFAULT_MAX_OUTPUT)
+    return min(requested, OUTPUT_CEILING)
 
 
 def admitted(call: Call, verdict: Verdict) -> Ticket:
@@ -387,7 +395,7 @@ def upstream_request(call: Call, target: Target, body: dict[str, Any],
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
             body["stream_options"] = {**(options or {}), "include_usage": True}
-    if not target.byok and not _sets_max_output(body):
+    if not target.byok and requested_output(body) is None:
         # The reservation assumed this many output tokens: never let the model write more.
         name = "max_completion_tokens" if target.provider == Provider.OPENAI else "max_tokens"
         body[name] = call.max_output
@@ -410,13 +418,6 @@ def upstream_request(call: Call, target: Target, body: dict[str, Any],
         total=None, connect=min(10.0, target.timeout), sock_read=target.timeout
     )
     return UpstreamRequest(target.url(call.api), content, headers, timeout)
-
-
-def _sets_max_output(body: dict[str, Any]) -> bool:
-    return any(
-        isinstance(body.get(n), int) and not isinstance(body.get(n), bool) and body[n] > 0
-        for n in ("max_completion_tokens", "max_tokens")
-    )
 
 
 async def send(request: UpstreamRequest) -> aiohttp.ClientResponse:
