@@ -38,6 +38,22 @@ class Plan(models.Model):
     pids_max = models.PositiveIntegerField(default=512)
     internet = models.BooleanField(default=False, help_text="Sandboxes may reach the internet.")
     max_sandboxes = models.PositiveIntegerField(default=1)
+    backup_interval = models.DurationField(
+        null=True,
+        blank=True,
+        default=timedelta(days=1),
+        help_text="Time between scheduled backups; empty = no scheduled backups. Sandboxes are "
+        "also backed up when they sleep or stop.",
+    )
+    backup_keep_last = models.PositiveIntegerField(
+        default=0, help_text="Snapshots kept: the most recent N."
+    )
+    backup_keep_daily = models.PositiveIntegerField(
+        default=7, help_text="Snapshots kept: the last one of each of the last N days."
+    )
+    backup_keep_weekly = models.PositiveIntegerField(
+        default=0, help_text="Snapshots kept: the last one of each of the last N weeks."
+    )
 
     class Meta:
         ordering = ["monthly_token_quota"]
@@ -82,6 +98,10 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "pids_max": 512,
         "internet": False,
         "max_sandboxes": 1,
+        "backup_interval": timedelta(days=1),
+        "backup_keep_last": 0,
+        "backup_keep_daily": 7,
+        "backup_keep_weekly": 0,
     },
     "pro": {
         "name": "Pro",
@@ -96,6 +116,10 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "pids_max": 1024,
         "internet": True,
         "max_sandboxes": 3,
+        "backup_interval": timedelta(hours=1),
+        "backup_keep_last": 24,
+        "backup_keep_daily": 7,
+        "backup_keep_weekly": 4,
     },
 }
 

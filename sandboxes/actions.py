@@ -49,9 +49,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     State.STARTING: frozenset({State.RUNNING, State.FAILED, State.STOPPING}),
     State.RUNNING: frozenset({State.STOPPING, State.STARTING, State.FAILED}),
     State.STOPPING: frozenset({State.STOPPED, State.SLEEPING, State.FAILED}),
-    State.SLEEPING: frozenset({State.STARTING, State.STOPPING, State.FAILED}),
-    State.STOPPED: frozenset({State.STARTING}),
-    State.FAILED: frozenset({State.STARTING, State.STOPPING}),
+    State.SLEEPING: frozenset({State.STARTING, State.STOPPING, State.FAILED, State.RESTORING}),
+    State.STOPPED: frozenset({State.STARTING, State.RESTORING}),
+    State.FAILED: frozenset({State.STARTING, State.STOPPING, State.RESTORING}),
+    # A restore holds a stopped sandbox here (its lease held) while it swaps the data dir.
+    State.RESTORING: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
 }
 ACTIVITY_WRITE_INTERVAL = timedelta(seconds=30)
 FAILED_RETRY_AFTER = timedelta(minutes=2)  # always-on sandboxes that failed are retried

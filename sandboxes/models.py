@@ -6,6 +6,7 @@ of one object.
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class Sandbox(models.Model):
         STOPPING = "stopping"
         STOPPED = "stopped"
         FAILED = "failed"
+        RESTORING = "restoring"
 
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="sandboxes"
@@ -80,7 +82,11 @@ class Sandbox(models.Model):
 
     class Meta:
         verbose_name_plural = "sandboxes"
-        permissions = [("operate_sandbox", "Can start, stop and restart sandboxes")]
+        permissions = [
+            ("operate_sandbox", "Can start, stop and restart sandboxes"),
+            ("backup_sandbox", "Can back up sandboxes"),
+            ("restore_sandbox", "Can restore sandboxes from a snapshot"),
+        ]
         constraints = [
             models.UniqueConstraint(fields=["owner", "name"], name="one_sandbox_name_per_owner")
         ]
@@ -149,3 +155,125 @@ class SpentControlUITicket(models.Model):
 
     def __str__(self) -> str:
         return f"ticket spent at {self.spent_at:%Y-%m-%d %H:%M:%S}"
+
+
+def _new_repo_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def _new_repo_id() -> str:
+    return secrets.token_hex(8)
+
+
+class BackupRepository(models.Model):
+    """A sandbox's restic repository: where it lives, its own password, and the lease that
+    keeps two backups or restores of one sandbox from running at once.
+
+    The lease (lock_token, lock_kind, locked_until) is claimed and renewed only by
+    sandboxes.backups.actions with conditional UPDATEs; a worker that dies lets it expire."""
+
+    class LockKind(models.TextChoices):
+        BACKUP = "backup"
+        RESTORE = "restore"
+        EXPORT = "export"
+
+    sandbox = models.OneToOneField(Sandbox, on_delete=models.CASCADE, related_name="backup_repo")
+    password = EncryptedTextField(default=_new_repo_password)
+    repo_id = models.CharField(
+        max_length=32,
+        default=_new_repo_id,
+        help_text="Random, part of the location, so a new repository never meets an old one.",
+    )
+    location = models.CharField(max_length=1000, blank=True)
+    initialized_at = models.DateTimeField(null=True, blank=True)
+    last_backup_at = models.DateTimeField(null=True, blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    fingerprint = models.CharField(
+        max_length=128, blank=True, help_text="The data dir's fingerprint at the last snapshot."
+    )
+    lock_token = models.CharField(max_length=64, blank=True)
+    lock_kind = models.CharField(max_length=10, choices=LockKind.choices, blank=True)
+    locked_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "backup repositories"
+
+    def __str__(self) -> str:
+        return f"backups of {self.sandbox}"
+
+    def is_locked(self, now: datetime) -> bool:
+        """Return True if a backup, restore or export holds the lease at ``now``."""
+        return bool(self.lock_token) and self.locked_until is not None and now < self.locked_until
+
+
+class Snapshot(models.Model):
+    """One restic snapshot of a sandbox's data dir. The repository is the truth: rows are
+    synced from ``restic snapshots`` after every backup and forget."""
+
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule"
+        USER = "user"
+        STAFF = "staff"
+        OPS = "ops"
+        SLEEP = "sleep"
+        STOP = "stop"
+        PRE_RESTORE = "pre-restore"
+
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="snapshots")
+    restic_id = models.CharField(max_length=64)
+    taken_at = models.DateTimeField(db_index=True)
+    trigger = models.CharField(max_length=20, choices=Trigger.choices, default=Trigger.SCHEDULE)
+    actor_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    files = models.PositiveIntegerField(default=0)
+    size_bytes = models.BigIntegerField(default=0)
+    added_bytes = models.BigIntegerField(default=0)
+    pause_ms = models.PositiveIntegerField(
+        null=True, blank=True, help_text="How long a running sandbox was frozen for it."
+    )
+
+    class Meta:
+        ordering = ["-taken_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["sandbox", "restic_id"], name="one_snapshot_row_per_restic_id"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.short_id} of {self.sandbox} at {self.taken_at:%Y-%m-%d %H:%M}"
+
+    @property
+    def short_id(self) -> str:
+        return self.restic_id[:8]
+
+
+class Export(models.Model):
+    """An archive of one snapshot that its owner may download until it expires."""
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        READY = "ready"
+        FAILED = "failed"
+
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="exports")
+    snapshot = models.ForeignKey(
+        Snapshot, null=True, blank=True, on_delete=models.SET_NULL, related_name="exports"
+    )
+    storage_name = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
+    error = models.TextField(blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"export of {self.sandbox} ({self.state})"
+
+    def is_available(self, now: datetime) -> bool:
+        """Return True if the archive is ready and not yet expired at ``now``."""
+        return self.state == self.State.READY and (self.expires_at is None or now < self.expires_at)
