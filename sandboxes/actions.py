@@ -25,11 +25,13 @@ import secrets
 import time
 from collections.abc import Iterator
 from datetime import UTC, timedelta
+from functools import partial
 from typing import Any
 
 from allauth.account.models import EmailAddress
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.utils import timezone
 
 from billing.models import plan_for
@@ -48,7 +50,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     State.PROVISIONING: frozenset({State.STARTING, State.FAILED}),
     State.STARTING: frozenset({State.RUNNING, State.FAILED, State.STOPPING}),
     State.RUNNING: frozenset({State.STOPPING, State.STARTING, State.FAILED}),
-    State.STOPPING: frozenset({State.STOPPED, State.SLEEPING, State.FAILED}),
+    State.STOPPING: frozenset({State.STOPPED, State.SLEEPING, State.FAILED, State.RESTORING}),
     State.SLEEPING: frozenset({State.STARTING, State.STOPPING, State.FAILED, State.RESTORING}),
     State.STOPPED: frozenset({State.STARTING, State.RESTORING}),
     State.FAILED: frozenset({State.STARTING, State.STOPPING, State.RESTORING}),
@@ -226,7 +228,13 @@ def start_sandbox(
     this start is automatic, or ``explicit`` but too soon (staff starts are always explicit).
     Never leaves a half-started sandbox behind: the backend cleans up after itself on failure.
     A start after a crash leaves ``last_activity_at`` alone: only use is activity.
+
+    Before the spec is built (which makes the data dir), the start waits for a backup that is
+    reading the data dir, and a missing data dir is restored from the latest snapshot; if it
+    had snapshots that cannot be restored, the start fails instead of booting an empty agent.
     """
+    from sandboxes.backups.actions import BackupFailed, restore_if_missing, wait_for_backup
+
     if not owner_is_active(sandbox):
         raise OwnerInactive(OWNER_INACTIVE_MESSAGE)
     check_crash_backoff(sandbox, explicit=explicit or actor == Actor.STAFF)
@@ -241,6 +249,9 @@ def start_sandbox(
         error_message="",
     )
     try:
+        wait_for_backup(sandbox)
+        if restore_if_missing(sandbox):
+            yield Progress(10, "Restored your agent's data from its latest backup")
         image = runtime.current_image()
         if sandbox.runtime_id != image.pk:
             Sandbox.objects.filter(pk=sandbox.pk).update(runtime=image)
@@ -260,7 +271,7 @@ def start_sandbox(
             else:
                 broadcast_progress(sandbox, percent, step.message)
             yield Progress(percent, step.message)
-    except (BackendError, runtime.RuntimeMissing) as exc:
+    except (BackendError, runtime.RuntimeMissing, BackupFailed) as exc:
         _fail(sandbox, str(exc))
         yield Progress(100, f"Failed: {exc}")
         return
@@ -288,7 +299,8 @@ def _fail(sandbox: Sandbox, reason: str) -> None:
 def stop_sandbox(
     sandbox: Sandbox, *, actor: str = Actor.SYSTEM, actor_user: Any = None, to: str = State.STOPPED
 ) -> None:
-    """Stop the gateway; the sandbox ends ``to`` (stopped, or sleeping). Idempotent."""
+    """Stop the gateway; the sandbox ends ``to`` (stopped, sleeping, or restoring for a
+    restore). Idempotent. Once a stop or sleep has committed, a backup of it is queued."""
     if sandbox.state == to:
         return
     transition(
@@ -303,9 +315,25 @@ def stop_sandbox(
     except BackendError as exc:
         _fail(sandbox, str(exc))
         return
-    transition(
-        sandbox, to, message="Asleep" if to == State.SLEEPING else "Stopped", backend_state={}
-    )
+    messages: dict[str, str] = {State.SLEEPING: "Asleep", State.RESTORING: "Stopped for a restore"}
+    transition(sandbox, to, message=messages.get(to, "Stopped"), backend_state={})
+    if to in (State.STOPPED, State.SLEEPING):
+        queue_backup(sandbox, "sleep" if to == State.SLEEPING else "stop")
+
+
+def queue_backup(sandbox: Sandbox, trigger: str) -> None:
+    """Queue a backup of the sandbox once the current transaction commits. A broker outage
+    never fails the caller: the beat's scheduled backups catch up."""
+    transaction.on_commit(partial(_send_backup, sandbox.pk, trigger))
+
+
+def _send_backup(sandbox_id: int, trigger: str) -> None:
+    from sandboxes.backups import tasks as backup_tasks
+
+    try:
+        backup_tasks.backup_sandbox.delay(sandbox_id, trigger)
+    except Exception:
+        log.warning("could not queue a %s backup of sandbox %s", trigger, sandbox_id)
 
 
 def spec_for(sandbox: Sandbox) -> SandboxSpec:
@@ -470,8 +498,14 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     crashed repeatedly (``restart_after`` ahead): start nothing until then ("backoff").
     sleeping / stopped / failed but running: stop the stray gateway.
     starting / stopping / provisioning: pending work; left alone unless stuck far too long.
+    restoring: left to its restore while that holds its lease; after that, rolled forward or
+    back (sandboxes.backups.actions.reconcile_restoring).
     """
     backend = get_backend(sandbox.backend)
+    if sandbox.state == State.RESTORING:  # finished safely once its restore's lease expired
+        from sandboxes.backups.actions import reconcile_restoring
+
+        return reconcile_restoring(sandbox)
     if not owner_is_active(sandbox):
         return _reconcile_inactive_owner(sandbox, backend)
     always_on = plan_for(sandbox.owner).sleeps_after() is None

@@ -1,0 +1,159 @@
+"""Celery tasks for backups: thin, idempotent wrappers around sandboxes.backups.actions.
+
+Each takes primary keys, re-reads the rows, and does nothing when there is nothing to do (the
+sandbox is gone, a scheduled backup is no longer due, a sleep's backup finds the agent running
+again). A task that finds the lease taken (BackupBusy) returns: whoever holds it is doing the
+same work. Failures are recorded as SandboxEvents by the actions and logged here.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from celery import shared_task
+from django.contrib.auth import get_user_model
+from django.db.models import Q
+from django.utils import timezone
+
+from billing.models import plan_for
+from sandboxes.backups import actions
+from sandboxes.models import BackupRepository, Sandbox, Snapshot
+
+log = logging.getLogger(__name__)
+State = Sandbox.State
+Trigger = Snapshot.Trigger
+
+# The states a scheduled backup looks at (a starting, stopping or restoring one waits).
+SCHEDULED_STATES = (State.RUNNING, State.SLEEPING, State.STOPPED)
+# A backup queued by a sleep or a stop is moot once the agent runs again: the schedule has it.
+STOPPED_TRIGGERS: dict[str, str] = {Trigger.SLEEP: State.SLEEPING, Trigger.STOP: State.STOPPED}
+
+
+def _sandbox(sandbox_id: int) -> Sandbox | None:
+    return Sandbox.objects.select_related("owner").filter(pk=sandbox_id).first()
+
+
+def _user(user_id: int | None) -> Any:
+    if user_id is None:
+        return None
+    return get_user_model().objects.filter(pk=user_id).first()
+
+
+def is_due(sandbox: Sandbox, now: datetime) -> bool:
+    """Return True if the sandbox's plan schedules backups and its interval has passed since
+    the last attempt (a backup, a skip because nothing changed, or a failure)."""
+    interval = plan_for(sandbox.owner).backup_interval
+    if interval is None or sandbox.state not in SCHEDULED_STATES:
+        return False
+    row = BackupRepository.objects.filter(sandbox=sandbox).first()
+    last = row.last_attempt_at if row is not None else None
+    return last is None or now - last >= interval
+
+
+@shared_task(acks_late=True)
+def backup_sandbox(sandbox_id: int, trigger: str, actor_user_id: int | None = None) -> str:
+    """Back up one sandbox; return ``done``, ``unchanged``, ``busy``, ``failed`` or
+    ``skipped`` (gone, not due, or running again after the sleep that queued it)."""
+    sandbox = _sandbox(sandbox_id)
+    if sandbox is None:
+        return "skipped"
+    if trigger == Trigger.SCHEDULE and not is_due(sandbox, timezone.now()):
+        return "skipped"
+    wanted = STOPPED_TRIGGERS.get(trigger)
+    if wanted is not None and sandbox.state != wanted:
+        return "skipped"
+    try:
+        snapshot = actions.backup_sandbox(sandbox, trigger=trigger, actor_user=_user(actor_user_id))
+    except actions.BackupBusy:
+        return "busy"
+    except actions.BackupFailed as exc:
+        log.warning("backup of sandbox %s failed: %s", sandbox_id, exc)
+        return "failed"
+    return "done" if snapshot is not None else "unchanged"
+
+
+@shared_task(acks_late=True)
+def restore_sandbox(
+    sandbox_id: int, snapshot_id: int | None = None, actor_user_id: int | None = None
+) -> str:
+    """Restore one sandbox from a snapshot (a Snapshot pk; default its latest). A restore
+    is asked for by a person: user if the owner asked, staff otherwise."""
+    sandbox = _sandbox(sandbox_id)
+    if sandbox is None:
+        return "skipped"
+    snapshot = None
+    if snapshot_id is not None:
+        snapshot = Snapshot.objects.filter(pk=snapshot_id, sandbox=sandbox).first()
+        if snapshot is None:
+            return "skipped"  # forgotten by retention meanwhile, or not this sandbox's
+    user = _user(actor_user_id)
+    actor = actions.Actor.SYSTEM
+    if user is not None:
+        actor = actions.Actor.USER if user.pk == sandbox.owner_id else actions.Actor.STAFF
+    try:
+        actions.restore_sandbox(sandbox, snapshot, actor=actor, actor_user=user)
+    except actions.BackupBusy:
+        return "busy"
+    except actions.BackupFailed as exc:
+        log.warning("restore of sandbox %s failed: %s", sandbox_id, exc)
+        return "failed"
+    return "done"
+
+
+@shared_task(acks_late=True)
+def export_snapshot(
+    sandbox_id: int, snapshot_id: int | None = None, actor_user_id: int | None = None
+) -> int | None:
+    """Pack a snapshot for download; return the Export's pk (None if nothing was made)."""
+    sandbox = _sandbox(sandbox_id)
+    if sandbox is None:
+        return None
+    snapshot = None
+    if snapshot_id is not None:
+        snapshot = Snapshot.objects.filter(pk=snapshot_id, sandbox=sandbox).first()
+        if snapshot is None:
+            return None
+    try:
+        export = actions.export_snapshot(sandbox, snapshot, actor_user=_user(actor_user_id))
+    except (actions.BackupBusy, actions.BackupFailed) as exc:
+        log.warning("export of sandbox %s failed: %s", sandbox_id, exc)
+        return None
+    return export.pk
+
+
+def due_sandboxes(now: datetime) -> list[Sandbox]:
+    """Return the sandboxes whose scheduled backup is due at ``now``."""
+    candidates = (
+        Sandbox.objects.select_related("owner")
+        .filter(state__in=SCHEDULED_STATES)
+        .filter(Q(backup_repo__isnull=True) | Q(backup_repo__last_attempt_at__lt=now))
+        .order_by("pk")
+    )
+    return [
+        sandbox
+        for sandbox in candidates
+        if is_due(sandbox, now) and actions.has_data(sandbox)  # a missing dir: nothing to save
+    ]
+
+
+@shared_task(acks_late=True)
+def backup_due_sandboxes() -> int:
+    """Beat: queue a backup of every sandbox whose plan's interval has passed; return how many.
+
+    Each queued task checks again that it is due, so a scan that runs while earlier ones are
+    still queued adds no second backup. Expired exports are deleted on the way.
+    """
+    now = timezone.now()
+    actions.delete_expired_exports(now)
+    due = due_sandboxes(now)
+    for sandbox in due:
+        backup_sandbox.delay(sandbox.pk, Trigger.SCHEDULE)
+    return len(due)
+
+
+@shared_task(acks_late=True)
+def purge_backups(location: str) -> None:
+    """Delete a deleted sandbox's repository. Idempotent."""
+    actions.purge_backups(location)
