@@ -269,6 +269,8 @@ CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER", "False")
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
 HERMIT_RECONCILE_INTERVAL = envint("HERMIT_RECONCILE_INTERVAL", "30")
+# Seconds between scans for sandboxes whose plan's backup interval has passed.
+HERMIT_BACKUP_SCAN_INTERVAL = envint("HERMIT_BACKUP_SCAN_INTERVAL", "300")
 # The initial beat schedule; staff edit it afterwards in the admin (django-celery-beat).
 CELERY_BEAT_SCHEDULE = {
     "reconcile-sandboxes": {
@@ -278,6 +280,10 @@ CELERY_BEAT_SCHEDULE = {
     "sleep-idle-sandboxes": {
         "task": "sandboxes.tasks.sleep_idle_sandboxes",
         "schedule": timedelta(seconds=60),
+    },
+    "backup-due-sandboxes": {
+        "task": "sandboxes.backups.tasks.backup_due_sandboxes",
+        "schedule": timedelta(seconds=HERMIT_BACKUP_SCAN_INTERVAL),
     },
 }
 
@@ -385,6 +391,28 @@ HERMIT_AI_ANTHROPIC_BETAS = envlist(
 )
 HERMIT_AI_SERVER_TOOLS = envlist("HERMIT_AI_SERVER_TOOLS")
 HERMIT_AUTO_PROVISION = envbool("HERMIT_AUTO_PROVISION", "True")
+
+# Backups (restic, one encrypted repository per sandbox; see sandboxes/backups/).
+# Where local repositories live; empty = <HERMIT_DATA_DIR>/backups, resolved when used (root's,
+# 0700). Ignored when HERMIT_BACKUP_S3_BUCKET is set.
+HERMIT_BACKUP_DIR = env("HERMIT_BACKUP_DIR")
+# Setting a bucket switches repositories and exports to S3 (or R2, MinIO: set the endpoint, such
+# as http://127.0.0.1:9000 or https://<account>.r2.cloudflarestorage.com; empty = AWS).
+HERMIT_BACKUP_S3_BUCKET = env("HERMIT_BACKUP_S3_BUCKET")
+HERMIT_BACKUP_S3_ENDPOINT = env("HERMIT_BACKUP_S3_ENDPOINT")
+HERMIT_BACKUP_S3_REGION = env("HERMIT_BACKUP_S3_REGION", "us-east-1")
+# Key prefix in the bucket: repositories under <prefix>/sbx-..., exports under <prefix>/exports.
+HERMIT_BACKUP_S3_PREFIX = env("HERMIT_BACKUP_S3_PREFIX", "hermit")
+# The bucket's credentials (secrets: also from NAME_FILE); given to restic only by environment.
+HERMIT_BACKUP_S3_ACCESS_KEY_ID = env("HERMIT_BACKUP_S3_ACCESS_KEY_ID")
+HERMIT_BACKUP_S3_SECRET_ACCESS_KEY = env("HERMIT_BACKUP_S3_SECRET_ACCESS_KEY")
+# Seconds a backup or restore holds a sandbox's backup lease before renewing it; a worker
+# killed mid-backup frees the sandbox for the next run after this.
+HERMIT_BACKUP_LEASE_SECONDS = envint("HERMIT_BACKUP_LEASE_SECONDS", "120")
+# Seconds one restic run (a backup, restore, check or export) may take before it is stopped.
+HERMIT_BACKUP_TIMEOUT = envint("HERMIT_BACKUP_TIMEOUT", "3600")
+# Seconds a "Download my agent" link (a presigned URL, or the portal's own link) stays valid.
+HERMIT_EXPORT_TTL = envint("HERMIT_EXPORT_TTL", "3600")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

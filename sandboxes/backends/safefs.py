@@ -18,6 +18,7 @@ Deleting a tree needs nothing here: ``shutil.rmtree`` is fd-based on Linux
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -123,3 +124,51 @@ def disk_usage(root: Path) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512
     return total
+
+
+def fingerprint(root: Path, excludes: Iterable[str] = ()) -> str:
+    """Return a hex digest of the tree under ``root`` as it stands: every entry's relative
+    path, type and mode, size, mtime and ctime (ns) and inode, in a stable order.
+
+    Nothing is followed or opened but directories (``O_NOFOLLOW``). ``excludes`` are relative
+    paths (exact, no patterns) whose entries, and everything below them, are left out. Equal
+    digests mean restic would find nothing changed; any write, rename, chmod or replacement
+    changes it.
+    """
+    skip = {name.strip("/") for name in excludes}
+    digest = hashlib.sha256()
+    with opened_dir(root) as fd:
+        for rel, st in _walk_rel(fd, "", skip, 1):
+            line = f"{rel}\0{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+            digest.update(f"{line}\0{st.st_ino}\n".encode(errors="surrogateescape"))
+    return digest.hexdigest()
+
+
+def _walk_rel(
+    fd: int, prefix: str, skip: set[str], depth: int
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Yield ``(relative path, lstat)`` under the directory ``fd``, names sorted."""
+    try:
+        names = sorted(os.listdir(fd))
+    except OSError:
+        return
+    for name in names:
+        rel = f"{prefix}{name}"
+        if rel in skip:
+            continue
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            continue
+        yield rel, st
+        if stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH:
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue
+            try:
+                now = os.fstat(child)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    yield from _walk_rel(child, f"{rel}/", skip, depth + 1)
+            finally:
+                os.close(child)

@@ -1,0 +1,629 @@
+"""restic, run confined: one encrypted repository per sandbox.
+
+Contract: every function runs ``/usr/bin/restic`` as root inside bubblewrap with its own mount,
+pid, ipc and uts namespaces (and its own network namespace unless the repository is remote),
+``--die-with-parent`` (a killed worker never leaves restic running), every capability dropped
+but what the step needs (a backup reads any file: ``CAP_DAC_READ_SEARCH``; a restore sets
+owners and modes: ``CAP_CHOWN``, ``CAP_FOWNER``, ``CAP_DAC_OVERRIDE``; nothing else needs any),
+and a read-only root holding only /usr, /lib*, the TLS certificates (and name resolution for a
+remote repository), a private /tmp, and:
+
+* the source of a backup, read-only at ``/data`` (so every snapshot has the path ``/data``);
+* the target of a restore, at ``/restore/data`` (restic restores ``/data`` below ``/restore``);
+* a local repository at ``/repo``, writable only for the steps that write it.
+
+So a symlink a sandbox planted in its data dir can make restic neither read nor write anything
+outside it: restic stores links as links, and even a restic that followed one would find only
+the mounts above. The password and S3 keys reach restic through its environment, never argv,
+and are scrubbed from every error message.
+
+Limits: restic 0.14 has no JSON progress for ``restore``; its progress is the restored size
+polled against the snapshot's size. A run longer than ``HERMIT_BACKUP_TIMEOUT`` is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from sandboxes.backends import safefs
+
+RESTIC = "/usr/bin/restic"
+REPO_MOUNT = "/repo"
+SOURCE_MOUNT = "/data"
+RESTORE_MOUNT = "/restore"
+PROGRESS_FPS = "2"  # restic's status lines per second
+RESTORE_POLL_SECONDS = 0.5
+
+BACKUP_CAPS = ("CAP_DAC_READ_SEARCH",)
+RESTORE_CAPS = ("CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH")
+_REMOTE_ETC = ("resolv.conf", "hosts", "nsswitch.conf", "gai.conf", "host.conf")
+_TLS_ETC = ("ssl", "ca-certificates")
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class Repo:
+    """One restic repository: a directory (local) or ``s3:<endpoint>/<bucket>/<path>``."""
+
+    location: str
+    password: str = field(repr=False)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # e.g. AWS_* for S3
+
+    @property
+    def is_local(self) -> bool:
+        return self.location.startswith("/")
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    snapshot_id: str  # restic's full id
+    time: datetime  # aware UTC, the snapshot's own time
+    files_new: int
+    files_changed: int
+    files_unmodified: int
+    data_added: int  # bytes added to the repository (after dedup and compression)
+    total_files: int
+    total_bytes: int
+    seconds: float
+    errors: int = 0  # files restic could not read (the snapshot was still made)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    id: str
+    short_id: str
+    time: datetime  # aware UTC
+    tags: list[str]
+    paths: list[str]
+    host: str = ""
+    parent: str | None = None
+
+
+@dataclass(frozen=True)
+class RepoStats:
+    total_size: int  # bytes of stored (compressed, deduplicated) data
+    blob_count: int
+    snapshots_count: int
+
+
+class ResticError(Exception):
+    """restic failed; the message says why and never holds a secret.
+
+    ``kind`` is one of ``password``, ``missing``, ``locked``, ``corrupt``, ``no_space``,
+    ``timeout``, ``failed``; ``corrupt`` is True when the repository's data is damaged.
+    """
+
+    def __init__(self, message: str, *, kind: str = "failed") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @property
+    def corrupt(self) -> bool:
+        return self.kind == "corrupt"
+
+
+# -- public API --------------------------------------------------------------------------------
+
+
+def init(repo: Repo) -> None:
+    """Create the repository unless it exists (then check that the password opens it)."""
+    if repo.is_local:
+        Path(repo.location).mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        _run(repo, ["init"], write=True)
+    except ResticError as exc:
+        if "already" not in str(exc).lower() and "config file already exists" not in str(exc):
+            raise
+        _run(repo, ["cat", "config"])
+
+
+def backup(
+    repo: Repo,
+    source: Path,
+    *,
+    tags: list[str],
+    host: str,
+    excludes: Iterable[str] = (),
+    on_progress: ProgressFn | None = None,
+    parent: str | None = None,
+) -> BackupSummary:
+    """Back up the directory ``source`` as ``/data`` and return what the new snapshot holds.
+
+    ``excludes`` are paths relative to ``source`` (restic patterns). ``parent`` names the
+    snapshot to compare with (default: restic's latest of the same host and path).
+    ``on_progress(percent 0-100, message)`` is called a few times a second. Unreadable files
+    (say, deleted while being read) do not fail the backup; they are counted in ``errors``.
+    """
+    _check_source(source)
+    args = ["backup", "--json", "--host", host]
+    for tag in tags:
+        args += ["--tag", tag]
+    for pattern in excludes:
+        args += ["--exclude", f"{SOURCE_MOUNT}/{pattern.strip('/')}"]
+    if parent:
+        args += ["--parent", parent]
+    args.append(SOURCE_MOUNT)
+    summary: dict[str, Any] = {}
+    errors = 0
+
+    def on_line(line: str) -> None:
+        nonlocal errors
+        message = _json_line(line)
+        kind = message.get("message_type")
+        if kind == "status" and on_progress:
+            on_progress(*_backup_progress(message))
+        elif kind == "summary":
+            summary.update(message)
+        elif kind == "error":
+            errors += 1
+
+    started = time.monotonic()
+    _run(
+        repo,
+        args,
+        write=True,
+        source=source,
+        caps=BACKUP_CAPS,
+        on_line=on_line,
+        ok_codes=(0, 3),  # 3: snapshot made, some files unreadable
+    )
+    if "snapshot_id" not in summary:
+        raise ResticError("restic backup finished without making a snapshot.")
+    made = _find_snapshot(repo, str(summary["snapshot_id"]))
+    return BackupSummary(
+        snapshot_id=made.id,
+        time=made.time,
+        files_new=int(summary.get("files_new", 0)),
+        files_changed=int(summary.get("files_changed", 0)),
+        files_unmodified=int(summary.get("files_unmodified", 0)),
+        data_added=int(summary.get("data_added", 0)),
+        total_files=int(summary.get("total_files_processed", 0)),
+        total_bytes=int(summary.get("total_bytes_processed", 0)),
+        seconds=time.monotonic() - started,
+        errors=errors,
+    )
+
+
+def snapshots(repo: Repo, ids: Iterable[str] = ()) -> list[SnapshotInfo]:
+    """Return the repository's snapshots (or those of ``ids``), oldest first."""
+    out = _run(repo, ["snapshots", "--json", *ids])
+    found = [_snapshot_info(item) for item in json.loads(_last_json(out) or "[]")]
+    return sorted(found, key=lambda s: s.time)
+
+
+def forget(
+    repo: Repo, *, keep_last: int, keep_daily: int, keep_weekly: int, prune: bool = True
+) -> list[str]:
+    """Remove the snapshots the policy does not keep; return their ids.
+
+    The policy covers the whole repository (whatever a snapshot's host or tags), days and weeks
+    in UTC. At least the newest snapshot is always kept. With ``prune`` the data no snapshot
+    uses any more is deleted too.
+    """
+    if max(keep_last, keep_daily, keep_weekly) <= 0:
+        keep_last = 1
+    args = ["forget", "--json", "--group-by", ""]
+    for flag, value in (
+        ("--keep-last", keep_last),
+        ("--keep-daily", keep_daily),
+        ("--keep-weekly", keep_weekly),
+    ):
+        if value > 0:
+            args += [flag, str(value)]
+    out = _run(repo, args, write=True)
+    removed = [
+        str(item["id"])
+        for group in json.loads(_last_json(out) or "[]")
+        for item in group["remove"] or []
+    ]
+    if removed and prune:
+        _run(repo, ["prune"], write=True)
+    return removed
+
+
+def restore(
+    repo: Repo, snapshot_id: str, target: Path, on_progress: ProgressFn | None = None
+) -> None:
+    """Restore ``snapshot_id`` into ``target`` and verify every restored file.
+
+    ``target`` must be an empty, root-owned directory that is no symlink, outside every data
+    dir; it ends up with the snapshot's ``/data`` in it (contents, owners and modes, and the
+    top directory's own owner and mode). Owners are the uids stored in the snapshot; the
+    caller hands the tree to the sandbox's uid (``safefs.chown_tree``) when they differ.
+    """
+    _check_target(target)
+    total, _files = snapshot_size(repo, snapshot_id)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(RESTORE_POLL_SECONDS):
+            if on_progress and total:
+                restored = safefs.disk_usage(target)
+                percent = min(99.0, 100.0 * restored / total)
+                on_progress(percent, f"Restored {_mb(restored)} of {_mb(total)}")
+
+    watcher = threading.Thread(target=poll, name="restic-restore-progress", daemon=True)
+    watcher.start()
+    try:
+        _run(
+            repo,
+            ["restore", snapshot_id, "--target", RESTORE_MOUNT, "--verify"],
+            target=target,
+            caps=RESTORE_CAPS,
+        )
+    finally:
+        done.set()
+        watcher.join()
+    if on_progress:
+        on_progress(100.0, f"Restored and verified {_mb(total)}")
+
+
+def snapshot_size(repo: Repo, snapshot_id: str) -> tuple[int, int]:
+    """Return (bytes, files) that restoring ``snapshot_id`` writes."""
+    out = json.loads(_last_json(_run(repo, ["stats", "--json", snapshot_id])) or "{}")
+    return int(out.get("total_size", 0)), int(out.get("total_file_count", 0))
+
+
+def check(repo: Repo, *, read_data: bool = False) -> None:
+    """Check the repository's structure (and with ``read_data`` every byte of every pack).
+
+    Raises ResticError with ``corrupt=True`` if anything is damaged.
+    """
+    try:
+        _run(repo, ["check", *(["--read-data"] if read_data else [])])
+    except ResticError as exc:
+        if exc.kind == "failed":
+            raise ResticError(f"The backup repository is damaged: {exc}", kind="corrupt") from None
+        raise
+
+
+def dump_archive(repo: Repo, snapshot_id: str, out: BinaryIO) -> None:
+    """Write a tar of ``snapshot_id`` (entries under ``data/``) to ``out``."""
+    _run(repo, ["dump", "--archive", "tar", snapshot_id, SOURCE_MOUNT], stdout=out)
+
+
+def unlock(repo: Repo) -> None:
+    """Remove every lock, stale or not: the caller holds Hermit's own lease on the repository,
+    so no other restic may be working on it (restic alone cannot tell, every confined restic
+    being pid 2 of its own namespace)."""
+    _run(repo, ["unlock", "--remove-all"], write=True)
+
+
+def stats(repo: Repo) -> RepoStats:
+    """Return the repository's stored size (deduplicated, compressed) and counts."""
+    out = json.loads(_last_json(_run(repo, ["stats", "--json", "--mode", "raw-data"])) or "{}")
+    return RepoStats(
+        total_size=int(out.get("total_size", 0)),
+        blob_count=int(out.get("total_blob_count", 0)),
+        snapshots_count=int(out.get("snapshots_count", 0)),
+    )
+
+
+# -- running restic ----------------------------------------------------------------------------
+
+
+def command(
+    repo: Repo,
+    args: list[str],
+    *,
+    write: bool = False,
+    source: Path | None = None,
+    target: Path | None = None,
+    caps: Iterable[str] = (),
+) -> list[str]:
+    """Return the argv that runs ``restic <args>`` confined (see the module docstring)."""
+    argv = [
+        _bwrap(),
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        "hermit-restic",
+        "--die-with-parent",
+        "--new-session",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    if repo.is_local:
+        argv.insert(1, "--unshare-net")
+    for top in ("bin", "sbin", "lib", "lib32", "lib64"):
+        host = Path("/") / top
+        if host.is_symlink():
+            argv += ["--symlink", os.readlink(host), str(host)]
+        elif host.is_dir():
+            argv += ["--ro-bind", str(host), str(host)]
+    for name in _TLS_ETC + (() if repo.is_local else _REMOTE_ETC):
+        argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]  # noqa: S108 - private
+    if repo.is_local:
+        argv += ["--bind" if write else "--ro-bind", repo.location, REPO_MOUNT]
+    if source is not None:
+        argv += ["--ro-bind", str(source), SOURCE_MOUNT]
+    if target is not None:
+        argv += ["--bind", str(target), f"{RESTORE_MOUNT}{SOURCE_MOUNT}"]
+    argv += ["--remount-ro", "/", "--cap-drop", "ALL"]
+    for cap in caps:
+        argv += ["--cap-add", cap]
+    location = REPO_MOUNT if repo.is_local else repo.location
+    argv += ["--", RESTIC, "--repo", location, "--no-cache"]
+    if not write:
+        argv.append("--no-lock")
+    return [*argv, *args]
+
+
+def _env(repo: Repo) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/tmp",  # noqa: S108 - the private tmpfs
+        "TMPDIR": "/tmp",  # noqa: S108
+        "TZ": "UTC",
+        "LANG": "C.UTF-8",
+        "RESTIC_PROGRESS_FPS": PROGRESS_FPS,
+    }
+    env.update(repo.env)
+    env["RESTIC_PASSWORD"] = repo.password
+    return env
+
+
+def _run(
+    repo: Repo,
+    args: list[str],
+    *,
+    write: bool = False,
+    source: Path | None = None,
+    target: Path | None = None,
+    caps: Iterable[str] = (),
+    on_line: Callable[[str], None] | None = None,
+    stdout: BinaryIO | None = None,
+    ok_codes: tuple[int, ...] = (0,),
+) -> str:
+    """Run restic confined; return its stdout (unless streamed to ``stdout`` or ``on_line``).
+
+    Raises ResticError with a readable, secret-free message on a failure or a timeout.
+    """
+    if repo.is_local and not Path(repo.location).is_dir():
+        raise ResticError(f"There is no backup repository at {repo.location}.", kind="missing")
+    argv = command(repo, args, write=write, source=source, target=target, caps=caps)
+    timeout = _timeout()
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        proc.kill()
+
+    with _process(argv, _env(repo)) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr_lines: list[str] = []
+        reader = threading.Thread(target=_collect, args=(proc.stderr, stderr_lines), daemon=True)
+        reader.start()
+        killer = threading.Timer(timeout, stop)
+        killer.start()
+        try:
+            output = _consume(proc.stdout, on_line, stdout)
+            code = proc.wait()
+        finally:
+            killer.cancel()
+            reader.join()
+    if timed_out.is_set():
+        raise ResticError(
+            f"restic {args[0]} did not finish within {timeout:.0f} s and was stopped.",
+            kind="timeout",
+        )
+    if code in ok_codes:
+        return output
+    error = "\n".join(stderr_lines)
+    raise _error(repo, args[0], error)
+
+
+@contextlib.contextmanager
+def _process(argv: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:  # an exception in a callback: restic must not outlive us
+            proc.kill()
+            proc.wait()
+
+
+def _consume(pipe: IO[bytes], on_line: Callable[[str], None] | None, out: BinaryIO | None) -> str:
+    if out is not None:
+        shutil.copyfileobj(pipe, out, 1024 * 1024)
+        return ""
+    if on_line is None:
+        return pipe.read().decode(errors="replace")
+    for raw in pipe:
+        on_line(raw.decode(errors="replace").strip())
+    return ""
+
+
+def _collect(pipe: IO[bytes], lines: list[str]) -> None:
+    for raw in pipe:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            lines.append(line)
+            del lines[:-40]  # keep the end: that is where restic says why
+
+
+_PATTERNS: tuple[tuple[str, str, str], ...] = (
+    (
+        r"wrong password|no key found",
+        "password",
+        "The backup repository's password does not "
+        "open it (wrong password, or its keys are damaged).",
+    ),
+    (
+        r"Is there a repository at the following location|repository does not exist|"
+        r"unable to open config file|NoSuchBucket|bucket does not exist",
+        "missing",
+        "There is no backup repository at {location}.",
+    ),
+    (
+        r"already locked|unable to create lock",
+        "locked",
+        "The backup repository is locked by "
+        "another restic run; wait for it, or unlock it if that run is gone.",
+    ),
+    (
+        r"no space left on device|quota exceeded|EntityTooLarge",
+        "no_space",
+        "The backup storage is out of space.",
+    ),
+    (
+        r"ciphertext verification failed|hash does not match|invalid data returned|"
+        r"pack .* contains \d+ errors|repository contains errors|Pack ID does not match|"
+        r"unexpected end of file|wrong data returned|error for tree|decrypting blob .* failed",
+        "corrupt",
+        "The backup repository is damaged",
+    ),
+)
+
+
+def _error(repo: Repo, step: str, stderr: str) -> ResticError:
+    clean = _scrub(repo, stderr)
+    detail = _detail(clean)
+    for pattern, kind, message in _PATTERNS:
+        if re.search(pattern, clean, re.IGNORECASE):
+            text = message.format(location=repo.location)
+            if kind == "corrupt":
+                text = f"{text} (restic {step}: {detail})."
+            return ResticError(text, kind=kind)
+    return ResticError(f"restic {step} failed: {detail}")
+
+
+def _detail(stderr: str) -> str:
+    """The lines of restic's stderr that say what went wrong (its last few)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    wanted = [line for line in lines if re.search(r"fatal|error|fail|denied|invalid", line, re.I)]
+    return "; ".join((wanted or lines or ["no output"])[-3:])[:800]
+
+
+def _scrub(repo: Repo, text: str) -> str:
+    for secret in (repo.password, *repo.env.values()):
+        if len(secret) >= 4 and secret in text:
+            text = text.replace(secret, "[secret]")
+    return text
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _bwrap() -> str:
+    name = _setting("HERMIT_BWRAP", "bwrap")
+    found = name if os.sep in name else shutil.which(name)
+    if not found or not os.access(found, os.X_OK):
+        raise ResticError(f"bubblewrap ({name}) was not found: install the bubblewrap package.")
+    if not os.access(RESTIC, os.X_OK):
+        raise ResticError(f"restic was not found at {RESTIC}: install the restic package.")
+    return found
+
+
+def _timeout() -> float:
+    return float(_setting("HERMIT_BACKUP_TIMEOUT", 3600))
+
+
+def _setting(name: str, default: Any) -> Any:
+    from django.conf import settings
+
+    if settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE"):
+        return getattr(settings, name, default)
+    return default
+
+
+def _check_source(source: Path) -> None:
+    try:
+        with safefs.opened_dir(source):
+            pass
+    except OSError as exc:
+        raise ResticError(f"Cannot back up {source}: not a directory ({exc.strerror}).") from None
+
+
+def _check_target(target: Path) -> None:
+    try:
+        with safefs.opened_dir(target) as fd:
+            st = os.fstat(fd)
+            entries = os.listdir(fd)
+    except OSError as exc:
+        raise ResticError(
+            f"Cannot restore into {target}: not a directory ({exc.strerror})."
+        ) from None
+    if st.st_uid != 0 or entries:
+        raise ResticError(f"Cannot restore into {target}: it must be empty and root's.")
+
+
+def _find_snapshot(repo: Repo, snapshot_id: str) -> SnapshotInfo:
+    found = snapshots(repo, [snapshot_id])
+    if not found:
+        raise ResticError(f"restic made snapshot {snapshot_id} but does not list it.")
+    return found[0]
+
+
+def _snapshot_info(item: dict[str, Any]) -> SnapshotInfo:
+    return SnapshotInfo(
+        id=str(item["id"]),
+        short_id=str(item.get("short_id") or item["id"][:8]),
+        time=_parse_time(str(item["time"])),
+        tags=list(item.get("tags") or []),
+        paths=list(item.get("paths") or []),
+        host=str(item.get("hostname", "")),
+        parent=item.get("parent"),
+    )
+
+
+def _parse_time(text: str) -> datetime:
+    """Parse restic's RFC 3339 time (nanoseconds, ``Z`` or an offset) as aware UTC."""
+    match = re.fullmatch(r"(.+?T\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", text)
+    if not match:
+        raise ResticError(f"restic gave a time this cannot read: {text!r}")
+    base, fraction, zone = match.groups()
+    micros = (fraction or ".0")[1:7].ljust(6, "0")
+    parsed = datetime.fromisoformat(f"{base}.{micros}{'+00:00' if zone == 'Z' else zone}")
+    return parsed.astimezone(UTC)
+
+
+def _json_line(line: str) -> dict[str, Any]:
+    if not line.startswith("{"):
+        return {}
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _last_json(out: str) -> str:
+    """restic prints some plain text before its JSON; return the last JSON line."""
+    lines = [line for line in out.splitlines() if line.startswith(("[", "{"))]
+    return lines[-1] if lines else ""
+
+
+def _backup_progress(status: dict[str, Any]) -> tuple[float, str]:
+    percent = 100.0 * float(status.get("percent_done", 0.0))
+    done, total = int(status.get("bytes_done", 0)), int(status.get("total_bytes", 0))
+    files = int(status.get("files_done", 0))
+    return min(percent, 99.0), f"Backed up {_mb(done)} of {_mb(total)} ({files} files)"
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1_000_000:.1f} MB"
