@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,17 @@ class SandboxBackend(abc.ABC):
     @abc.abstractmethod
     def stats(self, spec: SandboxSpec, state: dict[str, Any]) -> Stats:
         """Return current memory, CPU seconds and disk use."""
+
+    def frozen(self, spec: SandboxSpec, state: dict[str, Any]) -> AbstractContextManager[None]:
+        """Return a context manager that pauses the whole sandbox for its block.
+
+        Every process of the sandbox stops (RAM kept, nothing runs, nothing writes) before the
+        block starts, and runs again when it ends, however it ends: so a backup read in the
+        block is crash-consistent. A sandbox that is not running (``state`` empty, or its
+        processes gone) needs no pause: the block just runs. Raises BackendError if the sandbox
+        cannot be paused (then the block does not run).
+
+        Not abstract, so backends without a freezer still load; but no backend may pretend: one
+        that cannot pause raises NotImplementedError, never yields unfrozen.
+        """
+        raise NotImplementedError(f"The {self.name} backend cannot pause a running sandbox.")

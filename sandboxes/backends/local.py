@@ -578,6 +578,28 @@ class LocalBackend(SandboxBackend):
             return f"killed by signal {code - 128} ({signal.Signals(code - 128).name})"
         return f"exit code {code}"
 
+    @contextlib.contextmanager
+    def frozen(self, spec: SandboxSpec, state: dict[str, Any]) -> Iterator[None]:
+        """Freeze the sandbox's cgroup (pasta, bwrap, the gateway, everything it started) for
+        the block; thaw it after, whatever happens. A sandbox not running is left alone."""
+        paths = state.get("cgroups")
+        if not paths or not self.poll(spec, state).running:
+            yield
+            return
+        try:
+            cgroups.freeze(paths)
+        except cgroups.CgroupError as exc:
+            raise BackendError(f"Could not pause sandbox {spec.name}: {exc}") from exc
+        try:
+            yield
+        finally:
+            try:
+                cgroups.thaw(paths)
+            except cgroups.CgroupError as exc:
+                raise BackendError(
+                    f"Sandbox {spec.name} stays paused: {exc}. Thaw it by hand, or stop it."
+                ) from exc
+
     def endpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> tuple[str, int]:
         if "host_port" not in state:
             raise BackendError(f"Sandbox {spec.name} has no endpoint: it was never started.")
