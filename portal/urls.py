@@ -11,6 +11,7 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("dashboard/", views.dashboard, name="dashboard"),
     path("sandbox/start/", views.sandbox_start, name="sandbox-start"),
+    path("sandbox/", include("sandboxes.urls_backups")),
     path("chat/", views_chat.chat, name="chat"),
     path("sandbox/control-ui/", views_controlui.open_control_ui, name="controlui-open"),
     path("accounts/", include("allauth.urls")),

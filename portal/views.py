@@ -16,6 +16,7 @@ from billing.models import plan_for
 from sandboxes import actions
 from sandboxes.access import get_sandbox_for_user
 from sandboxes.models import Sandbox
+from sandboxes.views_backups import backup_context
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -32,6 +33,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "plan": plan_for(request.user),
         "events": sandbox.events.all()[:15],
         "usage": _usage(request),
+        **backup_context(sandbox, request.user),
     }
     return render(request, "dashboard.html", context)
 

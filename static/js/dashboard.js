@@ -13,9 +13,15 @@
   let current = document.getElementById("sandbox-card").dataset.state;
 
   function onEvent(ev) {
+    // Other parts of the page (the backups card) follow the same events.
+    document.dispatchEvent(new CustomEvent("hermit:sandbox-event", { detail: ev }));
     if (ev.progress !== null && ev.progress !== undefined) {
       wrap.hidden = false;
       bar.style.width = ev.progress + "%";
+      // A finished backup of a settled sandbox: its bar goes away again.
+      if (ev.progress >= 100 && ["running", "sleeping", "stopped"].includes(current)) {
+        setTimeout(() => { wrap.hidden = true; }, 1500);
+      }
     }
     if (ev.message) msg.textContent = ev.message;
     if (ev.id === null || ev.id === undefined || seen.has(ev.id)) return; // a tick, or a repeat
