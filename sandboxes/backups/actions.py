@@ -7,8 +7,10 @@ Contract:
   conditional UPDATE and renewed by a thread while the work runs. A second caller gets
   BackupBusy. A worker that is killed stops renewing; its lease expires after
   HERMIT_BACKUP_LEASE_SECONDS and the next caller takes over. Since the lease is the only way
-  to run restic on a repository, whoever holds it removes restic's own locks first
-  (``restic.unlock``): a killed run's lock never blocks the next.
+  to run restic on a repository, whoever holds it may remove restic's own locks
+  (``restic.unlock``): it does when it took over an expired lease (the dead worker's restic
+  left its lock), and after a restic run failed (a run killed at its timeout leaves one). So a
+  killed run's lock never blocks the next, and a healthy run spends no restic call on it.
 * **Backups** skip a sandbox whose data dir is unchanged since the last snapshot (by
   ``safefs.fingerprint``, which follows and opens nothing), unless forced. A running sandbox is
   frozen (``backend.frozen``) only while restic reads, so the copy is crash-consistent; the
@@ -56,7 +58,6 @@ from typing import Any
 from django.conf import settings
 from django.core.files import File
 from django.db import close_old_connections, connection
-from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import plan_for
@@ -122,6 +123,7 @@ class Lease:
     row: BackupRepository
     kind: str
     token: str
+    took_over: bool = False  # the previous holder's lease had expired: a killed worker
     lost: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -161,19 +163,24 @@ def claim_lease(row: BackupRepository, kind: str) -> Lease:
     now = timezone.now()
     seconds = _lease_seconds()
     token = secrets.token_hex(16)
-    free = Q(locked_until__isnull=True) | Q(locked_until__lte=now)
-    claimed = (
-        BackupRepository.objects.filter(pk=row.pk)
-        .filter(free)
-        .update(lock_token=token, lock_kind=kind, locked_until=now + timedelta(seconds=seconds))
-    )
+    claim = {
+        "lock_token": token,
+        "lock_kind": kind,
+        "locked_until": now + timedelta(seconds=seconds),
+    }
+    mine = BackupRepository.objects.filter(pk=row.pk)
+    took_over = False
+    claimed = mine.filter(lock_token="").update(**claim)
+    if not claimed:  # held, or left by a worker that died: then its lease has run out
+        claimed = mine.exclude(lock_token="").filter(locked_until__lte=now).update(**claim)
+        took_over = bool(claimed)
     if not claimed:
         holder = BackupRepository.objects.filter(pk=row.pk).values_list("lock_kind", flat=True)
         what = holder.first() or "backup"
         raise BackupBusy(
             f"A {what} of this agent is already running; try again when it has finished."
         )
-    lease = Lease(row=row, kind=kind, token=token)
+    lease = Lease(row=row, kind=kind, token=token, took_over=took_over)
     lease._thread = threading.Thread(
         target=lease._renew_loop, args=(seconds,), name=f"backup-lease-{row.pk}", daemon=True
     )
@@ -193,16 +200,28 @@ def release_lease(lease: Lease) -> None:
 @contextlib.contextmanager
 def leased(sandbox: Sandbox, kind: str) -> Iterator[tuple[Lease, restic.Repo]]:
     """Hold the sandbox's repository lease for the block; yield it and the restic Repo, with
-    the repository created and unlocked."""
+    the repository created, and unlocked if a dead worker may have left a lock in it.
+
+    A restic failure in the block is raised as BackupFailed, after removing any lock the
+    failed run left (the lease says no other restic works on the repository).
+    """
     row = repository_for(sandbox)
     lease = claim_lease(row, kind)
+    repo = restic_repo(row)
     try:
         row.refresh_from_db()
         repo = restic_repo(row)
         _ensure_initialized(row, repo)
-        restic.unlock(repo)  # the lease says no other restic works on it
+        if lease.took_over:
+            restic.unlock(repo)
         yield lease, repo
-    except restic.ResticError as exc:
+    except (restic.ResticError, BackupFailed) as exc:
+        cause = exc if isinstance(exc, restic.ResticError) else exc.__cause__
+        if isinstance(cause, restic.ResticError) and cause.kind not in ("missing", "password"):
+            with contextlib.suppress(restic.ResticError):
+                restic.unlock(repo)
+        if isinstance(exc, BackupFailed):
+            raise
         raise BackupFailed(str(exc)) from exc
     finally:
         release_lease(lease)
@@ -262,10 +281,10 @@ def backup_sandbox(
     sandbox.refresh_from_db()
     if not _is_dir(sandbox.data_dir):
         raise BackupFailed("This agent has no data to back up yet.")
+    _check_backup_state(sandbox)
     with leased(sandbox, LockKind.BACKUP) as (lease, repo):
         sandbox.refresh_from_db()  # after the claim: a start that began before waits for us
-        if sandbox.state not in BACKUP_STATES:
-            raise BackupBusy(f"The agent is {sandbox.state}; it will be backed up later.")
+        _check_backup_state(sandbox)
         report = _Reporter(sandbox, "backup", actor, actor_user, on_progress)
         try:
             return _backup(
@@ -282,6 +301,11 @@ def backup_sandbox(
             report.event(f"Backup failed: {_reason(exc)}", 100)
             BackupRepository.objects.filter(sandbox=sandbox).update(last_attempt_at=timezone.now())
             raise BackupFailed(_reason(exc)) from exc
+
+
+def _check_backup_state(sandbox: Sandbox) -> None:
+    if sandbox.state not in BACKUP_STATES:
+        raise BackupBusy(f"The agent is {sandbox.state}; it will be backed up later.")
 
 
 def _backup(
@@ -418,10 +442,10 @@ def restore_sandbox(
     restored agent never answers ``/readyz``.
     """
     sandbox.refresh_from_db()
+    _check_restore_state(sandbox)
     with leased(sandbox, LockKind.RESTORE) as (lease, repo):
         sandbox.refresh_from_db()
-        if sandbox.state not in BACKUP_STATES:
-            raise BackupBusy(f"The agent is {sandbox.state}; try the restore again shortly.")
+        _check_restore_state(sandbox)
         report = _Reporter(sandbox, "restore", actor, actor_user, on_progress)
         snapshot = _chosen(sandbox, repo, snapshot)
         report.event(f"Restoring snapshot {snapshot.short_id} of {_when(snapshot.taken_at)}", 1)
@@ -454,6 +478,11 @@ def restore_sandbox(
         report.event("Restored data in place; starting your agent", 75)
         _start_or_roll_back(sandbox, previous, actor, actor_user, report)
         report.event(f"Restored snapshot {snapshot.short_id}; your agent is running", 100)
+
+
+def _check_restore_state(sandbox: Sandbox) -> None:
+    if sandbox.state not in BACKUP_STATES:
+        raise BackupBusy(f"The agent is {sandbox.state}; try the restore again shortly.")
 
 
 def _chosen(sandbox: Sandbox, repo: restic.Repo, snapshot: Snapshot | None) -> Snapshot:
@@ -710,6 +739,7 @@ def export_snapshot(
     export = Export.objects.create(
         sandbox=sandbox,
         snapshot=snapshot,
+        created_at=now,
         expires_at=now + timedelta(seconds=settings.HERMIT_EXPORT_TTL),
     )
     try:
