@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import secrets
 import signal
@@ -20,7 +21,7 @@ import tarfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,80 @@ def test_it_backs_up_incrementally(repo: restic.Repo, data: Path) -> None:
     assert listed[1].host == "sbx-1" and listed[1].parent == first.snapshot_id
     assert listed[1].time == second.time and listed[1].short_id == second.snapshot_id[:8]
     assert restic.stats(repo).snapshots_count == 2
+
+
+class Pause:
+    """A pause that records when it holds (as backend.frozen would freeze the sandbox), and
+    runs ``before`` just before it does: a last write of the sandbox before it freezes."""
+
+    def __init__(self, before: Callable[[], None] = lambda: None) -> None:
+        self.before = before
+        self.entered = 0
+        self.holding = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self.before()
+        self.entered += 1
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+
+
+def raw_snapshots(repo: restic.Repo) -> list[dict[str, Any]]:
+    return json.loads(restic._last_json(restic._run(repo, ["snapshots", "--json"])))
+
+
+def test_a_paused_backup_reads_in_two_passes_and_keeps_what_changed_meanwhile(
+    repo: restic.Repo, data: Path, tmp_path: Path
+) -> None:
+    notes = data / "state/workspace/notes.md"
+    # The sandbox writes after the unpaused first pass read the file: the paused pass sees it.
+    pause = Pause(before=lambda: notes.write_text("written after the first pass"))
+    progress: list[tuple[float, bool]] = []
+    summary = backup(
+        repo, data, pause=pause, on_progress=lambda p, m: progress.append((p, pause.holding))
+    )
+    assert pause.entered == 1 and not pause.holding
+    assert all(p < 90 for p, holding in progress if not holding)
+    assert all(90 <= p <= 100 for p, holding in progress if holding)
+    assert 0 < summary.pause_seconds < summary.seconds
+    assert (summary.files_new, summary.total_files) == (5, 5)  # no parent: all new
+    assert [s.id for s in restic.snapshots(repo)] == [summary.snapshot_id]
+    assert [s["id"] for s in raw_snapshots(repo)] == [summary.snapshot_id]  # pass one forgotten
+    target = fresh_target(tmp_path)
+    restic.restore(repo, summary.snapshot_id, target)
+    assert (target / "state/workspace/notes.md").read_text() == "written after the first pass"
+
+    single = Pause()
+    again = backup(repo, data, pause=single, two_pass=False, parent=summary.snapshot_id)
+    assert single.entered == 1 and again.pause_seconds > 0
+    assert [s.id for s in restic.snapshots(repo)] == [summary.snapshot_id, again.snapshot_id]
+
+
+def test_a_killed_first_pass_is_forgotten_by_the_next_backup_and_retention(
+    repo: restic.Repo, data: Path
+) -> None:
+    kept = backup(repo, data)
+    # What a two-pass backup killed after its first pass leaves behind:
+    restic._backup_pass(
+        repo,
+        data,
+        [restic.PREPASS_TAG],
+        "sbx-1",
+        EXCLUDES,
+        None,
+        None,
+        restic._no_pause,
+        find=False,
+    )
+    assert len(raw_snapshots(repo)) == 2 and len(restic.snapshots(repo)) == 1
+    assert restic.forget(repo, keep_last=1, keep_daily=0, keep_weekly=0) == []
+    assert [s["id"] for s in raw_snapshots(repo)] == [kept.snapshot_id]
+    with pytest.raises(ValueError):
+        restic.backup(repo, data, tags=[restic.PREPASS_TAG], host="sbx-1")
 
 
 def test_it_restores_a_snapshot_into_a_fresh_dir_and_verifies(

@@ -32,7 +32,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -51,7 +52,10 @@ RESTORE_CAPS = ("CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEA
 _REMOTE_ETC = ("resolv.conf", "hosts", "nsswitch.conf", "gai.conf", "host.conf")
 _TLS_ETC = ("ssl", "ca-certificates")
 
+PREPASS_TAG = "hermit-first-pass"  # the unpaused first pass of a two-pass backup
+
 ProgressFn = Callable[[float, str], None]
+PauseFn = Callable[[], AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class BackupSummary:
     total_bytes: int
     seconds: float
     errors: int = 0  # files restic could not read (the snapshot was still made)
+    pause_seconds: float = 0.0  # how long ``pause`` held (0 without one)
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,8 @@ def backup(
     excludes: Iterable[str] = (),
     on_progress: ProgressFn | None = None,
     parent: str | None = None,
+    pause: PauseFn | None = None,
+    two_pass: bool = True,
 ) -> BackupSummary:
     """Back up the directory ``source`` as ``/data`` and return what the new snapshot holds.
 
@@ -146,8 +153,74 @@ def backup(
     snapshot to compare with (default: restic's latest of the same host and path).
     ``on_progress(percent 0-100, message)`` is called a few times a second. Unreadable files
     (say, deleted while being read) do not fail the backup; they are counted in ``errors``.
+
+    ``pause`` (say ``lambda: backend.frozen(spec, state)``) makes the snapshot crash-consistent:
+    restic reads ``source`` only while it holds. With ``two_pass`` (the default) a first pass
+    reads everything unpaused, and the paused pass, with the first as its parent, re-reads only
+    what changed meanwhile; the first pass's snapshot is then forgotten. So the pause lasts about
+    one restic start (~0.5 s: its key derivation) plus the reading of recent changes, whatever
+    the sandbox's size. Without ``two_pass`` the pause covers one whole run.
+    ``summary.pause_seconds`` is how long the pause held.
     """
     _check_source(source)
+    if PREPASS_TAG in tags:
+        raise ValueError(f"{PREPASS_TAG} is reserved for the first pass of a two-pass backup")
+    if pause is None:
+        return _backup_pass(repo, source, tags, host, excludes, parent, on_progress, _no_pause)
+    if not two_pass:
+        return _backup_pass(repo, source, tags, host, excludes, parent, on_progress, pause)
+    started = time.monotonic()
+    first = _backup_pass(
+        repo,
+        source,
+        [PREPASS_TAG],
+        host,
+        excludes,
+        parent,
+        _scaled(on_progress, 0, 90),
+        _no_pause,
+        find=False,
+    )
+    second = _backup_pass(
+        repo,
+        source,
+        tags,
+        host,
+        excludes,
+        first.snapshot_id,
+        _scaled(on_progress, 90, 100),
+        pause,
+    )
+    _forget_prepasses(repo)
+    # Counted against ``parent`` over both passes; a file both passes saw change counts once
+    # at most as far as the totals tell.
+    new = min(first.files_new + second.files_new, second.total_files)
+    changed = min(first.files_changed + second.files_changed, second.total_files - new)
+    return replace(
+        second,
+        files_new=new,
+        files_changed=changed,
+        files_unmodified=second.total_files - new - changed,
+        data_added=first.data_added + second.data_added,
+        seconds=time.monotonic() - started,
+        errors=first.errors + second.errors,
+    )
+
+
+def _backup_pass(
+    repo: Repo,
+    source: Path,
+    tags: list[str],
+    host: str,
+    excludes: Iterable[str],
+    parent: str | None,
+    on_progress: ProgressFn | None,
+    pause: PauseFn,
+    *,
+    find: bool = True,
+) -> BackupSummary:
+    """One restic backup run under ``pause``; with ``find``, the snapshot's full id and time
+    are read back (else the summary's short id and the time of the call)."""
     args = ["backup", "--json", "--host", host]
     for tag in tags:
         args += ["--tag", tag]
@@ -158,6 +231,15 @@ def backup(
     args.append(SOURCE_MOUNT)
     summary: dict[str, Any] = {}
     errors = 0
+    held = contextlib.ExitStack()
+    paused = [0.0, 0.0]  # when the pause began, how long it held
+
+    def release() -> None:
+        """End the pause: restic has read everything once it prints its summary (what is left
+        is unlocking and exiting)."""
+        if paused[0] and not paused[1]:
+            held.close()
+            paused[1] = time.monotonic() - paused[0]
 
     def on_line(line: str) -> None:
         nonlocal errors
@@ -167,25 +249,34 @@ def backup(
             on_progress(*_backup_progress(message))
         elif kind == "summary":
             summary.update(message)
+            release()
         elif kind == "error":
             errors += 1
 
     started = time.monotonic()
-    _run(
-        repo,
-        args,
-        write=True,
-        source=source,
-        caps=BACKUP_CAPS,
-        on_line=on_line,
-        ok_codes=(0, 3),  # 3: snapshot made, some files unreadable
-    )
+    taken = datetime.now(UTC)
+    with held:
+        held.enter_context(pause())
+        paused[0] = time.monotonic()
+        _run(
+            repo,
+            args,
+            write=True,
+            source=source,
+            caps=BACKUP_CAPS,
+            on_line=on_line,
+            ok_codes=(0, 3),  # 3: snapshot made, some files unreadable
+        )
+        release()
     if "snapshot_id" not in summary:
         raise ResticError("restic backup finished without making a snapshot.")
-    made = _find_snapshot(repo, str(summary["snapshot_id"]))
+    snapshot_id = str(summary["snapshot_id"])
+    if find:
+        made = _find_snapshot(repo, snapshot_id)
+        snapshot_id, taken = made.id, made.time
     return BackupSummary(
-        snapshot_id=made.id,
-        time=made.time,
+        snapshot_id=snapshot_id,
+        time=taken,
         files_new=int(summary.get("files_new", 0)),
         files_changed=int(summary.get("files_changed", 0)),
         files_unmodified=int(summary.get("files_unmodified", 0)),
@@ -194,14 +285,42 @@ def backup(
         total_bytes=int(summary.get("total_bytes_processed", 0)),
         seconds=time.monotonic() - started,
         errors=errors,
+        pause_seconds=paused[1] if pause is not _no_pause else 0.0,
     )
 
 
+@contextlib.contextmanager
+def _no_pause() -> Iterator[None]:
+    yield
+
+
+def _scaled(on_progress: ProgressFn | None, low: float, high: float) -> ProgressFn | None:
+    if on_progress is None:
+        return None
+    report = on_progress
+
+    def scaled(percent: float, message: str) -> None:
+        report(low + (high - low) * percent / 100.0, message)
+
+    return scaled
+
+
+def _forget_prepasses(repo: Repo) -> None:
+    """Forget every first-pass snapshot (this backup's, and any a killed run left behind)."""
+    out = _run(repo, ["snapshots", "--json", "--tag", PREPASS_TAG])
+    ids = [str(item["id"]) for item in json.loads(_last_json(out) or "[]")]
+    if ids:
+        _run(repo, ["forget", *ids], write=True)
+
+
 def snapshots(repo: Repo, ids: Iterable[str] = ()) -> list[SnapshotInfo]:
-    """Return the repository's snapshots (or those of ``ids``), oldest first."""
+    """Return the repository's snapshots (or those of ``ids``), oldest first.
+
+    The first passes of two-pass backups are no snapshots of their own and are left out.
+    """
     out = _run(repo, ["snapshots", "--json", *ids])
     found = [_snapshot_info(item) for item in json.loads(_last_json(out) or "[]")]
-    return sorted(found, key=lambda s: s.time)
+    return sorted((s for s in found if PREPASS_TAG not in s.tags), key=lambda s: s.time)
 
 
 def forget(
@@ -215,6 +334,7 @@ def forget(
     """
     if max(keep_last, keep_daily, keep_weekly) <= 0:
         keep_last = 1
+    _forget_prepasses(repo)  # a killed two-pass backup's first pass counts for nothing
     args = ["forget", "--json", "--group-by", ""]
     for flag, value in (
         ("--keep-last", keep_last),
