@@ -111,6 +111,9 @@ def queued_work(sandbox: Sandbox, what: str, now: datetime) -> SandboxEvent | No
     )
     if request is None or sandbox.events.filter(kind=what, id__gt=request.pk).exists():
         return None
+    # An export's task makes its Export row first (it may fail before any event).
+    if what == "export" and sandbox.exports.filter(created_at__gte=request.created_at).exists():
+        return None
     return request
 
 
@@ -134,11 +137,8 @@ def refusal(sandbox: Sandbox, user: Any, what: str, now: datetime) -> str:
     if what != "export" and sandbox.state not in SETTLED:
         verb = "restored" if what == "restore" else "backed up"
         return f"Your agent is {sandbox.state}: it can be {verb} once it has settled."
-    if what == "export":
-        if sandbox.exports.filter(state=Export.State.PENDING).exists():
-            return f"{BUSY_NOW['export']} Please wait until it has finished."
-        if not sandbox.snapshots.exists():
-            return "There is no backup to download yet: back up your agent first."
+    if what == "export" and not sandbox.snapshots.exists():
+        return "There is no backup to download yet: back up your agent first."
     return ""
 
 
@@ -171,6 +171,7 @@ class ExportView:
     export: Export
     available: bool
     expired: bool
+    interrupted: bool  # pending, but nothing prepares it any more (its worker died)
 
 
 def backup_context(sandbox: Sandbox, user: Any, now: datetime | None = None) -> dict[str, Any]:
@@ -181,16 +182,17 @@ def backup_context(sandbox: Sandbox, user: Any, now: datetime | None = None) -> 
     running = running_work(sandbox, now)
     queued = [w for w in WORK if queued_work(sandbox, w, now) is not None]
     busy = BUSY_NOW[running] if running else (QUEUED[queued[0]] if queued else "")
+    export_pending = running == "export" or "export" in queued
     rows = [
         SnapshotRow(s, TRIGGER_LABELS.get(s.trigger, s.trigger)) for s in sandbox.snapshots.all()
     ]
     return {
         "backup_schedule": _every(plan_for(sandbox.owner).backup_interval),
         "snapshots": rows,
-        "latest_export": _export_view(latest, now) if latest else None,
+        "latest_export": _export_view(latest, now, export_pending) if latest else None,
         "backup_busy": busy,
         "restore_pending": running == "restore" or "restore" in queued,
-        "export_pending": running == "export" or "export" in queued,
+        "export_pending": export_pending,
     }
 
 
@@ -206,10 +208,11 @@ def _every(interval: timedelta | None) -> str:
     return f"every {seconds} seconds"
 
 
-def _export_view(export: Export, now: datetime) -> ExportView:
+def _export_view(export: Export, now: datetime, pending: bool) -> ExportView:
     available = export.is_available(now)
     expired = export.state == Export.State.READY and not available
-    return ExportView(export=export, available=available, expired=expired)
+    interrupted = export.state == Export.State.PENDING and not pending
+    return ExportView(export, available=available, expired=expired, interrupted=interrupted)
 
 
 # -- views --------------------------------------------------------------------------------------
@@ -337,8 +340,10 @@ def _record_request(sandbox: Sandbox, user: Any, what: str, message: str) -> Non
 
 
 def _export_unavailable(request: HttpRequest, export: Export, now: datetime) -> HttpResponse:
-    if export.state == Export.State.PENDING:
+    if export.state == Export.State.PENDING and running_work(export.sandbox, now) == "export":
         status, reason = 409, "This download is still being prepared. Try again in a moment."
+    elif export.state == Export.State.PENDING:
+        status, reason = 410, "This download was interrupted. Ask for a new one."
     elif export.state == Export.State.FAILED:
         status, reason = 410, f"This download could not be prepared: {export.error}"
     else:

@@ -228,3 +228,24 @@ def test_it_lists_the_snapshots_and_the_latest_progress_on_the_sandbox_page(
     assert "976.6\xa0KB" in html  # sizes, human-readable
     assert '<progress max="100" value="40"></progress> 40% · Reading the data dir' in html
     assert "Last backup: never" in html
+
+
+# -- end to end: the real restic engine, the task run in the test -------------------------------
+
+
+@pytest.mark.django_db(transaction=True)  # the backup's lease is renewed from another thread
+def test_it_backs_up_for_real_under_the_staff_members_name(
+    client: Client, staff: Any, data_sandbox: Any, eager_backups: None
+) -> None:
+    sandbox = data_sandbox("carol@example.com")
+    client.force_login(staff)
+    post_action(client, "back_up", [sandbox])
+    snapshot = sandbox.snapshots.get()
+    assert (snapshot.trigger, snapshot.actor_user) == (Snapshot.Trigger.STAFF, staff)
+    done = sandbox.events.get(kind="backup", progress=100)
+    assert (done.actor, done.actor_user) == (SandboxEvent.Actor.STAFF, staff)
+    html = client.get(reverse("admin:sandboxes_sandbox_change", args=[sandbox.pk])).content
+    page = html.decode()
+    assert snapshot.short_id in page
+    assert f'<progress max="100" value="100"></progress> 100% · {done.message}' in page
+    assert "Last backup: never" not in page and "Lease: free" in page

@@ -7,26 +7,37 @@ local repository, through the Celery tasks the buttons queue (run here in the te
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import io
+import os
+import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import pytest
 import time_machine
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
 from django.core.files.base import ContentFile
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
+from portal.asgi import application
+from sandboxes import actions as sandbox_actions
+from sandboxes.backends import get_backend
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.backups.storage import export_storage
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
 from tests.factories import make_user
+from tests.fixtures.backups import write_files
 
 pytestmark = pytest.mark.django_db(transaction=True)
 State = Sandbox.State
@@ -79,21 +90,29 @@ def tar_of(files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def make_data_dir(sandbox: Sandbox, files: dict[str, str]) -> None:
-    """Give the sandbox a data dir holding ``files``, owned by its uid as the backend does."""
-    from django.conf import settings
+@pytest.fixture
+def with_data() -> Iterator[Callable[[Sandbox, dict[str, str | bytes]], None]]:
+    """Return ``give(sandbox, files)``: a data dir holding ``files``, owned by the sandbox's
+    uid as a start leaves it; removed after the test."""
+    made: list[Path] = []
 
-    root = sandbox.data_dir
-    root.mkdir(parents=True, exist_ok=True)
-    for relative, text in files.items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    uid = int(settings.HERMIT_UID_BASE) + sandbox.pk
-    for path in [root, *root.rglob("*")]:
-        import os
+    def give(sandbox: Sandbox, files: dict[str, str | bytes]) -> None:
+        write_files(sandbox.data_dir, files)
+        made.append(sandbox.data_dir)
 
-        os.chown(path, uid, uid, follow_symlinks=False)
+    yield give
+    for root in made:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def archive_members(data: bytes) -> dict[str, bytes]:
+    """The regular files of a (gzipped) tar, by name."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {
+            m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar.getmembers()
+            if m.isfile()
+        }
 
 
 @pytest.fixture
@@ -414,7 +433,7 @@ def test_it_refuses_a_second_download_while_one_is_prepared(
     client.post(reverse("export-request"))
     page = client.post(reverse("export-request"), follow=True).content.decode()
     assert "Your download is queued" in page
-    assert "Preparing your download" in client.get(reverse("dashboard")).content.decode()
+    assert "Preparing your download…" in client.get(reverse("dashboard")).content.decode()
     assert queued["export"].call_count == 1
 
 
@@ -451,9 +470,195 @@ def test_it_says_an_export_expired(client: Client, alice: Any) -> None:
         assert client.get(reverse("backups-json")).json()["exports"][0]["expired"] is True
 
 
-def test_it_says_an_export_is_still_being_prepared(client: Client, alice: Any) -> None:
+def test_it_says_an_export_is_still_being_prepared_or_was_interrupted(
+    client: Client, alice: Any
+) -> None:
     sandbox, snapshot, _ = alices_things(alice)
     pending = Export.objects.create(sandbox=sandbox, snapshot=snapshot)
-    response = signed_in(client, alice).get(reverse("export-download", args=[pending.pk]))
+    url = reverse("export-download", args=[pending.pk])
+    lease = BackupRepository.objects.create(
+        sandbox=sandbox,
+        lock_token="worker-1",
+        lock_kind=BackupRepository.LockKind.EXPORT,
+        locked_until=timezone.now() + timedelta(minutes=2),
+    )
+    signed_in(client, alice)
+    response = client.get(url)
     assert response.status_code == 409
     assert "still being prepared" in response.content.decode()
+    assert "Preparing your download…" in client.get(reverse("dashboard")).content.decode()
+    # Its worker died: the lease runs out and nothing prepares it any more.
+    BackupRepository.objects.filter(pk=lease.pk).update(locked_until=timezone.now())
+    response = client.get(url)
+    assert response.status_code == 410
+    assert "This download was interrupted. Ask for a new one." in response.content.decode()
+    assert 'id="export-interrupted"' in client.get(reverse("dashboard")).content.decode()
+
+
+def test_it_stops_waiting_for_an_export_whose_task_failed(
+    client: Client, alice: Any, queued: dict[str, mock.MagicMock]
+) -> None:
+    sandbox = sandbox_of(alice)
+    snapshot = make_snapshot(sandbox)
+    signed_in(client, alice)
+    with time_machine.travel(timezone.now(), tick=False) as clock:
+        client.post(reverse("export-request"))
+        # The task made its Export, then found the repository busy: no event, a failed row.
+        Export.objects.create(sandbox=sandbox, snapshot=snapshot, state=Export.State.FAILED,
+                              error="A backup of this agent is already running.")  # fmt: skip
+        page = client.get(reverse("dashboard")).content.decode()
+        assert "Preparing your download…" not in page
+        assert "could not be prepared: A backup of this agent is already running." in page
+        clock.shift(timedelta(seconds=61))
+        client.post(reverse("export-request"))
+    assert queued["export"].call_count == 2
+
+
+# -- end to end: the real restic engine, tasks run in the test ---------------------------------
+
+
+NOTES = "state/workspace/notes.md"
+
+
+def test_it_backs_up_lists_and_serves_the_download_of_a_real_snapshot(
+    client: Client, alice: Any, bob: Any, eager_backups: None, with_data: Any
+) -> None:
+    sandbox = sandbox_of(alice)
+    with_data(sandbox, {NOTES: "The user's cat is called Ada.\n"})
+    signed_in(client, alice)
+    page = client.post(reverse("backup-now"), follow=True).content.decode()
+    snapshot = sandbox.snapshots.get()
+    assert (snapshot.trigger, snapshot.actor_user) == (Snapshot.Trigger.USER, alice)
+    assert snapshot.files >= 1 and snapshot.size_bytes > 0
+    assert f'data-snapshot="{snapshot.pk}"' in page and "You asked" in page
+    done = sandbox.events.filter(kind="backup", progress=100).get()
+    assert (done.actor, done.actor_user) == (SandboxEvent.Actor.USER, alice)
+    assert done.message.startswith(f"Backed up snapshot {snapshot.short_id}")
+
+    page = client.post(reverse("export-request"), follow=True).content.decode()
+    export = sandbox.exports.get()
+    assert export.state == Export.State.READY and export.snapshot == snapshot
+    url = reverse("export-download", args=[export.pk])
+    assert f'href="{url}"' in page and 'id="export-download"' in page
+    response = client.get(url)
+    assert response.status_code == 200
+    assert response["Content-Disposition"].endswith('.tar.gz"')
+    members = archive_members(b"".join(response.streaming_content))  # type: ignore[attr-defined]
+    notes = [data for name, data in members.items() if name.endswith(NOTES)]
+    assert notes == [b"The user's cat is called Ada.\n"]
+
+    signed_in(client, bob)
+    assert client.get(url).status_code == 404
+    assert client.get(reverse("backups-json")).json()["exports"] == []
+
+
+def test_it_links_to_a_presigned_s3_url_that_serves_the_archive(
+    client: Client, alice: Any, bob: Any, eager_backups: None, with_data: Any, s3_backups: Any
+) -> None:
+    import httpx
+
+    sandbox = sandbox_of(alice)
+    with_data(sandbox, {NOTES: "Stored in a bucket.\n"})
+    signed_in(client, alice)
+    client.post(reverse("backup-now"))
+    client.post(reverse("export-request"))
+    export = sandbox.exports.get(state=Export.State.READY)
+    url = reverse("export-download", args=[export.pk])
+    response = client.get(url)
+    assert response.status_code == 302
+    link = response["Location"]
+    assert link.startswith(s3_backups.endpoint) and "X-Amz-Signature=" in link
+    download = httpx.get(link)
+    assert download.status_code == 200
+    assert "attachment" in download.headers["content-disposition"]
+    members = archive_members(download.content)
+    assert [d for n, d in members.items() if n.endswith(NOTES)] == [b"Stored in a bucket.\n"]
+    signed_in(client, bob)
+    assert client.get(url).status_code == 404
+
+
+RESTORE_EMAIL = "restore-ui@agents.test"
+
+
+@pytest.fixture
+def agent(sandbox_for: Callable[..., Sandbox], sandbox_pool: Any) -> Iterator[Sandbox]:
+    """A pooled, running sandbox with a real gateway; re-pooled as the test leaves it (a restore
+    restarts it)."""
+    sandbox = sandbox_for(RESTORE_EMAIL)
+    yield sandbox
+    sandbox.refresh_from_db()
+    if sandbox.state != State.RUNNING:
+        for _ in sandbox_actions.wake_sandbox(sandbox, actor=SandboxEvent.Actor.SYSTEM):
+            pass
+    sandbox_pool.snapshot(RESTORE_EMAIL)
+
+
+def sh(sandbox: Sandbox, script: str) -> str:
+    """Run a shell script inside the sandbox, as the sandbox; return its stdout."""
+    sandbox.refresh_from_db()
+    result = get_backend(sandbox.backend).exec(
+        sandbox_actions.spec_for(sandbox), sandbox.backend_state, ["sh", "-c", script], timeout=60
+    )
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def private_channels(settings: Any) -> None:
+    """A channel-layer prefix of this test run's own: other runs on the same Redis have
+    sandboxes with the same ids, whose events must not reach this test's socket."""
+    layers = copy.deepcopy(settings.CHANNEL_LAYERS)
+    if "CONFIG" in layers["default"]:
+        layers["default"]["CONFIG"]["prefix"] = f"asgi-test-{os.getpid()}"
+    settings.CHANNEL_LAYERS = layers
+
+
+async def test_it_restores_after_the_confirmation_with_live_progress(
+    agent: Sandbox, eager_backups: None, private_channels: None
+) -> None:
+    """The owner backs up, changes a file, confirms a restore of that backup: the progress
+    socket streams the restore's steps, the agent runs again on the old file, and the state
+    it had is listed as a "Before a restore" snapshot."""
+    owner = await get_user_model().objects.aget(pk=agent.owner_id)
+    notes = agent.data_dir / NOTES
+    write = f"mkdir -p {notes.parent} && printf %s {{}} > {notes}"
+    await asyncio.to_thread(sh, agent, write.format("first"))
+    client = Client()
+    await asyncio.to_thread(client.force_login, owner)
+    await asyncio.to_thread(client.post, reverse("backup-now"))
+    first = await agent.snapshots.filter(trigger=Snapshot.Trigger.USER).aget()
+    await asyncio.to_thread(sh, agent, write.format("second"))
+    url = reverse("backup-restore", args=[first.pk])
+    confirm = await asyncio.to_thread(client.get, url)
+    assert 'id="restore-submit"' in confirm.content.decode()
+
+    ws = WebsocketCommunicator(
+        application, "/ws/sandbox/progress/", headers=[(b"origin", b"http://127.0.0.1:8000")]
+    )
+    ws.scope["user"] = owner
+    assert (await ws.connect())[0]
+    try:
+        posting = asyncio.ensure_future(asyncio.to_thread(client.post, url))
+        seen: list[dict[str, Any]] = []
+        while not any(e["kind"] == "restore" and e["progress"] == 100 for e in seen):
+            seen.append(await ws.receive_json_from(timeout=180))
+        response = await posting
+    finally:
+        await ws.disconnect()
+    assert response.status_code == 302 and response["Location"] == reverse("dashboard")
+    kinds = [e["kind"] for e in seen]
+    assert kinds[0] == "restore-requested"
+    assert "restoring" in {e["state"] for e in seen}
+    stored = [e for e in seen if e["kind"] == "restore" and e["id"] is not None]
+    assert stored[-1]["message"].startswith(f"Restored snapshot {first.short_id}")
+    progress = [e["progress"] for e in stored]
+    assert progress == sorted(progress), [(e["kind"], e["progress"], e["message"]) for e in seen]
+
+    await agent.arefresh_from_db()
+    assert agent.state == State.RUNNING, agent.error_message
+    assert await asyncio.to_thread(sh, agent, f"cat {notes}") == "first"
+    before = await agent.snapshots.aget(trigger=Snapshot.Trigger.PRE_RESTORE)
+    page = (await asyncio.to_thread(client.get, reverse("dashboard"))).content.decode()
+    assert f'data-snapshot="{before.pk}"' in page and "Before a restore" in page
+    actors = [e.actor_user_id async for e in agent.events.filter(kind="restore")]
+    assert actors and set(actors) == {agent.owner_id}
