@@ -629,7 +629,8 @@ def _start_quietly(sandbox: Sandbox, actor: str, actor_user: Any) -> str | None:
     sandbox.refresh_from_db()
     if sandbox.state == State.RUNNING:
         return None
-    return sandbox.error_message or f"it ended {sandbox.state}"
+    reason = sandbox.error_message or f"it ended {sandbox.state}"
+    return reason.splitlines()[0]  # the first line says what; the log tail is on the sandbox
 
 
 def restore_if_missing(sandbox: Sandbox, on_progress: ProgressFn | None = None) -> bool:
