@@ -57,6 +57,21 @@ def sandbox_dirs() -> Iterator[dict[str, str]]:
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _quick_password_hashing() -> None:
+    """Hash the tests' passwords with few PBKDF2 iterations (tests.factories explains why),
+    in place of Django's own PBKDF2 hasher; it checks hashes of any iteration count, and the
+    other production hashers stay, so every stored hash still checks."""
+    from django.conf import settings
+    from django.test.signals import setting_changed
+
+    standard = "django.contrib.auth.hashers.PBKDF2PasswordHasher"
+    assert settings.PASSWORD_HASHERS[0] == standard, settings.PASSWORD_HASHERS
+    hashers = ["tests.factories.QuickPBKDF2PasswordHasher", *settings.PASSWORD_HASHERS[1:]]
+    settings.PASSWORD_HASHERS = hashers
+    setting_changed.send(None, setting="PASSWORD_HASHERS", value=hashers, enter=True)
+
+
 @pytest.fixture(autouse=True)
 def _no_auto_provision(settings):
     """Sign-ups in tests do not start real gateways unless a test asks for it."""
