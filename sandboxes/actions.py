@@ -498,14 +498,16 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     crashed repeatedly (``restart_after`` ahead): start nothing until then ("backoff").
     sleeping / stopped / failed but running: stop the stray gateway.
     starting / stopping / provisioning: pending work; left alone unless stuck far too long.
-    restoring: left to its restore while that holds its lease; after that, rolled forward or
-    back (sandboxes.backups.actions.reconcile_restoring).
+    a backup or restore whose worker died (its lease expired): finished first, rolled forward
+    or back (sandboxes.backups.actions.reconcile_backups); restoring: left to its restore while
+    that holds its lease.
     """
-    backend = get_backend(sandbox.backend)
-    if sandbox.state == State.RESTORING:  # finished safely once its restore's lease expired
-        from sandboxes.backups.actions import reconcile_restoring
+    from sandboxes.backups.actions import reconcile_backups
 
-        return reconcile_restoring(sandbox)
+    backend = get_backend(sandbox.backend)
+    repaired = reconcile_backups(sandbox)  # what a dead backup or restore worker left
+    if repaired is not None:
+        return repaired
     if not owner_is_active(sandbox):
         return _reconcile_inactive_owner(sandbox, backend)
     always_on = plan_for(sandbox.owner).sleeps_after() is None

@@ -24,8 +24,8 @@ Contract:
   ("pre-restore"), the directories are swapped by renames in the root-owned parent (which never
   follow a sandbox's links), and the agent cold boots. The previous data is deleted only once
   the restored agent answers ``/readyz``; otherwise the swap is undone and the previous data
-  started again. A worker killed meanwhile leaves the sandbox ``restoring`` with an expired
-  lease, which :func:`reconcile_restoring` rolls forward or back without losing either dir.
+  started again. A worker killed meanwhile leaves an expired lease, from which
+  :func:`reconcile_backups` rolls the restore forward or back without losing either dir.
   A restored dir always cold boots: when checkpoints (hibernation) arrive, a restore must
   clear the sandbox's checkpoint, since OpenClaw checks its SQLite files' device and inode.
 * **Restore-on-start** (:func:`restore_if_missing`): a sandbox whose data dir is missing but
@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.files import File
@@ -75,6 +75,7 @@ Actor = SandboxEvent.Actor
 Trigger = Snapshot.Trigger
 LockKind = BackupRepository.LockKind
 ProgressFn = Callable[[int, str], None]  # percent 0-100, message
+T = TypeVar("T")
 
 RESTORE_PREFIX = ".restore-"
 PREVIOUS_PREFIX = ".previous-"
@@ -236,6 +237,18 @@ def _ensure_initialized(row: BackupRepository, repo: restic.Repo) -> None:
     BackupRepository.objects.filter(pk=row.pk).update(initialized_at=row.initialized_at)
 
 
+def unlocked(repo: restic.Repo, step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a restic ``step`` under the caller's lease; if a lock a dead run left blocks it
+    (restic says "locked"), remove the locks and run it once more."""
+    try:
+        return step(repo, *args, **kwargs)
+    except restic.ResticError as exc:
+        if exc.kind != "locked":
+            raise
+    restic.unlock(repo)
+    return step(repo, *args, **kwargs)
+
+
 def wait_for_backup(sandbox: Sandbox, timeout: float | None = None) -> bool:
     """Wait while a backup reads the sandbox's data (a start calls this once it is starting,
     so the backup never sees files change under it). Return True if it had to wait.
@@ -334,8 +347,9 @@ def _backup(
     spec = actions.spec_for(sandbox)
     started = time.monotonic()
     with backend.frozen(spec, sandbox.backend_state if running else {}):
-        summary = restic.backup(
+        summary = unlocked(
             repo,
+            restic.backup,
             sandbox.data_dir,
             tags=[f"trigger={trigger}"],
             host=sandbox.slug,
@@ -381,8 +395,9 @@ def apply_retention(sandbox: Sandbox) -> list[str]:
 
 def _apply_retention(sandbox: Sandbox, repo: restic.Repo) -> list[str]:
     plan = plan_for(sandbox.owner)
-    removed = restic.forget(
+    removed = unlocked(
         repo,
+        restic.forget,
         keep_last=plan.backup_keep_last,
         keep_daily=plan.backup_keep_daily,
         keep_weekly=plan.backup_keep_weekly,
@@ -677,50 +692,97 @@ def restore_if_missing(sandbox: Sandbox, on_progress: ProgressFn | None = None) 
         ) from exc
 
 
-def reconcile_restoring(sandbox: Sandbox) -> str:
-    """Finish a restore whose worker died (``restoring`` with an expired lease); return what
-    was done: ``pending`` (its lease is alive), ``rolled-forward`` (the restored data was in
-    place: started on it, the previous data kept until it answered), ``rolled-back`` (the
-    swap was half done: the previous data put back), or ``resumed`` (the swap never started).
+def reconcile_backups(sandbox: Sandbox) -> str | None:
+    """Repair what a backup or restore whose worker died left behind; return what was done, or
+    None if there is nothing to repair (reconcile then goes on as usual).
 
-    Never deletes a previous data dir before an agent on the other one answers ``/readyz``.
+    A dead worker's lease stays on the row until it expires, and marks the work to finish:
+
+    * a backup's: a running sandbox may still be frozen, so it is thawed (``backup-recovered``);
+    * a restore's, sandbox ``restoring``: ``rolled-back`` if the swap was half done (the
+      previous data put back and started), ``rolled-forward`` if the restored data was in
+      place (started on it, the previous data kept until it answers ``/readyz``, and put back
+      if it does not), ``resumed`` if nothing had changed yet (started as it was);
+    * a restore's, sandbox past ``restoring`` with the previous data still beside it (the
+      worker died while the restored agent started): running, so the restored agent answered:
+      the previous data is deleted (``restore-finished``); failed or stopped: the previous data
+      is put back and started (``rolled-back``); starting: left until the start settles.
+
+    ``pending`` while the lease is alive. Never deletes a previous data dir unless an agent on
+    the restored one runs.
     """
-    row = repository_for(sandbox)
+    row = BackupRepository.objects.filter(sandbox=sandbox).first()
+    if row is None:
+        return None
+    if row.is_locked(timezone.now()):
+        return "pending" if sandbox.state == State.RESTORING else None
+    if not row.lock_token and sandbox.state != State.RESTORING:
+        return None
+    if sandbox.state in (State.STARTING, State.STOPPING, State.PROVISIONING):
+        return None  # let it settle first; the expired lease still marks the work
+    kind = row.lock_kind or LockKind.RESTORE
     try:
-        lease = claim_lease(row, LockKind.RESTORE)
+        lease = claim_lease(row, kind)
     except BackupBusy:
         return "pending"
+    start_after = False
     try:
         sandbox.refresh_from_db()
-        if sandbox.state != State.RESTORING:
-            return "raced"
-        parent = sandbox.data_dir.parent
-        for leftover in parent.glob(f"{RESTORE_PREFIX}{sandbox.pk}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        for leftover in parent.glob(f"{FAILED_PREFIX}{sandbox.pk}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        previous = sorted(
-            parent.glob(f"{PREVIOUS_PREFIX}{sandbox.pk}-*"), key=lambda p: p.lstat().st_mtime
-        )
-        report = _Reporter(sandbox, "restore", Actor.SYSTEM, None, None)
-        if previous and not _is_dir(sandbox.data_dir):
-            report.event("A restore was interrupted mid-swap: putting the previous data back", 50)
-            _swap_back(sandbox, previous[-1])
-            _start_quietly(sandbox, Actor.SYSTEM, None)
-            return "rolled-back"
-        if previous:
-            report.event("A restore was interrupted: starting the restored data", 50)
-            try:
-                _start_or_roll_back(sandbox, previous[-1], Actor.SYSTEM, None, report)
-            except BackupFailed:
-                return "rolled-back"
-            return "rolled-forward"
-        report.event("A restore was interrupted before it changed anything: starting again", 50)
+        if lease.took_over and row.initialized_at is not None:
+            with contextlib.suppress(restic.ResticError):
+                restic.unlock(restic_repo(row))  # the dead worker's restic left its lock
+        if kind != LockKind.RESTORE:
+            return _recover_backup(sandbox, kind)
+        outcome, start_after = _recover_restore(sandbox)
     finally:
         release_lease(lease)
-    # Outside the lease: if the data dir is missing, the start restores it under its own.
-    _start_quietly(sandbox, Actor.SYSTEM, None)
-    return "resumed"
+    if start_after:  # outside the lease: a missing data dir is restored by the start itself
+        _start_quietly(sandbox, Actor.SYSTEM, None)
+    return outcome
+
+
+def _recover_backup(sandbox: Sandbox, kind: str) -> str:
+    if sandbox.state == State.RUNNING and sandbox.backend_state:
+        backend = get_backend(sandbox.backend)
+        with backend.frozen(actions.spec_for(sandbox), sandbox.backend_state):
+            pass  # leaving the block thaws it, whoever froze it
+    record_event(sandbox, kind, f"An interrupted {kind} was cleared; the agent runs as before")
+    return "backup-recovered"
+
+
+def _recover_restore(sandbox: Sandbox) -> tuple[str, bool]:
+    """Finish an interrupted restore (see reconcile_backups); return (outcome, start after)."""
+    parent = sandbox.data_dir.parent
+    for prefix in (RESTORE_PREFIX, FAILED_PREFIX):
+        for leftover in parent.glob(f"{prefix}{sandbox.pk}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    found = parent.glob(f"{PREVIOUS_PREFIX}{sandbox.pk}-*")
+    previous = sorted(found, key=lambda p: p.lstat().st_mtime)[-1:]
+    report = _Reporter(sandbox, "restore", Actor.SYSTEM, None, None)
+    if sandbox.state == State.RUNNING:
+        if previous:
+            shutil.rmtree(previous[0], ignore_errors=True)
+            report.event("An interrupted restore had finished: its previous data removed", 100)
+        return "restore-finished", False
+    if previous and not _is_dir(sandbox.data_dir):
+        report.event("A restore was interrupted mid-swap: putting the previous data back", 50)
+        _swap_back(sandbox, previous[0])
+        return "rolled-back", True
+    if previous and sandbox.state == State.RESTORING:
+        report.event("A restore was interrupted: starting the restored data", 50)
+        try:
+            _start_or_roll_back(sandbox, previous[0], Actor.SYSTEM, None, report)
+        except BackupFailed:
+            return "rolled-back", False
+        return "rolled-forward", False
+    if previous:  # the restored agent failed, or was stopped, before it answered
+        report.event("A restore was interrupted: putting the previous data back", 50)
+        _swap_back(sandbox, previous[0])
+        return "rolled-back", True
+    if sandbox.state == State.RESTORING:
+        report.event("A restore was interrupted before it changed anything: starting again", 50)
+        return "resumed", True
+    return "restore-recovered", False
 
 
 # -- export and purge --------------------------------------------------------------------------
