@@ -201,24 +201,29 @@ def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup
     assert earlier is not None
     big = workspace(agent) / "big.bin"
     sh(agent, f"head -c 400000000 /dev/urandom > {big}")  # restic needs seconds for this
+    # The agent keeps touching it, so the paused (second) pass of a backup reads it all again:
+    # long enough to kill the worker while the agent is frozen.
+    toucher = sh(
+        agent,
+        f"nohup sh -c 'while :; do touch {big}; sleep 0.2; done' </dev/null >/dev/null 2>&1 &"
+        " echo $!",
+    ).strip()
     env = server_env(
         **sandbox_dirs,
         DJANGO_SETTINGS_MODULE=os.environ["DJANGO_SETTINGS_MODULE"],
         HERMIT_BACKUP_LEASE_SECONDS="5",
     )
-    launched = timezone.now()
     worker = subprocess.Popen(
         [sys.executable, "manage.py", "backup", EMAIL, "--force"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
-        reading = agent.events.filter(created_at__gt=launched, message__startswith="Backing up")
-        wait_for(reading.exists, 60)
-        time.sleep(1.0)  # restic is reading the big file now
+        wait_for(lambda: cgroups.is_frozen(agent.backend_state["cgroups"]), 120)
+        time.sleep(1.0)  # restic is reading the big file again, the agent frozen
         assert worker.poll() is None, "the backup finished before it could be killed"
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
@@ -240,6 +245,7 @@ def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup
     assert sandbox_actions.reconcile_sandbox(agent) == "backup-recovered"
     assert not cgroups.is_frozen(agent.backend_state["cgroups"])
     assert history(agent) is not None  # answering again
+    sh(agent, f"kill {toucher}")
 
     copy = restore_copy(agent, earlier, tmp_path)
     assert (copy / "state/workspace/before.txt").read_text() == "earlier"

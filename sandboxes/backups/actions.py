@@ -13,11 +13,12 @@ Contract:
   killed run's lock never blocks the next, and a healthy run spends no restic call on it.
 * **Backups** skip a sandbox whose data dir is unchanged since the last snapshot (by
   ``safefs.fingerprint``, which follows and opens nothing), unless forced. A running sandbox is
-  frozen (``backend.frozen``) only while restic reads, so the copy is crash-consistent; the
-  pause is stored on the Snapshot. A stopped or sleeping one needs no pause: a start waits for
-  a backup that is reading it (:func:`wait_for_backup`), and a backup refuses a sandbox that is
-  starting. After each backup the plan's retention is applied and the rows are synced from the
-  repository, which is the truth.
+  frozen (``backend.frozen``) only while restic reads (the second, short pass of
+  ``restic.backup``), so the copy is crash-consistent; the pause is stored on the Snapshot.
+  A stopped or sleeping one needs no pause: a start waits for a backup that is reading it
+  (:func:`wait_for_backup`), and a backup refuses a sandbox that is starting. After each
+  backup the plan's retention is applied and the rows are synced from the repository, which is
+  the truth.
 * **Restores** never leave the user with less than they had: the snapshot is restored into a
   fresh root-owned directory beside the data dirs and verified while the agent still runs; then
   the agent is stopped and held in the ``restoring`` state, the live data is backed up
@@ -345,19 +346,18 @@ def _backup(
     report.event("Backing up your agent" + (" (paused while it is read)" if running else ""), 5)
     backend = get_backend(sandbox.backend)
     spec = actions.spec_for(sandbox)
-    started = time.monotonic()
-    with backend.frozen(spec, sandbox.backend_state if running else {}):
-        summary = unlocked(
-            repo,
-            restic.backup,
-            sandbox.data_dir,
-            tags=[f"trigger={trigger}"],
-            host=sandbox.slug,
-            excludes=list(EXCLUDES),
-            on_progress=report.scaled(10, 90),
-            parent=latest.restic_id if latest is not None else None,
-        )
-        paused = time.monotonic() - started
+    summary = unlocked(
+        repo,
+        restic.backup,
+        sandbox.data_dir,
+        tags=[f"trigger={trigger}"],
+        host=sandbox.slug,
+        excludes=list(EXCLUDES),
+        on_progress=report.scaled(10, 90),
+        parent=latest.restic_id if latest is not None else None,
+        # Running: frozen only while restic reads (its second pass, see restic.backup).
+        pause=(lambda: backend.frozen(spec, sandbox.backend_state)) if running else None,
+    )
     lease.check()
     snapshot, _ = Snapshot.objects.update_or_create(
         sandbox=sandbox,
@@ -369,7 +369,7 @@ def _backup(
             "files": summary.total_files,
             "size_bytes": summary.total_bytes,
             "added_bytes": summary.data_added,
-            "pause_ms": round(paused * 1000) if running else None,
+            "pause_ms": round(summary.pause_seconds * 1000) if running else None,
         },
     )
     BackupRepository.objects.filter(pk=row.pk).update(
