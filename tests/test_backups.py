@@ -437,3 +437,24 @@ def test_reconcile_finishes_a_restore_whose_worker_died(
 def write_which(root: Path, text: str) -> None:
     root.mkdir(mode=0o700, exist_ok=True)
     (root / "which.txt").write_text(text)
+
+
+def test_a_start_fails_rather_than_boot_empty_when_the_backups_cannot_be_read(
+    data_sandbox: Callable[..., Sandbox],
+) -> None:
+    sandbox = data_sandbox("unreadable@restore-on-start.test")
+    assert actions.backup_sandbox(sandbox, trigger="user") is not None
+    shutil.rmtree(sandbox.data_dir)  # a new disk
+    BackupRepository.objects.filter(sandbox=sandbox).update(password="a key that opens nothing")
+
+    steps = list(sandbox_actions.start_sandbox(sandbox, explicit=True))
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.FAILED
+    assert sandbox.error_message.startswith(
+        "This agent's data is missing and could not be restored from its backups: "
+        "The backup repository's password does not open it"
+    )
+    assert "a key that opens nothing" not in sandbox.error_message
+    assert steps[-1].message.startswith("Failed: This agent's data is missing")
+    assert not sandbox.data_dir.exists()  # no empty agent was made
+    assert leftovers(sandbox) == []
