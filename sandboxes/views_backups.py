@@ -3,8 +3,9 @@
 Contract:
 - Every view gets the sandbox through :func:`sandboxes.access.get_sandbox_for_user`, and
   snapshots and exports only through that sandbox's own related managers
-  (:func:`snapshot_for_user`, :func:`export_for_user`), so another user's snapshot or export id
-  is a 404 on every page and in the JSON, exactly like an id that does not exist.
+  (``access.get_snapshot_for_user``, ``access.get_export_for_user``), so another user's
+  snapshot or export id is a 404 on every page and in the JSON, exactly like an id that does
+  not exist.
 - The work runs in Celery tasks (sandboxes.backups.tasks). A view checks that the request makes
   sense now (:func:`refusal`: nothing running or queued, not asked within the last minute),
   records it as a SandboxEvent naming the user (kind ``<what>-requested``), and queues the task.
@@ -25,7 +26,6 @@ from django.contrib.auth.decorators import login_required
 from django.core.files.storage import FileSystemStorage
 from django.http import (
     FileResponse,
-    Http404,
     HttpRequest,
     HttpResponse,
     HttpResponseRedirect,
@@ -38,7 +38,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from billing.models import plan_for
-from sandboxes.access import get_sandbox_for_user
+from sandboxes.access import get_export_for_user, get_sandbox_for_user, get_snapshot_for_user
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
 
@@ -67,26 +67,6 @@ QUEUED = {
 
 
 # -- the doors: a user's own snapshots and exports, nobody else's -------------------------------
-
-
-def snapshot_for_user(user: Any, snapshot_id: int) -> Snapshot:
-    """Return the snapshot ``snapshot_id`` of ``user``'s sandbox. Raise Http404 otherwise."""
-    sandbox = get_sandbox_for_user(user)
-    snapshot = sandbox.snapshots.filter(pk=snapshot_id).first()
-    if snapshot is None:
-        raise Http404("No snapshot")
-    snapshot.sandbox = sandbox
-    return snapshot
-
-
-def export_for_user(user: Any, export_id: int) -> Export:
-    """Return the export ``export_id`` of ``user``'s sandbox. Raise Http404 otherwise."""
-    sandbox = get_sandbox_for_user(user)
-    export = sandbox.exports.select_related("snapshot").filter(pk=export_id).first()
-    if export is None:
-        raise Http404("No export")
-    export.sandbox = sandbox
-    return export
 
 
 # -- what may be asked for now ------------------------------------------------------------------
@@ -240,7 +220,7 @@ def restore_confirm(request: HttpRequest, snapshot_id: int) -> HttpResponse:
     """GET: say what a restore of this snapshot does and ask to confirm. POST: queue it."""
     from sandboxes.backups import tasks
 
-    snapshot = snapshot_for_user(request.user, snapshot_id)
+    snapshot = get_snapshot_for_user(request.user, snapshot_id)
     sandbox = snapshot.sandbox
     reason = refusal(sandbox, request.user, "restore", timezone.now())
     if request.method == "POST" and not reason:
@@ -280,7 +260,7 @@ def export_download(request: HttpRequest, export_id: int) -> HttpResponseBase:
     ready exports get a page that says so."""
     from sandboxes.backups.storage import export_storage
 
-    export = export_for_user(request.user, export_id)
+    export = get_export_for_user(request.user, export_id)
     now = timezone.now()
     storage = export_storage()
     stored = bool(export.storage_name) and storage.exists(export.storage_name)

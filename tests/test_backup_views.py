@@ -229,7 +229,8 @@ def test_it_sends_anonymous_visitors_to_log_in_and_refuses_users_without_a_sandb
 def test_it_finds_no_snapshot_through_the_doors_for_anyone_else(alice: Any, bob: Any) -> None:
     from django.http import Http404
 
-    from sandboxes.views_backups import export_for_user, snapshot_for_user
+    from sandboxes.access import get_export_for_user as export_for_user
+    from sandboxes.access import get_snapshot_for_user as snapshot_for_user
 
     _, snapshot, export = alices_things(alice)
     assert snapshot_for_user(alice, snapshot.pk) == snapshot
