@@ -601,7 +601,7 @@ def _start_or_roll_back(
     """Cold start the sandbox (now ``restoring``) on its restored data. Once it answers
     ``/readyz`` delete ``previous``; if it does not, put ``previous`` back, start that, and
     raise BackupFailed."""
-    error = _start_quietly(sandbox, actor, actor_user)
+    error = _start_quietly(sandbox, actor, actor_user, report)
     if error is None:
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
@@ -634,11 +634,17 @@ def _swap_back(sandbox: Sandbox, previous: Path) -> None:
     shutil.rmtree(parent / failed_name, ignore_errors=True)
 
 
-def _start_quietly(sandbox: Sandbox, actor: str, actor_user: Any) -> str | None:
-    """Start the sandbox (an explicit start); return None once it runs, else why not."""
+def _start_quietly(
+    sandbox: Sandbox, actor: str, actor_user: Any, report: _Reporter | None = None
+) -> str | None:
+    """Start the sandbox (an explicit start); return None once it runs, else why not. The
+    start records its own steps; ``report`` only shows them to its caller (76-99%)."""
     try:
-        for _ in actions.start_sandbox(sandbox, actor=actor, actor_user=actor_user, explicit=True):
-            pass
+        for step in actions.start_sandbox(
+            sandbox, actor=actor, actor_user=actor_user, explicit=True
+        ):
+            if report is not None and report.on_progress is not None:
+                report.on_progress(76 + step.percent * 23 // 100, step.message)
     except actions.TransitionRefused as exc:
         return str(exc)
     sandbox.refresh_from_db()
