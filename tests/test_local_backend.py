@@ -76,7 +76,7 @@ class _AIHandler(BaseHTTPRequestHandler):
 def ai_port() -> Iterator[int]:
     """A stand-in for Hermit's AI gateway on a host loopback port."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _AIHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     yield server.server_address[1]
     server.shutdown()
