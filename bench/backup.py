@@ -11,9 +11,11 @@ on a fresh repository each, with the engine the portal uses (restic confined in 
 * a restore into a fresh directory, verified;
 * the freeze pause of a backup of a running sandbox: one real OpenClaw gateway started through
   the local backend (bubblewrap + pasta + cgroups) on the same workspace, paused with
-  ``backend.frozen`` while restic reads. Measured for a first (full) and an incremental backup,
-  with the pause over one whole restic run (single pass) and with the default two-pass mode
-  (an unpaused first pass, then a paused pass that re-reads only what changed meanwhile).
+  ``backend.frozen`` while restic reads (restic's own start, ~0.7 s of key derivation and lock
+  checks, comes before the pause). Measured for a first (full) and an incremental backup, in
+  one paused pass (which reads all that changed since the parent snapshot) and in the default
+  two-pass mode (an unpaused first pass, then a paused pass that re-reads only what changed
+  meanwhile). The pause includes freezing and thawing.
 
 Needs root. Everything lies in a scratch dir under the settings' data dir (sandbox uids can enter
 it wherever the checkout is). Ends with one ``RESULT key=value ...`` line. Targets: incremental

@@ -18,7 +18,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -215,13 +214,22 @@ def test_a_paused_backup_reads_in_two_passes_and_keeps_what_changed_meanwhile(
     repo: restic.Repo, data: Path, tmp_path: Path
 ) -> None:
     notes = data / "state/workspace/notes.md"
-    # The sandbox writes after the unpaused first pass read the file: the paused pass sees it.
-    pause = Pause(before=lambda: notes.write_text("written after the first pass"))
+    locks = Path(repo.location) / "locks"
+    restic_open = []
+
+    def before() -> None:
+        # The paused pass's restic has opened and locked the repository already (its slow
+        # start is not part of the pause), and has not read the source yet: the sandbox's
+        # last write before the pause, after the first pass read the file, is in the snapshot.
+        restic_open.append(any(locks.iterdir()))
+        notes.write_text("written after the first pass")
+
+    pause = Pause(before=before)
     progress: list[tuple[float, bool]] = []
     summary = backup(
         repo, data, pause=pause, on_progress=lambda p, m: progress.append((p, pause.holding))
     )
-    assert pause.entered == 1 and not pause.holding
+    assert pause.entered == 1 and not pause.holding and restic_open == [True]
     assert all(p < 90 for p, holding in progress if not holding)
     assert all(90 <= p <= 100 for p, holding in progress if holding)
     assert 0 < summary.pause_seconds < summary.seconds
@@ -231,11 +239,24 @@ def test_a_paused_backup_reads_in_two_passes_and_keeps_what_changed_meanwhile(
     target = fresh_target(tmp_path)
     restic.restore(repo, summary.snapshot_id, target)
     assert (target / "state/workspace/notes.md").read_text() == "written after the first pass"
+    assert tree(target) == kept(data)  # excludes hold in the paused pass too
 
     single = Pause()
     again = backup(repo, data, pause=single, two_pass=False, parent=summary.snapshot_id)
     assert single.entered == 1 and again.pause_seconds > 0
     assert [s.id for s in restic.snapshots(repo)] == [summary.snapshot_id, again.snapshot_id]
+
+
+def test_a_pause_that_fails_stops_the_backup(repo: restic.Repo, data: Path) -> None:
+    @contextlib.contextmanager
+    def broken() -> Iterator[None]:
+        raise RuntimeError("could not pause the sandbox")
+        yield
+
+    with pytest.raises(RuntimeError, match="could not pause"):
+        backup(repo, data, pause=broken, two_pass=False)
+    assert processes_mentioning(repo.location) == []
+    assert raw_snapshots(repo) == []
 
 
 def test_a_killed_first_pass_is_forgotten_by_the_next_backup_and_retention(
@@ -251,7 +272,7 @@ def test_a_killed_first_pass_is_forgotten_by_the_next_backup_and_retention(
         EXCLUDES,
         None,
         None,
-        restic._no_pause,
+        None,
         find=False,
     )
     assert len(raw_snapshots(repo)) == 2 and len(restic.snapshots(repo)) == 1
@@ -489,32 +510,41 @@ def test_it_reports_a_full_disk(data: Path, tmp_path: Path) -> None:
         subprocess.run(["umount", "-l", str(small)], check=True)
 
 
-def test_a_worker_killed_mid_backup_leaves_a_lock_that_unlock_clears(
+def test_a_run_over_the_timeout_is_stopped(repo: restic.Repo, data: Path, settings: Any) -> None:
+    settings.HERMIT_BACKUP_TIMEOUT = 0.2  # less than restic needs to open the repository
+    with pytest.raises(restic.ResticError) as caught:
+        backup(repo, data)
+    assert caught.value.kind == "timeout" and "did not finish within" in str(caught.value)
+    assert processes_mentioning(repo.location) == []
+    settings.HERMIT_BACKUP_TIMEOUT = 600
+    assert backup(repo, data).files_new == 5
+
+
+def test_a_restic_killed_mid_backup_leaves_a_lock_that_unlock_clears(
     repo: restic.Repo, data: Path
 ) -> None:
     first = backup(repo, data)
-    (data / "state/workspace/large.bin").write_bytes(os.urandom(48 * 1024 * 1024))
+    (data / "state/workspace/new.bin").write_bytes(os.urandom(256 * 1024))
     locks = Path(repo.location) / "locks"
-    errors: list[Exception] = []
+    seen: list[bool] = []
 
-    def run() -> None:
-        try:
-            backup(repo, data)
-        except restic.ResticError as exc:
-            errors.append(exc)
+    @contextlib.contextmanager
+    def kill_restic() -> Iterator[None]:
+        # restic waits at the gate here, its repository opened and locked: kill it, as a
+        # killed worker's restic dies with it.
+        seen.append(any(locks.iterdir()))
+        for pid in processes_mentioning(repo.location):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        yield
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    assert wait_until(lambda: any(locks.iterdir()), timeout=20)
-    for pid in processes_mentioning(repo.location):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    thread.join(30)
-    assert errors and any(locks.iterdir())  # the killed run's lock stays behind
+    with pytest.raises(restic.ResticError):
+        backup(repo, data, pause=kill_restic, two_pass=False)
+    assert seen == [True] and any(locks.iterdir())  # the killed run's lock stays behind
 
     with pytest.raises(restic.ResticError) as caught:
         restic.forget(repo, keep_last=1, keep_daily=0, keep_weekly=0)
-    assert caught.value.kind == "locked"
+    assert caught.value.kind == "locked" and "locked" in str(caught.value)
     restic.unlock(repo)
     assert not any(locks.iterdir())
     again = backup(repo, data)  # the next run completes; the earlier snapshot is intact

@@ -163,3 +163,38 @@ def test_frozen_leaves_a_sandbox_that_is_not_running_alone(settings: Any) -> Non
     assert len(ran) == 2
     with pytest.raises(NotImplementedError, match="cannot pause"):
         SandboxBackend.frozen(backend, spec, {})
+
+
+def test_a_backup_of_a_running_gateway_pauses_it_only_while_restic_reads(
+    sandbox_for: Any, tmp_path: Path
+) -> None:
+    import secrets
+
+    from sandboxes import actions
+    from sandboxes.backends import get_backend
+    from sandboxes.backups import EXCLUDES, restic
+
+    sandbox = sandbox_for("freezer@agents.test")
+    backend = get_backend(sandbox.backend)
+    spec, state = actions.spec_for(sandbox), sandbox.backend_state
+    repo = restic.Repo(str(tmp_path / "repo"), secrets.token_urlsafe(24))
+    restic.init(repo)
+    note = f"written by the agent {secrets.token_hex(8)}"
+    wrote = backend.exec(spec, state, ["sh", "-c", f"echo '{note}' > state/freeze-note.md"])
+    assert wrote.exit_code == 0, wrote.stderr
+    frozen_seen = []
+
+    def pause() -> Any:
+        frozen_seen.append(True)
+        return backend.frozen(spec, state)
+
+    summary = restic.backup(
+        repo, spec.data_dir, tags=["test"], host=spec.name, excludes=EXCLUDES, pause=pause
+    )
+    print(f"\npaused {summary.pause_seconds * 1000:.1f} ms of a {summary.seconds:.2f} s backup")
+    assert frozen_seen == [True] and summary.pause_seconds < 1.0
+    assert not cgroups.is_frozen(state["cgroups"]) and healthz(backend.endpoint(spec, state)[1], 5)
+    out = tmp_path / "out"
+    out.mkdir()
+    restic.restore(repo, summary.snapshot_id, out)
+    assert (out / "state/freeze-note.md").read_text() == f"{note}\n"

@@ -17,6 +17,17 @@ outside it: restic stores links as links, and even a restic that followed one wo
 the mounts above. The password and S3 keys reach restic through its environment, never argv,
 and are scrubbed from every error message.
 
+Backups of a running sandbox take a ``pause`` (``backend.frozen``), which holds only while restic
+reads the source: restic is held back once it has opened and locked the repository (see
+``_Gate``), and the pause ends as soon as it reports its summary. By default they take two
+passes: an unpaused one reads everything, then a paused one (at a higher CPU priority)
+re-reads only what changed meanwhile, and the first pass's snapshot is forgotten. So the pause
+lasts tens of milliseconds plus the reading of recent changes, whatever the sandbox's size.
+The second pass trusts a file whose size, mtime,
+ctime and inode are as the first pass saw them; only a same-size rewrite within one kernel
+timestamp tick (a few ms) of the first pass's look at it escapes that (fine-grained
+"multigrain" timestamps in recent kernels narrow even this).
+
 Limits: restic 0.14 has no JSON progress for ``restore``; its progress is the restored size
 polled against the snapshot's size. A run longer than ``HERMIT_BACKUP_TIMEOUT`` is killed.
 """
@@ -29,6 +40,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +58,12 @@ SOURCE_MOUNT = "/data"
 RESTORE_MOUNT = "/restore"
 PROGRESS_FPS = "2"  # restic's status lines per second
 RESTORE_POLL_SECONDS = 0.5
+GATE_MOUNT = "/gate"
+GATE_NAME = "excludes"
+GATE_FILE = f"{GATE_MOUNT}/{GATE_NAME}"
+GATE_POLL_SECONDS = 0.001
+NICE = "/usr/bin/nice"
+URGENT_NICENESS = -5  # the paused pass of a backup: a sandbox waits for it
 
 BACKUP_CAPS = ("CAP_DAC_READ_SEARCH",)
 RESTORE_CAPS = ("CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH")
@@ -155,18 +173,20 @@ def backup(
     (say, deleted while being read) do not fail the backup; they are counted in ``errors``.
 
     ``pause`` (say ``lambda: backend.frozen(spec, state)``) makes the snapshot crash-consistent:
-    restic reads ``source`` only while it holds. With ``two_pass`` (the default) a first pass
-    reads everything unpaused, and the paused pass, with the first as its parent, re-reads only
-    what changed meanwhile; the first pass's snapshot is then forgotten. So the pause lasts about
-    one restic start (~0.5 s: its key derivation) plus the reading of recent changes, whatever
-    the sandbox's size. Without ``two_pass`` the pause covers one whole run.
-    ``summary.pause_seconds`` is how long the pause held.
+    restic reads ``source`` only while it holds, and it holds only while restic reads (not
+    while restic starts, nor while it unlocks and exits). With ``two_pass`` (the default) a
+    first pass reads everything unpaused, and the paused pass, with the first as its parent,
+    re-reads only what changed meanwhile; the first pass's snapshot is then forgotten. So the
+    pause lasts tens of milliseconds plus the reading of recent changes, whatever the sandbox's
+    size; without ``two_pass`` it covers the reading of everything that changed since
+    ``parent``. ``summary.pause_seconds`` is how long the pause held (freezing and thawing
+    included). If entering the pause raises, restic is stopped and the error raised.
     """
     _check_source(source)
     if PREPASS_TAG in tags:
         raise ValueError(f"{PREPASS_TAG} is reserved for the first pass of a two-pass backup")
     if pause is None:
-        return _backup_pass(repo, source, tags, host, excludes, parent, on_progress, _no_pause)
+        return _backup_pass(repo, source, tags, host, excludes, parent, on_progress, None)
     if not two_pass:
         return _backup_pass(repo, source, tags, host, excludes, parent, on_progress, pause)
     started = time.monotonic()
@@ -178,7 +198,7 @@ def backup(
         excludes,
         parent,
         _scaled(on_progress, 0, 90),
-        _no_pause,
+        None,
         find=False,
     )
     second = _backup_pass(
@@ -215,31 +235,27 @@ def _backup_pass(
     excludes: Iterable[str],
     parent: str | None,
     on_progress: ProgressFn | None,
-    pause: PauseFn,
+    pause: PauseFn | None,
     *,
     find: bool = True,
 ) -> BackupSummary:
-    """One restic backup run under ``pause``; with ``find``, the snapshot's full id and time
-    are read back (else the summary's short id and the time of the call)."""
+    """One restic backup run, reading ``source`` under ``pause``; with ``find``, the snapshot's
+    full id and time are read back (else the summary's short id and the time of the call)."""
+    patterns = [f"{SOURCE_MOUNT}/{pattern.strip('/')}" for pattern in excludes]
     args = ["backup", "--json", "--host", host]
     for tag in tags:
         args += ["--tag", tag]
-    for pattern in excludes:
-        args += ["--exclude", f"{SOURCE_MOUNT}/{pattern.strip('/')}"]
+    if pause is None:
+        for pattern in patterns:
+            args += ["--exclude", pattern]
+    else:
+        args += ["--exclude-file", GATE_FILE]
     if parent:
         args += ["--parent", parent]
     args.append(SOURCE_MOUNT)
     summary: dict[str, Any] = {}
     errors = 0
-    held = contextlib.ExitStack()
-    paused = [0.0, 0.0]  # when the pause began, how long it held
-
-    def release() -> None:
-        """End the pause: restic has read everything once it prints its summary (what is left
-        is unlocking and exiting)."""
-        if paused[0] and not paused[1]:
-            held.close()
-            paused[1] = time.monotonic() - paused[0]
+    gate = _Gate(pause, patterns) if pause is not None else None
 
     def on_line(line: str) -> None:
         nonlocal errors
@@ -249,15 +265,14 @@ def _backup_pass(
             on_progress(*_backup_progress(message))
         elif kind == "summary":
             summary.update(message)
-            release()
+            if gate:  # restic has read everything; what is left is unlocking and exiting
+                gate.release()
         elif kind == "error":
             errors += 1
 
     started = time.monotonic()
     taken = datetime.now(UTC)
-    with held:
-        held.enter_context(pause())
-        paused[0] = time.monotonic()
+    try:
         _run(
             repo,
             args,
@@ -266,8 +281,11 @@ def _backup_pass(
             caps=BACKUP_CAPS,
             on_line=on_line,
             ok_codes=(0, 3),  # 3: snapshot made, some files unreadable
+            gate=gate,
         )
-        release()
+    finally:
+        if gate:
+            gate.close()
     if "snapshot_id" not in summary:
         raise ResticError("restic backup finished without making a snapshot.")
     snapshot_id = str(summary["snapshot_id"])
@@ -285,13 +303,81 @@ def _backup_pass(
         total_bytes=int(summary.get("total_bytes_processed", 0)),
         seconds=time.monotonic() - started,
         errors=errors,
-        pause_seconds=paused[1] if pause is not _no_pause else 0.0,
+        pause_seconds=gate.held if gate else 0.0,
     )
 
 
-@contextlib.contextmanager
-def _no_pause() -> Iterator[None]:
-    yield
+class _Gate:
+    """Holds restic back, once its repository is open, until ``pause`` holds.
+
+    restic reads ``--exclude-file`` after it has opened and locked the repository (half a
+    second of key derivation and lock checks) and before it looks at anything in the source.
+    That file is a FIFO here: restic blocks opening it until the gate's thread opens the other
+    end, which it does, then enters ``pause``, then writes the patterns and closes it. So the
+    source is read only while the pause holds, and the pause does not cover restic's start.
+    ``release`` (restic's summary is out) or ``close`` ends the pause.
+    """
+
+    def __init__(self, pause: PauseFn, patterns: list[str]) -> None:
+        self.pause = pause
+        self.patterns = patterns
+        self.dir = Path(tempfile.mkdtemp(prefix="hermit-restic-gate-"))
+        os.mkfifo(self.dir / GATE_NAME, 0o600)
+        self.stack = contextlib.ExitStack()
+        self.began = 0.0
+        self.held = 0.0
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def start(self, proc: subprocess.Popen[bytes]) -> None:
+        self.thread = threading.Thread(target=self._open, args=(proc,), name="restic-gate")
+        self.thread.start()
+
+    def _open(self, proc: subprocess.Popen[bytes]) -> None:
+        fifo = self.dir / GATE_NAME
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                break
+            except OSError:  # ENXIO: restic has not opened it yet
+                if proc.poll() is not None:
+                    return
+                time.sleep(GATE_POLL_SECONDS)
+        try:
+            with self.lock:
+                self.began = time.monotonic()
+                self.stack.enter_context(self.pause())
+        except BaseException as exc:
+            self.error = exc
+            proc.kill()
+            os.close(fd)
+            return
+        try:
+            os.set_blocking(fd, True)
+            os.write(fd, "".join(f"{pattern}\n" for pattern in self.patterns).encode())
+        except OSError:
+            pass  # restic is gone; its exit status says why
+        finally:
+            os.close(fd)
+
+    def join(self) -> None:
+        """Wait for the gate's thread (once restic has exited). If pausing failed, ``error``
+        holds why, and restic was stopped."""
+        if self.thread:
+            self.thread.join()
+
+    def release(self) -> None:
+        with self.lock:
+            self.stack.close()
+            if self.began and not self.held:
+                self.held = time.monotonic() - self.began  # freezing and thawing included
+
+    def close(self) -> None:
+        try:
+            self.release()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _scaled(on_progress: ProgressFn | None, low: float, high: float) -> ProgressFn | None:
@@ -443,6 +529,7 @@ def command(
     source: Path | None = None,
     target: Path | None = None,
     caps: Iterable[str] = (),
+    gate: Path | None = None,
 ) -> list[str]:
     """Return the argv that runs ``restic <args>`` confined (see the module docstring)."""
     argv = [
@@ -476,6 +563,8 @@ def command(
         argv += ["--ro-bind", str(source), SOURCE_MOUNT]
     if target is not None:
         argv += ["--bind", str(target), f"{RESTORE_MOUNT}{SOURCE_MOUNT}"]
+    if gate is not None:
+        argv += ["--ro-bind", str(gate), GATE_MOUNT]
     argv += ["--remount-ro", "/", "--cap-drop", "ALL"]
     for cap in caps:
         argv += ["--cap-add", cap]
@@ -511,14 +600,27 @@ def _run(
     on_line: Callable[[str], None] | None = None,
     stdout: BinaryIO | None = None,
     ok_codes: tuple[int, ...] = (0,),
+    gate: _Gate | None = None,
 ) -> str:
     """Run restic confined; return its stdout (unless streamed to ``stdout`` or ``on_line``).
 
-    Raises ResticError with a readable, secret-free message on a failure or a timeout.
+    With a ``gate`` (see ``_Gate``) restic runs at a higher CPU priority: a paused sandbox
+    waits for it. Raises ResticError with a readable, secret-free message on a failure or a
+    timeout, or what the gate's pause raised.
     """
     if repo.is_local and not Path(repo.location).is_dir():
         raise ResticError(f"There is no backup repository at {repo.location}.", kind="missing")
-    argv = command(repo, args, write=write, source=source, target=target, caps=caps)
+    argv = command(
+        repo,
+        args,
+        write=write,
+        source=source,
+        target=target,
+        caps=caps,
+        gate=gate.dir if gate else None,
+    )
+    if gate:
+        argv = [NICE, "-n", str(URGENT_NICENESS), *argv]
     timeout = _timeout()
     timed_out = threading.Event()
 
@@ -533,12 +635,18 @@ def _run(
         reader.start()
         killer = threading.Timer(timeout, stop)
         killer.start()
+        if gate:
+            gate.start(proc)
         try:
             output = _consume(proc.stdout, on_line, stdout)
             code = proc.wait()
         finally:
             killer.cancel()
             reader.join()
+            if gate:
+                gate.join()
+    if gate and gate.error:
+        raise gate.error
     if timed_out.is_set():
         raise ResticError(
             f"restic {args[0]} did not finish within {timeout:.0f} s and was stopped.",
