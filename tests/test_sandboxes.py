@@ -43,6 +43,13 @@ def _wait_state(sandbox: Sandbox, states: set[str], timeout: float) -> Sandbox:
     )
 
 
+def _wait_output(server: Server, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in server.output():
+        assert time.monotonic() < deadline, f"no {text!r} in:\n{server.output()[-3000:]}"
+        time.sleep(0.1)
+
+
 def _poll(sandbox: Sandbox) -> Any:
     return get_backend(sandbox.backend).poll(actions.spec_for(sandbox), sandbox.backend_state)
 
@@ -76,9 +83,9 @@ def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
     os.killpg(worker.proc.pid, signal.SIGKILL)
     worker.proc.wait()
     assert _poll(sandbox).running
-    start_server("celery", name="worker-2")
-    tasks.reconcile_sandboxes.delay()
-    time.sleep(3)
+    worker = start_server("celery", name="worker-2")
+    reconcile = tasks.reconcile_sandboxes.delay()
+    _wait_output(worker, f"reconcile_sandboxes[{reconcile.id}] succeeded", 60)
     tasks.stop_sandbox.delay(sandbox.pk)
     sandbox = _wait_state(sandbox, {State.STOPPED}, 60)
     assert not sandbox.events.filter(kind="crashed").exists()
