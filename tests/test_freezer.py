@@ -141,6 +141,15 @@ def test_frozen_pauses_a_running_gateway_and_always_thaws_it(sandbox_for: Any) -
     assert healthz(port, 5) == 200
     assert backend.poll(spec, state).running
 
+    cgroups.freeze(state["cgroups"])  # dozing: a backup in between leaves it frozen
+    try:
+        with backend.frozen(spec, state):
+            assert cgroups.is_frozen(state["cgroups"])
+        assert cgroups.is_frozen(state["cgroups"])
+    finally:
+        cgroups.thaw(state["cgroups"])
+    assert healthz(port, 5) == 200
+
 
 def test_frozen_leaves_a_sandbox_that_is_not_running_alone(settings: Any) -> None:
     from sandboxes.backends.base import SandboxSpec

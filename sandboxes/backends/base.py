@@ -133,7 +133,8 @@ class SandboxBackend(abc.ABC):
         Every process of the sandbox stops (RAM kept, nothing runs, nothing writes) before the
         block starts, and runs again when it ends, however it ends: so a backup read in the
         block is crash-consistent. A sandbox that is not running (``state`` empty, or its
-        processes gone) needs no pause: the block just runs. Raises BackendError if the sandbox
+        processes gone) needs no pause: the block just runs; one paused already (dozing) stays
+        paused after the block. Raises BackendError if the sandbox
         cannot be paused (then the block does not run).
 
         Not abstract, so backends without a freezer still load; but no backend may pretend: one

@@ -581,9 +581,10 @@ class LocalBackend(SandboxBackend):
     @contextlib.contextmanager
     def frozen(self, spec: SandboxSpec, state: dict[str, Any]) -> Iterator[None]:
         """Freeze the sandbox's cgroup (pasta, bwrap, the gateway, everything it started) for
-        the block; thaw it after, whatever happens. A sandbox not running is left alone."""
+        the block; thaw it after, whatever happens. A sandbox not running is left alone, and
+        one frozen already (dozing) stays frozen after the block."""
         paths = state.get("cgroups")
-        if not paths or not self.poll(spec, state).running:
+        if not paths or not self.poll(spec, state).running or cgroups.is_frozen(paths):
             yield
             return
         try:
