@@ -13,11 +13,13 @@ import io
 import json
 import os
 import secrets
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -551,6 +553,23 @@ def test_a_restic_killed_mid_backup_leaves_a_lock_that_unlock_clears(
     assert again.files_new == 1
     assert [s.id for s in restic.snapshots(repo)] == [first.snapshot_id, again.snapshot_id]
     restic.check(repo)
+
+
+def test_gate_dirs_of_dead_workers_are_swept(repo: restic.Repo, data: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp = Path(tempfile.gettempdir())
+    stale = tmp / f"{restic.GATE_PREFIX}{dead.pid}-killed"
+    live = tmp / f"{restic.GATE_PREFIX}{os.getpid()}-busy"
+    for path in (stale, live):
+        path.mkdir()
+        os.mkfifo(path / restic.GATE_NAME)
+    try:
+        backup(repo, data, pause=Pause(), two_pass=False)
+        assert not stale.exists() and live.exists()
+    finally:
+        shutil.rmtree(live, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 _CHILD = """

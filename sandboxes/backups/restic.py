@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -62,6 +63,7 @@ GATE_MOUNT = "/gate"
 GATE_NAME = "excludes"
 GATE_FILE = f"{GATE_MOUNT}/{GATE_NAME}"
 GATE_POLL_SECONDS = 0.001
+GATE_PREFIX = "hermit-restic-gate-"  # + the pid of the process that made it
 NICE = "/usr/bin/nice"
 URGENT_NICENESS = -5  # the paused pass of a backup: a sandbox waits for it
 
@@ -321,7 +323,8 @@ class _Gate:
     def __init__(self, pause: PauseFn, patterns: list[str]) -> None:
         self.pause = pause
         self.patterns = patterns
-        self.dir = Path(tempfile.mkdtemp(prefix="hermit-restic-gate-"))
+        _sweep_gates()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{GATE_PREFIX}{os.getpid()}-"))
         os.mkfifo(self.dir / GATE_NAME, 0o600)
         self.stack = contextlib.ExitStack()
         self.began = 0.0
@@ -378,6 +381,22 @@ class _Gate:
             self.release()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _sweep_gates() -> None:
+    """Remove the gate dirs of processes that died (a killed worker leaves its own)."""
+    base = Path(tempfile.gettempdir())
+    for entry in base.glob(f"{GATE_PREFIX}*-*"):
+        pid = entry.name.removeprefix(GATE_PREFIX).split("-", 1)[0]
+        try:
+            st = entry.lstat()
+            if not pid.isdigit() or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _scaled(on_progress: ProgressFn | None, low: float, high: float) -> ProgressFn | None:
