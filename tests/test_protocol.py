@@ -69,7 +69,14 @@ async def next_event(client: GatewayClient, name: str, timeout: float = 60.0) ->
 
 @pytest.fixture
 async def client(gateway: BareGateway) -> Any:
-    c = GatewayClient(gateway.url, token=gateway.token, identity=DeviceIdentity.generate())
+    # Retries capped at 1 s (the default cap is 5 s): after a restart test brings the gateway
+    # back, the client finds it within a second rather than up to six.
+    c = GatewayClient(
+        gateway.url,
+        token=gateway.token,
+        identity=DeviceIdentity.generate(),
+        backoff=Backoff(maximum=1.0),
+    )
     await c.start()
     try:
         yield c
