@@ -203,11 +203,10 @@ def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup
     sh(agent, f"head -c 400000000 /dev/urandom > {big}")  # restic needs seconds for this
     # The agent keeps touching it, so the paused (second) pass of a backup reads it all again:
     # long enough to kill the worker while the agent is frozen.
-    toucher = sh(
+    sh(
         agent,
-        f"nohup sh -c 'while :; do touch {big}; sleep 0.2; done' </dev/null >/dev/null 2>&1 &"
-        " echo $!",
-    ).strip()
+        f"nohup sh -c 'while :; do touch {big}; sleep 0.2; done' </dev/null >/dev/null 2>&1 &",
+    )
     env = server_env(
         **sandbox_dirs,
         DJANGO_SETTINGS_MODULE=os.environ["DJANGO_SETTINGS_MODULE"],
@@ -222,8 +221,8 @@ def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup
         start_new_session=True,
     )
     try:
-        wait_for(lambda: cgroups.is_frozen(agent.backend_state["cgroups"]), 120)
-        time.sleep(1.0)  # restic is reading the big file again, the agent frozen
+        wait_for(lambda: cgroups.is_frozen(agent.backend_state["cgroups"]), 120, every=0.01)
+        # restic is reading the big file again, the agent frozen: kill the worker now
         assert worker.poll() is None, "the backup finished before it could be killed"
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
@@ -242,10 +241,11 @@ def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup
         ).exists(),
         10,
     )
-    assert sandbox_actions.reconcile_sandbox(agent) == "backup-recovered"
+    assert sandbox_actions.reconcile_sandbox(agent) == "backup-recovered"  # restarted it
+    agent.refresh_from_db()
+    assert agent.state == State.RUNNING
     assert not cgroups.is_frozen(agent.backend_state["cgroups"])
-    assert history(agent) is not None  # answering again
-    sh(agent, f"kill {toucher}")
+    assert history(agent) is not None  # answering again (the toucher went with the restart)
 
     copy = restore_copy(agent, earlier, tmp_path)
     assert (copy / "state/workspace/before.txt").read_text() == "earlier"
@@ -256,12 +256,12 @@ def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup
     sh(agent, f"rm {big}")
 
 
-def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float, every: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s")
-        time.sleep(0.1)
+        time.sleep(every)
 
 
 def test_retention_keeps_exactly_what_the_plan_says(agent: Sandbox) -> None:

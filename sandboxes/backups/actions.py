@@ -704,7 +704,8 @@ def reconcile_backups(sandbox: Sandbox) -> str | None:
 
     A dead worker's lease stays on the row until it expires, and marks the work to finish:
 
-    * a backup's: a running sandbox may still be frozen, so it is thawed (``backup-recovered``);
+    * a backup's: a running sandbox may still be paused, so it is restarted
+      (``backup-recovered``; see :func:`_recover_backup`);
     * a restore's, sandbox ``restoring``: ``rolled-back`` if the swap was half done (the
       previous data put back and started), ``rolled-forward`` if the restored data was in
       place (started on it, the previous data kept until it answers ``/readyz``, and put back
@@ -731,29 +732,42 @@ def reconcile_backups(sandbox: Sandbox) -> str | None:
         lease = claim_lease(row, kind)
     except BackupBusy:
         return "pending"
-    start_after = False
+    start_after = restart = False
     try:
         sandbox.refresh_from_db()
         if lease.took_over and row.initialized_at is not None:
             with contextlib.suppress(restic.ResticError):
                 restic.unlock(restic_repo(row))  # the dead worker's restic left its lock
         if kind != LockKind.RESTORE:
-            return _recover_backup(sandbox, kind)
-        outcome, start_after = _recover_restore(sandbox)
+            outcome, restart = _recover_backup(sandbox, kind)
+        else:
+            outcome, start_after = _recover_restore(sandbox)
     finally:
         release_lease(lease)
-    if start_after:  # outside the lease: a missing data dir is restored by the start itself
+    # Outside the lease: a start waits for a backup's lease, and restores a missing data dir
+    # under its own.
+    if start_after:
         _start_quietly(sandbox, Actor.SYSTEM, None)
+    if restart:
+        with contextlib.suppress(actions.TransitionRefused):
+            for _ in actions.restart_sandbox(sandbox):
+                pass
     return outcome
 
 
-def _recover_backup(sandbox: Sandbox, kind: str) -> str:
-    if sandbox.state == State.RUNNING and sandbox.backend_state:
-        backend = get_backend(sandbox.backend)
-        with backend.frozen(actions.spec_for(sandbox), sandbox.backend_state):
-            pass  # leaving the block thaws it, whoever froze it
-    record_event(sandbox, kind, f"An interrupted {kind} was cleared; the agent runs as before")
-    return "backup-recovered"
+def _recover_backup(sandbox: Sandbox, kind: str) -> tuple[str, bool]:
+    """Clear a dead backup's (or export's) lease; return (outcome, restart the sandbox).
+
+    A backup that died while its sandbox was paused leaves it paused. The backend contract
+    pauses a sandbox for a block (``backend.frozen``) but has no way to resume one paused by
+    a process that is gone (a dozing sandbox stays paused through a block), so a running
+    sandbox whose backup died is restarted: a cold boot always brings it back.
+    """
+    if kind == LockKind.BACKUP and sandbox.state == State.RUNNING and sandbox.backend_state:
+        record_event(sandbox, kind, "A backup was interrupted; restarting the agent it paused")
+        return "backup-recovered", True
+    record_event(sandbox, kind, f"An interrupted {kind} was cleared")
+    return "backup-recovered", False
 
 
 def _recover_restore(sandbox: Sandbox) -> tuple[str, bool]:
