@@ -49,7 +49,8 @@ async def chat_once(url: str, token: str, identity: Any, message: str) -> str:
 def test_it_meters_a_real_openclaw_chat_to_its_owner(
     sandbox_for: Callable[..., Sandbox], model_server: FakeModelServer
 ) -> None:
-    sandbox = sandbox_for("metered@agents.test")
+    # Alice's pooled sandbox, which the chat and Control UI tests use too (one start for all).
+    sandbox = sandbox_for("alice@chat.test")
     owner = sandbox.owner
     Price.objects.all().delete()  # the seeded prices (exact names) would win over the glob
     Price.objects.create(model="*", input_per_million=Decimal(1), output_per_million=Decimal(2))
