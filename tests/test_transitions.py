@@ -17,10 +17,12 @@ EXPECTED: dict[str, set[str]] = {
     "provisioning": {"starting", "failed"},
     "starting": {"running", "failed", "stopping"},
     "running": {"stopping", "starting", "failed"},
-    "stopping": {"stopped", "sleeping", "failed"},
-    "sleeping": {"starting", "stopping", "failed"},
-    "stopped": {"starting"},
-    "failed": {"starting", "stopping"},
+    "stopping": {"stopped", "sleeping", "failed", "restoring"},
+    "sleeping": {"starting", "stopping", "failed", "restoring"},
+    "stopped": {"starting", "restoring"},
+    "failed": {"starting", "stopping", "restoring"},
+    # a restore holds a stopped sandbox while it swaps the data dir in
+    "restoring": {"starting", "stopped", "failed"},
 }
 ALLOWED_PAIRS = sorted((a, b) for a, targets in EXPECTED.items() for b in targets)
 REFUSED_PAIRS = sorted(
