@@ -141,3 +141,11 @@ class SandboxBackend(abc.ABC):
         that cannot pause raises NotImplementedError, never yields unfrozen.
         """
         raise NotImplementedError(f"The {self.name} backend cannot pause a running sandbox.")
+
+    def thaw(self, spec: SandboxSpec, state: dict[str, Any]) -> None:
+        """Resume every process of a paused sandbox; a no-op if it is not paused or not running.
+
+        For a pause whose owner is gone (a backup worker killed inside ``frozen``): reconcile
+        resumes a sandbox the database says is running. Raises BackendError if it cannot.
+        """
+        raise NotImplementedError(f"The {self.name} backend cannot resume a paused sandbox.")

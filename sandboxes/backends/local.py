@@ -601,6 +601,15 @@ class LocalBackend(SandboxBackend):
                     f"Sandbox {spec.name} stays paused: {exc}. Thaw it by hand, or stop it."
                 ) from exc
 
+    def thaw(self, spec: SandboxSpec, state: dict[str, Any]) -> None:
+        paths = state.get("cgroups")
+        if not paths:
+            return
+        try:
+            cgroups.thaw(paths)
+        except cgroups.CgroupError as exc:
+            raise BackendError(f"Could not resume sandbox {spec.name}: {exc}") from exc
+
     def endpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> tuple[str, int]:
         if "host_port" not in state:
             raise BackendError(f"Sandbox {spec.name} has no endpoint: it was never started.")

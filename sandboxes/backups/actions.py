@@ -704,7 +704,7 @@ def reconcile_backups(sandbox: Sandbox) -> str | None:
 
     A dead worker's lease stays on the row until it expires, and marks the work to finish:
 
-    * a backup's: a running sandbox may still be paused, so it is restarted
+    * a backup's: a running sandbox may still be paused, so it is resumed
       (``backup-recovered``; see :func:`_recover_backup`);
     * a restore's, sandbox ``restoring``: ``rolled-back`` if the swap was half done (the
       previous data put back and started), ``rolled-forward`` if the restored data was in
@@ -758,14 +758,19 @@ def reconcile_backups(sandbox: Sandbox) -> str | None:
 def _recover_backup(sandbox: Sandbox, kind: str) -> tuple[str, bool]:
     """Clear a dead backup's (or export's) lease; return (outcome, restart the sandbox).
 
-    A backup that died while its sandbox was paused leaves it paused. The backend contract
-    pauses a sandbox for a block (``backend.frozen``) but has no way to resume one paused by
-    a process that is gone (a dozing sandbox stays paused through a block), so a running
-    sandbox whose backup died is restarted: a cold boot always brings it back.
+    A backup that died while its sandbox was paused leaves it paused: a sandbox the database
+    says is running is resumed (``backend.thaw``), and restarted only if that fails.
     """
     if kind == LockKind.BACKUP and sandbox.state == State.RUNNING and sandbox.backend_state:
-        record_event(sandbox, kind, "A backup was interrupted; restarting the agent it paused")
-        return "backup-recovered", True
+        try:
+            get_backend(sandbox.backend).thaw(actions.spec_for(sandbox), sandbox.backend_state)
+        except (BackendError, NotImplementedError) as exc:
+            record_event(
+                sandbox, kind, f"A backup was interrupted and its pause stuck ({exc}); restarting"
+            )
+            return "backup-recovered", True
+        record_event(sandbox, kind, "A backup was interrupted; the agent it paused runs again")
+        return "backup-recovered", False
     record_event(sandbox, kind, f"An interrupted {kind} was cleared")
     return "backup-recovered", False
 
