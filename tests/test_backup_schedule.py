@@ -149,6 +149,14 @@ def test_a_held_lease_makes_a_second_backup_busy_until_it_expires(
     with pytest.raises(actions.BackupBusy, match="A restore of this agent is already running"):
         actions.backup_sandbox(sandbox, trigger="user")
     assert tasks.backup_sandbox(sandbox.pk, "user") == "busy"
+    assert not sandbox.events.filter(kind="backup").exists()  # nobody asked: nothing to tell
+    # A person who asked is told why their backup did not start (the page stops waiting).
+    assert tasks.backup_sandbox(sandbox.pk, "user", sandbox.owner_id) == "busy"
+    told = sandbox.events.filter(kind="backup").first()
+    assert told is not None and told.actor_user_id == sandbox.owner_id
+    assert told.message == "Not started: A restore of this agent is already running; " + (
+        "try again when it has finished."
+    )
     # Its worker died: the lease is not renewed, and once it has run out the next one runs.
     held._stop.set()
     after = timezone.now() + timedelta(seconds=settings.HERMIT_BACKUP_LEASE_SECONDS + 1)
@@ -194,3 +202,17 @@ def test_a_deleted_sandbox_takes_its_backups_with_it(
     assert (location / "config").is_file()
     sandbox.owner.delete()
     assert not location.exists()
+
+
+def test_a_step_inside_a_restore_moves_the_bar_only_within_its_own_span(
+    data_sandbox: MakeSandbox,
+) -> None:
+    sandbox = data_sandbox("span@backups.test")
+    seen: list[int] = []
+    outer = actions._Reporter(sandbox, "restore", "user", None, lambda p, _m: seen.append(p))
+    inner = outer.quiet(62, 74)  # the pre-restore backup, between "backing up" and "swapping"
+    inner.tick("reading", 0)
+    inner.scaled(10, 90)(50.0, "half")
+    inner.event("done", 100)
+    assert seen == [62, 68, 74]
+    assert not sandbox.events.filter(kind="restore").exists()  # ticks only, no events

@@ -478,7 +478,7 @@ def restore_sandbox(
                     trigger=Trigger.PRE_RESTORE,
                     actor_user=actor_user,
                     force=False,
-                    report=report.quiet(),
+                    report=report.quiet(62, 74),
                     retention=False,
                 )
             lease.check()
@@ -902,19 +902,33 @@ class _Reporter:
         actor_user: Any,
         on_progress: ProgressFn | None,
         quiet: bool = False,
+        span: tuple[int, int] = (0, 100),
     ) -> None:
         self.sandbox, self.kind, self.actor, self.actor_user = sandbox, kind, actor, actor_user
         self.on_progress = on_progress
         self.silent = quiet
+        self.span = span
         self._last = -1
 
-    def quiet(self) -> _Reporter:
-        """A reporter for a step inside another: ticks only, no events of its own."""
+    def quiet(self, low: int, high: int) -> _Reporter:
+        """A reporter for a step inside another: ticks only, no events of its own, its 0-100
+        shown as ``low``..``high`` of this one's, so the outer bar never jumps back."""
         return _Reporter(
-            self.sandbox, self.kind, self.actor, self.actor_user, self.on_progress, quiet=True
+            self.sandbox,
+            self.kind,
+            self.actor,
+            self.actor_user,
+            self.on_progress,
+            quiet=True,
+            span=(self._map(low), self._map(high)),
         )
 
+    def _map(self, percent: float) -> int:
+        low, high = self.span
+        return low + round((high - low) * max(0.0, min(percent, 100.0)) / 100)
+
     def event(self, message: str, percent: int) -> None:
+        percent = self._map(percent)
         if not self.silent:
             record_event(
                 self.sandbox,
@@ -929,6 +943,7 @@ class _Reporter:
 
     def tick(self, message: str, percent: int) -> None:
         """Show a step to live listeners without storing it."""
+        percent = self._map(percent)
         broadcast_progress(self.sandbox, percent, message)
         if self.on_progress is not None:
             self.on_progress(percent, message)
@@ -937,7 +952,7 @@ class _Reporter:
         """A restic progress callback (0-100) mapped onto ``low``..``high``."""
 
         def tick(percent: float, message: str) -> None:
-            value = low + round((high - low) * max(0.0, min(percent, 100.0)) / 100)
+            value = self._map(low + (high - low) * max(0.0, min(percent, 100.0)) / 100)
             if value != self._last:
                 self._last = value
                 broadcast_progress(self.sandbox, value, message)

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from billing.models import plan_for
 from sandboxes.backups import actions
+from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Sandbox, Snapshot
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,15 @@ def _user(user_id: int | None) -> Any:
     if user_id is None:
         return None
     return get_user_model().objects.filter(pk=user_id).first()
+
+
+def _refused(sandbox: Sandbox, kind: str, reason: str, user: Any) -> None:
+    """Tell a person who asked for work that did not start why (the dashboard stops showing
+    it as queued once an event of its kind follows the request)."""
+    if user is None:
+        return
+    actor = actions.Actor.USER if user.pk == sandbox.owner_id else actions.Actor.STAFF
+    record_event(sandbox, kind, f"Not started: {reason}", actor=actor, actor_user=user)
 
 
 def is_due(sandbox: Sandbox, now: datetime) -> bool:
@@ -64,12 +74,15 @@ def backup_sandbox(sandbox_id: int, trigger: str, actor_user_id: int | None = No
     wanted = STOPPED_TRIGGERS.get(trigger)
     if wanted is not None and sandbox.state != wanted:
         return "skipped"
+    user = _user(actor_user_id)
     try:
-        snapshot = actions.backup_sandbox(sandbox, trigger=trigger, actor_user=_user(actor_user_id))
-    except actions.BackupBusy:
+        snapshot = actions.backup_sandbox(sandbox, trigger=trigger, actor_user=user)
+    except actions.BackupBusy as exc:
+        _refused(sandbox, "backup", str(exc), user)
         return "busy"
     except actions.BackupFailed as exc:
         log.warning("backup of sandbox %s failed: %s", sandbox_id, exc)
+        _refused(sandbox, "backup", str(exc), user)
         return "failed"
     return "done" if snapshot is not None else "unchanged"
 
@@ -84,17 +97,19 @@ def restore_sandbox(
     if sandbox is None:
         return "skipped"
     snapshot = None
+    user = _user(actor_user_id)
     if snapshot_id is not None:
         snapshot = Snapshot.objects.filter(pk=snapshot_id, sandbox=sandbox).first()
-        if snapshot is None:
-            return "skipped"  # forgotten by retention meanwhile, or not this sandbox's
-    user = _user(actor_user_id)
+        if snapshot is None:  # forgotten by retention meanwhile, or not this sandbox's
+            _refused(sandbox, "restore", "that snapshot is no longer kept.", user)
+            return "skipped"
     actor = actions.Actor.SYSTEM
     if user is not None:
         actor = actions.Actor.USER if user.pk == sandbox.owner_id else actions.Actor.STAFF
     try:
         actions.restore_sandbox(sandbox, snapshot, actor=actor, actor_user=user)
-    except actions.BackupBusy:
+    except actions.BackupBusy as exc:
+        _refused(sandbox, "restore", str(exc), user)
         return "busy"
     except actions.BackupFailed as exc:
         log.warning("restore of sandbox %s failed: %s", sandbox_id, exc)
