@@ -84,6 +84,9 @@ def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
     worker.proc.wait()
     assert _poll(sandbox).running
     worker = start_server("celery", name="worker-2")
+    # Only once it listens: Redis may hand a message to the killed worker's connection until
+    # it has noticed that it closed.
+    _wait_output(worker, "ready.", 60)
     reconcile = tasks.reconcile_sandboxes.delay()
     _wait_output(worker, f"reconcile_sandboxes[{reconcile.id}] succeeded", 60)
     tasks.stop_sandbox.delay(sandbox.pk)
