@@ -353,6 +353,23 @@ def test_it_forgets_what_the_policy_does_not_keep(repo: restic.Repo, data: Path)
     restic.check(repo, read_data=True)  # pruned, still whole
 
 
+def test_forget_keeps_tagged_snapshots_and_can_consider_only_some(
+    repo: restic.Repo, data: Path
+) -> None:
+    made = []
+    for n, tag in enumerate(["pinned", "auto", "auto", "other", "auto"]):
+        (data / "state/workspace/notes.md").write_text(f"version {n}")
+        made.append(backup(repo, data, tags=[tag]).snapshot_id)
+    # Only "auto" snapshots are considered: "pinned" and "other" are neither counted nor removed.
+    removed = restic.forget(repo, keep_last=1, keep_daily=0, keep_weekly=0, tags=["auto"])
+    assert sorted(removed) == sorted([made[1], made[2]])
+    assert [s.id for s in restic.snapshots(repo)] == [made[0], made[3], made[4]]
+    # Over everything, keep_last=1 would leave the newest alone; keep_tags keeps "pinned" too.
+    removed = restic.forget(repo, keep_last=1, keep_daily=0, keep_weekly=0, keep_tags=["pinned"])
+    assert removed == [made[3]]
+    assert [s.id for s in restic.snapshots(repo)] == [made[0], made[4]]
+
+
 def test_it_detects_a_corrupted_pack(repo: restic.Repo, data: Path, tmp_path: Path) -> None:
     summary = backup(repo, data)
     restic.check(repo, read_data=True)

@@ -429,18 +429,31 @@ def snapshots(repo: Repo, ids: Iterable[str] = ()) -> list[SnapshotInfo]:
 
 
 def forget(
-    repo: Repo, *, keep_last: int, keep_daily: int, keep_weekly: int, prune: bool = True
+    repo: Repo,
+    *,
+    keep_last: int,
+    keep_daily: int,
+    keep_weekly: int,
+    prune: bool = True,
+    keep_tags: Iterable[str] = (),
+    tags: Iterable[str] = (),
 ) -> list[str]:
     """Remove the snapshots the policy does not keep; return their ids.
 
     The policy covers the whole repository (whatever a snapshot's host or tags), days and weeks
     in UTC. At least the newest snapshot is always kept. With ``prune`` the data no snapshot
-    uses any more is deleted too.
+    uses any more is deleted too. A snapshot holding any of ``keep_tags`` is kept too (restic
+    ``--keep-tag``); with ``tags`` only the snapshots holding one of them are considered at all
+    (restic ``--tag``), the others are neither counted nor removed.
     """
     if max(keep_last, keep_daily, keep_weekly) <= 0:
         keep_last = 1
     _forget_prepasses(repo)  # a killed two-pass backup's first pass counts for nothing
     args = ["forget", "--json", "--group-by", ""]
+    for tag in keep_tags:
+        args += ["--keep-tag", tag]
+    for tag in tags:
+        args += ["--tag", tag]
     for flag, value in (
         ("--keep-last", keep_last),
         ("--keep-daily", keep_daily),
