@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import plan_for
-from sandboxes.backups import actions
+from sandboxes.backups import actions, storage
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Sandbox, Snapshot
 
@@ -49,6 +49,15 @@ def _refused(sandbox: Sandbox, kind: str, reason: str, user: Any) -> None:
         return
     actor = actions.Actor.USER if user.pk == sandbox.owner_id else actions.Actor.STAFF
     record_event(sandbox, kind, f"Not started: {reason}", actor=actor, actor_user=user)
+
+
+def _failed(sandbox: Sandbox, kind: str, reason: str, user: Any) -> None:
+    """Record a failure the actions could not (it happened before their work began), naming
+    whoever asked, or the system for a scheduled run."""
+    actor = actions.Actor.SYSTEM
+    if user is not None:
+        actor = actions.Actor.USER if user.pk == sandbox.owner_id else actions.Actor.STAFF
+    record_event(sandbox, kind, f"Failed: {reason}", actor=actor, actor_user=user)
 
 
 def is_due(sandbox: Sandbox, now: datetime) -> bool:
@@ -84,6 +93,10 @@ def backup_sandbox(sandbox_id: int, trigger: str, actor_user_id: int | None = No
         log.warning("backup of sandbox %s failed: %s", sandbox_id, exc)
         _refused(sandbox, "backup", str(exc), user)
         return "failed"
+    except storage.StorageError as exc:  # the bucket is unreachable or misconfigured
+        log.warning("backup of sandbox %s failed: %s", sandbox_id, exc)
+        _failed(sandbox, "backup", str(exc), user)
+        return "failed"
     return "done" if snapshot is not None else "unchanged"
 
 
@@ -114,6 +127,10 @@ def restore_sandbox(
     except actions.BackupFailed as exc:
         log.warning("restore of sandbox %s failed: %s", sandbox_id, exc)
         return "failed"
+    except storage.StorageError as exc:
+        log.warning("restore of sandbox %s failed: %s", sandbox_id, exc)
+        _failed(sandbox, "restore", str(exc), user)
+        return "failed"
     return "done"
 
 
@@ -130,10 +147,15 @@ def export_snapshot(
         snapshot = Snapshot.objects.filter(pk=snapshot_id, sandbox=sandbox).first()
         if snapshot is None:
             return None
+    user = _user(actor_user_id)
     try:
-        export = actions.export_snapshot(sandbox, snapshot, actor_user=_user(actor_user_id))
+        export = actions.export_snapshot(sandbox, snapshot, actor_user=user)
     except (actions.BackupBusy, actions.BackupFailed) as exc:
         log.warning("export of sandbox %s failed: %s", sandbox_id, exc)
+        return None
+    except storage.StorageError as exc:
+        log.warning("export of sandbox %s failed: %s", sandbox_id, exc)
+        _failed(sandbox, "export", str(exc), user)
         return None
     return export.pk
 
@@ -143,7 +165,13 @@ def due_sandboxes(now: datetime) -> list[Sandbox]:
     candidates = (
         Sandbox.objects.select_related("owner")
         .filter(state__in=SCHEDULED_STATES)
-        .filter(Q(backup_repo__isnull=True) | Q(backup_repo__last_attempt_at__lt=now))
+        # No row yet, a row whose first attempt never got as far as recording itself (the
+        # storage or ``restic init`` failed while the lease was being set up), or an old one.
+        .filter(
+            Q(backup_repo__isnull=True)
+            | Q(backup_repo__last_attempt_at__isnull=True)
+            | Q(backup_repo__last_attempt_at__lt=now)
+        )
         .order_by("pk")
     )
     return [
