@@ -216,3 +216,30 @@ def test_a_step_inside_a_restore_moves_the_bar_only_within_its_own_span(
     inner.event("done", 100)
     assert seen == [62, 68, 74]
     assert not sandbox.events.filter(kind="restore").exists()  # ticks only, no events
+
+
+def test_free_plan_retention_keeps_the_latest_pre_restore_snapshots(
+    data_sandbox: MakeSandbox,
+) -> None:
+    sandbox = data_sandbox("pre-restore@backups.test")  # free: keep_daily 7, one a day
+    pre = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.PRE_RESTORE, force=True)
+    assert pre is not None
+    latest = None
+    for n in range(3):  # the sleeps and schedules of the same day
+        write_files(sandbox.data_dir, {"state/workspace/notes.md": f"version {n}\n"})
+        latest = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.SLEEP)
+        assert latest is not None
+    assert sorted(repo_snapshots(sandbox)) == sorted([pre.restic_id, latest.restic_id])
+    kept = sandbox.snapshots.filter(trigger=Snapshot.Trigger.PRE_RESTORE)
+    assert list(kept.values_list("restic_id", flat=True)) == [pre.restic_id]
+
+    pres = [pre.restic_id]
+    for _ in range(3):  # unchanged data, but a restore's backup is always taken
+        again = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.PRE_RESTORE, force=True)
+        assert again is not None
+        pres.append(again.restic_id)
+    write_files(sandbox.data_dir, {"state/workspace/notes.md": "version last\n"})
+    last = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.SCHEDULE)
+    assert last is not None
+    assert sorted(repo_snapshots(sandbox)) == sorted([*pres[-3:], last.restic_id])
+    assert sorted(kept.values_list("restic_id", flat=True)) == sorted(pres[-3:])

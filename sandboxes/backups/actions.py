@@ -83,6 +83,9 @@ PREVIOUS_PREFIX = ".previous-"
 FAILED_PREFIX = ".failed-"
 # Sandboxes a backup may read: stopped ones as they are, running ones frozen.
 BACKUP_STATES = frozenset({State.RUNNING, State.SLEEPING, State.STOPPED, State.FAILED})
+# The latest pre-restore snapshots are kept whatever the plan's retention says.
+PRE_RESTORE_TAG = f"trigger={Trigger.PRE_RESTORE}"
+PRE_RESTORE_KEEP = 3
 TRIGGER_ACTOR: dict[str, str] = {
     Trigger.USER: Actor.USER,
     Trigger.STAFF: Actor.STAFF,
@@ -394,13 +397,26 @@ def apply_retention(sandbox: Sandbox) -> list[str]:
 
 
 def _apply_retention(sandbox: Sandbox, repo: restic.Repo) -> list[str]:
+    """Apply the plan's policy, except to the latest PRE_RESTORE_KEEP pre-restore snapshots,
+    which are kept whatever the plan (a restore's confirmation promises the user can come back
+    to the data it replaced); older pre-restore ones are forgotten."""
     plan = plan_for(sandbox.owner)
     removed = unlocked(
+        repo,
+        restic.forget,
+        keep_last=PRE_RESTORE_KEEP,
+        keep_daily=0,
+        keep_weekly=0,
+        tags=[PRE_RESTORE_TAG],
+        prune=False,
+    )
+    removed += unlocked(
         repo,
         restic.forget,
         keep_last=plan.backup_keep_last,
         keep_daily=plan.backup_keep_daily,
         keep_weekly=plan.backup_keep_weekly,
+        keep_tags=[PRE_RESTORE_TAG],
     )
     if removed:
         Snapshot.objects.filter(sandbox=sandbox, restic_id__in=removed).delete()
@@ -477,7 +493,7 @@ def restore_sandbox(
                     repo,
                     trigger=Trigger.PRE_RESTORE,
                     actor_user=actor_user,
-                    force=False,
+                    force=True,  # the user's way back, even if unchanged since the last one
                     report=report.quiet(62, 74),
                     retention=False,
                 )
