@@ -141,7 +141,7 @@ def test_a_sleep_backup_is_dropped_once_the_agent_runs_again(data_sandbox: MakeS
     assert not sandbox.snapshots.exists()
 
 
-def test_a_held_lease_makes_a_second_backup_busy_until_it_expires(
+def test_a_held_lease_makes_a_second_backup_busy_until_reconcile_recovers_it(
     data_sandbox: MakeSandbox,
 ) -> None:
     sandbox = data_sandbox("lease@backups.test")
@@ -157,10 +157,18 @@ def test_a_held_lease_makes_a_second_backup_busy_until_it_expires(
     assert told.message == "Not started: A restore of this agent is already running; " + (
         "try again when it has finished."
     )
-    # Its worker died: the lease is not renewed, and once it has run out the next one runs.
+    # Its worker died: the lease is not renewed, and once it has run out it marks work to
+    # finish, which only reconcile takes over; until then everyone else is still busy.
     held._stop.set()
     after = timezone.now() + timedelta(seconds=settings.HERMIT_BACKUP_LEASE_SECONDS + 1)
     with time_machine.travel(after, tick=False):
+        with pytest.raises(actions.BackupBusy, match=r"interrupted restore .* being recovered"):
+            actions.backup_sandbox(sandbox, trigger="user")
+        with pytest.raises(actions.BackupBusy, match="being recovered"):
+            actions.claim_lease(actions.repository_for(sandbox), "export")
+        assert actions.reconcile_backups(sandbox) == "restore-recovered"
+        row = BackupRepository.objects.get(sandbox=sandbox)
+        assert (row.lock_token, row.lock_kind, row.locked_until) == ("", "", None)
         snapshot = actions.backup_sandbox(sandbox, trigger="user")
     assert snapshot is not None
     row = BackupRepository.objects.get(sandbox=sandbox)
@@ -224,12 +232,13 @@ def test_free_plan_retention_keeps_the_latest_pre_restore_snapshots(
     sandbox = data_sandbox("pre-restore@backups.test")  # free: keep_daily 7, one a day
     pre = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.PRE_RESTORE, force=True)
     assert pre is not None
-    latest = None
+    latest: list[str] = []
     for n in range(3):  # the sleeps and schedules of the same day
         write_files(sandbox.data_dir, {"state/workspace/notes.md": f"version {n}\n"})
-        latest = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.SLEEP)
-        assert latest is not None
-    assert sorted(repo_snapshots(sandbox)) == sorted([pre.restic_id, latest.restic_id])
+        slept = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.SLEEP)
+        assert slept is not None
+        latest.append(slept.restic_id)
+    assert sorted(repo_snapshots(sandbox)) == sorted([pre.restic_id, latest[-1]])
     kept = sandbox.snapshots.filter(trigger=Snapshot.Trigger.PRE_RESTORE)
     assert list(kept.values_list("restic_id", flat=True)) == [pre.restic_id]
 

@@ -6,11 +6,13 @@ Contract:
   BackupRepository row (``lock_token``/``lock_kind``/``locked_until``), claimed with a
   conditional UPDATE and renewed by a thread while the work runs. A second caller gets
   BackupBusy. A worker that is killed stops renewing; its lease expires after
-  HERMIT_BACKUP_LEASE_SECONDS and the next caller takes over. Since the lease is the only way
-  to run restic on a repository, whoever holds it may remove restic's own locks
-  (``restic.unlock``): it does when it took over an expired lease (the dead worker's restic
-  left its lock), and after a restic run failed (a run killed at its timeout leaves one). So a
-  killed run's lock never blocks the next, and a healthy run spends no restic call on it.
+  HERMIT_BACKUP_LEASE_SECONDS, and only reconcile (:func:`reconcile_backups`) takes it over,
+  to finish what the dead worker left (everyone else is told to try again shortly). Since
+  the lease is the only way to run restic on a repository, whoever holds it may remove
+  restic's own locks (``restic.unlock``): it does when it took over an expired lease (the
+  dead worker's restic left its lock), and after a restic run failed (a run killed at its
+  timeout leaves one). So a killed run's lock never blocks the next, and a healthy run
+  spends no restic call on it.
 * **Backups** skip a sandbox whose data dir is unchanged since the last snapshot (by
   ``safefs.fingerprint``, which follows and opens nothing), unless forced. A running sandbox is
   frozen (``backend.frozen``) only while restic reads (the second, short pass of
@@ -163,8 +165,13 @@ def _lease_seconds() -> float:
     return float(settings.HERMIT_BACKUP_LEASE_SECONDS)
 
 
-def claim_lease(row: BackupRepository, kind: str) -> Lease:
-    """Claim the repository's lease for ``kind`` or raise BackupBusy; start renewing it."""
+def claim_lease(row: BackupRepository, kind: str, *, takeover: bool = False) -> Lease:
+    """Claim the repository's lease for ``kind`` or raise BackupBusy; start renewing it.
+
+    A lease that expired without being released marks work a dead worker left half done
+    (a paused agent, a half-swapped restore): only ``takeover`` (reconcile's recovery, which
+    finishes that work) may claim it; anyone else is told to try again shortly.
+    """
     now = timezone.now()
     seconds = _lease_seconds()
     token = secrets.token_hex(16)
@@ -176,12 +183,18 @@ def claim_lease(row: BackupRepository, kind: str) -> Lease:
     mine = BackupRepository.objects.filter(pk=row.pk)
     took_over = False
     claimed = mine.filter(lock_token="").update(**claim)
-    if not claimed:  # held, or left by a worker that died: then its lease has run out
+    if not claimed and takeover:  # left by a worker that died: its lease has run out
         claimed = mine.exclude(lock_token="").filter(locked_until__lte=now).update(**claim)
         took_over = bool(claimed)
     if not claimed:
-        holder = BackupRepository.objects.filter(pk=row.pk).values_list("lock_kind", flat=True)
-        what = holder.first() or "backup"
+        holder = BackupRepository.objects.filter(pk=row.pk).values("lock_kind", "locked_until")
+        found = holder.first() or {}
+        what = found.get("lock_kind") or "backup"
+        until = found.get("locked_until")
+        if until is not None and until <= now:
+            raise BackupBusy(
+                f"An interrupted {what} of this agent is being recovered; try again shortly."
+            )
         raise BackupBusy(
             f"A {what} of this agent is already running; try again when it has finished."
         )
@@ -592,7 +605,8 @@ def _swap_in(sandbox: Sandbox, fresh: Path) -> Path | None:
     data went (None if there was none). Both renames happen in the root-owned parent through
     its directory fd, so no link the sandbox planted is followed."""
     parent, live = sandbox.data_dir.parent, sandbox.data_dir.name
-    previous_name = f"{PREVIOUS_PREFIX}{sandbox.pk}-{fresh.name.rsplit('-', 1)[1]}"
+    stamp = timezone.now().strftime("%Y%m%dT%H%M%S%f")  # sorts by time: newest last
+    previous_name = f"{PREVIOUS_PREFIX}{sandbox.pk}-{stamp}-{fresh.name.rsplit('-', 1)[1]}"
     with safefs.opened_dir(parent) as fd:
         had_live = _entry_is_dir(fd, live)
         if had_live:
@@ -745,7 +759,7 @@ def reconcile_backups(sandbox: Sandbox) -> str | None:
         return None  # let it settle first; the expired lease still marks the work
     kind = row.lock_kind or LockKind.RESTORE
     try:
-        lease = claim_lease(row, kind)
+        lease = claim_lease(row, kind, takeover=True)
     except BackupBusy:
         return "pending"
     start_after = restart = False
@@ -797,8 +811,9 @@ def _recover_restore(sandbox: Sandbox) -> tuple[str, bool]:
     for prefix in (RESTORE_PREFIX, FAILED_PREFIX):
         for leftover in parent.glob(f"{prefix}{sandbox.pk}-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+    # Named with the swap's time (see _swap_in): the newest name is the latest swap's.
     found = parent.glob(f"{PREVIOUS_PREFIX}{sandbox.pk}-*")
-    previous = sorted(found, key=lambda p: p.lstat().st_mtime)[-1:]
+    previous = sorted(found, key=lambda p: p.name)[-1:]
     report = _Reporter(sandbox, "restore", Actor.SYSTEM, None, None)
     if sandbox.state == State.RUNNING:
         if previous:
