@@ -187,10 +187,9 @@ def claim_lease(row: BackupRepository, kind: str, *, takeover: bool = False) -> 
         claimed = mine.exclude(lock_token="").filter(locked_until__lte=now).update(**claim)
         took_over = bool(claimed)
     if not claimed:
-        holder = BackupRepository.objects.filter(pk=row.pk).values("lock_kind", "locked_until")
-        found = holder.first() or {}
-        what = found.get("lock_kind") or "backup"
-        until = found.get("locked_until")
+        holder = BackupRepository.objects.filter(pk=row.pk).first()
+        what = (holder.lock_kind if holder else "") or "backup"
+        until = holder.locked_until if holder else None
         if until is not None and until <= now:
             raise BackupBusy(
                 f"An interrupted {what} of this agent is being recovered; try again shortly."
