@@ -67,6 +67,9 @@ class TransitionRefused(Exception):
     """The sandbox is not in a state from which the requested change is allowed."""
 
 
+RESTORING_MESSAGE = "Your agent is being restored; it starts again once the restore is done."
+
+
 class OwnerInactive(TransitionRefused):
     """The sandbox's owner is deactivated: it may not start."""
 
@@ -219,8 +222,13 @@ def start_sandbox(
     actor: str = Actor.SYSTEM,
     actor_user: Any = None,
     explicit: bool = False,
+    restoring: bool = False,
 ) -> Iterator[Progress]:
     """Start the sandbox's gateway, yielding progress; end running, or failed with a reason.
+
+    A sandbox held for a restore (``restoring``) is started only by the restore itself
+    (``restoring=True``: the restore, and reconcile finishing one a dead worker left);
+    anyone else gets TransitionRefused.
 
     Raises TransitionRefused if the sandbox cannot start from its current state (for example
     another worker is already starting it), OwnerInactive (a TransitionRefused) if its
@@ -235,6 +243,11 @@ def start_sandbox(
     """
     from sandboxes.backups.actions import BackupFailed, restore_if_missing, wait_for_backup
 
+    if not restoring and (
+        sandbox.state == State.RESTORING
+        or Sandbox.objects.filter(pk=sandbox.pk, state=State.RESTORING).exists()
+    ):
+        raise TransitionRefused(RESTORING_MESSAGE)
     if not owner_is_active(sandbox):
         raise OwnerInactive(OWNER_INACTIVE_MESSAGE)
     check_crash_backoff(sandbox, explicit=explicit or actor == Actor.STAFF)

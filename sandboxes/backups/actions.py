@@ -670,7 +670,7 @@ def _start_quietly(
     start records its own steps; ``report`` only shows them to its caller (76-99%)."""
     try:
         for step in actions.start_sandbox(
-            sandbox, actor=actor, actor_user=actor_user, explicit=True
+            sandbox, actor=actor, actor_user=actor_user, explicit=True, restoring=True
         ):
             if report is not None and report.on_progress is not None:
                 report.on_progress(76 + step.percent * 23 // 100, step.message)
