@@ -271,6 +271,10 @@ CELERY_TIMEZONE = "UTC"
 HERMIT_RECONCILE_INTERVAL = envint("HERMIT_RECONCILE_INTERVAL", "30")
 # Seconds between scans for sandboxes whose plan's backup interval has passed.
 HERMIT_BACKUP_SCAN_INTERVAL = envint("HERMIT_BACKUP_SCAN_INTERVAL", "300")
+# Seconds between checks of every backup repository (restic check, reading a random
+# HERMIT_BACKUP_CHECK_SUBSET of the stored data: "10%", "1/10" or empty for structure only).
+HERMIT_BACKUP_CHECK_INTERVAL = envint("HERMIT_BACKUP_CHECK_INTERVAL", str(7 * 24 * 3600))
+HERMIT_BACKUP_CHECK_SUBSET = env("HERMIT_BACKUP_CHECK_SUBSET", "10%")
 # The initial beat schedule; staff edit it afterwards in the admin (django-celery-beat).
 CELERY_BEAT_SCHEDULE = {
     "reconcile-sandboxes": {
@@ -284,6 +288,10 @@ CELERY_BEAT_SCHEDULE = {
     "backup-due-sandboxes": {
         "task": "sandboxes.backups.tasks.backup_due_sandboxes",
         "schedule": timedelta(seconds=HERMIT_BACKUP_SCAN_INTERVAL),
+    },
+    "check-backups": {
+        "task": "sandboxes.backups.tasks.check_backups",
+        "schedule": timedelta(seconds=HERMIT_BACKUP_CHECK_INTERVAL),
     },
 }
 
@@ -396,6 +404,11 @@ HERMIT_AUTO_PROVISION = envbool("HERMIT_AUTO_PROVISION", "True")
 # Where local repositories live; empty = <HERMIT_DATA_DIR>/backups, resolved when used (root's,
 # 0700). Ignored when HERMIT_BACKUP_S3_BUCKET is set.
 HERMIT_BACKUP_DIR = env("HERMIT_BACKUP_DIR")
+if HERMIT_BACKUP_DIR and not os.path.isabs(HERMIT_BACKUP_DIR):
+    raise ValueError(
+        f"HERMIT_BACKUP_DIR must be an absolute path (such as /var/lib/hermit/backups), "
+        f"not {HERMIT_BACKUP_DIR!r}"
+    )
 # Setting a bucket switches repositories and exports to S3 (or R2, MinIO: set the endpoint, such
 # as http://127.0.0.1:9000 or https://<account>.r2.cloudflarestorage.com; empty = AWS).
 HERMIT_BACKUP_S3_BUCKET = env("HERMIT_BACKUP_S3_BUCKET")
@@ -411,6 +424,15 @@ HERMIT_BACKUP_S3_SECRET_ACCESS_KEY = env("HERMIT_BACKUP_S3_SECRET_ACCESS_KEY")
 HERMIT_BACKUP_LEASE_SECONDS = envint("HERMIT_BACKUP_LEASE_SECONDS", "120")
 # Seconds one restic run (a backup, restore, check or export) may take before it is stopped.
 HERMIT_BACKUP_TIMEOUT = envint("HERMIT_BACKUP_TIMEOUT", "3600")
+# Seconds a running agent may stay paused while a backup reads what changed; a backup whose
+# paused pass takes longer (a stalled storage, say) resumes the agent and fails.
+try:
+    HERMIT_BACKUP_MAX_PAUSE_SECONDS = float(env("HERMIT_BACKUP_MAX_PAUSE_SECONDS", "10"))
+except ValueError:
+    raise ValueError("HERMIT_BACKUP_MAX_PAUSE_SECONDS must be a number of seconds") from None
+# Seconds after which a queued restore or export is refused rather than run (a worker killed
+# mid-restore has it redelivered an hour later: it must not then revert the agent).
+HERMIT_BACKUP_REQUEST_MAX_AGE = envint("HERMIT_BACKUP_REQUEST_MAX_AGE", "900")
 # Seconds a "Download my agent" link (a presigned URL, or the portal's own link) stays valid.
 HERMIT_EXPORT_TTL = envint("HERMIT_EXPORT_TTL", "3600")
 

@@ -9,10 +9,11 @@ same work. Failures are recorded as SandboxEvents by the actions and logged here
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import Q
 from django.utils import timezone
@@ -49,6 +50,40 @@ def _refused(sandbox: Sandbox, kind: str, reason: str, user: Any) -> None:
         return
     actor = actions.Actor.USER if user.pk == sandbox.owner_id else actions.Actor.STAFF
     record_event(sandbox, kind, f"Not started: {reason}", actor=actor, actor_user=user)
+
+
+class RequestedTask(Task):
+    """A task asked for by a person: every message carries ``requested_at`` (when it was
+    sent, aware UTC, ISO 8601), so the task can refuse a request that has grown stale.
+
+    Tasks are acknowledged late (a killed worker's task is run again), and Redis hands an
+    unacknowledged message out again only after its visibility timeout (an hour): a restore
+    killed halfway would otherwise run again an hour later and revert the agent to an old
+    snapshot under its user's feet (reconcile has already finished or undone the first).
+    """
+
+    def apply_async(
+        self, args: Any = None, kwargs: dict[str, Any] | None = None, *rest: Any, **options: Any
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        kwargs.setdefault("requested_at", timezone.now().isoformat())
+        return super().apply_async(args, kwargs, *rest, **options)
+
+
+_STALE = "it was asked for too long ago (the workers were busy or restarted); ask again."
+
+
+def _stale(requested_at: str | None) -> bool:
+    """Return True if a request made at ``requested_at`` is older than the setting allows."""
+    if not requested_at:
+        return False
+    try:
+        asked = datetime.fromisoformat(requested_at)
+    except ValueError:
+        return True
+    if asked.tzinfo is None:
+        return True
+    return timezone.now() - asked > timedelta(seconds=settings.HERMIT_BACKUP_REQUEST_MAX_AGE)
 
 
 def _failed(sandbox: Sandbox, kind: str, reason: str, user: Any) -> None:
@@ -100,17 +135,24 @@ def backup_sandbox(sandbox_id: int, trigger: str, actor_user_id: int | None = No
     return "done" if snapshot is not None else "unchanged"
 
 
-@shared_task(acks_late=True)
+@shared_task(base=RequestedTask, acks_late=True)
 def restore_sandbox(
-    sandbox_id: int, snapshot_id: int | None = None, actor_user_id: int | None = None
+    sandbox_id: int,
+    snapshot_id: int | None = None,
+    actor_user_id: int | None = None,
+    requested_at: str | None = None,
 ) -> str:
     """Restore one sandbox from a snapshot (a Snapshot pk; default its latest). A restore
-    is asked for by a person: user if the owner asked, staff otherwise."""
+    is asked for by a person: user if the owner asked, staff otherwise. Refused (``stale``)
+    if asked for longer than HERMIT_BACKUP_REQUEST_MAX_AGE ago (see RequestedTask)."""
     sandbox = _sandbox(sandbox_id)
     if sandbox is None:
         return "skipped"
     snapshot = None
     user = _user(actor_user_id)
+    if _stale(requested_at):
+        _refused(sandbox, "restore", _STALE, user)
+        return "stale"
     if snapshot_id is not None:
         snapshot = Snapshot.objects.filter(pk=snapshot_id, sandbox=sandbox).first()
         if snapshot is None:  # forgotten by retention meanwhile, or not this sandbox's
@@ -134,13 +176,20 @@ def restore_sandbox(
     return "done"
 
 
-@shared_task(acks_late=True)
+@shared_task(base=RequestedTask, acks_late=True)
 def export_snapshot(
-    sandbox_id: int, snapshot_id: int | None = None, actor_user_id: int | None = None
+    sandbox_id: int,
+    snapshot_id: int | None = None,
+    actor_user_id: int | None = None,
+    requested_at: str | None = None,
 ) -> int | None:
-    """Pack a snapshot for download; return the Export's pk (None if nothing was made)."""
+    """Pack a snapshot for download; return the Export's pk (None if nothing was made, or
+    if asked for longer than HERMIT_BACKUP_REQUEST_MAX_AGE ago)."""
     sandbox = _sandbox(sandbox_id)
     if sandbox is None:
+        return None
+    if _stale(requested_at):
+        _refused(sandbox, "export", _STALE, _user(actor_user_id))
         return None
     snapshot = None
     if snapshot_id is not None:
