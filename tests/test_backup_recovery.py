@@ -5,12 +5,17 @@ alone. Real restic where needed, on sandboxes whose data dir is written by hand 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from sandboxes import actions as sandbox_actions
-from sandboxes.models import Sandbox
+from sandboxes.backends import safefs
+from sandboxes.backups import actions
+from sandboxes.models import BackupRepository, Sandbox
 
 pytestmark = pytest.mark.django_db(transaction=True)
 State = Sandbox.State
@@ -35,3 +40,57 @@ def test_a_restoring_agent_is_started_by_no_one_but_its_restore(
     sandbox.refresh_from_db()
     assert sandbox.state == State.RESTORING
     assert not sandbox.events.filter(state=State.STARTING).exists()
+
+
+DEPTH = 1500  # restic restores it; shutil.rmtree recurses once per level
+
+
+def deep_tree(root: Path, depth: int, link_to: Path) -> None:
+    """Make ``root`` hold ``depth`` nested dirs (made through fds: the path is too long to
+    name), with a link to ``link_to`` at the bottom."""
+    root.mkdir(mode=0o700)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.symlink(link_to, "outside", dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_very_deep_tree_is_removed_and_no_link_in_it_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the tree's\n")
+    deep_tree(tmp_path / "deep", DEPTH, outside)
+    safefs.remove_tree(tmp_path / "deep")
+    assert not (tmp_path / "deep").exists()
+    assert (outside / "keep.txt").read_text() == "not the tree's\n"
+    safefs.remove_tree(tmp_path / "deep")  # gone already: nothing to do
+    (tmp_path / "link").symlink_to(outside)
+    safefs.remove_tree(tmp_path / "link")  # the link goes, not what it points at
+    assert not (tmp_path / "link").is_symlink() and (outside / "keep.txt").exists()
+
+
+def test_reconcile_removes_a_very_deep_previous_dir_a_dead_restore_left(
+    data_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    sandbox = data_sandbox("deep@recovery.test", state="running")
+    parent, pk = sandbox.data_dir.parent, sandbox.pk
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    deep_tree(parent / f".previous-{pk}-20261123T020000000000-0123456789ab", DEPTH, outside)
+    deep_tree(parent / f".restore-{pk}-ba9876543210", DEPTH, outside)
+    row = actions.repository_for(sandbox)
+    BackupRepository.objects.filter(pk=row.pk).update(
+        lock_token="dead-worker", lock_kind="restore", locked_until=timezone.now()
+    )
+    assert actions.reconcile_backups(sandbox) == "restore-finished"
+    assert list(parent.glob(f".*-{pk}-*")) == []
+    assert outside.is_dir()
+    row.refresh_from_db()
+    assert (row.lock_token, row.locked_until) == ("", None)
+    assert actions.reconcile_backups(sandbox) is None  # done once

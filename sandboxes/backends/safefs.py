@@ -11,8 +11,8 @@ replace (its parent is root's).
 
 Limits: trees deeper than ``MAX_DEPTH`` are not descended (one fd is held per level); what lies
 below is the sandbox's own making, so its uid already owns it, and ``disk_usage`` undercounts it.
-Deleting a tree needs nothing here: ``shutil.rmtree`` is fd-based on Linux
-(``shutil.rmtree.avoids_symlink_attacks``).
+Deleting a tree: :func:`remove_tree` (``shutil.rmtree`` recurses once per level, so a tree a few
+thousand directories deep, which restic restores fine, makes it raise RecursionError).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import stat
+import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -172,3 +173,26 @@ def _walk_rel(
                     yield from _walk_rel(child, f"{rel}/", skip, depth + 1)
             finally:
                 os.close(child)
+
+
+RM = "/bin/rm"
+
+
+def remove_tree(path: Path | str) -> None:
+    """Delete ``path`` and everything under it, however deep, following no link.
+
+    Runs GNU ``rm -rf --one-file-system``: it walks with fts relative to directory fds (depth
+    costs no recursion), never follows a link (a link is removed, not its target; ``path``
+    itself too), and crosses no mount. A missing ``path`` is no error. Raises OSError with
+    rm's reason if anything is left.
+    """
+    result = subprocess.run(
+        [RM, "-rf", "--one-file-system", "--", os.fspath(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+    )
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()
+        raise OSError(f"Could not remove {path}: {reason[0] if reason else 'rm failed'}")

@@ -47,7 +47,6 @@ import gzip
 import logging
 import os
 import secrets
-import shutil
 import stat
 import tempfile
 import threading
@@ -511,7 +510,7 @@ def restore_sandbox(
                 )
             lease.check()
         except BaseException as exc:
-            shutil.rmtree(fresh, ignore_errors=True)
+            _remove(sandbox, fresh)
             _resume_after_abort(sandbox, was_running, actor, actor_user)
             if isinstance(exc, restic.ResticError | BackendError | OSError):
                 report.event(f"Restore failed: {_reason(exc)}; your agent is unchanged", 100)
@@ -562,7 +561,7 @@ def _restore_fresh(
     try:
         restic.restore(repo, snapshot.restic_id, fresh, on_progress=report.scaled(low, high))
     except BaseException as exc:
-        shutil.rmtree(fresh, ignore_errors=True)
+        _remove(sandbox, fresh)
         if isinstance(exc, restic.ResticError):
             report.event(f"Restore failed: {exc}; your agent is unchanged", 100)
             raise BackupFailed(f"{exc} Your agent's data is unchanged.") from exc
@@ -633,7 +632,7 @@ def _start_or_roll_back(
     error = _start_quietly(sandbox, actor, actor_user, report)
     if error is None:
         if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+            _remove(sandbox, previous)
         return
     report.event(f"The restored agent did not start ({error}); putting the previous data back", 90)
     sandbox.refresh_from_db()  # failed (the backend cleaned up), or still restoring if refused
@@ -660,7 +659,7 @@ def _swap_back(sandbox: Sandbox, previous: Path) -> None:
             os.rename(live, failed_name, src_dir_fd=fd, dst_dir_fd=fd)
         os.rename(previous.name, live, src_dir_fd=fd, dst_dir_fd=fd)
         os.fsync(fd)
-    shutil.rmtree(parent / failed_name, ignore_errors=True)
+    _remove(sandbox, parent / failed_name)
 
 
 def _start_quietly(
@@ -771,6 +770,11 @@ def reconcile_backups(sandbox: Sandbox) -> str | None:
             outcome, restart = _recover_backup(sandbox, kind)
         else:
             outcome, start_after = _recover_restore(sandbox)
+    except (OSError, BackendError, actions.TransitionRefused) as exc:
+        # Recorded, not raised: the rest of reconcile goes on, and the next pass tries again.
+        log.warning("could not recover sandbox %s's %s: %s", sandbox.pk, kind, exc)
+        record_event(sandbox, kind, f"Could not finish an interrupted {kind}: {_reason(exc)}")
+        return "recovery-failed"
     finally:
         release_lease(lease)
     # Outside the lease: a start waits for a backup's lease, and restores a missing data dir
@@ -809,14 +813,14 @@ def _recover_restore(sandbox: Sandbox) -> tuple[str, bool]:
     parent = sandbox.data_dir.parent
     for prefix in (RESTORE_PREFIX, FAILED_PREFIX):
         for leftover in parent.glob(f"{prefix}{sandbox.pk}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            _remove(sandbox, leftover)
     # Named with the swap's time (see _swap_in): the newest name is the latest swap's.
     found = parent.glob(f"{PREVIOUS_PREFIX}{sandbox.pk}-*")
     previous = sorted(found, key=lambda p: p.name)[-1:]
     report = _Reporter(sandbox, "restore", Actor.SYSTEM, None, None)
     if sandbox.state == State.RUNNING:
         if previous:
-            shutil.rmtree(previous[0], ignore_errors=True)
+            _remove(sandbox, previous[0])
             report.event("An interrupted restore had finished: its previous data removed", 100)
         return "restore-finished", False
     if previous and not _is_dir(sandbox.data_dir):
@@ -1010,6 +1014,19 @@ def _entry_is_dir(dir_fd: int, name: str) -> bool:
         return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except FileNotFoundError:
         return False
+
+
+def _remove(sandbox: Sandbox, path: Path) -> bool:
+    """Delete a restore's leftover dir (``safefs.remove_tree``); return False, with the
+    reason logged and recorded, if it could not be removed. Never raises: a leftover costs
+    disk, not the restore or the recovery."""
+    try:
+        safefs.remove_tree(path)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+        record_event(sandbox, "restore", f"Could not remove leftover data {path.name}: {exc}")
+        return False
+    return True
 
 
 def _reason(exc: BaseException) -> str:
