@@ -5,9 +5,13 @@ sandboxes whose data dir is written by hand (no gateway)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -105,3 +109,68 @@ def test_an_export_runs_while_fresh_and_is_refused_once_stale(
     with time_machine.travel(timezone.now() + timedelta(minutes=9), tick=True):
         pk = tasks.export_snapshot(*args, **kwargs)
     assert Export.objects.get(pk=pk).state == Export.State.READY
+
+
+def damage_biggest_pack(sandbox: Sandbox) -> None:
+    row = BackupRepository.objects.get(sandbox=sandbox)
+    packs = [p for p in (Path(row.location) / "data").rglob("*") if p.is_file()]
+    biggest = max(packs, key=lambda p: p.stat().st_size)
+    biggest.chmod(0o600)
+    with biggest.open("r+b") as handle:
+        handle.seek(biggest.stat().st_size // 2)
+        handle.write(b"\0" * 64)
+
+
+def test_the_weekly_check_reports_a_damaged_pack_and_passes_a_good_repository(
+    data_sandbox: MakeSandbox, eager_backups: None, settings: Any
+) -> None:
+    good = data_sandbox("check-good@checks.test")
+    bad = data_sandbox(
+        "check-bad@checks.test", files={"state/workspace/blob.bin": os.urandom(300_000)}
+    )
+    never = data_sandbox("check-never@checks.test")  # never backed up: nothing to check
+    for sandbox in (good, bad):
+        actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.SCHEDULE)
+    damage_biggest_pack(bad)
+    settings.HERMIT_BACKUP_CHECK_SUBSET = "100%"
+    assert tasks.check_backups() == 2
+    ok = SandboxEvent.objects.get(sandbox=good, kind="backup-check")
+    assert ok.message.startswith("Backup repository checked, reading 100% of its data: no damage")
+    damaged = SandboxEvent.objects.get(sandbox=bad, kind="backup-check")
+    assert "found damage" in damaged.message and "damaged" in damaged.message
+    assert not SandboxEvent.objects.filter(sandbox=never, kind="backup-check").exists()
+    assert not BackupRepository.objects.filter(sandbox=never).exists()
+    for sandbox in (good, bad):  # the lease is released
+        assert BackupRepository.objects.get(sandbox=sandbox).lock_token == ""
+    assert tasks.check_backup(bad.pk) == "damaged"
+    settings.HERMIT_BACKUP_CHECK_SUBSET = "10%"  # the default: a random tenth
+    assert tasks.check_backup(good.pk) == "ok"
+
+
+def test_a_check_skips_a_repository_whose_lease_is_held(data_sandbox: MakeSandbox) -> None:
+    sandbox = data_sandbox("check-busy@checks.test")
+    actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.SCHEDULE)
+    with actions.leased(sandbox, "restore"):
+        assert tasks.check_backup(sandbox.pk) == "busy"
+    assert not SandboxEvent.objects.filter(sandbox=sandbox, kind="backup-check").exists()
+    assert tasks.check_backup(sandbox.pk) == "ok"
+
+
+def test_settings_refuse_a_relative_backup_dir(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HERMIT_BACKUP_DIR"}
+    env.update(
+        DJANGO_SETTINGS_MODULE="portal.settings",
+        DEBUG="True",
+        HERMIT_DATA_DIR=str(tmp_path),
+        HERMIT_BACKUP_DIR="backups",
+    )
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "HERMIT_BACKUP_DIR must be an absolute path" in result.stderr

@@ -515,13 +515,22 @@ def snapshot_size(repo: Repo, snapshot_id: str) -> tuple[int, int]:
     return int(out.get("total_size", 0)), int(out.get("total_file_count", 0))
 
 
-def check(repo: Repo, *, read_data: bool = False) -> None:
-    """Check the repository's structure (and with ``read_data`` every byte of every pack).
+def check(repo: Repo, *, read_data: bool = False, read_data_subset: str | None = None) -> None:
+    """Check the repository's structure (and with ``read_data`` every byte of every pack, or
+    with ``read_data_subset`` those of some packs: ``"10%"`` a random tenth, ``"2/7"`` the
+    second of seven fixed groups; restic ``--read-data-subset``).
 
     Raises ResticError with ``corrupt=True`` if anything is damaged.
     """
+    args = ["check"]
+    if read_data:
+        args.append("--read-data")
+    elif read_data_subset:
+        if not re.fullmatch(r"\d+(\.\d+)?%|\d+/\d+", read_data_subset.strip()):
+            raise ValueError(f"not a subset restic reads: {read_data_subset!r} (say 10% or 1/10)")
+        args.append(f"--read-data-subset={read_data_subset.strip()}")
     try:
-        _run(repo, ["check", *(["--read-data"] if read_data else [])])
+        _run(repo, args)
     except ResticError as exc:
         if exc.kind == "failed":
             raise ResticError(f"The backup repository is damaged: {exc}", kind="corrupt") from None

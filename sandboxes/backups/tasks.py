@@ -9,6 +9,7 @@ same work. Failures are recorded as SandboxEvents by the actions and logged here
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,7 +20,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import plan_for
-from sandboxes.backups import actions, storage
+from sandboxes.backups import actions, restic, storage
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Sandbox, Snapshot
 
@@ -249,3 +250,67 @@ def backup_due_sandboxes() -> int:
 def purge_backups(location: str) -> None:
     """Delete a deleted sandbox's repository. Idempotent."""
     actions.purge_backups(location)
+
+
+CHECK_KIND = "backup-check"  # the SandboxEvent kind
+CHECK_LEASE = "check"  # the lease's kind while checking (a check never touches the data dir)
+
+
+@shared_task(acks_late=True)
+def check_backups() -> int:
+    """Beat (every HERMIT_BACKUP_CHECK_INTERVAL): queue a check of every initialized backup
+    repository; return how many."""
+    ids = list(
+        BackupRepository.objects.filter(initialized_at__isnull=False)
+        .order_by("sandbox_id")
+        .values_list("sandbox_id", flat=True)
+    )
+    for sandbox_id in ids:
+        check_backup.delay(sandbox_id)
+    return len(ids)
+
+
+@shared_task(acks_late=True)
+def check_backup(sandbox_id: int) -> str:
+    """Check one sandbox's repository under its lease (restic check, reading a random
+    HERMIT_BACKUP_CHECK_SUBSET of its data) and record the result as a ``backup-check``
+    event; return ``ok``, ``damaged``, ``failed``, ``busy`` (a backup, restore or export holds
+    the lease: the next check will do) or ``skipped`` (no sandbox or no repository)."""
+    sandbox = _sandbox(sandbox_id)
+    if (
+        sandbox is None
+        or not BackupRepository.objects.filter(
+            sandbox=sandbox, initialized_at__isnull=False
+        ).exists()
+    ):
+        return "skipped"
+    subset = str(settings.HERMIT_BACKUP_CHECK_SUBSET or "").strip() or None
+    read = f", reading {subset} of its data" if subset else ""
+    started = time.monotonic()
+    try:
+        with actions.leased(sandbox, CHECK_LEASE) as (_lease, repo):
+            try:
+                restic.check(repo, read_data_subset=subset)
+            except restic.ResticError as exc:
+                error: restic.ResticError | None = exc
+            else:
+                error = None
+    except actions.BackupBusy:
+        return "busy"
+    except (actions.BackupFailed, storage.StorageError) as exc:
+        log.warning("the backup repository of sandbox %s could not be checked: %s", sandbox_id, exc)
+        record_event(sandbox, CHECK_KIND, f"The backup repository could not be checked: {exc}")
+        return "failed"
+    seconds = time.monotonic() - started
+    if error is None:
+        record_event(
+            sandbox, CHECK_KIND, f"Backup repository checked{read}: no damage ({seconds:.1f} s)"
+        )
+        return "ok"
+    if error.corrupt:
+        log.warning("the backup repository of sandbox %s is damaged: %s", sandbox_id, error)
+        record_event(sandbox, CHECK_KIND, f"Backup repository check{read} found damage: {error}")
+        return "damaged"
+    log.warning("the backup repository of sandbox %s could not be checked: %s", sandbox_id, error)
+    record_event(sandbox, CHECK_KIND, f"The backup repository could not be checked: {error}")
+    return "failed"
