@@ -6,10 +6,14 @@ alone. Real restic where needed, on sandboxes whose data dir is written by hand 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from sandboxes import actions as sandbox_actions
@@ -94,3 +98,37 @@ def test_reconcile_removes_a_very_deep_previous_dir_a_dead_restore_left(
     row.refresh_from_db()
     assert (row.lock_token, row.locked_until) == ("", None)
     assert actions.reconcile_backups(sandbox) is None  # done once
+
+
+def test_a_start_waits_for_a_backup_that_reads_longer_than_its_lease(
+    data_sandbox: MakeSandbox, settings: Any
+) -> None:
+    settings.HERMIT_BACKUP_LEASE_SECONDS = 2  # renewed every second while the backup works
+    sandbox = data_sandbox("long-read@recovery.test")
+    held = actions.claim_lease(actions.repository_for(sandbox), "backup")
+
+    def finish() -> None:
+        time.sleep(5)
+        actions.release_lease(held)
+        connection.close()
+
+    releaser = threading.Thread(target=finish)
+    began = time.monotonic()
+    releaser.start()
+    assert actions.wait_for_backup(sandbox) is True
+    waited = time.monotonic() - began
+    releaser.join()
+    assert waited >= 4.5, waited  # well past the 2 s lease: it was renewed, so it waited on
+    assert actions.wait_for_backup(sandbox) is False
+
+    # Still held at HERMIT_BACKUP_TIMEOUT: the start fails saying why, and boots nothing.
+    settings.HERMIT_BACKUP_TIMEOUT = 1
+    held = actions.claim_lease(actions.repository_for(sandbox), "backup")
+    try:
+        steps = list(sandbox_actions.start_sandbox(sandbox, explicit=True))
+    finally:
+        actions.release_lease(held)
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.FAILED and not sandbox.backend_state
+    assert "A backup of this agent has been reading its data" in sandbox.error_message
+    assert steps[-1].message.startswith("Failed: A backup of this agent")

@@ -87,6 +87,7 @@ BACKUP_STATES = frozenset({State.RUNNING, State.SLEEPING, State.STOPPED, State.F
 # The latest pre-restore snapshots are kept whatever the plan's retention says.
 PRE_RESTORE_TAG = f"trigger={Trigger.PRE_RESTORE}"
 PRE_RESTORE_KEEP = 3
+WAIT_PROGRESS_SECONDS = 5.0  # how often a start waiting for a backup says it still waits
 TRIGGER_ACTOR: dict[str, str] = {
     Trigger.USER: Actor.USER,
     Trigger.STAFF: Actor.STAFF,
@@ -268,22 +269,32 @@ def wait_for_backup(sandbox: Sandbox, timeout: float | None = None) -> bool:
     """Wait while a backup reads the sandbox's data (a start calls this once it is starting,
     so the backup never sees files change under it). Return True if it had to wait.
 
-    Returns once the backup's lease is released or expired, or after ``timeout`` seconds
-    (default: the lease's length), whichever comes first.
+    Waits as long as the backup's lease is held and renewed (its worker is alive, however long
+    it reads), up to ``timeout`` seconds (default HERMIT_BACKUP_TIMEOUT, the longest restic may
+    run); the waiting is shown as progress. Returns once the lease is released or has expired
+    (its worker died, and restic with it). Raises BackupFailed if it is still held then: better
+    a start that fails saying why than an agent that changes its files under a backup.
     """
-    deadline = time.monotonic() + (timeout if timeout is not None else _lease_seconds())
-    waited = False
-    while time.monotonic() < deadline:
+    limit = float(settings.HERMIT_BACKUP_TIMEOUT) if timeout is None else timeout
+    started = time.monotonic()
+    shown = -1.0
+    while True:
         busy = BackupRepository.objects.filter(
             sandbox=sandbox, lock_kind=LockKind.BACKUP, locked_until__gt=timezone.now()
-        ).exists()
-        if not busy:
-            return waited
-        if not waited:
-            broadcast_progress(sandbox, 6, "Finishing a backup of your agent")
-        waited = True
+        ).exclude(lock_token="")
+        if not busy.exists():
+            return shown >= 0
+        waited = time.monotonic() - started
+        if waited >= limit:
+            raise BackupFailed(
+                f"A backup of this agent has been reading its data for {waited:.0f} s and is "
+                "still running; try starting it again once the backup has finished."
+            )
+        if shown < 0 or waited - shown >= WAIT_PROGRESS_SECONDS:
+            shown = waited
+            done = f" ({waited:.0f} s so far)" if waited >= 1 else ""
+            broadcast_progress(sandbox, 6, f"Finishing a backup of your agent{done}")
         time.sleep(0.2)
-    return waited
 
 
 # -- backup ------------------------------------------------------------------------------------
