@@ -242,6 +242,7 @@ def start_sandbox(
     had snapshots that cannot be restored, the start fails instead of booting an empty agent.
     """
     from sandboxes.backups.actions import BackupFailed, restore_if_missing, wait_for_backup
+    from sandboxes.backups.storage import StorageError
 
     if not restoring and (
         sandbox.state == State.RESTORING
@@ -284,8 +285,8 @@ def start_sandbox(
             else:
                 broadcast_progress(sandbox, percent, step.message)
             yield Progress(percent, step.message)
-    except (BackendError, runtime.RuntimeMissing, BackupFailed) as exc:
-        _fail(sandbox, str(exc))
+    except (BackendError, runtime.RuntimeMissing, BackupFailed, StorageError, OSError) as exc:
+        _fail(sandbox, str(exc) or exc.__class__.__name__)
         yield Progress(100, f"Failed: {exc}")
         return
     now = timezone.now()

@@ -132,3 +132,26 @@ def test_a_start_waits_for_a_backup_that_reads_longer_than_its_lease(
     assert sandbox.state == State.FAILED and not sandbox.backend_state
     assert "A backup of this agent has been reading its data" in sandbox.error_message
     assert steps[-1].message.startswith("Failed: A backup of this agent")
+
+
+def test_a_restore_acts_on_the_state_after_its_long_restore_step(
+    data_sandbox: MakeSandbox,
+) -> None:
+    sandbox = data_sandbox("raced@recovery.test")
+    snapshot = actions.backup_sandbox(sandbox, trigger="user")
+    assert snapshot is not None
+
+    def meanwhile(percent: int, message: str) -> None:  # while restic restores
+        Sandbox.objects.filter(pk=sandbox.pk, state=State.STOPPED).update(state=State.STARTING)
+
+    with pytest.raises(actions.BackupFailed, match="Your agent's data is unchanged"):
+        actions.restore_sandbox(sandbox, snapshot, on_progress=meanwhile)
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.STARTING  # the restore left the start alone
+    last = sandbox.events.filter(kind="restore").order_by("-created_at", "-id").first()
+    assert last is not None and last.message.startswith("Restore failed: ")
+    assert last.message.endswith("your agent is unchanged")
+    assert list(sandbox.data_dir.parent.glob(f".*-{sandbox.pk}-*")) == []
+    assert (sandbox.data_dir / "state/workspace/notes.md").is_file()
+    row = BackupRepository.objects.get(sandbox=sandbox)
+    assert row.lock_token == ""

@@ -503,6 +503,7 @@ def restore_sandbox(
         snapshot = _chosen(sandbox, repo, snapshot)
         report.event(f"Restoring snapshot {snapshot.short_id} of {_when(snapshot.taken_at)}", 1)
         fresh = _restore_fresh(sandbox, repo, snapshot, report, 2, 60)
+        sandbox.refresh_from_db()  # the restore may have taken long: act on the state now
         was_running = sandbox.state == State.RUNNING
         try:
             _stop_for_restore(sandbox, actor, actor_user)
@@ -523,7 +524,8 @@ def restore_sandbox(
         except BaseException as exc:
             _remove(sandbox, fresh)
             _resume_after_abort(sandbox, was_running, actor, actor_user)
-            if isinstance(exc, restic.ResticError | BackendError | OSError):
+            failed = restic.ResticError | BackendError | OSError | actions.TransitionRefused
+            if isinstance(exc, failed):
                 report.event(f"Restore failed: {_reason(exc)}; your agent is unchanged", 100)
                 raise BackupFailed(f"{_reason(exc)} Your agent's data is unchanged.") from exc
             raise
@@ -731,9 +733,10 @@ def restore_if_missing(sandbox: Sandbox, on_progress: ProgressFn | None = None) 
         raise BackupFailed(
             f"This agent's data is missing and cannot be restored now: {exc}"
         ) from exc
-    except BackupFailed as exc:
+    except (BackupFailed, storage.StorageError, OSError) as exc:
         raise BackupFailed(
-            f"This agent's data is missing and could not be restored from its backups: {exc}"
+            "This agent's data is missing and could not be restored from its backups: "
+            + _reason(exc)
         ) from exc
 
 
