@@ -39,7 +39,7 @@ from sandboxes import runtime
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, Progress, SandboxSpec
 from sandboxes.events import broadcast_progress, record_event
-from sandboxes.models import Sandbox, SandboxEvent
+from sandboxes.models import BackupRepository, Sandbox, SandboxEvent
 
 log = logging.getLogger(__name__)
 
@@ -502,6 +502,19 @@ def _stop_stray(sandbox: Sandbox, backend: Any, message: str) -> bool:
     return True
 
 
+def _stuck_for(sandbox: Sandbox) -> timedelta:
+    """How long a starting or stopping sandbox has made no progress: since its last state
+    change or recorded step, whichever is later; none while a backup, restore or export holds
+    its lease (a start may restore its data first, or wait for a backup, for a long time)."""
+    now = timezone.now()
+    busy = BackupRepository.objects.filter(sandbox=sandbox, locked_until__gt=now)
+    if busy.exclude(lock_token="").exists():
+        return timedelta(0)
+    last_step = sandbox.events.order_by("-created_at").values_list("created_at", flat=True)
+    since = max(sandbox.updated_at, last_step.first() or sandbox.updated_at)
+    return now - since
+
+
 def reconcile_sandbox(sandbox: Sandbox) -> str:
     """Compare the wanted state with what the backend reports and repair it. Return what it did.
 
@@ -556,9 +569,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     stuck_after = timedelta(
         seconds=settings.HERMIT_START_TIMEOUT + settings.HERMIT_READY_TIMEOUT + 60
     )
-    if sandbox.state in (State.STARTING, State.STOPPING) and (
-        timezone.now() - sandbox.updated_at > stuck_after
-    ):
+    if sandbox.state in (State.STARTING, State.STOPPING) and _stuck_for(sandbox) > stuck_after:
         spec = spec_for(sandbox)
         if sandbox.backend_state:
             backend.stop(spec, sandbox.backend_state)

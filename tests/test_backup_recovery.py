@@ -9,16 +9,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import time_machine
 from django.db import connection
 from django.utils import timezone
 
 from sandboxes import actions as sandbox_actions
 from sandboxes.backends import safefs
 from sandboxes.backups import actions
+from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Sandbox
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -155,3 +158,27 @@ def test_a_restore_acts_on_the_state_after_its_long_restore_step(
     assert (sandbox.data_dir / "state/workspace/notes.md").is_file()
     row = BackupRepository.objects.get(sandbox=sandbox)
     assert row.lock_token == ""
+
+
+def test_reconcile_leaves_a_start_that_is_restoring_or_making_progress(
+    data_sandbox: MakeSandbox,
+) -> None:
+    from django.conf import settings
+
+    sandbox = data_sandbox("slow-start@recovery.test", state="starting")
+    stuck_after = timedelta(
+        seconds=settings.HERMIT_START_TIMEOUT + settings.HERMIT_READY_TIMEOUT + 60
+    )
+    later = timezone.now() + stuck_after + timedelta(seconds=10)
+    with time_machine.travel(later, tick=False):
+        held = actions.claim_lease(actions.repository_for(sandbox), "restore")  # restore-on-start
+        try:
+            assert sandbox_actions.reconcile_sandbox(sandbox) == "pending"
+        finally:
+            actions.release_lease(held)
+        record_event(sandbox, "progress", "Starting the gateway")  # the start goes on
+        assert sandbox_actions.reconcile_sandbox(sandbox) == "pending"
+    with time_machine.travel(later + stuck_after + timedelta(seconds=10), tick=False):
+        assert sandbox_actions.reconcile_sandbox(sandbox) == "failed-stuck"
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.FAILED
