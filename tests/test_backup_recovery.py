@@ -182,3 +182,20 @@ def test_reconcile_leaves_a_start_that_is_restoring_or_making_progress(
         assert sandbox_actions.reconcile_sandbox(sandbox) == "failed-stuck"
     sandbox.refresh_from_db()
     assert sandbox.state == State.FAILED
+
+
+def test_reconcile_leaves_stopped_an_agent_a_dead_restore_held_while_stopped(
+    data_sandbox: MakeSandbox,
+) -> None:
+    sandbox = data_sandbox("was-stopped@recovery.test")
+    actions._stop_for_restore(sandbox, "user", sandbox.owner)  # held, then the worker died
+    assert sandbox.state == State.RESTORING
+    row = actions.repository_for(sandbox)
+    BackupRepository.objects.filter(pk=row.pk).update(
+        lock_token="dead-worker", lock_kind="restore", locked_until=timezone.now()
+    )
+    assert actions.reconcile_backups(sandbox) == "resumed"
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.STOPPED
+    assert not sandbox.events.filter(state=State.STARTING).exists()
+    assert (sandbox.data_dir / "state/workspace/notes.md").is_file()

@@ -87,6 +87,7 @@ BACKUP_STATES = frozenset({State.RUNNING, State.SLEEPING, State.STOPPED, State.F
 # The latest pre-restore snapshots are kept whatever the plan's retention says.
 PRE_RESTORE_TAG = f"trigger={Trigger.PRE_RESTORE}"
 PRE_RESTORE_KEEP = 3
+HELD_MESSAGE = "Held for a restore"  # a stopped, sleeping or failed agent, not a running one
 WAIT_PROGRESS_SECONDS = 5.0  # how often a start waiting for a backup says it still waits
 TRIGGER_ACTOR: dict[str, str] = {
     Trigger.USER: Actor.USER,
@@ -593,7 +594,7 @@ def _stop_for_restore(sandbox: Sandbox, actor: str, actor_user: Any) -> None:
             State.RESTORING,
             actor=actor,
             actor_user=actor_user,
-            message="Held for a restore",
+            message=HELD_MESSAGE,
             backend_state={},
         )
     if sandbox.state != State.RESTORING:
@@ -853,9 +854,21 @@ def _recover_restore(sandbox: Sandbox) -> tuple[str, bool]:
         _swap_back(sandbox, previous[0])
         return "rolled-back", True
     if sandbox.state == State.RESTORING:
+        if not _was_running_before_restore(sandbox):
+            report.event("A restore was interrupted before it changed anything", 50)
+            actions.transition(sandbox, State.STOPPED, message="Restore abandoned")
+            return "resumed", False
         report.event("A restore was interrupted before it changed anything: starting again", 50)
         return "resumed", True
     return "restore-recovered", False
+
+
+def _was_running_before_restore(sandbox: Sandbox) -> bool:
+    """Whether the restore that holds the sandbox stopped a running agent (it was not, if it
+    was only held: see _stop_for_restore)."""
+    held = sandbox.events.filter(kind="state", state=State.RESTORING).order_by("-created_at")
+    last = held.values_list("message", flat=True).first()
+    return last != HELD_MESSAGE
 
 
 # -- export and purge --------------------------------------------------------------------------
