@@ -249,6 +249,47 @@ def test_a_paused_backup_reads_in_two_passes_and_keeps_what_changed_meanwhile(
     assert [s.id for s in restic.snapshots(repo)] == [summary.snapshot_id, again.snapshot_id]
 
 
+class TimedPause:
+    """A pause that records when it began and ended (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.spans.append((began, time.monotonic()))
+
+
+def test_a_pause_that_lasts_too_long_is_ended_and_the_backup_stopped(
+    repo: restic.Repo, data: Path, settings: Any
+) -> None:
+    first = backup(repo, data)
+    # A big change for the paused pass to read and upload: about a second of work here.
+    (data / "state/workspace/big.bin").write_bytes(os.urandom(96 * 1024 * 1024))
+    settings.HERMIT_BACKUP_MAX_PAUSE_SECONDS = 0.05
+    pause = TimedPause()
+    started = time.monotonic()
+    with pytest.raises(restic.ResticError) as caught:
+        backup(repo, data, pause=pause, two_pass=False, parent=first.snapshot_id)
+    assert caught.value.kind == "timeout" and "took too long" in str(caught.value)
+    assert "Earlier snapshots are intact" in str(caught.value)
+    [(began, ended)] = pause.spans
+    assert ended - began < 0.05 + 0.3  # thawed by the watchdog, not at restic's end
+    assert time.monotonic() - started < 30
+    assert processes_mentioning(repo.location) == []  # restic was stopped
+    assert [s["id"] for s in raw_snapshots(repo)] == [first.snapshot_id]
+    restic.check(repo)  # the earlier snapshot is whole
+    restic.unlock(repo)  # the killed run's lock (the caller holds Hermit's lease)
+    settings.HERMIT_BACKUP_MAX_PAUSE_SECONDS = 60
+    again = backup(repo, data, pause=TimedPause(), two_pass=False, parent=first.snapshot_id)
+    assert again.files_new == 1
+    assert [s.id for s in restic.snapshots(repo)] == [first.snapshot_id, again.snapshot_id]
+
+
 def test_a_pause_that_fails_stops_the_backup(repo: restic.Repo, data: Path) -> None:
     @contextlib.contextmanager
     def broken() -> Iterator[None]:

@@ -28,6 +28,10 @@ ctime and inode are as the first pass saw them; only a same-size rewrite within 
 timestamp tick (a few ms) of the first pass's look at it escapes that (fine-grained
 "multigrain" timestamps in recent kernels narrow even this).
 
+The pause is bounded: if restic has not reported its summary ``HERMIT_BACKUP_MAX_PAUSE_SECONDS``
+after the pause began (its reading or its uploads stall), restic is killed and the pause ended,
+and the backup fails (``ResticError`` of kind ``timeout``); earlier snapshots are untouched.
+
 Limits: restic 0.14 has no JSON progress for ``restore``; its progress is the restored size
 polled against the snapshot's size. A run longer than ``HERMIT_BACKUP_TIMEOUT`` is killed.
 """
@@ -182,7 +186,9 @@ def backup(
     pause lasts tens of milliseconds plus the reading of recent changes, whatever the sandbox's
     size; without ``two_pass`` it covers the reading of everything that changed since
     ``parent``. ``summary.pause_seconds`` is how long the pause held (freezing and thawing
-    included). If entering the pause raises, restic is stopped and the error raised.
+    included). If entering the pause raises, restic is stopped and the error raised. A pause
+    held longer than ``HERMIT_BACKUP_MAX_PAUSE_SECONDS`` is ended and restic stopped
+    (ResticError of kind ``timeout``; no snapshot is made by that pass).
     """
     _check_source(source)
     if PREPASS_TAG in tags:
@@ -257,7 +263,7 @@ def _backup_pass(
     args.append(SOURCE_MOUNT)
     summary: dict[str, Any] = {}
     errors = 0
-    gate = _Gate(pause, patterns) if pause is not None else None
+    gate = _Gate(pause, patterns, _max_pause()) if pause is not None else None
 
     def on_line(line: str) -> None:
         nonlocal errors
@@ -320,9 +326,12 @@ class _Gate:
     ``release`` (restic's summary is out) or ``close`` ends the pause.
     """
 
-    def __init__(self, pause: PauseFn, patterns: list[str]) -> None:
+    def __init__(self, pause: PauseFn, patterns: list[str], max_pause: float) -> None:
         self.pause = pause
         self.patterns = patterns
+        self.max_pause = max_pause
+        self.overran = False  # the watchdog ended the pause and stopped restic
+        self.watchdog: threading.Timer | None = None
         _sweep_gates()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{GATE_PREFIX}{os.getpid()}-"))
         os.mkfifo(self.dir / GATE_NAME, 0o600)
@@ -351,6 +360,9 @@ class _Gate:
             with self.lock:
                 self.began = time.monotonic()
                 self.stack.enter_context(self.pause())
+                self.watchdog = threading.Timer(self.max_pause, self._overrun, args=(proc,))
+                self.watchdog.daemon = True
+                self.watchdog.start()
         except BaseException as exc:
             self.error = exc
             proc.kill()
@@ -370,11 +382,27 @@ class _Gate:
         if self.thread:
             self.thread.join()
 
+    def _overrun(self, proc: subprocess.Popen[bytes]) -> None:
+        """The watchdog: the pause has held ``max_pause`` seconds and restic has not finished
+        reading (a stalled storage, say): stop restic, before it can save a snapshot of a
+        sandbox no longer paused, and end the pause."""
+        with self.lock:
+            if self.held:  # released meanwhile
+                return
+            self.overran = True
+            proc.kill()
+            self._end()
+
     def release(self) -> None:
         with self.lock:
-            self.stack.close()
-            if self.began and not self.held:
-                self.held = time.monotonic() - self.began  # freezing and thawing included
+            self._end()
+
+    def _end(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.stack.close()
+        if self.began and not self.held:
+            self.held = time.monotonic() - self.began  # freezing and thawing included
 
     def close(self) -> None:
         try:
@@ -688,6 +716,13 @@ def _run(
                 gate.join()
     if gate and gate.error:
         raise gate.error
+    if gate and gate.overran:
+        raise ResticError(
+            f"restic {args[0]}: the pause of the agent while restic read it took too long "
+            f"(over {gate.max_pause:g} s, the storage may be slow or unreachable); the agent "
+            "was resumed and this backup stopped. Earlier snapshots are intact.",
+            kind="timeout",
+        )
     if timed_out.is_set():
         raise ResticError(
             f"restic {args[0]} did not finish within {timeout:.0f} s and was stopped.",
@@ -810,6 +845,10 @@ def _bwrap() -> str:
 
 def _timeout() -> float:
     return float(_setting("HERMIT_BACKUP_TIMEOUT", 3600))
+
+
+def _max_pause() -> float:
+    return float(_setting("HERMIT_BACKUP_MAX_PAUSE_SECONDS", 10))
 
 
 def _setting(name: str, default: Any) -> Any:
