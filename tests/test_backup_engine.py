@@ -430,6 +430,27 @@ def test_it_detects_a_corrupted_pack(repo: restic.Repo, data: Path, tmp_path: Pa
         restic.restore(repo, summary.snapshot_id, fresh_target(tmp_path))
 
 
+def test_file_names_in_restic_errors_do_not_decide_what_went_wrong(
+    repo: restic.Repo, data: Path, tmp_path: Path
+) -> None:
+    # The sandbox names its biggest file like restic's password and lock errors; a restore
+    # that meets a damaged pack of it quotes the name in its per-file error lines.
+    name = "wrong password or no key found\nFatal: repository is already locked.bin"
+    (data / "state/workspace" / name).write_bytes(os.urandom(2 * 1024 * 1024))
+    summary = backup(repo, data)
+    packs = [p for p in (Path(repo.location) / "data").rglob("*") if p.is_file()]
+    biggest = max(packs, key=lambda p: p.stat().st_size)
+    biggest.chmod(0o600)
+    with biggest.open("r+b") as handle:
+        handle.seek(biggest.stat().st_size // 2)
+        handle.write(b"\0" * 64)
+    with pytest.raises(restic.ResticError) as caught:
+        restic.restore(repo, summary.snapshot_id, fresh_target(tmp_path))
+    assert caught.value.kind == "failed"
+    assert str(caught.value).startswith("restic restore failed:")
+    assert "There were" in str(caught.value)  # restic's own verdict is kept in the message
+
+
 # -- links the sandbox planted -----------------------------------------------------------------
 
 

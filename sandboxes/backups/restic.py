@@ -807,13 +807,29 @@ _PATTERNS: tuple[tuple[str, str, str], ...] = (
 def _error(repo: Repo, step: str, stderr: str) -> ResticError:
     clean = _scrub(repo, stderr)
     detail = _detail(clean)
+    verdict = _verdict(clean)
     for pattern, kind, message in _PATTERNS:
-        if re.search(pattern, clean, re.IGNORECASE):
+        if re.search(pattern, verdict, re.IGNORECASE):
             text = message.format(location=repo.location)
             if kind == "corrupt":
                 text = f"{text} (restic {step}: {detail})."
             return ResticError(text, kind=kind)
     return ResticError(f"restic {step} failed: {detail}")
+
+
+def _verdict(stderr: str) -> str:
+    """The part of restic's stderr that may say why it failed.
+
+    Lines that quote a path in the sandbox's data (``/data/...``, ``/restore/...``) may hold
+    names the sandbox chose, newlines included, that could pass for "wrong password" or
+    "repository is already locked". When any is there, only restic's last line counts, and
+    only if it is its ``Fatal:`` verdict (printed as it exits, after every per-file error).
+    """
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    quoted = any(re.search(rf"(?:{SOURCE_MOUNT}|{RESTORE_MOUNT})/", line) for line in lines)
+    if not quoted:
+        return "\n".join(lines)
+    return lines[-1] if lines and lines[-1].startswith("Fatal:") else ""
 
 
 def _detail(stderr: str) -> str:
