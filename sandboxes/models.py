@@ -176,6 +176,7 @@ class BackupRepository(models.Model):
         BACKUP = "backup"
         RESTORE = "restore"
         EXPORT = "export"
+        CHECK = "check"
 
     sandbox = models.OneToOneField(Sandbox, on_delete=models.CASCADE, related_name="backup_repo")
     password = EncryptedTextField(default=_new_repo_password)
