@@ -377,6 +377,9 @@ def test_a_planted_symlink_cannot_make_backup_or_restore_reach_outside(
     actions.restore_sandbox(agent, snapshot)
     agent.refresh_from_db()
     assert agent.state == State.RUNNING
+    # The data it replaced is kept, even if unchanged since the backup just taken.
+    pre = agent.snapshots.filter(trigger=Snapshot.Trigger.PRE_RESTORE).first()
+    assert pre is not None and pre.taken_at > snapshot.taken_at
     assert sorted(p.name for p in tmp_path.iterdir()) == ["host-dir", "host-secret.txt"]
     assert list(host_dir.iterdir()) == []
     assert (secret.read_text(), secret.stat().st_mode, secret.stat().st_uid) == before
