@@ -18,6 +18,7 @@ import pytest
 import time_machine
 from django.utils import timezone
 
+from billing.models import plan_for
 from portal.celery import app
 from sandboxes.backups import actions, tasks
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
@@ -53,9 +54,15 @@ def test_an_unreachable_bucket_is_a_readable_failure_and_tried_again(
     event = SandboxEvent.objects.filter(sandbox=sandbox, kind="backup").latest("pk")
     assert "Cannot reach the backup storage" in event.message
     assert "hermit-nowhere-secret" not in event.message
-    assert BackupRepository.objects.get(sandbox=sandbox).last_attempt_at is None
+    assert SandboxEvent.objects.filter(sandbox=sandbox, kind="backup").count() == 1
+    attempted = BackupRepository.objects.get(sandbox=sandbox).last_attempt_at
+    assert attempted is not None  # the failed attempt counts: no retry storm every scan
     assert sandbox.snapshots.count() == 0
-    assert tasks.due_sandboxes(timezone.now()) == [sandbox]  # the next scan tries again
+    assert tasks.due_sandboxes(timezone.now()) == []
+    interval = plan_for(sandbox.owner).backup_interval
+    assert interval is not None
+    later = attempted + interval + timedelta(seconds=1)
+    assert tasks.due_sandboxes(later) == [sandbox]  # tried again at the plan's interval
 
 
 def sent(task: Any, *args: Any) -> tuple[list[Any], dict[str, Any]]:

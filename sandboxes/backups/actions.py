@@ -233,6 +233,8 @@ def leased(sandbox: Sandbox, kind: str) -> Iterator[tuple[Lease, restic.Repo]]:
         if lease.took_over:
             restic.unlock(repo)
         yield lease, repo
+    except storage.StorageError as exc:  # the bucket is unreachable or refused: nothing to unlock
+        raise BackupFailed(str(exc)) from exc
     except (restic.ResticError, BackupFailed) as exc:
         cause = exc if isinstance(exc, restic.ResticError) else exc.__cause__
         if isinstance(cause, restic.ResticError) and cause.kind not in ("missing", "password"):
@@ -320,27 +322,45 @@ def backup_sandbox(
     actor = actor or TRIGGER_ACTOR.get(trigger, Actor.SYSTEM)
     sandbox.refresh_from_db()
     if not _is_dir(sandbox.data_dir):
-        raise BackupFailed("This agent has no data to back up yet.")
+        reason = "This agent has no data to back up yet."
+        if actor_user is not None:  # a person asked: tell them
+            record_event(sandbox, "backup", reason, actor=actor, actor_user=actor_user)
+        raise BackupFailed(reason)
     _check_backup_state(sandbox)
-    with leased(sandbox, LockKind.BACKUP) as (lease, repo):
-        sandbox.refresh_from_db()  # after the claim: a start that began before waits for us
-        _check_backup_state(sandbox)
-        report = _Reporter(sandbox, "backup", actor, actor_user, on_progress)
-        try:
-            return _backup(
-                sandbox,
-                lease,
-                repo,
-                trigger=trigger,
-                actor_user=actor_user,
-                force=force,
-                report=report,
-                retention=True,
+    recorded = False
+    try:
+        with leased(sandbox, LockKind.BACKUP) as (lease, repo):
+            sandbox.refresh_from_db()  # after the claim: a start that began before waits for us
+            _check_backup_state(sandbox)
+            report = _Reporter(sandbox, "backup", actor, actor_user, on_progress)
+            try:
+                return _backup(
+                    sandbox,
+                    lease,
+                    repo,
+                    trigger=trigger,
+                    actor_user=actor_user,
+                    force=force,
+                    report=report,
+                    retention=True,
+                )
+            except (restic.ResticError, BackendError, OSError) as exc:
+                recorded = True
+                report.event(f"Backup failed: {_reason(exc)}", 100)
+                _attempted(sandbox)
+                raise BackupFailed(_reason(exc)) from exc
+    except BackupFailed as exc:
+        if not recorded:  # the repository could not be set up (storage, restic init)
+            record_event(
+                sandbox, "backup", f"Backup failed: {exc}", actor=actor, actor_user=actor_user
             )
-        except (restic.ResticError, BackendError, OSError) as exc:
-            report.event(f"Backup failed: {_reason(exc)}", 100)
-            BackupRepository.objects.filter(sandbox=sandbox).update(last_attempt_at=timezone.now())
-            raise BackupFailed(_reason(exc)) from exc
+            _attempted(sandbox)
+        raise
+
+
+def _attempted(sandbox: Sandbox) -> None:
+    """Note a failed attempt, so the schedule tries again after the plan's interval."""
+    BackupRepository.objects.filter(sandbox=sandbox).update(last_attempt_at=timezone.now())
 
 
 def _check_backup_state(sandbox: Sandbox) -> None:

@@ -125,9 +125,8 @@ def backup_sandbox(sandbox_id: int, trigger: str, actor_user_id: int | None = No
     except actions.BackupBusy as exc:
         _refused(sandbox, "backup", str(exc), user)
         return "busy"
-    except actions.BackupFailed as exc:
+    except actions.BackupFailed as exc:  # recorded as an event by the action
         log.warning("backup of sandbox %s failed: %s", sandbox_id, exc)
-        _refused(sandbox, "backup", str(exc), user)
         return "failed"
     except storage.StorageError as exc:  # the bucket is unreachable or misconfigured
         log.warning("backup of sandbox %s failed: %s", sandbox_id, exc)
