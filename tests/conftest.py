@@ -72,6 +72,40 @@ def _quick_password_hashing() -> None:
     setting_changed.send(None, setting="PASSWORD_HASHERS", value=hashers, enter=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _flush_by_delete() -> Iterator[None]:
+    """Empty the tables after each transactional test with DELETE rather than TRUNCATE.
+
+    On PostgreSQL a TRUNCATE of the ~35 tables gives each table and index a new file: ~0.5 s,
+    after each of the ~100 transactional tests. The tables are small, and DELETE empties them
+    in milliseconds. It first takes the lock TRUNCATE takes, so it waits, as TRUNCATE does, for
+    whatever a server or thread of the test still writes; foreign keys are checked at commit
+    (Django makes them deferrable). Flushes that reset sequences or cascade still TRUNCATE."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        yield
+        return
+    ops = type(connection.ops)
+    truncate = ops.sql_flush
+
+    def sql_flush(
+        self: Any, style: Any, tables: list[str], *, reset_sequences: bool = False,
+        allow_cascade: bool = False,
+    ) -> list[str]:  # fmt: skip
+        if reset_sequences or allow_cascade or not tables:
+            return truncate(
+                self, style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade
+            )
+        names = [style.SQL_FIELD(self.quote_name(table)) for table in tables]
+        lock = f"LOCK TABLE {', '.join(names)} IN ACCESS EXCLUSIVE MODE;"
+        return [lock, *(f"DELETE FROM {name};" for name in names)]
+
+    ops.sql_flush = sql_flush  # type: ignore[method-assign,assignment]
+    yield
+    ops.sql_flush = truncate  # type: ignore[method-assign]
+
+
 @pytest.fixture(autouse=True)
 def _no_auto_provision(settings):
     """Sign-ups in tests do not start real gateways unless a test asks for it."""
