@@ -54,6 +54,10 @@ def sandbox_dirs() -> Iterator[dict[str, str]]:
     settings.HERMIT_DATA_DIR = data_dir
     get_backend.cache_clear()
     yield values
+    from tests.fixtures.runtime import remove_cgroup_parent
+
+    # Pooled gateways are stopped by then; this ends any a failed test left behind.
+    remove_cgroup_parent(Path("/sys/fs/cgroup"), values["HERMIT_CGROUP_PARENT"])
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
