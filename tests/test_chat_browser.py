@@ -113,8 +113,12 @@ def test_it_signs_up_chats_and_keeps_the_conversation_across_a_reload(
         print(worker.output()[-3000:])
         raise
     finally:
+        # Left running, the worker would take the tasks of later tests (it shares their queue),
+        # starting with the backup this stop queues.
+        worker.stop()
         for sandbox in Sandbox.objects.filter(owner__email=EMAIL):
             if sandbox.backend_state:
                 actions.stop_sandbox(sandbox)
+        server.stop()
     for name in ("chat-ready", "chat-streaming", "chat-replied", "chat-reloaded"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 5_000

@@ -70,11 +70,14 @@ def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
     sandbox = _wait_state(Sandbox.objects.get(owner=user), {State.RUNNING, State.FAILED}, 120)
     assert sandbox.state == State.RUNNING, sandbox.error_message + worker.output()[-2000:]
 
-    progress = list(
-        sandbox.events.order_by("created_at", "id")
-        .exclude(progress=None)
-        .values_list("progress", flat=True)
-    )
+    def progress_now() -> list[int | None]:
+        events = sandbox.events.order_by("created_at", "id").exclude(progress=None)
+        return list(events.values_list("progress", flat=True))
+
+    # The state is committed just before its event: give the worker a moment to write it.
+    deadline = time.monotonic() + 5
+    while (progress := progress_now())[-1] != 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert progress[-1] == 100 and len(progress) >= 4
     assert progress == sorted(progress), progress
     main_pid = sandbox.backend_state["main"][0]
@@ -84,13 +87,14 @@ def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
     worker.proc.wait()
     assert _poll(sandbox).running
     worker = start_server("celery", name="worker-2")
-    # Only once it listens: Redis may hand a message to the killed worker's connection until
-    # it has noticed that it closed.
-    _wait_output(worker, "ready.", 60)
-    reconcile = tasks.reconcile_sandboxes.delay()
-    _wait_output(worker, f"reconcile_sandboxes[{reconcile.id}] succeeded", 60)
-    tasks.stop_sandbox.delay(sandbox.pk)
-    sandbox = _wait_state(sandbox, {State.STOPPED}, 60)
+    try:
+        _wait_output(worker, "ready.", 60)  # the only worker on this run's queue
+        reconcile = tasks.reconcile_sandboxes.delay()
+        _wait_output(worker, f"reconcile_sandboxes[{reconcile.id}] succeeded", 60)
+        tasks.stop_sandbox.delay(sandbox.pk)
+        sandbox = _wait_state(sandbox, {State.STOPPED}, 60)
+    finally:
+        worker.stop()  # it would run the tasks later tests queue (backups after each stop)
     assert not sandbox.events.filter(kind="crashed").exists()
     assert not os.path.exists(f"/proc/{main_pid}")
 
