@@ -31,13 +31,12 @@ from django.utils import timezone
 
 from portal.asgi import application
 from sandboxes import actions as sandbox_actions
-from sandboxes.backends import get_backend
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.backups.storage import export_storage
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
 from tests.factories import make_user
-from tests.fixtures.backups import write_files
+from tests.fixtures.backups import sh, write_files
 
 pytestmark = pytest.mark.django_db(transaction=True)
 State = Sandbox.State
@@ -592,16 +591,6 @@ def agent(sandbox_for: Callable[..., Sandbox], sandbox_pool: Any) -> Iterator[Sa
         for _ in sandbox_actions.wake_sandbox(sandbox, actor=SandboxEvent.Actor.SYSTEM):
             pass
     sandbox_pool.snapshot(RESTORE_EMAIL)
-
-
-def sh(sandbox: Sandbox, script: str) -> str:
-    """Run a shell script inside the sandbox, as the sandbox; return its stdout."""
-    sandbox.refresh_from_db()
-    result = get_backend(sandbox.backend).exec(
-        sandbox_actions.spec_for(sandbox), sandbox.backend_state, ["sh", "-c", script], timeout=60
-    )
-    assert result.exit_code == 0, result.stderr
-    return result.stdout
 
 
 @pytest.fixture

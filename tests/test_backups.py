@@ -31,11 +31,11 @@ from django.utils import timezone
 
 from billing.models import Plan
 from sandboxes import actions as sandbox_actions
-from sandboxes.backends import cgroups, get_backend
+from sandboxes.backends import cgroups
 from sandboxes.backups import actions, restic
 from sandboxes.models import BackupRepository, Sandbox, SandboxEvent, Snapshot
 from tests.fakes.model_server import FakeModelServer
-from tests.fixtures.backups import history, tell
+from tests.fixtures.backups import history, sh, tell
 from tests.fixtures.live import ROOT, server_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -55,16 +55,6 @@ def agent(
         for _ in sandbox_actions.wake_sandbox(sandbox, actor=SandboxEvent.Actor.SYSTEM):
             pass
     sandbox_pool.snapshot(EMAIL)
-
-
-def sh(sandbox: Sandbox, script: str) -> str:
-    """Run a shell script inside the sandbox, as the sandbox; return its stdout."""
-    sandbox.refresh_from_db()
-    result = get_backend(sandbox.backend).exec(
-        sandbox_actions.spec_for(sandbox), sandbox.backend_state, ["sh", "-c", script], timeout=60
-    )
-    assert result.exit_code == 0, result.stderr
-    return result.stdout
 
 
 def workspace(sandbox: Sandbox) -> Path:
