@@ -61,6 +61,20 @@ class PollResult:
 
 
 @dataclass(frozen=True)
+class CheckpointImage:
+    """A hibernated sandbox's processes on disk (CRIU for the local backend).
+
+    ``location`` is the backend's own (a root-owned directory for the local backend);
+    ``identity`` names the data directory the image belongs to: an image restores only onto the
+    very same directory (its files' device and inode), never onto one put back from a backup.
+    """
+
+    location: str
+    size_bytes: int
+    identity: str
+
+
+@dataclass(frozen=True)
 class ExecResult:
     exit_code: int
     stdout: str
@@ -149,3 +163,40 @@ class SandboxBackend(abc.ABC):
         resumes a sandbox the database says is running. Raises BackendError if it cannot.
         """
         raise NotImplementedError(f"The {self.name} backend cannot resume a paused sandbox.")
+
+    def freeze(self, spec: SandboxSpec, state: dict[str, Any]) -> None:
+        """Pause every process of the sandbox (RAM kept) until :meth:`thaw`; idempotent.
+
+        Raises BackendError if it cannot; NotImplementedError on a backend without a freezer.
+        """
+        raise NotImplementedError(f"The {self.name} backend cannot pause a running sandbox.")
+
+    def checkpoint_support(self) -> str:
+        """Return "" if this backend can checkpoint and restore sandboxes here, else why not."""
+        return f"The {self.name} backend cannot checkpoint sandboxes."
+
+    def checkpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> CheckpointImage:
+        """Write the running (or paused) sandbox's processes to disk, then stop it.
+
+        Afterwards nothing of the sandbox runs and its memory is free. On failure raises
+        BackendError and leaves the sandbox as it was (the caller may then stop it cold).
+        """
+        raise BackendError(self.checkpoint_support() or "Checkpoints are not supported.")
+
+    def data_identity(self, spec: SandboxSpec) -> str:
+        """Return the identity of ``spec.data_dir`` now, in :class:`CheckpointImage`'s format."""
+        raise NotImplementedError(f"The {self.name} backend has no checkpoints.")
+
+    def restore(self, spec: SandboxSpec, image: CheckpointImage) -> Iterator[Progress]:
+        """Bring a checkpointed sandbox back, yielding progress as :meth:`start` does.
+
+        Refuses (BackendError) an image that is missing, corrupt or taken of another data
+        directory (see :meth:`data_identity`), after cleaning up anything it started, so that
+        the caller can start the sandbox cold instead. The restored gateway keeps the
+        environment it was checkpointed with.
+        """
+        raise BackendError(self.checkpoint_support() or "Checkpoints are not supported.")
+
+    def drop_checkpoint(self, location: str) -> None:
+        """Delete a checkpoint image and free its disk; idempotent."""
+        raise NotImplementedError(f"The {self.name} backend has no checkpoints.")
