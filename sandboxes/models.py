@@ -48,7 +48,8 @@ class Sandbox(models.Model):
         PROVISIONING = "provisioning"
         STARTING = "starting"
         RUNNING = "running"
-        SLEEPING = "sleeping"
+        DOZING = "dozing"  # frozen in place: RAM kept, thawed in milliseconds
+        SLEEPING = "sleeping"  # nothing runs; woken from its checkpoint if any, else cold
         STOPPING = "stopping"
         STOPPED = "stopped"
         FAILED = "failed"
@@ -76,6 +77,12 @@ class Sandbox(models.Model):
     last_crash_at = models.DateTimeField(null=True, blank=True)
     restart_after = models.DateTimeField(
         null=True, blank=True, help_text="After repeated crashes: no automatic start before this."
+    )
+    next_job_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the agent's own next scheduled job is due, read before it slept; "
+        "beat wakes it shortly before.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -105,8 +112,8 @@ class Sandbox(models.Model):
         return Path(settings.HERMIT_DATA_DIR) / "sandboxes" / str(self.pk)
 
     def is_idle(self, now: datetime, sleep_after: timedelta | None) -> bool:
-        """Return True if a running sandbox has had no activity for ``sleep_after``."""
-        if sleep_after is None or self.state != self.State.RUNNING:
+        """Return True if a running or dozing sandbox has had no activity for ``sleep_after``."""
+        if sleep_after is None or self.state not in (self.State.RUNNING, self.State.DOZING):
             return False
         return now - self.last_activity_at >= sleep_after
 
@@ -117,6 +124,27 @@ class Sandbox(models.Model):
     @property
     def is_up(self) -> bool:
         return self.state == self.State.RUNNING
+
+
+class Checkpoint(models.Model):
+    """A hibernated sandbox's processes on disk, to wake it in about a second.
+
+    Not a backup: it fits only the data dir it was taken with (``identity``) and the runtime it
+    ran, and is dropped (the sandbox then boots cold) when either changed, when it is older than
+    HERMIT_CHECKPOINT_MAX_AGE, or when all checkpoints together pass HERMIT_CHECKPOINT_BUDGET_MB.
+    """
+
+    sandbox = models.OneToOneField(Sandbox, on_delete=models.CASCADE, related_name="checkpoint")
+    location = models.CharField(max_length=1000)
+    size_bytes = models.BigIntegerField(default=0)
+    identity = models.CharField(max_length=200)
+    runtime = models.ForeignKey(
+        RuntimeImage, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    def __str__(self) -> str:
+        return f"checkpoint of {self.sandbox} ({self.size_bytes // 2**20} MB)"
 
 
 class SandboxEvent(models.Model):
