@@ -362,6 +362,30 @@ HERMIT_CRASH_LIMIT = envint("HERMIT_CRASH_LIMIT", "3")
 HERMIT_CRASH_WINDOW = envint("HERMIT_CRASH_WINDOW", "600")
 HERMIT_CRASH_BACKOFF = envint("HERMIT_CRASH_BACKOFF", "60")
 HERMIT_CRASH_BACKOFF_MAX = envint("HERMIT_CRASH_BACKOFF_MAX", "1800")
+# Sleep in stages (sandboxes.sleep). A sandbox whose plan sleeps dozes (frozen in place, RAM
+# kept, thawed in milliseconds) after HERMIT_DOZE_AFTER idle seconds (never later than the plan's
+# sleep-after), and hibernates (CRIU checkpoint to disk, RAM freed, restored in about a second;
+# a cold stop where that fails) after the plan's sleep-after. Past HERMIT_MAX_DOZING dozing
+# sandboxes, or below HERMIT_DOZE_MIN_AVAILABLE_MB of available RAM, the longest-idle dozing ones
+# hibernate first.
+HERMIT_DOZE_AFTER = envint("HERMIT_DOZE_AFTER", "60")
+HERMIT_MAX_DOZING = envint("HERMIT_MAX_DOZING", "8")
+HERMIT_DOZE_MIN_AVAILABLE_MB = envint("HERMIT_DOZE_MIN_AVAILABLE_MB", "2048")
+# Checkpoint images (about 1 GB each): where, how much disk in all, and how old at most. Past
+# either, the oldest are dropped; those sandboxes boot cold next time.
+HERMIT_CHECKPOINT_DIR = env("HERMIT_CHECKPOINT_DIR", str(Path(HERMIT_DATA_DIR) / "checkpoints"))
+HERMIT_CHECKPOINT_BUDGET_MB = envint("HERMIT_CHECKPOINT_BUDGET_MB", "51200")
+HERMIT_CHECKPOINT_MAX_AGE = envint("HERMIT_CHECKPOINT_MAX_AGE", str(7 * 24 * 3600))
+# Beat wakes a sleeping sandbox this many seconds before its agent's own next scheduled job.
+HERMIT_JOB_WAKE_LEAD = envint("HERMIT_JOB_WAKE_LEAD", "60")
+# Pre-started, unassigned gateways kept for new sign-ups (sandboxes.pool).
+HERMIT_WARM_POOL_SIZE = envint("HERMIT_WARM_POOL_SIZE", "1")
+# Cold boots are CPU-bound: at most this many at once per host; the rest wait in line, their
+# place shown. A start is judged too slow by the CPU time its gateway got, not wall time alone.
+HERMIT_MAX_CONCURRENT_BOOTS = envint("HERMIT_MAX_CONCURRENT_BOOTS", str(os.cpu_count() or 1))
+HERMIT_START_CPU_SECONDS = envint("HERMIT_START_CPU_SECONDS", "60")
+# A failed start is tried this many more times before the user is told.
+HERMIT_START_RETRIES = envint("HERMIT_START_RETRIES", "1")
 # gateway.log (the sandbox's stdout/stderr) is moved to gateway.log.1 at a start once it is
 # larger than this; one old copy is kept.
 HERMIT_GATEWAY_LOG_MAX_BYTES = envint("HERMIT_GATEWAY_LOG_MAX_BYTES", str(10 * 1024 * 1024))

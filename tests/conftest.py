@@ -45,12 +45,16 @@ def sandbox_dirs() -> Iterator[dict[str, str]]:
         "HERMIT_DATA_DIR": str(data_dir),
         "HERMIT_CGROUP_PARENT": f"hermit-{run}",
         "HERMIT_UID_BASE": str(300_000 + (os.getpid() % 1000) * 1000),
+        "HERMIT_CHECKPOINT_DIR": str(data_dir / "checkpoints"),
+        # No warm pool unless a test asks for one: a pooled gateway costs a cold boot.
+        "HERMIT_WARM_POOL_SIZE": "0",
         # Without Redis the broker is a folder: servers must use this process's folder.
         "HERMIT_CELERY_BROKER_DIR": str(settings.CELERY_BROKER_DIR),
     }
     for name, value in values.items():
         if name != "HERMIT_CELERY_BROKER_DIR":
-            setattr(settings, name, int(value) if name == "HERMIT_UID_BASE" else value)
+            numeric = name in ("HERMIT_UID_BASE", "HERMIT_WARM_POOL_SIZE")
+            setattr(settings, name, int(value) if numeric else value)
     settings.HERMIT_DATA_DIR = data_dir
     get_backend.cache_clear()
     yield values
