@@ -78,6 +78,9 @@ class Sandbox(models.Model):
     restart_after = models.DateTimeField(
         null=True, blank=True, help_text="After repeated crashes: no automatic start before this."
     )
+    boot_queued_at = models.DateTimeField(
+        null=True, blank=True, help_text="Waiting for a boot slot since (sandboxes.bootqueue)."
+    )
     next_job_at = models.DateTimeField(
         null=True,
         blank=True,
@@ -145,6 +148,28 @@ class Checkpoint(models.Model):
 
     def __str__(self) -> str:
         return f"checkpoint of {self.sandbox} ({self.size_bytes // 2**20} MB)"
+
+
+class BootSlot(models.Model):
+    """One of a host's HERMIT_MAX_CONCURRENT_BOOTS places for a cold boot (sandboxes.bootqueue).
+
+    Taken with a conditional UPDATE, so two workers never hold one; a worker that dies lets
+    its lease run out."""
+
+    host = models.CharField(max_length=200)
+    number = models.PositiveSmallIntegerField()
+    sandbox = models.OneToOneField(
+        Sandbox, null=True, blank=True, on_delete=models.SET_NULL, related_name="boot_slot"
+    )
+    lease_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["host", "number"], name="one_boot_slot_per_number")
+        ]
+
+    def __str__(self) -> str:
+        return f"boot slot {self.number} on {self.host}"
 
 
 class SandboxEvent(models.Model):
