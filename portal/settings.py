@@ -283,7 +283,11 @@ CELERY_BEAT_SCHEDULE = {
     },
     "sleep-idle-sandboxes": {
         "task": "sandboxes.tasks.sleep_idle_sandboxes",
-        "schedule": timedelta(seconds=60),
+        "schedule": timedelta(seconds=15),
+    },
+    "wake-for-jobs": {
+        "task": "sandboxes.tasks.wake_for_jobs",
+        "schedule": timedelta(seconds=10),
     },
     "backup-due-sandboxes": {
         "task": "sandboxes.backups.tasks.backup_due_sandboxes",

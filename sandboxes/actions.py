@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, timedelta
 from functools import partial
 from typing import Any
@@ -31,15 +31,16 @@ from typing import Any
 from allauth.account.models import EmailAddress
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
 from billing.models import plan_for
-from sandboxes import runtime
+from sandboxes import bootqueue, runtime, sleep
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, Progress, SandboxSpec
 from sandboxes.events import broadcast_progress, record_event
-from sandboxes.models import BackupRepository, Sandbox, SandboxEvent
+from sandboxes.models import BackupRepository, RuntimeImage, Sandbox, SandboxEvent
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ Actor = SandboxEvent.Actor
 ALLOWED: dict[str, frozenset[str]] = {
     State.PROVISIONING: frozenset({State.STARTING, State.FAILED}),
     State.STARTING: frozenset({State.RUNNING, State.FAILED, State.STOPPING}),
-    State.RUNNING: frozenset({State.STOPPING, State.STARTING, State.FAILED}),
+    State.RUNNING: frozenset({State.STOPPING, State.STARTING, State.FAILED, State.DOZING}),
+    # Dozing: frozen in place (sandboxes.sleep); thawed back to running, or stopped/hibernated.
+    State.DOZING: frozenset({State.RUNNING, State.STOPPING, State.FAILED}),
     State.STOPPING: frozenset({State.STOPPED, State.SLEEPING, State.FAILED, State.RESTORING}),
     State.SLEEPING: frozenset({State.STARTING, State.STOPPING, State.FAILED, State.RESTORING}),
     State.STOPPED: frozenset({State.STARTING, State.RESTORING}),
@@ -153,18 +156,20 @@ def transition(
     actor_user: Any = None,
     message: str = "",
     progress: int | None = None,
+    guard: dict[str, Any] | None = None,
     **fields: Any,
 ) -> None:
     """Move ``sandbox`` to state ``to``, or raise TransitionRefused.
 
-    The move is claimed atomically against the state read from the database; extra ``fields``
-    are written in the same UPDATE.
+    The move is claimed atomically against the state read from the database (and the
+    lookups in ``guard``, e.g. no activity since some time); extra ``fields`` are written in
+    the same UPDATE.
     """
     current = sandbox.state
     if to not in ALLOWED[current]:
         raise TransitionRefused(f"A sandbox that is {current} cannot become {to}.")
     now = timezone.now()
-    claimed = Sandbox.objects.filter(pk=sandbox.pk, state=current).update(
+    claimed = Sandbox.objects.filter(pk=sandbox.pk, state=current, **(guard or {})).update(
         state=to, updated_at=now, **fields
     )
     if not claimed:
@@ -265,26 +270,15 @@ def start_sandbox(
     try:
         wait_for_backup(sandbox)
         if restore_if_missing(sandbox):
+            sleep.drop_checkpoint(sandbox, "the data was restored from a backup")
             yield Progress(10, "Restored your agent's data from its latest backup")
         image = runtime.current_image()
-        if sandbox.runtime_id != image.pk:
-            Sandbox.objects.filter(pk=sandbox.pk).update(runtime=image)
-            sandbox.runtime = image
-        spec = _spec(sandbox)
-        state: dict[str, Any] = {}
-        last_message = ""
-        for step in get_backend(sandbox.backend).start(spec):
-            if step.state is not None:
-                state = step.state
-                Sandbox.objects.filter(pk=sandbox.pk).update(backend_state=state)
-                sandbox.backend_state = state
-            percent = 10 + int(step.percent * 0.85)
-            if step.message != last_message:  # a new step is history; a tick is only shown
-                record_event(sandbox, "progress", step.message, progress=percent)
-                last_message = step.message
-            else:
-                broadcast_progress(sandbox, percent, step.message)
-            yield Progress(percent, step.message)
+        yield from bootqueue.acquire(sandbox)
+        try:
+            if not (yield from _restore_checkpoint(sandbox, image)):
+                yield from _cold_boot(sandbox, image)
+        finally:
+            bootqueue.release(sandbox)
     except (BackendError, runtime.RuntimeMissing, BackupFailed, StorageError, OSError) as exc:
         _fail(sandbox, str(exc) or exc.__class__.__name__)
         yield Progress(100, f"Failed: {exc}")
@@ -303,6 +297,66 @@ def start_sandbox(
     yield Progress(100, "Your agent is running")
 
 
+def _restore_checkpoint(sandbox: Sandbox, image: RuntimeImage) -> Generator[Progress, None, bool]:
+    """Wake a hibernated sandbox from its checkpoint; return (as a generator's value) whether
+    it worked. A checkpoint that cannot be restored is dropped and reported: the caller then
+    boots the sandbox cold, which loses nothing."""
+    found = sleep.take_checkpoint(sandbox, image)
+    if found is None:
+        return False
+    try:
+        yield from _run_backend(sandbox, sleep.restore_steps(sandbox, found, image))
+    except BackendError as exc:
+        why = str(exc).splitlines()[0] if str(exc) else "it failed"
+        record_event(
+            sandbox,
+            "checkpoint",
+            f"Could not resume from the checkpoint ({why}); starting your agent fresh instead",
+        )
+        return False
+    return True
+
+
+def _cold_boot(sandbox: Sandbox, image: RuntimeImage) -> Iterator[Progress]:
+    """Boot the sandbox's gateway from scratch, trying again HERMIT_START_RETRIES times before
+    the failure reaches the user (a start can fail on a machine busy with other boots)."""
+    if sandbox.runtime_id != image.pk:
+        Sandbox.objects.filter(pk=sandbox.pk).update(runtime=image)
+        sandbox.runtime = image
+    attempts = 1 + max(0, int(settings.HERMIT_START_RETRIES))
+    for attempt in range(1, attempts + 1):
+        try:
+            yield from _run_backend(sandbox, get_backend(sandbox.backend).start(_spec(sandbox)))
+            return
+        except BackendError as exc:
+            if attempt == attempts:
+                raise
+            why = str(exc).splitlines()[0] if str(exc) else "it failed"
+            log.warning("sandbox %s: start attempt %d failed: %s", sandbox.pk, attempt, why)
+            record_event(sandbox, "retry", f"The start did not work ({why}); trying again")
+
+
+def _run_backend(sandbox: Sandbox, steps: Iterator[Progress]) -> Iterator[Progress]:
+    """Follow a backend start or restore: persist its state, record and show its steps."""
+    last_message = ""
+    for step in steps:
+        if step.state is not None:
+            Sandbox.objects.filter(pk=sandbox.pk).update(backend_state=step.state)
+            sandbox.backend_state = step.state
+        percent = 10 + int(step.percent * 0.85)
+        if step.message != last_message:  # a new step is history; a tick is only shown
+            record_event(sandbox, "progress", step.message, progress=percent)
+            last_message = step.message
+        else:
+            broadcast_progress(sandbox, percent, step.message)
+        yield Progress(percent, step.message)
+
+
+def fail(sandbox: Sandbox, reason: str) -> None:
+    """Move the sandbox to failed with ``reason`` (if it may be), logging the first line."""
+    _fail(sandbox, reason)
+
+
 def _fail(sandbox: Sandbox, reason: str) -> None:
     log.warning("sandbox %s failed: %s", sandbox.pk, reason.splitlines()[0] if reason else "")
     sandbox.refresh_from_db(fields=["state"])
@@ -317,6 +371,7 @@ def stop_sandbox(
     restore). Idempotent. Once a stop or sleep has committed, a backup of it is queued."""
     if sandbox.state == to:
         return
+    was_dozing = sandbox.state == State.DOZING
     transition(
         sandbox,
         State.STOPPING,
@@ -324,8 +379,11 @@ def stop_sandbox(
         actor_user=actor_user,
         message="Going to sleep" if to == State.SLEEPING else "Stopping",
     )
+    backend = get_backend(sandbox.backend)
     try:
-        get_backend(sandbox.backend).stop(spec_for(sandbox), sandbox.backend_state)
+        if was_dozing:  # a frozen gateway cannot act on SIGTERM: let it shut down cleanly
+            backend.thaw(spec_for(sandbox), sandbox.backend_state)
+        backend.stop(spec_for(sandbox), sandbox.backend_state)
     except BackendError as exc:
         _fail(sandbox, str(exc))
         return
@@ -361,8 +419,11 @@ def spec_for(sandbox: Sandbox) -> SandboxSpec:
     return setup.minimal_spec(sandbox)
 
 
-def sleep_sandbox(sandbox: Sandbox, *, actor: str = Actor.SYSTEM) -> None:
-    stop_sandbox(sandbox, actor=actor, to=State.SLEEPING)
+def sleep_sandbox(sandbox: Sandbox, *, actor: str = Actor.SYSTEM) -> str:
+    """Put a running or dozing sandbox to sleep with its memory freed, by a checkpoint where
+    the backend can take one, else by a stop (see sandboxes.sleep); return which ("" if it
+    was neither running nor dozing)."""
+    return sleep.hibernate(sandbox, actor=actor)
 
 
 def restart_sandbox(
@@ -380,9 +441,10 @@ def wake_sandbox(
 ) -> Iterator[Progress]:
     """Make sure the sandbox is running, yielding progress. Safe to call from many places.
 
-    Starts it if it is asleep, stopped by sleep or failed; if someone else is already starting
-    it, follows that start through the database until it ends. Ends with the sandbox running,
-    or raises BackendError with the reason (also when its owner is deactivated).
+    Thaws it if it dozes (milliseconds); starts it if it is asleep (from its checkpoint where
+    there is one), stopped or failed; if someone else is already starting it, follows that
+    start through the database until it ends. Ends with the sandbox running, or raises
+    BackendError with the reason (also when its owner is deactivated).
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -390,6 +452,9 @@ def wake_sandbox(
         if sandbox.state == State.RUNNING:
             yield Progress(100, "Your agent is running")
             return
+        if sandbox.state == State.DOZING:
+            sleep.thaw(sandbox, actor=actor, actor_user=actor_user)
+            continue
         if sandbox.state in (State.SLEEPING, State.STOPPED, State.FAILED, State.PROVISIONING):
             try:
                 if sandbox.state == State.PROVISIONING:
@@ -409,7 +474,10 @@ def wake_sandbox(
 
 
 def record_activity(sandbox: Sandbox) -> None:
-    """Note that someone used the sandbox now. Writes at most once per 30 s per sandbox."""
+    """Note that someone used the sandbox now. Writes at most once per 30 s per sandbox, and
+    costs one cache lookup otherwise (no database query)."""
+    if not cache.add(f"hermit:activity:{sandbox.pk}", 1, ACTIVITY_WRITE_INTERVAL.seconds):
+        return
     now = timezone.now()
     Sandbox.objects.filter(
         pk=sandbox.pk, last_activity_at__lt=now - ACTIVITY_WRITE_INTERVAL
@@ -520,7 +588,8 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
 
     owner deactivated: stop it if anything runs; start nothing (whatever its plan).
     running but not running: restart (a crashed gateway comes back by itself).
-    sleeping on a plan that never sleeps (e.g. after the host restarted): start it.
+    sleeping or dozing on a plan that never sleeps (e.g. after a plan change): wake it.
+    dozing but its processes gone: sleeping (it boots on its next wake).
     failed on a plan that never sleeps: start it again, at most every FAILED_RETRY_AFTER.
     crashed repeatedly (``restart_after`` ahead): start nothing until then ("backoff").
     sleeping / stopped / failed but running: stop the stray gateway.
@@ -538,9 +607,9 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     if not owner_is_active(sandbox):
         return _reconcile_inactive_owner(sandbox, backend)
     always_on = plan_for(sandbox.owner).sleeps_after() is None
-    if always_on and sandbox.state == State.SLEEPING:
+    if always_on and sandbox.state in (State.SLEEPING, State.DOZING):
         record_event(sandbox, "reconciled", "Always-on plan: waking the agent")
-        for _ in start_sandbox(sandbox):
+        for _ in wake_sandbox(sandbox, actor=Actor.SYSTEM):
             pass
         return "woke"
     if (
@@ -554,6 +623,14 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
         for _ in start_sandbox(sandbox):
             pass
         return "retried"
+    if (
+        sandbox.state == State.DOZING
+        and not backend.poll(spec_for(sandbox), sandbox.backend_state).running
+    ):
+        # Its processes are gone (the host restarted, say): asleep, to boot on its next wake.
+        transition(sandbox, State.STOPPING, message="A dozing agent's gateway was gone")
+        transition(sandbox, State.SLEEPING, message="Asleep", backend_state={})
+        return "dozing-gone"
     if sandbox.state == State.RUNNING:
         if not mark_crashed(sandbox):
             return "ok" if sandbox.state == State.RUNNING else "raced"

@@ -12,7 +12,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import plan_for
-from sandboxes import actions
+from sandboxes import actions, schedule, sleep
+from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
 
 log = logging.getLogger(__name__)
@@ -82,19 +83,27 @@ def reconcile_sandboxes() -> dict[str, int]:
 
 
 @shared_task(acks_late=True)
-def sleep_idle_sandboxes() -> int:
-    """Put running sandboxes to sleep whose plan sleeps and who were idle long enough."""
-    now = timezone.now()
-    slept = 0
-    for sandbox in Sandbox.objects.select_related("owner").filter(state=State.RUNNING):
-        if not sandbox.is_idle(now, plan_for(sandbox.owner).sleeps_after()):
-            continue
-        try:
-            actions.sleep_sandbox(sandbox)
-            slept += 1
-        except actions.TransitionRefused:
-            pass
-    return slept
+def sleep_idle_sandboxes() -> dict[str, int]:
+    """One pass of the sleep policy: idle agents doze, then hibernate (see sandboxes.sleep)."""
+    return sleep.sleep_idle()
+
+
+@shared_task(acks_late=True)
+def wake_for_jobs() -> int:
+    """Wake sleeping agents shortly before their own next scheduled job is due."""
+    return schedule.wake_due(timezone.now())
+
+
+@shared_task(acks_late=True)
+def apply_plan(sandbox_id: int) -> None:
+    """A plan change takes effect at once: an agent whose new plan never sleeps wakes now."""
+    sandbox = _get(sandbox_id)
+    if sandbox is None or plan_for(sandbox.owner).sleeps_after() is not None:
+        return
+    if sandbox.state in (State.DOZING, State.SLEEPING):
+        with contextlib.suppress(actions.TransitionRefused, BackendError):
+            for _ in actions.wake_sandbox(sandbox, actor=actions.Actor.SYSTEM):
+                pass
 
 
 @shared_task(acks_late=True)

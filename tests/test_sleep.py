@@ -30,15 +30,15 @@ def test_it_sleeps_idle_free_sandboxes_only(alice: Any, bob: Any) -> None:
     Account.objects.filter(user=bob).update(plan=Plan.objects.get(slug="pro"))
     free, pro = _running(alice), _running(bob)
     with time_machine.travel(timezone.now() + timedelta(minutes=14)):
-        assert tasks.sleep_idle_sandboxes() == 0
+        assert tasks.sleep_idle_sandboxes()["hibernated"] == 0
     with time_machine.travel(timezone.now() + timedelta(minutes=16)):
-        assert tasks.sleep_idle_sandboxes() == 1
-        assert tasks.sleep_idle_sandboxes() == 0  # idempotent
+        assert tasks.sleep_idle_sandboxes()["hibernated"] == 1
+        assert tasks.sleep_idle_sandboxes()["hibernated"] == 0  # idempotent
     free.refresh_from_db()
     pro.refresh_from_db()
     assert (free.state, pro.state) == (State.SLEEPING, State.RUNNING)
     messages = list(free.events.values_list("message", flat=True)[:2])
-    assert messages == ["Asleep", "Going to sleep"]
+    assert messages == ["Asleep", "Idle: hibernating"]
 
 
 def test_activity_postpones_sleep(alice: Any) -> None:
@@ -46,9 +46,9 @@ def test_activity_postpones_sleep(alice: Any) -> None:
     with time_machine.travel(timezone.now() + timedelta(minutes=10)):
         actions.record_activity(sandbox)
     with time_machine.travel(timezone.now() + timedelta(minutes=20)):
-        assert tasks.sleep_idle_sandboxes() == 0
+        assert tasks.sleep_idle_sandboxes()["hibernated"] == 0
     with time_machine.travel(timezone.now() + timedelta(minutes=26)):
-        assert tasks.sleep_idle_sandboxes() == 1
+        assert tasks.sleep_idle_sandboxes()["hibernated"] == 1
 
 
 def test_it_never_sleeps_a_sandbox_on_an_always_on_plan_with_a_sleep_time_set(alice: Any) -> None:
@@ -58,6 +58,11 @@ def test_it_never_sleeps_a_sandbox_on_an_always_on_plan_with_a_sleep_time_set(al
     Account.objects.filter(user=alice).update(plan=always_on)
     sandbox = _running(alice)
     with time_machine.travel(timezone.now() + timedelta(hours=6)):
-        assert tasks.sleep_idle_sandboxes() == 0
+        assert tasks.sleep_idle_sandboxes() == {
+            "dozed": 0,
+            "hibernated": 0,
+            "woke": 0,
+            "pressure": 0,
+        }
     sandbox.refresh_from_db()
     assert sandbox.state == State.RUNNING

@@ -16,7 +16,9 @@ State = Sandbox.State
 EXPECTED: dict[str, set[str]] = {
     "provisioning": {"starting", "failed"},
     "starting": {"running", "failed", "stopping"},
-    "running": {"stopping", "starting", "failed"},
+    "running": {"stopping", "starting", "failed", "dozing"},
+    # dozing: frozen in place; thawed back to running, or stopped / hibernated
+    "dozing": {"running", "stopping", "failed"},
     "stopping": {"stopped", "sleeping", "failed", "restoring"},
     "sleeping": {"starting", "stopping", "failed", "restoring"},
     "stopped": {"starting", "restoring"},

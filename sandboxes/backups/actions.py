@@ -63,7 +63,7 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from billing.models import plan_for
-from sandboxes import actions
+from sandboxes import actions, sleep
 from sandboxes.backends import get_backend, safefs
 from sandboxes.backends.base import BackendError
 from sandboxes.backups import EXCLUDES, restic, storage
@@ -83,7 +83,9 @@ RESTORE_PREFIX = ".restore-"
 PREVIOUS_PREFIX = ".previous-"
 FAILED_PREFIX = ".failed-"
 # Sandboxes a backup may read: stopped ones as they are, running ones frozen.
-BACKUP_STATES = frozenset({State.RUNNING, State.SLEEPING, State.STOPPED, State.FAILED})
+BACKUP_STATES = frozenset(
+    {State.RUNNING, State.DOZING, State.SLEEPING, State.STOPPED, State.FAILED}
+)
 # The latest pre-restore snapshots are kept whatever the plan's retention says.
 PRE_RESTORE_TAG = f"trigger={Trigger.PRE_RESTORE}"
 PRE_RESTORE_KEEP = 3
@@ -388,7 +390,7 @@ def _backup(
         BackupRepository.objects.filter(pk=row.pk).update(last_attempt_at=now)
         report.event("Unchanged since the last snapshot; no backup needed", 100)
         return None
-    running = sandbox.state == State.RUNNING and bool(sandbox.backend_state)
+    running = sandbox.state in (State.RUNNING, State.DOZING) and bool(sandbox.backend_state)
     report.event("Backing up your agent" + (" (paused while it is read)" if running else ""), 5)
     backend = get_backend(sandbox.backend)
     spec = actions.spec_for(sandbox)
@@ -525,7 +527,7 @@ def restore_sandbox(
         report.event(f"Restoring snapshot {snapshot.short_id} of {_when(snapshot.taken_at)}", 1)
         fresh = _restore_fresh(sandbox, repo, snapshot, report, 2, 60)
         sandbox.refresh_from_db()  # the restore may have taken long: act on the state now
-        was_running = sandbox.state == State.RUNNING
+        was_running = sandbox.state in (State.RUNNING, State.DOZING)
         try:
             _stop_for_restore(sandbox, actor, actor_user)
             lease.check()
@@ -551,6 +553,7 @@ def restore_sandbox(
                 raise BackupFailed(f"{_reason(exc)} Your agent's data is unchanged.") from exc
             raise
         previous = _swap_in(sandbox, fresh)
+        sleep.drop_checkpoint(sandbox, "the data was restored from a backup")
         report.event("Restored data in place; starting your agent", 75)
         _start_or_roll_back(sandbox, previous, actor, actor_user, report)
         report.event(f"Restored snapshot {snapshot.short_id}; your agent is running", 100)

@@ -1,0 +1,381 @@
+"""Sleep in stages: doze (frozen in place), hibernate (a checkpoint on disk), cold (stopped).
+
+- **Doze.** A sandbox whose plan sleeps is frozen (``backend.freeze``) after HERMIT_DOZE_AFTER
+  idle seconds: its processes and RAM stay, and a thaw takes milliseconds.
+- **Hibernate.** After the plan's sleep-after it is checkpointed to disk (``backend.checkpoint``,
+  CRIU for the local backend) and its RAM is freed; a wake restores it in about a second.
+  Dozing sandboxes hibernate sooner, longest idle first, past HERMIT_MAX_DOZING of them or when
+  the host has less than HERMIT_DOZE_MIN_AVAILABLE_MB of RAM available.
+- **Cold.** Where a checkpoint cannot be taken or restored (unsupported, failed, missing,
+  corrupt, another runtime, a data dir put back from a backup) the sandbox is stopped and boots
+  cold: slower, and it loses nothing.
+
+A checkpoint fits one moment of one data dir, so it is used at most once: every start drops it
+(:func:`take_checkpoint`). Checkpoints past HERMIT_CHECKPOINT_MAX_AGE or beyond
+HERMIT_CHECKPOINT_BUDGET_MB in all are dropped oldest first (:func:`enforce_checkpoint_budget`).
+
+Races: every stage change is a conditional UPDATE on the state (``actions.transition``), so two
+sleep workers never act on one sandbox. A doze claims ``running → dozing`` before it freezes and
+re-reads the state after: a wake in between (which claims ``dozing → running`` before it thaws)
+makes the dozer thaw what it froze. A hint in the cache (:func:`is_dozing`) lets chat and the
+Control UI notice a doze on every frame without a database query.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.utils import timezone
+
+from billing.models import Plan, plan_for
+from sandboxes import actions
+from sandboxes.backends import get_backend
+from sandboxes.backends.base import BackendError, CheckpointImage, Progress, SandboxSpec
+from sandboxes.events import record_event
+from sandboxes.models import Checkpoint, RuntimeImage, Sandbox, SandboxEvent
+
+log = logging.getLogger(__name__)
+State = Sandbox.State
+Actor = SandboxEvent.Actor
+DOZING_HINT_TTL = 24 * 3600
+
+
+def _hint_key(sandbox_id: int) -> str:
+    return f"hermit:dozing:{sandbox_id}"
+
+
+def is_dozing(sandbox_id: int) -> bool:
+    """Whether the sandbox may be dozing, from the cache alone (no database query)."""
+    return bool(cache.get(_hint_key(sandbox_id)))
+
+
+async def ais_dozing(sandbox_id: int) -> bool:
+    return bool(await cache.aget(_hint_key(sandbox_id)))
+
+
+def doze_after(plan: Plan) -> timedelta | None:
+    """Idle time after which a sandbox on ``plan`` dozes, or None if it never sleeps."""
+    sleep_after = plan.sleeps_after()
+    if sleep_after is None:
+        return None
+    return min(timedelta(seconds=settings.HERMIT_DOZE_AFTER), sleep_after)
+
+
+def _next_job_at(sandbox: Sandbox) -> datetime | None:
+    """The agent's own next scheduled job, read through its gateway (None if none or unknown)."""
+    from sandboxes.openclaw import cron
+
+    if not sandbox.backend_state:  # nothing runs to ask: keep what was read last time
+        return sandbox.next_job_at
+    return cron.next_job_at(sandbox)
+
+
+def doze(sandbox: Sandbox, *, idle_since: datetime | None = None) -> bool:
+    """Freeze a running sandbox in place; return True if it now dozes.
+
+    With ``idle_since``, the claim holds only if no activity was recorded after it (a chat
+    frame that came in meanwhile keeps the agent awake)."""
+    if sandbox.state != State.RUNNING or not sandbox.backend_state:
+        return False
+    guard = {"last_activity_at__lte": idle_since} if idle_since is not None else None
+    next_job = _next_job_at(sandbox)  # while the gateway can still answer
+    try:
+        actions.transition(
+            sandbox,
+            State.DOZING,
+            message="Dozing (paused, wakes instantly)",
+            guard=guard,
+            next_job_at=next_job,
+        )
+    except actions.TransitionRefused:
+        return False
+    cache.set(_hint_key(sandbox.pk), 1, DOZING_HINT_TTL)
+    backend = get_backend(sandbox.backend)
+    spec = actions.spec_for(sandbox)
+    try:
+        backend.freeze(spec, sandbox.backend_state)
+    except (BackendError, NotImplementedError) as exc:
+        log.warning("sandbox %s: could not freeze it: %s", sandbox.pk, exc)
+        _undo_doze(sandbox, f"Could not pause the agent ({exc}); it stays awake")
+        return False
+    sandbox.refresh_from_db(fields=["state"])
+    if sandbox.state != State.DOZING:  # woken while we froze it: the waker's thaw came first
+        backend.thaw(spec, sandbox.backend_state)
+        return False
+    return True
+
+
+def _undo_doze(sandbox: Sandbox, message: str) -> None:
+    with contextlib.suppress(actions.TransitionRefused):
+        actions.transition(sandbox, State.RUNNING, message=message)
+    cache.delete(_hint_key(sandbox.pk))
+
+
+def thaw(sandbox: Sandbox, *, actor: str = Actor.SYSTEM, actor_user: Any = None) -> bool:
+    """Wake a dozing sandbox (milliseconds); return True if this call woke it.
+
+    Claims ``dozing → running`` first, then thaws (see the module docstring). A sandbox whose
+    processes are gone meanwhile is moved to sleeping (no processes), to boot on its next wake.
+    """
+    try:
+        actions.transition(
+            sandbox,
+            State.RUNNING,
+            actor=actor,
+            actor_user=actor_user,
+            message="Woke from a doze",
+            progress=100,
+            last_activity_at=timezone.now(),
+        )
+    except actions.TransitionRefused:
+        return False
+    cache.delete(_hint_key(sandbox.pk))
+    backend = get_backend(sandbox.backend)
+    spec = actions.spec_for(sandbox)
+    try:
+        backend.thaw(spec, sandbox.backend_state)
+    except BackendError as exc:
+        log.warning("sandbox %s: thaw failed: %s", sandbox.pk, exc)
+    if not backend.poll(spec, sandbox.backend_state).running:
+        actions.mark_crashed(sandbox)
+        return False
+    return True
+
+
+def hibernate(sandbox: Sandbox, *, actor: str = Actor.SYSTEM, message: str = "") -> str:
+    """Put a running or dozing sandbox to sleep with its RAM freed; return how.
+
+    "checkpointed": its processes are on disk and wake in about a second; "stopped": a
+    checkpoint was not possible, so it was stopped (it boots cold next time); "" if it was
+    neither running nor dozing (or someone else moved first).
+    """
+    if sandbox.state not in (State.RUNNING, State.DOZING):
+        return ""
+    if sandbox.state == State.RUNNING:
+        sandbox.next_job_at = _next_job_at(sandbox)
+        Sandbox.objects.filter(pk=sandbox.pk).update(next_job_at=sandbox.next_job_at)
+    try:
+        actions.transition(sandbox, State.STOPPING, actor=actor, message=message or "Hibernating")
+    except actions.TransitionRefused:
+        return ""
+    cache.delete(_hint_key(sandbox.pk))
+    backend = get_backend(sandbox.backend)
+    spec = actions.spec_for(sandbox)
+    running = bool(sandbox.backend_state)
+    why_not = backend.checkpoint_support() if running else ""
+    image: CheckpointImage | None = None
+    if running and not why_not:
+        started = time.monotonic()
+        try:
+            image = backend.checkpoint(spec, sandbox.backend_state)
+        except BackendError as exc:
+            why_not = str(exc).splitlines()[0] if str(exc) else "the checkpoint failed"
+            log.warning("sandbox %s: checkpoint failed: %s", sandbox.pk, why_not)
+        else:
+            log.info(
+                "sandbox %s: checkpointed %d MB in %.1f s",
+                sandbox.pk,
+                image.size_bytes // 2**20,
+                time.monotonic() - started,
+            )
+    if image is None:
+        try:
+            backend.thaw(spec, sandbox.backend_state)
+            backend.stop(spec, sandbox.backend_state)
+        except BackendError as exc:
+            actions.fail(sandbox, str(exc))
+            return ""
+    else:
+        _replace_checkpoint(sandbox, image)
+    done = "Asleep (hibernated: wakes in about a second)" if image else "Asleep"
+    if why_not:
+        record_event(sandbox, "sleep", f"Stopped instead of hibernating: {why_not}")
+    actions.transition(sandbox, State.SLEEPING, message=done, backend_state={})
+    actions.queue_backup(sandbox, "sleep")
+    enforce_checkpoint_budget()
+    return "checkpointed" if image else "stopped"
+
+
+def _replace_checkpoint(sandbox: Sandbox, image: CheckpointImage) -> None:
+    drop_checkpoint(sandbox)
+    Checkpoint.objects.create(
+        sandbox=sandbox,
+        location=image.location,
+        size_bytes=image.size_bytes,
+        identity=image.identity,
+        runtime=sandbox.runtime,
+    )
+
+
+def drop_checkpoint(sandbox: Sandbox, reason: str = "") -> bool:
+    """Delete the sandbox's checkpoint (row and image); return True if there was one."""
+    found = Checkpoint.objects.filter(sandbox=sandbox).first()
+    if found is None:
+        return False
+    _drop(found)
+    if reason:
+        record_event(sandbox, "checkpoint", f"Checkpoint dropped: {reason}")
+    return True
+
+
+def _drop(found: Checkpoint) -> None:
+    try:
+        get_backend(found.sandbox.backend).drop_checkpoint(found.location)
+    except (BackendError, OSError) as exc:
+        log.warning("checkpoint %s: could not delete its image: %s", found.pk, exc)
+    Checkpoint.objects.filter(pk=found.pk).delete()
+
+
+def take_checkpoint(sandbox: Sandbox, image: RuntimeImage) -> Checkpoint | None:
+    """Claim the sandbox's checkpoint for a start: return it if it may be restored now, else
+    None. Either way the row is gone afterwards (a checkpoint is used at most once); the caller
+    drops the image once it has restored it or given up."""
+    found = Checkpoint.objects.filter(sandbox=sandbox).first()
+    if found is None:
+        return None
+    if not Checkpoint.objects.filter(pk=found.pk).delete()[0]:
+        return None  # another start claimed it
+    if found.runtime_id != image.pk:
+        _drop_image(found)
+        record_event(sandbox, "checkpoint", "Checkpoint was of an older runtime; starting fresh")
+        return None
+    return found
+
+
+def _drop_image(found: Checkpoint) -> None:
+    try:
+        get_backend(found.sandbox.backend).drop_checkpoint(found.location)
+    except (BackendError, OSError) as exc:
+        log.warning("checkpoint of sandbox %s: could not delete: %s", found.sandbox_id, exc)
+
+
+def restore_spec(sandbox: Sandbox, image: RuntimeImage) -> SandboxSpec:
+    """The spec for restoring a checkpoint: limits and runtime, no new secrets (the restored
+    gateway keeps the environment it was started with)."""
+    plan = plan_for(sandbox.owner)
+    return replace(
+        actions.spec_for(sandbox),
+        runtime_dir=Path(image.path),
+        memory_mb=plan.memory_mb,
+        cpu_millis=plan.cpu_millis,
+        pids_max=plan.pids_max,
+        internet=plan.internet,
+    )
+
+
+def restore_steps(sandbox: Sandbox, found: Checkpoint, image: RuntimeImage) -> Iterator[Progress]:
+    """Restore ``found`` (claimed by :func:`take_checkpoint`), yielding the backend's progress;
+    the image is deleted afterwards whatever happens. Raises BackendError if it cannot be
+    restored (the caller then boots cold)."""
+    backend = get_backend(sandbox.backend)
+    checkpoint = CheckpointImage(found.location, found.size_bytes, found.identity)
+    try:
+        yield from backend.restore(restore_spec(sandbox, image), checkpoint)
+    finally:
+        _drop_image(found)
+
+
+def enforce_checkpoint_budget(now: datetime | None = None) -> int:
+    """Drop checkpoints older than HERMIT_CHECKPOINT_MAX_AGE, then the oldest until all fit in
+    HERMIT_CHECKPOINT_BUDGET_MB; return how many were dropped."""
+    now = now or timezone.now()
+    dropped = 0
+    too_old = now - timedelta(seconds=settings.HERMIT_CHECKPOINT_MAX_AGE)
+    for found in Checkpoint.objects.filter(created_at__lt=too_old).select_related("sandbox"):
+        _drop(found)
+        record_event(found.sandbox, "checkpoint", "Checkpoint expired; the next wake boots cold")
+        dropped += 1
+    budget = settings.HERMIT_CHECKPOINT_BUDGET_MB * 2**20
+    rows = list(Checkpoint.objects.order_by("created_at").select_related("sandbox"))
+    total = sum(row.size_bytes for row in rows)
+    for found in rows:
+        if total <= budget:
+            break
+        _drop(found)
+        total -= found.size_bytes
+        record_event(
+            found.sandbox, "checkpoint", "Checkpoint dropped to stay within the disk budget"
+        )
+        dropped += 1
+    return dropped
+
+
+def available_memory_mb() -> int:
+    """The host's MemAvailable, in MB (a large number if unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return 1 << 30
+
+
+def _holds_awake(sandbox: Sandbox, now: datetime) -> bool:
+    from sandboxes import schedule
+
+    return schedule.holds_awake(sandbox, now)
+
+
+def sleep_idle(now: datetime | None = None) -> dict[str, int]:
+    """One pass of the sleep policy (beat runs it often); return counts of what it did.
+
+    Idle running sandboxes doze, idle dozing ones hibernate, a dozing one on a plan that no
+    longer sleeps wakes, and under memory pressure or past HERMIT_MAX_DOZING the longest-idle
+    dozing ones hibernate early. Then checkpoints are kept within their budget.
+    """
+    now = now or timezone.now()
+    counts = {"dozed": 0, "hibernated": 0, "woke": 0, "pressure": 0}
+    awake = Sandbox.objects.select_related("owner").filter(state__in=[State.RUNNING, State.DOZING])
+    for sandbox in awake.order_by("last_activity_at"):
+        plan = plan_for(sandbox.owner)
+        sleep_after = plan.sleeps_after()
+        if sleep_after is None:
+            if sandbox.state == State.DOZING and thaw(sandbox):
+                counts["woke"] += 1
+            continue
+        if _holds_awake(sandbox, now):
+            continue
+        idle = now - sandbox.last_activity_at
+        doze_idle = doze_after(plan)
+        if idle >= sleep_after:
+            if hibernate(sandbox, message="Idle: hibernating"):
+                counts["hibernated"] += 1
+        elif (
+            sandbox.state == State.RUNNING
+            and doze_idle is not None
+            and idle >= doze_idle
+            and doze(sandbox, idle_since=now - doze_idle)
+        ):
+            counts["dozed"] += 1
+    counts["pressure"] = relieve_pressure()
+    enforce_checkpoint_budget(now)
+    return counts
+
+
+def relieve_pressure() -> int:
+    """Hibernate the longest-idle dozing sandboxes while more than HERMIT_MAX_DOZING doze or
+    the host has less than HERMIT_DOZE_MIN_AVAILABLE_MB available; return how many."""
+    done = 0
+    for sandbox in (
+        Sandbox.objects.select_related("owner")
+        .filter(state=State.DOZING)
+        .order_by("last_activity_at")
+    ):
+        dozing = Sandbox.objects.filter(state=State.DOZING).count()
+        low = available_memory_mb() < settings.HERMIT_DOZE_MIN_AVAILABLE_MB
+        if dozing <= settings.HERMIT_MAX_DOZING and not low:
+            break
+        why = "Low on memory" if low else "Too many dozing agents"
+        if hibernate(sandbox, message=f"{why}: hibernating the longest idle first"):
+            done += 1
+    return done
