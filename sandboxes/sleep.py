@@ -151,6 +151,18 @@ def thaw(sandbox: Sandbox, *, actor: str = Actor.SYSTEM, actor_user: Any = None)
     return True
 
 
+def wake_if_dozing(sandbox: Sandbox, *, actor_user: Any = None) -> None:
+    """For every frame of an open chat or Control UI: thaw the sandbox if the cache says it may
+    doze (one cache lookup when it does not)."""
+    if not is_dozing(sandbox.pk):
+        return
+    sandbox.refresh_from_db()
+    if sandbox.state == State.DOZING:
+        thaw(sandbox, actor=Actor.USER if actor_user else Actor.SYSTEM, actor_user=actor_user)
+    else:
+        cache.delete(_hint_key(sandbox.pk))
+
+
 def hibernate(sandbox: Sandbox, *, actor: str = Actor.SYSTEM, message: str = "") -> str:
     """Put a running or dozing sandbox to sleep with its RAM freed; return how.
 

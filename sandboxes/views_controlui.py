@@ -66,7 +66,7 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from sandboxes import actions, controlui_auth
+from sandboxes import actions, controlui_auth, sleep
 from sandboxes.access import get_sandbox_for_user
 from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
@@ -264,6 +264,9 @@ async def proxy(request: HttpRequest, path: str) -> HttpResponseBase:
                 settings.SITE_URL + reverse("controlui-open", urlconf=settings.ROOT_URLCONF)
             )
         return HttpResponseForbidden("Open the Control UI from your dashboard.")
+    if sandbox.state == Sandbox.State.DOZING:  # paused in place: thawing takes milliseconds
+        await sync_to_async(sleep.thaw)(sandbox, actor_user=request.user)
+        await sync_to_async(sandbox.refresh_from_db)()
     if sandbox.state != Sandbox.State.RUNNING:
         return _plain("Your agent is not running. Open it again from the dashboard.", 503)
     try:

@@ -66,7 +66,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import connection
 
-from sandboxes import actions
+from sandboxes import actions, sleep
 from sandboxes.backends.base import BackendError
 from sandboxes.consumers.base import admit
 from sandboxes.models import Sandbox
@@ -239,7 +239,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._send({"type": "error", "code": code, "message": message, **extra})
 
     async def _touch(self) -> None:
-        """Count activity; write it to the database at most every ACTIVITY_INTERVAL seconds."""
+        """Count activity; write it to the database at most every ACTIVITY_INTERVAL seconds.
+        A dozing sandbox is thawed first (a cache lookup per frame tells)."""
+        if await sleep.ais_dozing(self.sandbox.pk):
+            await database_sync_to_async(sleep.wake_if_dozing)(self.sandbox, actor_user=self.user)
         now = time.monotonic()
         if now - self.last_activity < ACTIVITY_INTERVAL:
             return

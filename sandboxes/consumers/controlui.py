@@ -27,7 +27,7 @@ from django.http import parse_cookie
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from sandboxes import actions, controlui_auth
+from sandboxes import actions, controlui_auth, sleep
 from sandboxes.backends.base import BackendError
 from sandboxes.consumers.base import (
     CLOSE_FOREIGN_ORIGIN,
@@ -125,6 +125,8 @@ class ControlUIConsumer(AsyncWebsocketConsumer):
                 await self.pump
 
     async def _touch(self) -> None:
+        if await sleep.ais_dozing(self.sandbox.pk):
+            await database_sync_to_async(sleep.wake_if_dozing)(self.sandbox)
         now = time.monotonic()
         if now - self.last_activity >= ACTIVITY_INTERVAL:
             self.last_activity = now
