@@ -12,6 +12,14 @@ at ``CONFIG_PATH`` (``SandboxSpec.files``); the gateway reads it through ``OPENC
 and cannot change it (OpenClaw keeps devices, approvals and cron jobs in SQLite under its state
 dir, so it runs with a read-only config; ``openclaw config set`` inside the sandbox fails).
 
+A warm-pool gateway (sandboxes.pool) is the exception: it is started before anyone owns it, and
+handed to a user by giving it new secrets while it runs. A running process's environment cannot
+change, so its two secrets are written into the config (``with_secrets``), and root rewrites the
+file in place, outside the sandbox, at assignment: OpenClaw watches its config and hot-applies a
+new ``gateway.auth.token`` and provider ``apiKey`` in about a second, without a restart. The file
+stays root's, readable only by the sandbox's uid (which can read the environment of its gateway
+all the same); its next cold start goes back to the environment.
+
 Inside the sandbox the gateway binds loopback. The portal reaches it through the backend's port
 forward (pasta splices host-loopback connections onto the sandbox's loopback), so the gateway sees
 the portal as a loopback client: with the shared token such a client is auto-approved as a device.
@@ -19,6 +27,7 @@ the portal as a loopback client: with the shared token such a client is auto-app
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,15 +135,29 @@ def render_config(
     }
 
 
+def with_secrets(rendered: dict[str, Any], *, gateway_token: str, ai_key: str) -> dict[str, Any]:
+    """Return a copy of ``rendered`` (from :func:`render_config`) with the gateway token and the
+    AI gateway credential written in, in place of the environment references."""
+    if not gateway_token or not ai_key:
+        raise ValueError("with_secrets needs a gateway token and an AI gateway credential")
+    copied: dict[str, Any] = json.loads(json.dumps(rendered))
+    copied["gateway"]["auth"]["token"] = gateway_token
+    copied["models"]["providers"][PROVIDER_ID]["apiKey"] = ai_key
+    return copied
+
+
 def sandbox_env(
     *,
     data_dir: Path,
-    gateway_token: str,
-    ai_key: str,
+    gateway_token: str | None,
+    ai_key: str | None,
     config_file: str | None = None,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Return the gateway's environment: paths inside the data dir, the two secrets, quiet flags.
+
+    ``gateway_token`` and ``ai_key`` are None for a gateway whose config holds them
+    (:func:`with_secrets`): its environment then has no secret at all.
 
     Every writable path is inside ``data_dir`` (the sandbox's only persistent writable
     directory), so nothing the gateway writes escapes it except lock files under the sandbox's
@@ -147,8 +170,6 @@ def sandbox_env(
         "OPENCLAW_STATE_DIR": str(state_dir(data_dir)),
         "TMPDIR": str(data_dir / "tmp"),
         "NODE_COMPILE_CACHE": str(data_dir / "cache" / "node-compile-cache"),
-        "OPENCLAW_GATEWAY_TOKEN": gateway_token,
-        "HERMIT_AI_KEY": ai_key,
         "OPENCLAW_DISABLE_BONJOUR": "1",
         "OPENCLAW_NO_AUTO_UPDATE": "1",
         "OPENCLAW_OFFLINE": "1",
@@ -156,6 +177,10 @@ def sandbox_env(
         "LANG": "C.UTF-8",
         "TZ": "UTC",
     }
+    if gateway_token is not None:
+        env["OPENCLAW_GATEWAY_TOKEN"] = gateway_token
+    if ai_key is not None:
+        env["HERMIT_AI_KEY"] = ai_key
     if config_file:
         env["OPENCLAW_CONFIG_PATH"] = config_file
     env.update(extra or {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 
@@ -22,27 +23,47 @@ def build_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec
     """Return the spec to start the sandbox, with its OpenClaw config (no secrets in it).
 
     Makes the data dir's directories. Mints a fresh AI-gateway credential for this start: only
-    its hash is stored, and the plaintext lives only in the gateway's environment.
+    its hash is stored, and the plaintext lives only in the gateway's environment. A warm-pool
+    gateway (sandboxes.pool) has its secrets in its config instead, so that they can be
+    replaced while it runs when it is given to a user (see ``config``).
     """
     from billing.ai_gateway.credentials import rotate_credential
+    from sandboxes.pool import is_pooled
 
     data_dir = sandbox.data_dir
     config.prepare_data_dir(data_dir)
-    rendered = config.render_config(
-        data_dir=data_dir,
+    ai_key = rotate_credential(sandbox)
+    if is_pooled(sandbox):
+        text = config_text(sandbox, gateway_token=sandbox.gateway_token, ai_key=ai_key)
+        env = config.sandbox_env(
+            data_dir=data_dir, gateway_token=None, ai_key=None, config_file=config.CONFIG_PATH
+        )
+    else:
+        text = json.dumps(_rendered(sandbox), indent=2)
+        env = config.sandbox_env(
+            data_dir=data_dir,
+            gateway_token=sandbox.gateway_token,
+            ai_key=ai_key,
+            config_file=config.CONFIG_PATH,
+        )
+    return _spec(sandbox, plan, Path(image.path), env, {config.CONFIG_PATH: text})
+
+
+def config_text(sandbox: Sandbox, *, gateway_token: str, ai_key: str) -> str:
+    """Return the sandbox's OpenClaw config with its two secrets written in: what a warm-pool
+    gateway runs with, and what it is given, in place, when a user takes it."""
+    rendered = config.with_secrets(_rendered(sandbox), gateway_token=gateway_token, ai_key=ai_key)
+    return json.dumps(rendered, indent=2)
+
+
+def _rendered(sandbox: Sandbox) -> dict[str, Any]:
+    return config.render_config(
+        data_dir=sandbox.data_dir,
         ai_gateway_port=settings.HERMIT_AI_GATEWAY_PORT,
         models=settings.HERMIT_SANDBOX_MODELS,
         default_model=settings.HERMIT_DEFAULT_MODEL,
         allowed_origins=[settings.SITE_URL],
     )
-    env = config.sandbox_env(
-        data_dir=data_dir,
-        gateway_token=sandbox.gateway_token,
-        ai_key=rotate_credential(sandbox),
-        config_file=config.CONFIG_PATH,
-    )
-    files = {config.CONFIG_PATH: json.dumps(rendered, indent=2)}
-    return _spec(sandbox, plan, Path(image.path), env, files)
 
 
 def _spec(
