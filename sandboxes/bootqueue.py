@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -76,7 +76,7 @@ def waiting_message(ahead: int) -> str:
     return f"{WAITING}: {ahead} ahead of you"
 
 
-def acquire(sandbox: Sandbox, *, timeout: float | None = None) -> Iterator[Progress]:
+def acquire(sandbox: Sandbox, *, timeout: float | None = None) -> Generator[Progress, None, None]:
     """Wait for one of this host's boot slots, yielding Progress whenever the sandbox's place in
     line changes (and every REPEAT_EVERY seconds otherwise); return once the sandbox holds one.
 
