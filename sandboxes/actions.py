@@ -476,11 +476,16 @@ def wake_sandbox(
 def record_activity(sandbox: Sandbox) -> None:
     """Note that someone used the sandbox now. Writes at most once per 30 s per sandbox, and
     costs one cache lookup otherwise (no database query)."""
-    if not cache.add(f"hermit:activity:{sandbox.pk}", 1, ACTIVITY_WRITE_INTERVAL.seconds):
+    note_activity(sandbox.pk)
+
+
+def note_activity(sandbox_id: int) -> None:
+    """:func:`record_activity` by primary key (the AI gateway knows only that)."""
+    if not cache.add(f"hermit:activity:{sandbox_id}", 1, ACTIVITY_WRITE_INTERVAL.seconds):
         return
     now = timezone.now()
     Sandbox.objects.filter(
-        pk=sandbox.pk, last_activity_at__lt=now - ACTIVITY_WRITE_INTERVAL
+        pk=sandbox_id, last_activity_at__lt=now - ACTIVITY_WRITE_INTERVAL
     ).update(last_activity_at=now)
 
 
