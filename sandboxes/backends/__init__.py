@@ -17,4 +17,8 @@ def get_backend(name: str | None = None) -> SandboxBackend:
         from sandboxes.backends.local import LocalBackend
 
         return LocalBackend()
-    raise ValueError(f"Unknown sandbox backend {name!r}; this build supports: local")
+    if name == "fake":  # in memory, for the portal's own tests
+        from sandboxes.backends.fake import FakeBackend
+
+        return FakeBackend()
+    raise ValueError(f"Unknown sandbox backend {name!r}; this build supports: local, fake")

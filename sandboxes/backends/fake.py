@@ -1,0 +1,224 @@
+"""An in-memory backend for the portal's own tests (JupyterHub's MockSpawner pattern).
+
+Nothing runs: a "sandbox" is an entry in a process-wide table, so the portal's logic (states,
+sleep stages, checkpoints, queues, races between workers) is tested in milliseconds. It keeps
+the contract's promises that the portal relies on: ``start`` yields progress and ends with the
+state to persist, ``stop`` and ``drop_checkpoint`` are idempotent, a frozen sandbox stays frozen
+until thawed, a checkpoint stops the sandbox and restores only onto the same data identity.
+
+Test hooks: :meth:`FakeBackend.fail_next` makes the next start, checkpoint or restore of a
+sandbox raise BackendError; :meth:`FakeBackend.crash` makes a running sandbox's "gateway" die;
+:meth:`FakeBackend.replace_data` changes a sandbox's data identity (as a restore from a backup
+does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandboxes.backends.base import (
+    BackendError,
+    CheckpointImage,
+    ExecResult,
+    PollResult,
+    ProcessInfo,
+    Progress,
+    SandboxBackend,
+    SandboxSpec,
+    Stats,
+)
+
+MEMORY_BYTES = 900 * 2**20  # about what a real OpenClaw gateway holds
+IMAGE_BYTES = 1000 * 2**20
+
+
+@dataclass
+class _Box:
+    running: bool = False
+    frozen: bool = False
+    instance: int = 0
+    identity: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+class FakeBackend(SandboxBackend):
+    name = "fake"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._boxes: dict[str, _Box] = {}
+        self._images: dict[str, tuple[str, int]] = {}  # location: (sandbox name, instance)
+        self._counter = itertools.count(1)
+        self.calls: list[tuple[str, str]] = []  # (method, sandbox name), for tests
+
+    # -- test hooks -----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        with self._lock:
+            self._boxes.clear()
+            self._images.clear()
+            self.calls.clear()
+
+    def fail_next(self, name: str, method: str, times: int = 1) -> None:
+        with self._lock:
+            self._box(name).failures[method] = times
+
+    def crash(self, name: str) -> None:
+        with self._lock:
+            self._box(name).running = False
+
+    def replace_data(self, name: str) -> None:
+        with self._lock:
+            self._box(name).identity += 1
+
+    def is_frozen(self, name: str) -> bool:
+        with self._lock:
+            return self._box(name).frozen
+
+    def images(self) -> list[str]:
+        with self._lock:
+            return sorted(self._images)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _box(self, name: str) -> _Box:
+        return self._boxes.setdefault(name, _Box())
+
+    def _enter(self, method: str, spec: SandboxSpec) -> _Box:
+        """Record the call; raise if a failure was planted for it. Holds no lock on return."""
+        with self._lock:
+            self.calls.append((method, spec.name))
+            box = self._box(spec.name)
+            left = box.failures.get(method, 0)
+            if left:
+                box.failures[method] = left - 1
+                raise BackendError(f"{method} of {spec.name} failed (planted by a test)")
+            return box
+
+    def _alive(self, spec: SandboxSpec, state: dict[str, Any]) -> bool:
+        box = self._boxes.get(spec.name)
+        return bool(box and box.running and state.get("instance") == box.instance)
+
+    # -- the contract ----------------------------------------------------------------------------
+
+    def start(self, spec: SandboxSpec) -> Iterator[Progress]:
+        yield Progress(5, "Preparing the sandbox")
+        box = self._enter("start", spec)
+        with self._lock:
+            box.running, box.frozen, box.instance = True, False, next(self._counter)
+            state = {"backend": self.name, "instance": box.instance}
+        yield Progress(50, "Starting the agent gateway", state=dict(state))
+        yield Progress(100, "Sandbox is running", state=dict(state))
+
+    def stop(self, spec: SandboxSpec, state: dict[str, Any], timeout: float = 10.0) -> None:
+        with self._lock:
+            self.calls.append(("stop", spec.name))
+            box = self._boxes.get(spec.name)
+            if box is not None and state.get("instance") == box.instance:
+                box.running = box.frozen = False
+
+    def poll(self, spec: SandboxSpec, state: dict[str, Any]) -> PollResult:
+        if not state:
+            return PollResult(running=False, detail="never started")
+        with self._lock:
+            alive = self._alive(spec, state)
+        return PollResult(running=alive, exit_code=None if alive else 0, detail="fake")
+
+    def endpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> tuple[str, int]:
+        if "instance" not in state:
+            raise BackendError(f"Sandbox {spec.name} has no endpoint: it was never started.")
+        return ("127.0.0.1", 9)  # discard: nothing listens
+
+    def exec(
+        self, spec: SandboxSpec, state: dict[str, Any], argv: list[str], timeout: float = 30.0
+    ) -> ExecResult:
+        with self._lock:
+            if not self._alive(spec, state):
+                raise BackendError(f"Sandbox {spec.name} is not running, so nothing can run in it.")
+        return ExecResult(exit_code=0, stdout=" ".join(argv) + "\n", stderr="")
+
+    def processes(self, spec: SandboxSpec, state: dict[str, Any]) -> list[ProcessInfo]:
+        with self._lock:
+            alive = self._alive(spec, state)
+        return (
+            [ProcessInfo(pid=2, command="openclaw gateway", rss_bytes=MEMORY_BYTES)]
+            if alive
+            else []
+        )
+
+    def logs(self, spec: SandboxSpec, state: dict[str, Any], lines: int = 100) -> str:
+        return ""
+
+    def stats(self, spec: SandboxSpec, state: dict[str, Any]) -> Stats:
+        with self._lock:
+            alive = self._alive(spec, state)
+        memory = MEMORY_BYTES if alive else 0
+        return Stats(memory, spec.memory_mb * 2**20, 0.0, 0)
+
+    @contextlib.contextmanager
+    def frozen(self, spec: SandboxSpec, state: dict[str, Any]) -> Iterator[None]:
+        with self._lock:
+            box = self._boxes.get(spec.name)
+            pause = bool(box and self._alive(spec, state) and not box.frozen)
+            if pause and box is not None:
+                box.frozen = True
+        try:
+            yield
+        finally:
+            if pause and box is not None:
+                with self._lock:
+                    box.frozen = False
+
+    def freeze(self, spec: SandboxSpec, state: dict[str, Any]) -> None:
+        box = self._enter("freeze", spec)
+        with self._lock:
+            if self._alive(spec, state):
+                box.frozen = True
+
+    def thaw(self, spec: SandboxSpec, state: dict[str, Any]) -> None:
+        with self._lock:
+            self.calls.append(("thaw", spec.name))
+            box = self._boxes.get(spec.name)
+            if box is not None:
+                box.frozen = False
+
+    def checkpoint_support(self) -> str:
+        return ""
+
+    def data_identity(self, spec: SandboxSpec) -> str:
+        with self._lock:
+            return f"{spec.name}:{self._box(spec.name).identity}"
+
+    def checkpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> CheckpointImage:
+        box = self._enter("checkpoint", spec)
+        identity = self.data_identity(spec)
+        with self._lock:
+            if not self._alive(spec, state):
+                raise BackendError(f"Sandbox {spec.name} is not running: nothing to checkpoint.")
+            location = f"fake://{spec.name}/{next(self._counter)}"
+            self._images[location] = (spec.name, box.instance)
+            box.running = box.frozen = False
+        return CheckpointImage(location, IMAGE_BYTES, identity)
+
+    def restore(self, spec: SandboxSpec, image: CheckpointImage) -> Iterator[Progress]:
+        yield Progress(5, "Restoring your agent from its checkpoint")
+        box = self._enter("restore", spec)
+        if image.identity != self.data_identity(spec):
+            raise BackendError("The checkpoint belongs to other data; it cannot be restored.")
+        with self._lock:
+            found = self._images.get(image.location)
+            if found is None or found[0] != spec.name:
+                raise BackendError(f"The checkpoint image {image.location} is missing.")
+            box.running, box.frozen, box.instance = True, False, found[1]
+            state = {"backend": self.name, "instance": box.instance, "restored": True}
+        yield Progress(100, "Sandbox is running", state=dict(state))
+
+    def drop_checkpoint(self, location: str) -> None:
+        with self._lock:
+            self.calls.append(("drop_checkpoint", location))
+            self._images.pop(location, None)
