@@ -19,7 +19,7 @@
       wrap.hidden = false;
       bar.style.width = ev.progress + "%";
       // A finished backup of a settled sandbox: its bar goes away again.
-      if (ev.progress >= 100 && ["running", "sleeping", "stopped"].includes(current)) {
+      if (ev.progress >= 100 && ["running", "dozing", "sleeping", "stopped"].includes(current)) {
         setTimeout(() => { wrap.hidden = true; }, 1500);
       }
     }
@@ -34,7 +34,7 @@
     li.append(time, span);
     list.prepend(li);
     if (ev.state && ev.state !== current) {
-      const settled = ["running", "sleeping", "stopped", "failed"].includes(ev.state);
+      const settled = ["running", "dozing", "sleeping", "stopped", "failed"].includes(ev.state);
       current = ev.state;
       badge.textContent = ev.state.charAt(0).toUpperCase() + ev.state.slice(1);
       badge.className = "badge " + ev.state;
