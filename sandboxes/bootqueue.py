@@ -97,8 +97,10 @@ def acquire(sandbox: Sandbox, *, timeout: float | None = None) -> Generator[Prog
     percent = 6
     try:
         while True:
-            ahead = _ahead_of(sandbox, queued_at)
+            # Free slots first, then the line: a waiter ahead that takes a slot in between
+            # lowers both counts alike, so the head of the line is never held back.
             free = _free_slots(host, count)
+            ahead = _ahead_of(sandbox, queued_at)
             if ahead < len(free) and _take_one(sandbox, free):
                 break
             if deadline is not None and time.monotonic() >= deadline:

@@ -268,3 +268,149 @@ def test_a_start_that_stops_waiting_leaves_the_line(transactional_db: None, sett
     waiting.close()  # the caller gave up (a closed page, a cancelled task)
     waiter.refresh_from_db()
     assert waiter.boot_queued_at is None
+
+
+# -- the issue's "done when": six sign-ups confirmed at once -------------------------------------
+
+SIGN_UPS = 6
+WAITING_TEXT = "Waiting for a free moment to start your agent"
+
+
+@pytest.fixture
+def eager_tasks() -> Iterator[None]:
+    """Celery tasks run in the caller at once: each confirmation provisions in its own thread,
+    as six workers would."""
+    from portal.celery import app
+
+    before = app.conf.task_always_eager
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = before
+
+
+def _confirm(address_id: int, barrier: threading.Barrier, errors: list[BaseException]) -> None:
+    """Confirm one sign-up's email address (which provisions its sandbox), all at one moment."""
+    from allauth.account.models import EmailAddress
+    from allauth.account.signals import email_confirmed
+    from django.db import transaction
+
+    try:
+        address = EmailAddress.objects.get(pk=address_id)
+        barrier.wait(30)
+        with transaction.atomic():  # the task is enqueued when the confirmation commits
+            email_confirmed.send(sender=EmailAddress, request=None, email_address=address)
+    except BaseException as exc:
+        errors.append(exc)
+    finally:
+        connection.close()
+
+
+def _stop_all(sandbox_ids: list[int]) -> None:
+    """Stop every gateway of these sandboxes, all at once (each takes a second or two)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sandboxes import actions
+
+    def stop(pk: int) -> None:
+        try:
+            sandbox = Sandbox.objects.select_related("owner").get(pk=pk)
+            if sandbox.backend_state or sandbox.state == State.RUNNING:
+                actions.stop_sandbox(sandbox)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=len(sandbox_ids)) as pool:
+        for done in [pool.submit(stop, pk) for pk in sandbox_ids]:
+            done.result()
+
+
+def _places(messages: list[str]) -> list[int]:
+    """The places in line a sandbox's recorded steps showed (0: "you are next")."""
+    places = []
+    for message in messages:
+        if message.startswith(WAITING_TEXT):
+            tail = message.removeprefix(f"{WAITING_TEXT}: ")
+            places.append(0 if tail == "you are next" else int(tail.split()[0]))
+    return places
+
+
+def _most_booting_at_once(sandbox_ids: list[int]) -> int:
+    """How many gateways booted at one moment, from the backend steps each start recorded."""
+    from sandboxes.models import SandboxEvent
+
+    edges: list[tuple[Any, int]] = []
+    for pk in sandbox_ids:
+        steps = SandboxEvent.objects.filter(sandbox_id=pk, kind="progress", progress__gte=10)
+        times = list(steps.order_by("created_at").values_list("created_at", flat=True))
+        assert times, f"sandbox {pk} recorded no backend step"
+        edges += [(times[0], 1), (times[-1], -1)]
+    most = booting = 0
+    for _, change in sorted(edges, key=lambda edge: (edge[0], edge[1])):
+        booting += change
+        most = max(most, booting)
+    return most
+
+
+def test_six_sign_ups_confirmed_at_once_all_start_in_turn(
+    sandbox_pool: Any, transactional_db: None, settings: Any, eager_tasks: None
+) -> None:
+    from allauth.account.models import EmailAddress
+
+    settings.HERMIT_AUTO_PROVISION = True
+    settings.HERMIT_MAX_CONCURRENT_BOOTS = 2
+    sandbox_pool.restore_shared()
+    users = [make_user(f"signup{i}@agents.test") for i in range(SIGN_UPS)]
+    sandbox_ids = [Sandbox.objects.get(owner=user).pk for user in users]
+    barrier = threading.Barrier(SIGN_UPS)
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(
+            target=_confirm, args=(EmailAddress.objects.get(user=user).pk, barrier, errors)
+        )
+        for user in users
+    ]
+    started = time.monotonic()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        took = time.monotonic() - started
+        assert not any(thread.is_alive() for thread in threads), "a provisioning never ended"
+        assert errors == []
+
+        sandboxes = list(Sandbox.objects.filter(pk__in=sandbox_ids).order_by("pk"))
+        failed = {s.pk: s.error_message for s in sandboxes if s.state != State.RUNNING}
+        assert failed == {}, failed
+        messages = {
+            s.pk: list(s.events.order_by("created_at", "id").values_list("message", flat=True))
+            for s in sandboxes
+        }
+        places = {pk: _places(shown) for pk, shown in messages.items()}
+        waited = [pk for pk, shown in places.items() if shown]
+        print(f"\n{SIGN_UPS} sign-ups running after {took:.1f} s; places shown: {places}")
+        # Two boot at once; the four others wait in line and are told where they are.
+        assert len(waited) == SIGN_UPS - 2, places
+        for shown in places.values():
+            assert shown == sorted(shown, reverse=True), places  # a place only goes down
+        assert max(max(shown) for shown in places.values() if shown) == 3, places
+        assert any(
+            m == f"{WAITING_TEXT}: 3 ahead of you" for shown in messages.values() for m in shown
+        ), messages
+        assert _most_booting_at_once(sandbox_ids) <= 2
+        for sandbox in sandboxes:
+            recorded = sandbox.events.order_by("created_at", "id").exclude(progress=None)
+            progress = [p or 0 for p in recorded.values_list("progress", flat=True)]
+            assert progress == sorted(progress), (sandbox.pk, progress)
+        assert not BootSlot.objects.filter(sandbox__isnull=False).exists()
+        assert not Sandbox.objects.filter(pk__in=sandbox_ids).exclude(boot_queued_at=None).exists()
+    finally:
+        for thread in threads:
+            thread.join(600)
+        from portal.celery import app
+
+        app.conf.task_always_eager = False  # the stops' backups are queued, not run here
+        _stop_all(sandbox_ids)
+    assert all(s.state == State.STOPPED for s in Sandbox.objects.filter(pk__in=sandbox_ids)), (
+        "a gateway was left running"
+    )
