@@ -388,6 +388,8 @@ HERMIT_WARM_POOL_SIZE = envint("HERMIT_WARM_POOL_SIZE", "1")
 # place shown. A start is judged too slow by the CPU time its gateway got, not wall time alone.
 HERMIT_MAX_CONCURRENT_BOOTS = envint("HERMIT_MAX_CONCURRENT_BOOTS", str(os.cpu_count() or 1))
 HERMIT_START_CPU_SECONDS = envint("HERMIT_START_CPU_SECONDS", "60")
+# This host's name for its boot slots (default: the machine's hostname).
+HERMIT_HOST_NAME = env("HERMIT_HOST_NAME", "")
 # A failed start is tried this many more times before the user is told.
 HERMIT_START_RETRIES = envint("HERMIT_START_RETRIES", "1")
 # gateway.log (the sandbox's stdout/stderr) is moved to gateway.log.1 at a start once it is

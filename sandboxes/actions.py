@@ -61,6 +61,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     State.RESTORING: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
 }
 ACTIVITY_WRITE_INTERVAL = timedelta(seconds=30)
+BOOT_SLOT_RENEW_SECONDS = 30
 FAILED_RETRY_AFTER = timedelta(minutes=2)  # always-on sandboxes that failed are retried
 PROVISION_REQUEST_AGAIN_AFTER = timedelta(minutes=5)  # a lost provisioning task is asked again
 OWNER_INACTIVE_MESSAGE = "This account is deactivated, so its agent cannot start."
@@ -273,7 +274,7 @@ def start_sandbox(
             sleep.drop_checkpoint(sandbox, "the data was restored from a backup")
             yield Progress(10, "Restored your agent's data from its latest backup")
         image = runtime.current_image()
-        yield from bootqueue.acquire(sandbox)
+        yield from _wait_for_boot_slot(sandbox)
         try:
             if not (yield from _restore_checkpoint(sandbox, image)):
                 yield from _cold_boot(sandbox, image)
@@ -295,6 +296,19 @@ def start_sandbox(
         **activity,
     )
     yield Progress(100, "Your agent is running")
+
+
+def _wait_for_boot_slot(sandbox: Sandbox) -> Iterator[Progress]:
+    """Wait in this host's line for a boot slot, recording each new place ("2 ahead of you")
+    for the dashboard; a repeated place is only shown."""
+    last_message = ""
+    for step in bootqueue.acquire(sandbox):
+        if step.message != last_message:
+            record_event(sandbox, "progress", step.message, progress=step.percent)
+            last_message = step.message
+        else:
+            broadcast_progress(sandbox, step.percent, step.message)
+        yield step
 
 
 def _restore_checkpoint(sandbox: Sandbox, image: RuntimeImage) -> Generator[Progress, None, bool]:
@@ -339,7 +353,11 @@ def _cold_boot(sandbox: Sandbox, image: RuntimeImage) -> Iterator[Progress]:
 def _run_backend(sandbox: Sandbox, steps: Iterator[Progress]) -> Iterator[Progress]:
     """Follow a backend start or restore: persist its state, record and show its steps."""
     last_message = ""
+    renewed = time.monotonic()
     for step in steps:
+        if time.monotonic() - renewed > BOOT_SLOT_RENEW_SECONDS:  # a long boot keeps its slot
+            bootqueue.renew(sandbox)
+            renewed = time.monotonic()
         if step.state is not None:
             Sandbox.objects.filter(pk=sandbox.pk).update(backend_state=step.state)
             sandbox.backend_state = step.state
@@ -447,6 +465,7 @@ def wake_sandbox(
     BackendError with the reason (also when its owner is deactivated).
     """
     deadline = time.monotonic() + timeout
+    longest = time.monotonic() + 10 * timeout  # however long the line for a boot slot
     while time.monotonic() < deadline:
         sandbox.refresh_from_db()
         if sandbox.state == State.RUNNING:
@@ -469,6 +488,8 @@ def wake_sandbox(
             return
         last = sandbox.events.filter(progress__isnull=False).first()
         yield Progress(last.progress or 0 if last else 0, last.message if last else "Waiting")
+        if sandbox.boot_queued_at is not None:  # waiting in line for a boot slot: keep following
+            deadline = min(longest, max(deadline, time.monotonic() + timeout))
         time.sleep(0.5)
     raise BackendError("Timed out waiting for the sandbox to start.")
 
