@@ -1,0 +1,266 @@
+"""A sleeping agent never misses its own scheduled jobs.
+
+Before a sandbox dozes or sleeps, the portal reads its next due job through the gateway
+(``cron.status``) and stores it; beat (``schedule.wake_due``) wakes it HERMIT_JOB_WAKE_LEAD
+before, and the idle policy (``schedule.holds_awake``) lets it sleep again once the job ran.
+The end-to-end test runs a real gateway, a real cron job calling the (fake) model, and real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from billing.models import Account, Plan
+from sandboxes import actions, schedule
+from sandboxes.models import Sandbox
+from sandboxes.openclaw import cron
+from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, GatewayConnection
+from tests.fakes.model_server import FakeModelServer
+
+State = Sandbox.State
+ADMIN = ClientInfo(client_id="cli", mode="cli", scopes=("operator.read", "operator.admin"))
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def gateway(sandbox: Sandbox, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Call one gateway method as an operator admin (cron.add / cron.remove / cron.runs)."""
+
+    async def call() -> dict[str, Any]:
+        host, port = actions.gateway_endpoint(sandbox)
+        conn = await GatewayConnection.open(
+            f"ws://{host}:{port}",
+            token=sandbox.gateway_token,
+            identity=DeviceIdentity.generate(),
+            info=ADMIN,
+            timeout=20,
+        )
+        try:
+            return await conn.request(method, params, timeout=20)
+        finally:
+            await conn.close()
+
+    return asyncio.run(call())
+
+
+def add_job(sandbox: Sandbox, due: datetime, message: str) -> dict[str, Any]:
+    """Schedule a one-shot agent turn at ``due`` (kept after it ran, so its runs can be read)."""
+    return gateway(
+        sandbox,
+        "cron.add",
+        {
+            "name": "wake-probe",
+            "enabled": True,
+            "deleteAfterRun": False,
+            "schedule": {"kind": "at", "at": due.isoformat().replace("+00:00", "Z")},
+            "sessionTarget": "isolated",
+            "wakeMode": "now",
+            "payload": {"kind": "agentTurn", "message": message, "lightContext": True},
+            "delivery": {"mode": "none"},
+        },
+    )
+
+
+def probe_requests(model: FakeModelServer, marker: str) -> list[Any]:
+    return [r for r in list(model.requests) if marker in str(r.json)]
+
+
+def asleep(sandbox: Sandbox) -> Sandbox:
+    Sandbox.objects.filter(pk=sandbox.pk).update(state=State.SLEEPING, backend_state={})
+    sandbox.refresh_from_db()
+    return sandbox
+
+
+@pytest.fixture
+def queued_wakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, str]]]:
+    """Record the wake tasks wake_due queues, instead of running them."""
+    queued: list[tuple[int, str]] = []
+    monkeypatch.setattr(schedule.wake_for_job, "delay", lambda pk, due="": queued.append((pk, due)))
+    yield queued
+
+
+# -- fast tests: who is woken, and when ----------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_wake_due_wakes_only_sleepers_whose_job_is_near(
+    settings: Any, alice: Any, bob: Any, queued_wakes: list[tuple[int, str]]
+) -> None:
+    from tests.factories import make_user
+
+    settings.HERMIT_JOB_WAKE_LEAD = 60
+    now = timezone.now().replace(microsecond=0)
+    carol, dave, erin = (make_user(f"{n}@example.com") for n in ("carol", "dave", "erin"))
+    Account.objects.filter(user=bob).update(plan=Plan.objects.get(slug="pro"))
+
+    def sandbox(user: Any, state: str, due: datetime | None) -> Sandbox:
+        Sandbox.objects.filter(owner=user).update(state=state, next_job_at=due)
+        return Sandbox.objects.get(owner=user)
+
+    soon = sandbox(alice, State.SLEEPING, now + timedelta(seconds=45))
+    pro = sandbox(bob, State.SLEEPING, now + timedelta(seconds=45))  # never sleeps: reconcile
+    far = sandbox(carol, State.SLEEPING, now + timedelta(seconds=75))
+    awake = sandbox(dave, State.RUNNING, now + timedelta(seconds=10))
+    dozing = sandbox(erin, State.DOZING, now - timedelta(seconds=5))  # overdue: wake at once
+
+    assert schedule.wake_due(now) == 2
+    assert sorted(pk for pk, _ in queued_wakes) == sorted([soon.pk, dozing.pk])
+    assert dict(queued_wakes)[soon.pk] == (now + timedelta(seconds=45)).isoformat()
+    assert schedule.wake_due(now) == 0, "a wake on the way is not queued again"
+    # The far one is woken once its job is within the lead; the others never.
+    assert schedule.wake_due(now + timedelta(seconds=16)) == 1
+    assert queued_wakes[-1][0] == far.pk
+    assert {pro.pk, awake.pk}.isdisjoint(pk for pk, _ in queued_wakes)
+
+
+@pytest.mark.django_db
+def test_wake_due_skips_stopped_inactive_and_backed_off_sandboxes(
+    settings: Any, alice: Any, bob: Any, queued_wakes: list[tuple[int, str]]
+) -> None:
+    from tests.factories import make_user
+
+    now = timezone.now().replace(microsecond=0)
+    due = now + timedelta(seconds=30)
+    carol = make_user("carol@example.com")
+    Sandbox.objects.filter(owner=alice).update(state=State.STOPPED, next_job_at=due)
+    Sandbox.objects.filter(owner=bob).update(state=State.SLEEPING, next_job_at=due)
+    bob.is_active = False
+    bob.save()
+    Sandbox.objects.filter(owner=carol).update(
+        state=State.SLEEPING, next_job_at=due, restart_after=now + timedelta(minutes=5)
+    )
+    assert schedule.wake_due(now) == 0
+    assert queued_wakes == []
+    Sandbox.objects.filter(owner=carol).update(restart_after=now - timedelta(seconds=1))
+    assert schedule.wake_due(now) == 1
+
+
+@pytest.mark.django_db
+def test_holds_awake_around_the_job_without_asking_a_gateway(settings: Any, alice: Any) -> None:
+    settings.HERMIT_JOB_WAKE_LEAD = 60
+    settings.HERMIT_JOB_START_GRACE = 30
+    now = timezone.now().replace(microsecond=0)
+    sandbox = Sandbox.objects.get(owner=alice)
+    sandbox.state = State.DOZING  # frozen: its gateway cannot be asked, only the stored time
+    sandbox.next_job_at = now + timedelta(seconds=60)
+    assert not schedule.holds_awake(sandbox, now - timedelta(seconds=1))
+    assert schedule.holds_awake(sandbox, now)
+    assert schedule.holds_awake(sandbox, now + timedelta(seconds=89))
+    assert not schedule.holds_awake(sandbox, now + timedelta(seconds=90))
+    sandbox.next_job_at = None
+    assert not schedule.holds_awake(sandbox, now)
+
+
+@pytest.mark.django_db
+def test_an_unreachable_gateway_has_no_next_job(
+    settings: Any, alice: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from sandboxes.consumers.chat import device_identity_for
+
+    # A sandbox the backend says is running on a port where nothing listens.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sandbox = Sandbox.objects.get(owner=alice)
+    Sandbox.objects.filter(pk=sandbox.pk).update(
+        state=State.RUNNING, gateway_token="t" * 32, next_job_at=timezone.now()
+    )
+    sandbox.refresh_from_db()
+    device_identity_for(sandbox)
+    monkeypatch.setattr(actions, "gateway_endpoint", lambda _sandbox: ("127.0.0.1", port))
+    started = time.monotonic()
+    assert cron.next_job_at(sandbox, timeout=2) is None
+    assert not cron.busy(sandbox, timeout=2)
+    late = timezone.now() + timedelta(seconds=31)  # past the start grace: the gateway is asked
+    assert not schedule.holds_awake(sandbox, late)
+    assert time.monotonic() - started < 10
+    monkeypatch.undo()
+    # Not running at all (no endpoint): None as well, without raising.
+    Sandbox.objects.filter(pk=sandbox.pk).update(state=State.SLEEPING, backend_state={})
+    sandbox.refresh_from_db()
+    assert cron.next_job_at(sandbox, timeout=2) is None
+
+
+def test_from_ms_reads_only_real_timestamps() -> None:
+    assert cron.from_ms(1_800_000_000_000) == datetime(2027, 1, 15, 8, 0, tzinfo=UTC)
+    for value in (None, 0, -5, "1800000000000", True, 1e30):
+        assert cron.from_ms(value) is None
+
+
+# -- end to end: a real gateway, a real job, real time ----------------------------------------
+
+
+def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
+    sandbox_for: Callable[..., Sandbox], model_server: FakeModelServer, settings: Any
+) -> None:
+    from portal.celery import app
+
+    settings.HERMIT_JOB_WAKE_LEAD = lead = 30  # a cold start takes 10-20 s on this machine
+    settings.HERMIT_JOB_START_GRACE = 5
+    sandbox = sandbox_for("owner@cron-wake.test")
+    marker = f"cron-probe-{uuid.uuid4().hex[:12]}"
+    model_server.script(reply="Done with the scheduled check.")
+    due = (timezone.now() + timedelta(seconds=70)).replace(microsecond=0)
+    job_id = str(add_job(sandbox, due, f"Scheduled check {marker}: reply with one word.")["id"])
+    try:
+        assert cron.next_job_at(sandbox) == due
+
+        actions.sleep_sandbox(sandbox)
+        sandbox.refresh_from_db()
+        assert sandbox.state in schedule.ASLEEP
+        assert sandbox.next_job_at == due, "the sleep stored the next job's time"
+        slept_at = time.time()
+
+        # Beat, every second, in real time, until the job's model call arrives. The wake task
+        # runs inline (eager), as a worker would run it.
+        queued_at = woken_at = None
+        app.conf.task_always_eager = True
+        try:
+            while time.time() < due.timestamp() + 60 and not probe_requests(model_server, marker):
+                before = time.time()
+                if schedule.wake_due(timezone.now()):
+                    assert queued_at is None, "one wake per job"
+                    queued_at = before
+                    sandbox.refresh_from_db()
+                    assert sandbox.state == State.RUNNING
+                    woken_at = time.time()
+                    assert schedule.holds_awake(sandbox, timezone.now()), "up for its job"
+                time.sleep(1)
+        finally:
+            app.conf.task_always_eager = False
+        calls = probe_requests(model_server, marker)
+        assert calls, "the job never called the model"
+        assert queued_at is not None and woken_at is not None
+        assert queued_at - slept_at > 20, "it really slept"
+        assert due.timestamp() - lead - 1.5 <= queued_at <= due.timestamp() - lead + 1.5
+        assert woken_at < due.timestamp(), "it was up before its job was due"
+        fired = calls[0].received_at - due.timestamp()
+        assert -0.5 <= fired <= 5, f"the job called the model {fired:+.1f} s from its due time"
+        runs = gateway(sandbox, "cron.runs", {"id": job_id})
+        print("RUNS", runs)
+
+        # Once the job ran, the idle policy may put it to sleep again.
+        deadline = time.time() + 90
+        while schedule.holds_awake(sandbox, timezone.now()) and time.time() < deadline:
+            time.sleep(1)
+        assert not schedule.holds_awake(sandbox, timezone.now())
+        assert cron.next_job_at(sandbox) is None, "the one-shot job ran: nothing else is due"
+    finally:
+        sandbox.refresh_from_db()
+        if sandbox.state == State.RUNNING:
+            gateway(sandbox, "cron.remove", {"id": job_id})
+    actions.sleep_sandbox(sandbox)
+    sandbox.refresh_from_db()
+    assert sandbox.next_job_at is None
+    assert schedule.wake_due(timezone.now()) == 0
