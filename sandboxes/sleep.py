@@ -347,7 +347,13 @@ def sleep_idle(now: datetime | None = None) -> dict[str, int]:
     """
     now = now or timezone.now()
     counts = {"dozed": 0, "hibernated": 0, "woke": 0, "pressure": 0}
-    awake = Sandbox.objects.select_related("owner").filter(state__in=[State.RUNNING, State.DOZING])
+    from sandboxes.pool import POOL_USERNAME
+
+    awake = (
+        Sandbox.objects.select_related("owner")
+        .filter(state__in=[State.RUNNING, State.DOZING])
+        .exclude(owner__username=POOL_USERNAME)  # the warm pool stays warm
+    )
     for sandbox in awake.order_by("last_activity_at"):
         plan = plan_for(sandbox.owner)
         sleep_after = plan.sleeps_after()

@@ -23,13 +23,14 @@ from billing.models import plan_for
 from sandboxes.backups import actions, restic, storage
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Sandbox, Snapshot
+from sandboxes.pool import POOL_USERNAME
 
 log = logging.getLogger(__name__)
 State = Sandbox.State
 Trigger = Snapshot.Trigger
 
 # The states a scheduled backup looks at (a starting, stopping or restoring one waits).
-SCHEDULED_STATES = (State.RUNNING, State.SLEEPING, State.STOPPED)
+SCHEDULED_STATES = (State.RUNNING, State.DOZING, State.SLEEPING, State.STOPPED)
 # A backup queued by a sleep or a stop is moot once the agent runs again: the schedule has it.
 STOPPED_TRIGGERS: dict[str, str] = {Trigger.SLEEP: State.SLEEPING, Trigger.STOP: State.STOPPED}
 
@@ -214,6 +215,7 @@ def due_sandboxes(now: datetime) -> list[Sandbox]:
     candidates = (
         Sandbox.objects.select_related("owner")
         .filter(state__in=SCHEDULED_STATES)
+        .exclude(owner__username=POOL_USERNAME)  # warm-pool gateways hold no one's data
         # No row yet, a row whose first attempt never got as far as recording itself (the
         # storage or ``restic init`` failed while the lease was being set up), or an old one.
         .filter(
