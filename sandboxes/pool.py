@@ -63,6 +63,9 @@ NAME_PREFIX = "pool-"
 REKEY_TIMEOUT = 15.0  # seconds for a running gateway to take its new secrets
 STALE_PROVISIONING = 600  # seconds: a pool row never started (its worker died) is dropped
 USABLE_STATES = (State.PROVISIONING, State.STARTING, State.RUNNING)
+# What OpenClaw (2026.9.x) writes when it applied, or refused, an edited config.
+RELOAD_APPLIED = "config hot reload applied"
+RELOAD_REFUSED = "config reload skipped"
 
 
 def pool_size() -> int:
@@ -134,7 +137,14 @@ def adopt(sandbox: Sandbox) -> bool:
     if claimed is None:
         return False
     adopted, old_pk, token, ai_key = claimed
-    _queue_fill()
+    try:
+        _hand_over(adopted, old_pk, token, ai_key, time.monotonic())
+    finally:
+        _queue_fill()  # after the hand-over: a cold boot now would slow it down
+    return True
+
+
+def _hand_over(adopted: Sandbox, old_pk: int, token: str, ai_key: str, began: float) -> None:
     try:
         _rekey(adopted, token, ai_key)
     except Exception as exc:
@@ -142,7 +152,7 @@ def adopt(sandbox: Sandbox) -> bool:
             "sandbox %s: a pooled gateway did not take its new secrets: %s", adopted.pk, exc
         )
         _start_cold(adopted, old_pk)
-        return True
+        return
     from sandboxes import actions
 
     try:
@@ -155,10 +165,14 @@ def adopt(sandbox: Sandbox) -> bool:
             restart_after=None,
         )
     except actions.TransitionRefused:
-        return True  # reconcile or a stop moved first: it is theirs now
+        return  # reconcile or a stop moved first: it is theirs now
     _tell_old_page(old_pk, adopted)
-    log.info("sandbox %s: adopted pooled gateway %s", old_pk, adopted.pk)
-    return True
+    log.info(
+        "sandbox %s: adopted pooled gateway %s, re-keyed in %.2f s",
+        old_pk,
+        adopted.pk,
+        time.monotonic() - began,
+    )
 
 
 def _claim(sandbox: Sandbox) -> tuple[Sandbox, int, str, str] | None:
@@ -229,7 +243,7 @@ def _rekey(sandbox: Sandbox, token: str, ai_key: str) -> None:
 
     Raises BackendError if the backend cannot do this or the gateway did not take them."""
     from sandboxes import actions
-    from sandboxes.backends.local import FILES_NAME, _file_key
+    from sandboxes.backends.local import FILES_NAME, LOG_NAME, _file_key
     from sandboxes.openclaw import setup
     from sandboxes.openclaw.config import CONFIG_PATH
 
@@ -239,10 +253,13 @@ def _rekey(sandbox: Sandbox, token: str, ai_key: str) -> None:
     spec = actions.spec_for(sandbox)
     if not get_backend(sandbox.backend).poll(spec, state).running:
         raise BackendError("The pooled gateway is not running.")
-    path = Path(state["run_dir"]) / FILES_NAME / _file_key(spec, CONFIG_PATH)
+    run_dir = Path(state["run_dir"])
+    log_path = run_dir / LOG_NAME
+    offset = log_path.stat().st_size
+    path = run_dir / FILES_NAME / _file_key(spec, CONFIG_PATH)
     _rewrite_in_place(path, setup.config_text(sandbox, gateway_token=token, ai_key=ai_key))
     host, port = actions.gateway_endpoint(sandbox)
-    _wait_for_token(sandbox, f"ws://{host}:{port}", token)
+    _wait_for_token(sandbox, f"ws://{host}:{port}", token, log_path, offset)
 
 
 def _rewrite_in_place(path: Path, text: str) -> None:
@@ -259,7 +276,23 @@ def _rewrite_in_place(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def _wait_for_token(sandbox: Sandbox, url: str, token: str) -> None:
+def _log_since(path: Path, offset: int) -> str:
+    """The gateway's output (root's file in the run dir) written after ``offset``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    try:
+        return os.pread(fd, 1 << 20, offset).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _wait_for_token(sandbox: Sandbox, url: str, token: str, log_path: Path, offset: int) -> None:
+    """Wait until the gateway says it applied its new config (OpenClaw lets an edit settle
+    for ~0.5 s, then applies it in ~0.3 s), then connect with the new token. Should the log
+    say nothing (another OpenClaw version's wording), connecting is tried every half second
+    after a while all the same."""
     from sandboxes.consumers.chat import device_identity_for
     from sandboxes.openclaw.protocol import GatewayConnection, GatewayError
 
@@ -269,19 +302,20 @@ def _wait_for_token(sandbox: Sandbox, url: str, token: str) -> None:
         conn = await GatewayConnection.open(url, token=token, identity=identity, timeout=5)
         await conn.close()
 
-    deadline = time.monotonic() + REKEY_TIMEOUT
-    last = ""
-    time.sleep(0.5)  # OpenClaw lets a config edit settle about that long before it reads it
+    now = time.monotonic()
+    deadline, next_try, last = now + REKEY_TIMEOUT, now + 3.0, "no answer"
     while time.monotonic() < deadline:
-        try:
-            asyncio.run(attempt())
-            return
-        except GatewayError as exc:
-            last = str(exc)
-        time.sleep(0.25)
-    raise BackendError(
-        f"The gateway did not take its new token within {REKEY_TIMEOUT:.0f} s: {last}"
-    )
+        output = _log_since(log_path, offset)
+        if RELOAD_REFUSED in output:
+            raise BackendError("The gateway refused its new config.")
+        if RELOAD_APPLIED in output or time.monotonic() >= next_try:
+            try:
+                asyncio.run(attempt())
+                return
+            except GatewayError as exc:
+                last, next_try = str(exc), time.monotonic() + 0.5
+        time.sleep(0.02)
+    raise BackendError(f"The gateway did not take its new token in {REKEY_TIMEOUT:.0f} s: {last}")
 
 
 def _start_cold(sandbox: Sandbox, old_pk: int) -> None:
