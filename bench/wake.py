@@ -18,9 +18,11 @@ confirmed sign-up's time until its agent is ready, without and with the warm poo
 Hibernation needs ``backend.checkpoint_support() == ""``; where it says why not, or a doze
 cannot freeze, that part is reported as unsupported (RESULT value ``nan``) and the rest runs.
 
-Everything runs in a throwaway data dir (SQLite database, no Redis, no portal needed), with its
-own cgroup parent and uids; every gateway and cgroup it started is stopped and removed at the
-end, also on Ctrl-C or an error. Ends with one ``RESULT key=value ...`` line.
+Percentiles are interpolated between the nearest ranks (with 5 runs, p95 lies near the
+slowest). Everything runs in a throwaway data dir (SQLite database, no Redis, no portal
+needed), with its own cgroup parent and uids; every gateway and cgroup it started is stopped
+and removed at the end, also on Ctrl-C or an error. Ends with one ``RESULT key=value ...``
+line.
 
     .venv/bin/python bench/wake.py [--runs 5] [--signup-runs N] [--skip doze,signup,...]
 """
@@ -28,6 +30,7 @@ end, also on Ctrl-C or an error. Ends with one ``RESULT key=value ...`` line.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import signal
@@ -371,7 +374,9 @@ def run_signups(runs: int, pause: float) -> tuple[Phase, Phase]:
 def show(phase: Phase) -> None:
     w = phase.wakes[-1]
     parts = [f"  {phase.name:11} run {len(phase.wakes)}:"]
-    if phase.name != "awake":
+    if phase.name in ("signup", "pool_signup"):
+        parts.append(f"ready {w.ready:7.3f} s (provisioned {w.woke:.3f} s)")
+    elif phase.name != "awake":
         parts.append(f"ready {w.ready:7.3f} s (wake_sandbox {w.woke:.3f} s)")
     if not math.isnan(w.first_token):
         parts.append(f"first token {w.first_token:6.3f} s (connected {w.connected:.3f})")
@@ -502,8 +507,11 @@ def report(phases: dict[str, Phase], args: argparse.Namespace, load: tuple[str, 
         ordered = sorted(ph.wakes, key=lambda w: w.ready)
         wake = ordered[len(ordered) // 2]
         print(f"  {ph.name}:")
-        for at, what in wake.steps:
-            print(f"    {at:8.3f}  {what}")
+        steps = wake.steps
+        for i, (at, what) in enumerate(steps):
+            repeated = 0 < i < len(steps) - 1 and steps[i - 1][1] == what == steps[i + 1][1]
+            if not repeated:  # of a run of the same progress message, its first and last
+                print(f"    {at:8.3f}  {what}")
     print(
         f"\nload average at start {load[0]}, at end {load[1]} ({os.cpu_count()} cores; the"
         " machine is shared, so other work lengthens the boots most)."
@@ -535,6 +543,8 @@ def main() -> None:
     load_start = probe.loadavg()
     started = time.monotonic()
     tmp = env.configure(f"{os.getpid()}")
+    for name in ("billing", "kombu"):  # a line per model call, and the unused broker's notes
+        logging.getLogger(name).setLevel(logging.WARNING if name == "billing" else logging.ERROR)
     phases: dict[str, Phase] = {}
     try:
         with env.model_and_gateway() as model:
@@ -556,6 +566,10 @@ def measure(args: argparse.Namespace, skip: set[str]) -> dict[str, Phase]:
 
     runs, pause = args.runs, args.pause
     phases: dict[str, Phase] = {}
+    if set(PHASES[:4]) <= skip:
+        if "signup" not in skip:
+            phases["signup"], phases["pool_signup"] = run_signups(args.signup_runs or runs, pause)
+        return phases
     sandbox = Sandbox.objects.get(owner=make_user("agent@wake.bench"))
     t = time.monotonic()
     actions.provision_sandbox(sandbox)
