@@ -248,10 +248,10 @@ def _rekey(sandbox: Sandbox, token: str, ai_key: str) -> None:
     from sandboxes.openclaw.config import CONFIG_PATH
 
     state = sandbox.backend_state or {}
-    if sandbox.backend != "local" or not state.get("run_dir"):
+    if sandbox.backend != "local":
         raise BackendError(f"The {sandbox.backend} backend cannot re-key a running gateway.")
     spec = actions.spec_for(sandbox)
-    if not get_backend(sandbox.backend).poll(spec, state).running:
+    if not state.get("run_dir") or not get_backend(sandbox.backend).poll(spec, state).running:
         raise BackendError("The pooled gateway is not running.")
     run_dir = Path(state["run_dir"])
     log_path = run_dir / LOG_NAME

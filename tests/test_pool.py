@@ -26,8 +26,9 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings as django_settings
 from django.db import connection, transaction
+from django.utils import timezone
 
-from sandboxes import actions, pool, tasks
+from sandboxes import actions, pool, runtime, tasks
 from sandboxes.backends import get_backend
 from sandboxes.backends.local import FILES_NAME
 from sandboxes.events import group_name
@@ -259,3 +260,27 @@ def test_a_pooled_gateway_goes_to_one_sign_up_only(warm_pool: Any, settings: Any
     assert loser.state == State.RUNNING, loser.error_message
     assert loser.events.filter(message="Starting the agent gateway").exists()  # a cold boot
     assert Sandbox.objects.get(pk=nobody.pk).state == State.PROVISIONING
+
+
+def test_a_pooled_gateway_that_cannot_be_rekeyed_is_started_cold_for_its_user(
+    warm_pool: Any,
+) -> None:
+    """Never handed over with the pool's secrets: here its gateway is gone (a crash reconcile
+    has not seen yet), so the re-key fails and the user's sandbox boots cold, the usual way."""
+    broken = Sandbox.objects.create(
+        owner=pool.pool_user(),
+        name="pool-broken",
+        gateway_token="pool-token-of-a-gateway-that-is-gone",
+        state=State.RUNNING,
+        runtime=runtime.current_image(),
+        started_at=timezone.now(),
+    )
+    user = make_user("unlucky@agents.test")
+    assert pool.adopt(Sandbox.objects.get(owner=user)) is True
+    sandbox = Sandbox.objects.get(owner=user)
+    assert sandbox.pk == broken.pk and sandbox.state == State.RUNNING, sandbox.error_message
+    assert sandbox.gateway_token != broken.gateway_token
+    assert sandbox.events.filter(message="Starting the agent gateway").exists()  # cold
+    environ = Path(f"/proc/{sandbox.backend_state['main'][0]}/environ").read_bytes()
+    assert f"OPENCLAW_GATEWAY_TOKEN={sandbox.gateway_token}".encode() in environ
+    assert _connects(sandbox, sandbox.gateway_token) is True
