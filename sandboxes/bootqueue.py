@@ -36,7 +36,9 @@ from collections.abc import Generator
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from sandboxes.backends.base import BackendError, Progress
@@ -108,14 +110,17 @@ def acquire(sandbox: Sandbox, *, timeout: float | None = None) -> Generator[Prog
                     "The server is busy starting other agents and yours did not get its turn "
                     f"within {_duration(timeout)}. Please try again in a few minutes."
                 )
+            # A place shown never goes up: one that joined a moment earlier but committed
+            # later can still appear ahead; the user is not told they moved back for that.
+            place = ahead if shown is None else min(ahead, shown)
             now = time.monotonic()
-            if ahead != shown or now - shown_at >= REPEAT_EVERY:
+            if place != shown or now - shown_at >= REPEAT_EVERY:
                 if shown is None:
                     log.info("sandbox %s waits for a boot slot on %s", sandbox.pk, host)
                 _heartbeat(sandbox)
-                percent = max(percent, 9 - min(ahead, 3))
-                shown, shown_at = ahead, now
-                yield Progress(percent, waiting_message(ahead))
+                percent = max(percent, 9 - min(place, 3))
+                shown, shown_at = place, now
+                yield Progress(percent, waiting_message(place))
             time.sleep(POLL_INTERVAL)
     finally:
         _leave_line(sandbox)
@@ -161,11 +166,17 @@ def _renew_held(sandbox: Sandbox, host: str, count: int) -> bool:
 
 
 def _join_line(sandbox: Sandbox) -> datetime:
-    """Put the sandbox at the end of the line (touching its heartbeat); return its place time."""
-    now = timezone.now()
-    Sandbox.objects.filter(pk=sandbox.pk).update(boot_queued_at=now, updated_at=now)
-    sandbox.boot_queued_at = now
-    return now
+    """Put the sandbox at the end of the line (touching its heartbeat); return its place time.
+
+    On PostgreSQL the time is the database's, taken by the UPDATE itself, so joins from many
+    workers (and hosts) line up nearly in commit order. (SQLite's clock has milliseconds and
+    is stored as other text than Django's datetimes, which would not compare right.)"""
+    joined = Now() if connection.vendor == "postgresql" else timezone.now()
+    Sandbox.objects.filter(pk=sandbox.pk).update(boot_queued_at=joined, updated_at=timezone.now())
+    queued_at = Sandbox.objects.values_list("boot_queued_at", flat=True).get(pk=sandbox.pk)
+    assert queued_at is not None
+    sandbox.boot_queued_at = queued_at
+    return queued_at
 
 
 def _leave_line(sandbox: Sandbox) -> None:
@@ -181,7 +192,8 @@ def _ahead_of(sandbox: Sandbox, queued_at: datetime) -> int:
     """Return how many live waiters without a slot are ahead of ``sandbox`` in line."""
     earlier = Q(boot_queued_at__lt=queued_at) | Q(boot_queued_at=queued_at, pk__lt=sandbox.pk)
     alive = Q(updated_at__gte=timezone.now() - WAITER_STALE_AFTER)
-    return Sandbox.objects.filter(earlier, alive, boot_slot__isnull=True).count()
+    waiting = Sandbox.objects.filter(earlier, alive, boot_slot__isnull=True)
+    return waiting.exclude(pk=sandbox.pk).count()
 
 
 def _free_slots(host: str, count: int) -> list[int]:

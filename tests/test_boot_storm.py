@@ -257,6 +257,25 @@ def test_a_waiter_whose_worker_died_stops_holding_up_the_line(
     assert _holders() == {late.pk}
 
 
+def test_a_place_shown_never_goes_up(
+    transactional_db: None, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.HERMIT_MAX_CONCURRENT_BOOTS = 1
+    monkeypatch.setattr(bootqueue, "REPEAT_EVERY", 0.5)
+    holder, first, waiter, late_commit = _sandboxes(4)
+    assert list(bootqueue.acquire(holder)) == []
+    Sandbox.objects.filter(pk=first.pk).update(boot_queued_at=timezone.now())
+    waiting = bootqueue.acquire(waiter)
+    assert next(waiting).message == bootqueue.waiting_message(1)
+    # One that joined earlier shows up late (its join committed after ours was counted).
+    earlier = timezone.now() - timedelta(seconds=1)
+    Sandbox.objects.filter(pk=late_commit.pk).update(boot_queued_at=earlier)
+    assert next(waiting).message == bootqueue.waiting_message(1)  # not "2 ahead of you"
+    Sandbox.objects.filter(pk__in=[first.pk, late_commit.pk]).update(boot_queued_at=None)
+    assert next(waiting).message == bootqueue.waiting_message(0)
+    waiting.close()
+
+
 def test_a_start_that_stops_waiting_leaves_the_line(transactional_db: None, settings: Any) -> None:
     settings.HERMIT_MAX_CONCURRENT_BOOTS = 1
     holder, waiter = _sandboxes(2)
@@ -324,6 +343,11 @@ def _stop_all(sandbox_ids: list[int]) -> None:
             done.result()
 
 
+def _running_at(sandbox: Sandbox) -> Any:
+    running = sandbox.events.filter(kind="state", state=State.RUNNING).order_by("created_at")
+    return running.values_list("created_at", flat=True).first()
+
+
 def _places(messages: list[str]) -> list[int]:
     """The places in line a sandbox's recorded steps showed (0: "you are next")."""
     places = []
@@ -369,7 +393,7 @@ def test_six_sign_ups_confirmed_at_once_all_start_in_turn(
         )
         for user in users
     ]
-    started = time.monotonic()
+    started, confirmed = time.monotonic(), timezone.now()
     try:
         for thread in threads:
             thread.start()
@@ -388,15 +412,16 @@ def test_six_sign_ups_confirmed_at_once_all_start_in_turn(
         }
         places = {pk: _places(shown) for pk, shown in messages.items()}
         waited = [pk for pk, shown in places.items() if shown]
-        print(f"\n{SIGN_UPS} sign-ups running after {took:.1f} s; places shown: {places}")
-        # Two boot at once; the four others wait in line and are told where they are.
+        running_after = {
+            s.pk: round((_running_at(s) - confirmed).total_seconds(), 1) for s in sandboxes
+        }
+        print(f"\nsign-ups running after {took:.1f} s: {running_after}\nplaces shown: {places}")
+        # Two boot at once; the four others wait in line and are told where they are: the
+        # last one at least 3 ahead of it at first, and no one's place ever goes up.
         assert len(waited) == SIGN_UPS - 2, places
         for shown in places.values():
-            assert shown == sorted(shown, reverse=True), places  # a place only goes down
-        assert max(max(shown) for shown in places.values() if shown) == 3, places
-        assert any(
-            m == f"{WAITING_TEXT}: 3 ahead of you" for shown in messages.values() for m in shown
-        ), messages
+            assert shown == sorted(shown, reverse=True), places
+        assert max(max(shown) for shown in places.values() if shown) >= 3, places
         assert _most_booting_at_once(sandbox_ids) <= 2
         for sandbox in sandboxes:
             recorded = sandbox.events.order_by("created_at", "id").exclude(progress=None)
