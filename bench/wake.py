@@ -292,8 +292,9 @@ def provision(sandbox_id: int) -> None:
     tasks.provision_sandbox(sandbox_id)
 
 
-def sign_up(index: int, pooled: bool) -> Wake:
-    """A new user confirms their address; return the time until their agent is ready."""
+def sign_up(index: int, pooled: bool, chat: bool) -> Wake:
+    """A new user confirms their address; return the time until their agent is ready (and,
+    with ``chat``, until the first token of their first message)."""
     from allauth.account.models import EmailAddress
     from allauth.account.signals import email_confirmed
     from django.conf import settings
@@ -321,23 +322,33 @@ def sign_up(index: int, pooled: bool) -> Wake:
         raise RuntimeError(f"sign-up {email}: {sandbox.state}: {sandbox.error_message}")
     ready = probe.wait_ready(sandbox)
     adopted = sandbox.pk != first.pk
+    steps = [
+        (queued - t0, "confirmed, provisioning queued"),
+        (provisioned - t0, "provisioning task done"),
+        (ready - t0, "/readyz answered 200"),
+    ]
+    connected = first_token = math.nan
+    if chat:  # the new user's first message, at once
+        turn = probe.chat_turn(sandbox)
+        connected, first_token = turn.connected - t0, turn.first_token - t0
+        steps += [
+            (connected, "chat connected (protocol v4 hello)"),
+            (turn.acked - t0, "chat.send acknowledged"),
+            (first_token, "first reply token (delta event)"),
+        ]
     wake = Wake(
         ready=ready - t0,
         woke=provisioned - t0,
-        connected=math.nan,
-        first_token=math.nan,
+        connected=connected,
+        first_token=first_token,
         how="pooled gateway" if adopted else "boot",
-        steps=[
-            (queued - t0, "confirmed, provisioning queued"),
-            (provisioned - t0, "provisioning task done"),
-            (ready - t0, "/readyz answered 200"),
-        ],
+        steps=steps,
     )
     actions.stop_sandbox(sandbox)  # one gateway at a time on this machine
     return wake
 
 
-def run_signups(runs: int, pause: float) -> tuple[Phase, Phase]:
+def run_signups(runs: int, pause: float, chat: bool) -> tuple[Phase, Phase]:
     from django.conf import settings
 
     from sandboxes import pool
@@ -347,7 +358,7 @@ def run_signups(runs: int, pause: float) -> tuple[Phase, Phase]:
     for i in range(runs):
         settings.HERMIT_WARM_POOL_SIZE = 0
         settle(pause)
-        cold.wakes.append(sign_up(i, pooled=False))
+        cold.wakes.append(sign_up(i, pooled=False, chat=chat))
         show(cold)
         settings.HERMIT_WARM_POOL_SIZE = 1
         t = time.monotonic()
@@ -357,7 +368,7 @@ def run_signups(runs: int, pause: float) -> tuple[Phase, Phase]:
         if not Sandbox.objects.filter(owner_id=owner, state=Sandbox.State.RUNNING).exists():
             warm.notes.append(f"run {i + 1}: fill_pool left no running pooled gateway")
         settle(pause)
-        wake = sign_up(i, pooled=True)
+        wake = sign_up(i, pooled=True, chat=chat)
         wake.sleep_s = filled  # the pool's own (cold) boot, before the sign-up
         if wake.how != "pooled gateway":
             warm.notes.append(f"run {i + 1}: no pooled gateway was adopted (booted cold)")
@@ -462,6 +473,8 @@ def report(phases: dict[str, Phase], args: argparse.Namespace, load: tuple[str, 
     result["signup_ready_p95_s"] = fmt(p95(signup, "ready"))
     result["pool_signup_ready_p50_s"] = fmt(med(pooled, "ready"))
     result["pool_signup_ready_p95_s"] = fmt(p95(pooled, "ready"))
+    result["signup_first_token_p50_s"] = fmt(med(signup, "first_token"))
+    result["pool_signup_first_token_p50_s"] = fmt(med(pooled, "first_token"))
     result["doze_ram_mb"] = fmt(ram(doze), 0)
     result["doze_rss_mb"] = fmt(ram(doze, "asleep_rss_mb"), 0)
     result["hibernate_ram_mb"] = fmt(ram(hib), 0)
@@ -530,6 +543,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="wakes per way of sleeping")
     parser.add_argument("--signup-runs", type=int, help="sign-ups each way (default: --runs)")
+    parser.add_argument(
+        "--no-signup-chat",
+        dest="chat",
+        action="store_false",
+        help="no first message after each sign-up",
+    )
     parser.add_argument("--pause", type=float, default=1.0, help="idle seconds before each")
     parser.add_argument("--skip", default="", help=f"phases to leave out, of {','.join(PHASES)}")
     args = parser.parse_args()
@@ -566,9 +585,10 @@ def measure(args: argparse.Namespace, skip: set[str]) -> dict[str, Phase]:
 
     runs, pause = args.runs, args.pause
     phases: dict[str, Phase] = {}
+    signups = args.signup_runs or runs
     if set(PHASES[:4]) <= skip:
         if "signup" not in skip:
-            phases["signup"], phases["pool_signup"] = run_signups(args.signup_runs or runs, pause)
+            phases["signup"], phases["pool_signup"] = run_signups(signups, pause, args.chat)
         return phases
     sandbox = Sandbox.objects.get(owner=make_user("agent@wake.bench"))
     t = time.monotonic()
@@ -596,7 +616,7 @@ def measure(args: argparse.Namespace, skip: set[str]) -> dict[str, Phase]:
     if sandbox.state == Sandbox.State.RUNNING:
         actions.stop_sandbox(sandbox)  # one gateway at a time for the sign-ups
     if "signup" not in skip:
-        phases["signup"], phases["pool_signup"] = run_signups(args.signup_runs or runs, pause)
+        phases["signup"], phases["pool_signup"] = run_signups(signups, pause, args.chat)
     return phases
 
 
