@@ -60,9 +60,17 @@ def make_data_dir(base: Path, *, big_kb: int = 256) -> Path:
 
 
 def make_repo(base: Path) -> restic.Repo:
+    """A new repository, made by ``restic init``."""
     repo = restic.Repo(str(base / "repo" / "sbx-1-test"), secrets.token_urlsafe(24))
     restic.init(repo)
     return repo
+
+
+def copy_repo(empty: restic.Repo, location: Path) -> restic.Repo:
+    """A repository of its own at ``location``: a byte copy of ``empty`` (modes kept)."""
+    location.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(empty.location, location, symlinks=True)
+    return restic.Repo(str(location), empty.password)
 
 
 def fresh_target(base: Path, name: str = "restored") -> Path:
@@ -148,9 +156,18 @@ def data(tmp_path: Path) -> Path:
     return make_data_dir(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def empty_repo(tmp_path_factory: pytest.TempPathFactory) -> restic.Repo:
+    """One repository made by ``restic init`` for the module and never written to. A real init
+    costs ~3 s (restic calibrates its key derivation), so each test's ``repo`` is a copy of
+    this one; test_it_initialises_a_repository_once runs init itself."""
+    return make_repo(tmp_path_factory.mktemp("empty-repo"))
+
+
 @pytest.fixture
-def repo(tmp_path: Path) -> restic.Repo:
-    return make_repo(tmp_path)
+def repo(tmp_path: Path, empty_repo: restic.Repo) -> restic.Repo:
+    """A new, empty, initialised repository of the test's own."""
+    return copy_repo(empty_repo, tmp_path / "repo" / "sbx-1-test")
 
 
 # -- repositories and snapshots --------------------------------------------------------------
@@ -513,10 +530,11 @@ def test_it_stores_planted_links_as_links_and_never_follows_them(
     assert os.stat("/etc").st_uid == 0
 
 
-def test_it_shows_restic_nothing_of_the_host(tmp_path: Path, host_files: dict[str, Path]) -> None:
+def test_it_shows_restic_nothing_of_the_host(
+    repo: restic.Repo, tmp_path: Path, host_files: dict[str, Path]
+) -> None:
     """Even a restic that followed a link would find only its mounts: the confinement has no
     host files but /usr, /lib* and the TLS certificates."""
-    repo = make_repo(tmp_path)
     argv = restic.command(repo, ["version"], source=tmp_path / "repo", caps=restic.BACKUP_CAPS)
     split = argv.index(restic.RESTIC)
     probe = [
@@ -576,13 +594,12 @@ def test_it_says_clearly_what_went_wrong_without_secrets(
     assert repo.password not in " ".join(argv)
 
 
-def test_it_reports_a_full_disk(data: Path, tmp_path: Path) -> None:
+def test_it_reports_a_full_disk(data: Path, tmp_path: Path, empty_repo: restic.Repo) -> None:
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
     try:
-        repo = restic.Repo(str(small / "sbx-1-full"), secrets.token_urlsafe(24))
-        restic.init(repo)
+        repo = copy_repo(empty_repo, small / "sbx-1-full")  # an initialised repository there
         (data / "state/workspace/big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
         with pytest.raises(restic.ResticError) as caught:
             backup(repo, data)
