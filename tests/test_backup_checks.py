@@ -1,7 +1,8 @@
 """What keeps backups honest after the fact: a sandbox whose first backup failed before it
 was recorded is still due, storage failures are readable, a killed restore is not run again
 an hour later, and the weekly check of every repository reports damage. Real restic on
-sandboxes whose data dir is written by hand (no gateway)."""
+sandboxes whose data dir is written by hand (no gateway); where a test is not about a first
+backup, its sandbox starts with an initialised repository (``repository=True``)."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def sent(task: Any, *args: Any) -> tuple[list[Any], dict[str, Any]]:
 def test_a_restore_redelivered_after_a_killed_worker_is_refused_not_run(
     data_sandbox: MakeSandbox, settings: Any
 ) -> None:
-    sandbox = data_sandbox("stale-restore@checks.test")
+    sandbox = data_sandbox("stale-restore@checks.test", repository=True)
     actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.USER, actor_user=sandbox.owner)
     write_files(sandbox.data_dir, {"state/workspace/notes.md": "Newer than the snapshot.\n"})
     args, kwargs = sent(tasks.restore_sandbox, sandbox.pk, None, sandbox.owner.pk)
@@ -107,7 +108,7 @@ def test_an_export_runs_while_fresh_and_is_refused_once_stale(
     data_sandbox: MakeSandbox, settings: Any
 ) -> None:
     settings.HERMIT_BACKUP_REQUEST_MAX_AGE = 600
-    sandbox = data_sandbox("stale-export@checks.test")
+    sandbox = data_sandbox("stale-export@checks.test", repository=True)
     actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.USER, actor_user=sandbox.owner)
     args, kwargs = sent(tasks.export_snapshot, sandbox.pk, None, sandbox.owner.pk)
     with time_machine.travel(timezone.now() + timedelta(minutes=11), tick=True):
@@ -131,9 +132,11 @@ def damage_biggest_pack(sandbox: Sandbox) -> None:
 def test_the_weekly_check_reports_a_damaged_pack_and_passes_a_good_repository(
     data_sandbox: MakeSandbox, eager_backups: None, settings: Any
 ) -> None:
-    good = data_sandbox("check-good@checks.test")
+    good = data_sandbox("check-good@checks.test", repository=True)
     bad = data_sandbox(
-        "check-bad@checks.test", files={"state/workspace/blob.bin": os.urandom(300_000)}
+        "check-bad@checks.test",
+        files={"state/workspace/blob.bin": os.urandom(300_000)},
+        repository=True,
     )
     never = data_sandbox("check-never@checks.test")  # never backed up: nothing to check
     for sandbox in (good, bad):
@@ -155,7 +158,7 @@ def test_the_weekly_check_reports_a_damaged_pack_and_passes_a_good_repository(
 
 
 def test_a_check_skips_a_repository_whose_lease_is_held(data_sandbox: MakeSandbox) -> None:
-    sandbox = data_sandbox("check-busy@checks.test")
+    sandbox = data_sandbox("check-busy@checks.test", repository=True)
     actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.SCHEDULE)
     with actions.leased(sandbox, "restore"):
         assert tasks.check_backup(sandbox.pk) == "busy"
