@@ -123,9 +123,8 @@ def measure_wake(sandbox: Any, paths_asleep: dict[str, str] | None, expect: str)
     sandbox.refresh_from_db()
     ready = probe.wait_ready(sandbox)
     steps += [(woke - t0, "wake_sandbox returned"), (ready - t0, "/readyz answered 200")]
-    paths = sandbox.backend_state.get("cgroups")
-    same = paths == paths_asleep and probe.cgroup_exists(paths_asleep)
-    cpu = probe.cpu_seconds(paths) - (cpu_before if same else 0.0)
+    # A thawed sandbox's cgroup counts on; a booted or restored one's is new (cpu_before 0).
+    cpu = probe.cpu_seconds(sandbox.backend_state.get("cgroups")) - cpu_before
     turn = probe.chat_turn(sandbox)
     steps += [
         (turn.connected - t0, "chat connected (protocol v4 hello)"),
