@@ -1,7 +1,9 @@
 """The ops CLI for backups: ``manage.py backup USER|--all``, ``snapshots USER`` and
 ``restore USER [--snapshot ID]``, as ops type them: progress bars on stderr, one line per
 result on stdout, a clear message and a non-zero exit on failure. Real restic, on sandboxes
-whose data dir is written by hand (the restores that boot an agent are in test_backups.py)."""
+whose data dir is written by hand (the restores that boot an agent are in test_backups.py).
+Only the first test's backup sets its repository up with ``restic init`` (~3 s); the others
+start with a copy of an initialised empty one."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import call_command
@@ -55,8 +58,8 @@ def snapshot_line(snapshot: Snapshot) -> str:
 
 
 def test_backup_all_backs_up_every_sandbox_with_data(data_sandbox: MakeSandbox) -> None:
-    first = data_sandbox("all1@backups.test")
-    second = data_sandbox("all2@backups.test", state="sleeping")
+    first = data_sandbox("all1@backups.test", repository=True)
+    second = data_sandbox("all2@backups.test", state="sleeping", repository=True)
     from tests.factories import make_user
 
     make_user("nodata@backups.test")  # provisioning, no data dir: nothing to back up
@@ -78,7 +81,7 @@ def test_backup_refuses_bad_arguments(data_sandbox: MakeSandbox) -> None:
 
 
 def test_backup_fails_with_the_reason_when_busy_or_unreadable(data_sandbox: MakeSandbox) -> None:
-    sandbox = data_sandbox("fail@backups.test")
+    sandbox = data_sandbox("fail@backups.test", repository=True)
     run("backup", "fail@backups.test")
     lease = actions.claim_lease(actions.repository_for(sandbox), "restore")
     try:
@@ -95,11 +98,14 @@ def test_backup_fails_with_the_reason_when_busy_or_unreadable(data_sandbox: Make
     assert sandbox.events.filter(message__startswith="Backup failed").exists()
 
 
-def test_snapshots_lists_them_newest_first(data_sandbox: MakeSandbox) -> None:
+def test_snapshots_lists_them_newest_first(
+    data_sandbox: MakeSandbox, initialized_repository: Callable[[Sandbox], Any]
+) -> None:
     sandbox = data_sandbox("list@backups.test")
     backup_plan(sandbox.owner, backup_keep_last=10)
     out, _ = run("snapshots", "list@backups.test")
     assert out == f"{sandbox} has no backups yet.\n"
+    initialized_repository(sandbox)
     first = actions.backup_sandbox(sandbox, trigger="user")
     write_files(sandbox.data_dir, {"state/workspace/todo.md": "buy milk\n"})
     second = actions.backup_sandbox(sandbox, trigger="staff")
@@ -113,10 +119,13 @@ def test_snapshots_lists_them_newest_first(data_sandbox: MakeSandbox) -> None:
     assert lines[1].split()[3] == "staff" and lines[2].split()[3] == "user"
 
 
-def test_restore_refuses_an_unknown_or_ambiguous_snapshot_id(data_sandbox: MakeSandbox) -> None:
+def test_restore_refuses_an_unknown_or_ambiguous_snapshot_id(
+    data_sandbox: MakeSandbox, initialized_repository: Callable[[Sandbox], Any]
+) -> None:
     sandbox = data_sandbox("pick@backups.test")
     with pytest.raises(CommandError, match="has no snapshots to restore"):
         run("restore", "pick@backups.test")
+    initialized_repository(sandbox)
     snapshot = actions.backup_sandbox(sandbox, trigger="user")
     assert snapshot is not None
     with pytest.raises(CommandError, match="at least 8 characters"):
@@ -128,7 +137,7 @@ def test_restore_refuses_an_unknown_or_ambiguous_snapshot_id(data_sandbox: MakeS
 def test_restore_of_a_damaged_repository_fails_and_leaves_the_data_alone(
     data_sandbox: MakeSandbox,
 ) -> None:
-    sandbox = data_sandbox("damaged@backups.test")
+    sandbox = data_sandbox("damaged@backups.test", repository=True)
     snapshot = actions.backup_sandbox(sandbox, trigger="user")
     assert snapshot is not None
     before = safefs.fingerprint(sandbox.data_dir, ())
@@ -159,7 +168,7 @@ def damage_packs(repo: Path) -> None:
 def test_manage_py_exits_non_zero_with_the_reason(
     data_sandbox: MakeSandbox, sandbox_dirs: dict[str, str]
 ) -> None:
-    data_sandbox("exit@backups.test")
+    data_sandbox("exit@backups.test", repository=True)
     env = server_env(**sandbox_dirs, DJANGO_SETTINGS_MODULE=os.environ["DJANGO_SETTINGS_MODULE"])
     ok = subprocess.run(
         [sys.executable, "manage.py", "backup", "exit@backups.test"],
