@@ -285,6 +285,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "sandboxes.tasks.sleep_idle_sandboxes",
         "schedule": timedelta(seconds=15),
     },
+    "fill-warm-pool": {
+        "task": "sandboxes.pool.fill_pool",
+        "schedule": timedelta(seconds=60),
+    },
     "wake-for-jobs": {
         "task": "sandboxes.tasks.wake_for_jobs",
         "schedule": timedelta(seconds=10),

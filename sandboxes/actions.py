@@ -208,6 +208,10 @@ def provision_sandbox(sandbox: Sandbox) -> None:
     """Bring a new sandbox up for the first time. Does nothing unless it is provisioning."""
     if sandbox.state != State.PROVISIONING:
         return
+    from sandboxes import pool
+
+    if pool.adopt(sandbox):  # a pre-started gateway of the warm pool, re-keyed for this user
+        return
     sandbox.data_dir.mkdir(parents=True, exist_ok=True)
     for _ in start_sandbox(sandbox):
         pass
@@ -467,7 +471,10 @@ def wake_sandbox(
     deadline = time.monotonic() + timeout
     longest = time.monotonic() + 10 * timeout  # however long the line for a boot slot
     while time.monotonic() < deadline:
-        sandbox.refresh_from_db()
+        try:
+            sandbox.refresh_from_db()
+        except Sandbox.DoesNotExist:  # adopted a warm-pool gateway meanwhile: follow that one
+            sandbox = Sandbox.objects.get(owner_id=sandbox.owner_id, name=sandbox.name)
         if sandbox.state == State.RUNNING:
             yield Progress(100, "Your agent is running")
             return

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import plan_for
-from sandboxes import actions, schedule, sleep
+from sandboxes import actions, pool, schedule, sleep  # noqa: F401 (pool: its tasks)
 from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
 
