@@ -237,7 +237,7 @@ def test_it_lists_the_snapshots_and_the_latest_progress_on_the_sandbox_page(
 def test_it_backs_up_for_real_under_the_staff_members_name(
     client: Client, staff: Any, data_sandbox: Any, eager_backups: None
 ) -> None:
-    sandbox = data_sandbox("carol@example.com")
+    sandbox = data_sandbox("carol@example.com", repository=True)
     client.force_login(staff)
     post_action(client, "back_up", [sandbox])
     snapshot = sandbox.snapshots.get()

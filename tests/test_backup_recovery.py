@@ -140,7 +140,7 @@ def test_a_start_waits_for_a_backup_that_reads_longer_than_its_lease(
 def test_a_restore_acts_on_the_state_after_its_long_restore_step(
     data_sandbox: MakeSandbox,
 ) -> None:
-    sandbox = data_sandbox("raced@recovery.test")
+    sandbox = data_sandbox("raced@recovery.test", repository=True)
     snapshot = actions.backup_sandbox(sandbox, trigger="user")
     assert snapshot is not None
 

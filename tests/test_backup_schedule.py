@@ -1,7 +1,9 @@
 """When backups happen: the beat's scan per plan interval (time frozen), unchanged sandboxes
 skipped, a backup after every stop or sleep, the lease that keeps two runs apart, exports that
 expire, and a deleted sandbox's repository purged. Real restic on sandboxes whose data dir is
-written by hand (no gateway: tests/test_backups.py has those)."""
+written by hand (no gateway: tests/test_backups.py has those). Only the first test's backup sets
+its repository up with ``restic init`` (~3 s); the others that back up start with a copy of an
+initialised empty one (``repository=True``)."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def test_it_backs_up_a_sandbox_once_its_plan_interval_has_passed(
 def test_it_skips_a_sandbox_unchanged_since_its_last_snapshot(
     data_sandbox: MakeSandbox, eager_backups: None
 ) -> None:
-    sandbox = data_sandbox("unchanged@backups.test")
+    sandbox = data_sandbox("unchanged@backups.test", repository=True)
     backup_plan(sandbox.owner, backup_keep_last=10)  # restic dates these today: keep both
     with time_machine.travel(T0, tick=False):
         assert tasks.backup_sandbox(sandbox.pk, "schedule") == "done"
@@ -76,8 +78,8 @@ def test_it_skips_a_sandbox_unchanged_since_its_last_snapshot(
 
 
 def test_each_plan_has_its_own_interval(data_sandbox: MakeSandbox, eager_backups: None) -> None:
-    free = data_sandbox("free@backups.test")
-    pro = data_sandbox("pro@backups.test")
+    free = data_sandbox("free@backups.test", repository=True)
+    pro = data_sandbox("pro@backups.test", repository=True)
     never = data_sandbox("never@backups.test")
     backup_plan(pro.owner, backup_interval=HOUR)
     backup_plan(never.owner, backup_interval=None)
@@ -125,7 +127,7 @@ def test_the_beat_runs_the_scan() -> None:
 def test_a_stop_queues_a_backup_once_it_has_committed(
     data_sandbox: MakeSandbox, eager_backups: None
 ) -> None:
-    sandbox = data_sandbox("stop@backups.test", state="failed")
+    sandbox = data_sandbox("stop@backups.test", state="failed", repository=True)
     with transaction.atomic():
         sandbox_actions.stop_sandbox(sandbox)
         assert sandbox.state == Sandbox.State.STOPPED
@@ -144,7 +146,7 @@ def test_a_sleep_backup_is_dropped_once_the_agent_runs_again(data_sandbox: MakeS
 def test_a_held_lease_makes_a_second_backup_busy_until_reconcile_recovers_it(
     data_sandbox: MakeSandbox,
 ) -> None:
-    sandbox = data_sandbox("lease@backups.test")
+    sandbox = data_sandbox("lease@backups.test", repository=True)
     held = actions.claim_lease(actions.repository_for(sandbox), "restore")
     with pytest.raises(actions.BackupBusy, match="A restore of this agent is already running"):
         actions.backup_sandbox(sandbox, trigger="user")
@@ -180,7 +182,7 @@ def test_a_held_lease_makes_a_second_backup_busy_until_reconcile_recovers_it(
 def test_an_export_is_a_tar_of_the_snapshot_that_expires(
     data_sandbox: MakeSandbox, eager_backups: None
 ) -> None:
-    sandbox = data_sandbox("export@backups.test")
+    sandbox = data_sandbox("export@backups.test", repository=True)
     snapshot = actions.backup_sandbox(sandbox, trigger="user")
     assert snapshot is not None
     export = actions.export_snapshot(sandbox, actor_user=sandbox.owner)
@@ -204,7 +206,7 @@ def test_an_export_is_a_tar_of_the_snapshot_that_expires(
 def test_a_deleted_sandbox_takes_its_backups_with_it(
     data_sandbox: MakeSandbox, eager_backups: None
 ) -> None:
-    sandbox = data_sandbox("deleted@backups.test")
+    sandbox = data_sandbox("deleted@backups.test", repository=True)
     actions.backup_sandbox(sandbox, trigger="user")
     location = Path(BackupRepository.objects.get(sandbox=sandbox).location)
     assert (location / "config").is_file()
@@ -229,7 +231,8 @@ def test_a_step_inside_a_restore_moves_the_bar_only_within_its_own_span(
 def test_free_plan_retention_keeps_the_latest_pre_restore_snapshots(
     data_sandbox: MakeSandbox,
 ) -> None:
-    sandbox = data_sandbox("pre-restore@backups.test")  # free: keep_daily 7, one a day
+    # free: keep_daily 7, one a day
+    sandbox = data_sandbox("pre-restore@backups.test", repository=True)
     pre = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.PRE_RESTORE, force=True)
     assert pre is not None
     latest: list[str] = []
