@@ -14,6 +14,12 @@ sandbox dozes or sleeps the portal stores its next due time (``Sandbox.next_job_
   start it), then as long as the gateway reports a job running or one overdue, at most
   HERMIT_JOB_MAX_HOLD (1 h, the scheduler's own watchdog for a run) past the due time. After
   that it may sleep again, and the sleep stores the next due time.
+
+Why a minute ahead: a gateway that boots after a job's due time does not run the missed agent
+turn at once (OpenClaw defers overdue agent turns at startup), so the wake must finish before
+it; cold boots took 20-45 s on a loaded 2-core host. And OpenClaw re-arms its cron timer at
+least every 60 s against the wall clock: a gateway restored from a checkpoint whose timers did
+not see the time it slept still fires the job on time if it is back 60 s before.
 """
 
 from __future__ import annotations

@@ -213,6 +213,25 @@ def earliest_job(sandbox: Sandbox) -> datetime | None:
     return min((t for t in times if t is not None), default=None)
 
 
+def chat_scopes_still_work(sandbox: Sandbox) -> None:
+    from sandboxes.consumers.chat import device_identity_for
+
+    async def connect() -> None:
+        host, port = actions.gateway_endpoint(sandbox)
+        conn = await GatewayConnection.open(
+            f"ws://{host}:{port}",
+            token=sandbox.gateway_token,
+            identity=device_identity_for(sandbox),
+            timeout=20,
+        )
+        try:
+            await conn.request("chat.history", {"sessionKey": "main", "limit": 1}, timeout=20)
+        finally:
+            await conn.close()
+
+    asyncio.run(connect())
+
+
 def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
     sandbox_for: Callable[..., Sandbox], model_server: FakeModelServer, settings: Any
 ) -> None:
@@ -285,6 +304,9 @@ def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
         following = earliest_job(sandbox)
         assert following is None or following > due
         assert cron.next_job_at(sandbox) == following
+        # The read-only connects above used the sandbox's own device key: the webchat still
+        # connects with it and its usual scopes.
+        chat_scopes_still_work(sandbox)
     finally:
         sandbox.refresh_from_db()
         if sandbox.state == State.RUNNING:
