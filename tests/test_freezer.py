@@ -21,6 +21,7 @@ from sandboxes.backends import cgroups
 from sandboxes.backends.base import SandboxBackend
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+POOLED = "alice@chat.test"  # pooled for other suites too: no gateway start of its own
 # Count into a file 100 times a second: a frozen process stops counting.
 _COUNTER = 'i=0; while :; do i=$((i+1)); echo $i > "$1.tmp"; mv "$1.tmp" "$1"; sleep 0.01; done'
 
@@ -114,7 +115,7 @@ def test_frozen_pauses_a_running_gateway_and_always_thaws_it(sandbox_for: Any) -
     from sandboxes import actions
     from sandboxes.backends import get_backend
 
-    sandbox = sandbox_for("freezer@agents.test")
+    sandbox = sandbox_for(POOLED)
     backend = get_backend(sandbox.backend)
     spec, state = actions.spec_for(sandbox), sandbox.backend_state
     _host, port = backend.endpoint(spec, state)
@@ -183,7 +184,7 @@ def test_a_backup_of_a_running_gateway_pauses_it_only_while_restic_reads(
     from sandboxes.backends import get_backend
     from sandboxes.backups import EXCLUDES, restic
 
-    sandbox = sandbox_for("freezer@agents.test")
+    sandbox = sandbox_for(POOLED)
     backend = get_backend(sandbox.backend)
     spec, state = actions.spec_for(sandbox), sandbox.backend_state
     repo = restic.Repo(str(tmp_path / "repo"), secrets.token_urlsafe(24))
