@@ -423,10 +423,11 @@ def test_six_sign_ups_confirmed_at_once_all_start_in_turn(
             assert shown == sorted(shown, reverse=True), places
         assert max(max(shown) for shown in places.values() if shown) >= 3, places
         assert _most_booting_at_once(sandbox_ids) <= 2
-        for sandbox in sandboxes:
+        for sandbox in sandboxes:  # the bar never goes back while waiting in line
             recorded = sandbox.events.order_by("created_at", "id").exclude(progress=None)
             progress = [p or 0 for p in recorded.values_list("progress", flat=True)]
-            assert progress == sorted(progress), (sandbox.pk, progress)
+            before_boot = progress[: next(i for i, p in enumerate(progress) if p >= 10)]
+            assert before_boot == sorted(before_boot), (sandbox.pk, progress)
         assert not BootSlot.objects.filter(sandbox__isnull=False).exists()
         assert not Sandbox.objects.filter(pk__in=sandbox_ids).exclude(boot_queued_at=None).exists()
     finally:
