@@ -342,9 +342,11 @@ def _cold_boot(sandbox: Sandbox, image: RuntimeImage) -> Iterator[Progress]:
         Sandbox.objects.filter(pk=sandbox.pk).update(runtime=image)
         sandbox.runtime = image
     attempts = 1 + max(0, int(settings.HERMIT_START_RETRIES))
+    shown = [0]  # the bar never goes back on a retry
     for attempt in range(1, attempts + 1):
         try:
-            yield from _run_backend(sandbox, get_backend(sandbox.backend).start(_spec(sandbox)))
+            start = get_backend(sandbox.backend).start(_spec(sandbox))
+            yield from _run_backend(sandbox, start, shown)
             return
         except BackendError as exc:
             if attempt == attempts:
@@ -354,8 +356,12 @@ def _cold_boot(sandbox: Sandbox, image: RuntimeImage) -> Iterator[Progress]:
             record_event(sandbox, "retry", f"The start did not work ({why}); trying again")
 
 
-def _run_backend(sandbox: Sandbox, steps: Iterator[Progress]) -> Iterator[Progress]:
-    """Follow a backend start or restore: persist its state, record and show its steps."""
+def _run_backend(
+    sandbox: Sandbox, steps: Iterator[Progress], shown: list[int] | None = None
+) -> Iterator[Progress]:
+    """Follow a backend start or restore: persist its state, record and show its steps.
+    ``shown`` holds the highest percent shown so far (kept across a retry's steps)."""
+    shown = shown if shown is not None else [0]
     last_message = ""
     renewed = time.monotonic()
     for step in steps:
@@ -365,7 +371,7 @@ def _run_backend(sandbox: Sandbox, steps: Iterator[Progress]) -> Iterator[Progre
         if step.state is not None:
             Sandbox.objects.filter(pk=sandbox.pk).update(backend_state=step.state)
             sandbox.backend_state = step.state
-        percent = 10 + int(step.percent * 0.85)
+        percent = shown[0] = max(shown[0], 10 + int(step.percent * 0.85))
         if step.message != last_message:  # a new step is history; a tick is only shown
             record_event(sandbox, "progress", step.message, progress=percent)
             last_message = step.message
@@ -684,5 +690,6 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
         if sandbox.backend_state:
             backend.stop(spec, sandbox.backend_state)
         _fail(sandbox, f"Stuck while {sandbox.state}; stopped by reconcile")
+        bootqueue.release(sandbox)  # a dead worker's boot slot is free at once
         return "failed-stuck"
     return "pending"
