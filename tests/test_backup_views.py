@@ -577,7 +577,7 @@ def test_it_links_to_a_presigned_s3_url_that_serves_the_archive(
     assert client.get(url).status_code == 404
 
 
-RESTORE_EMAIL = "restore-ui@agents.test"
+RESTORE_EMAIL = "alice@chat.test"  # pooled for other suites too: no gateway start of its own
 
 
 @pytest.fixture
@@ -604,11 +604,16 @@ def private_channels(settings: Any) -> None:
 
 
 async def test_it_restores_after_the_confirmation_with_live_progress(
-    agent: Sandbox, eager_backups: None, private_channels: None
+    agent: Sandbox,
+    eager_backups: None,
+    private_channels: None,
+    initialized_repository: Callable[[Sandbox], Any],
 ) -> None:
     """The owner backs up, changes a file, confirms a restore of that backup: the progress
     socket streams the restore's steps, the agent runs again on the old file, and the state
-    it had is listed as a "Before a restore" snapshot."""
+    it had is listed as a "Before a restore" snapshot. (Its repository is set up already: the
+    first backup's restic init is in test_it_backs_up_lists_and_serves_the_download...)"""
+    await asyncio.to_thread(initialized_repository, agent)
     owner = await get_user_model().objects.aget(pk=agent.owner_id)
     notes = agent.data_dir / NOTES
     write = f"mkdir -p {notes.parent} && printf %s {{}} > {notes}"
