@@ -124,6 +124,8 @@ def holds_awake(sandbox: Sandbox, now: datetime) -> bool:
     and not started yet, up to HERMIT_JOB_MAX_HOLD past the due time. False otherwise, also
     when the gateway cannot be asked (logged), so a broken gateway never keeps a sandbox up.
     A dozing sandbox's gateway is frozen and cannot be asked: only its stored time counts.
+    Once the gateway said the job is over, that is remembered (cache) for this due time, so
+    the policy's passes over an awake sandbox do not ask again.
     """
     due = sandbox.next_job_at
     if due is None or now < due - wake_lead():
@@ -132,10 +134,16 @@ def holds_awake(sandbox: Sandbox, now: datetime) -> bool:
         return True
     if now >= due + max_hold() or sandbox.state != State.RUNNING:
         return False
+    done_key = f"hermit:job-done:{sandbox.pk}:{int(due.timestamp())}"
+    if cache.get(done_key):
+        return False  # the gateway said so already: not asked again on every pass
     try:
         status = cron.read_status(sandbox, with_running=True)
     except cron.CronUnavailable as exc:
         log.warning("sandbox %s: could not ask whether its job ran: %s", sandbox.pk, exc)
         return False
     overdue = status.next_wake_at is not None and status.next_wake_at <= now
-    return bool(status.running) or overdue
+    if status.running or overdue:
+        return True
+    cache.set(done_key, 1, timeout=int(max_hold().total_seconds()))
+    return False

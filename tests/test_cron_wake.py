@@ -301,6 +301,9 @@ def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
         # next due job (the one-shot is done; OpenClaw's own daily memory job, if enabled).
         assert not cron.busy(sandbox)
         assert not schedule.holds_awake(sandbox, timezone.now())
+        with pytest.MonkeyPatch.context() as patch:  # remembered: the gateway is not asked again
+            patch.setattr(cron, "read_status", lambda *a, **k: pytest.fail("asked again"))
+            assert not schedule.holds_awake(sandbox, timezone.now())
         following = earliest_job(sandbox)
         assert following is None or following > due
         assert cron.next_job_at(sandbox) == following
