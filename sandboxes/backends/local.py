@@ -2,22 +2,27 @@
 
 Process tree of one sandbox (host view)::
 
-    sh  (supervisor, detached, reaps the tree, writes <run_dir>/exit_code)
-     └─ pasta  (uid U, own user+net namespace; the only link from that netns to the host)
-         └─ bwrap  (nested userns: uid 1000 inside = U outside; mount/pid/ipc/uts/cgroup ns;
-             │        a bash step that closes pasta's leaked descriptors execs into it)
-             └─ bwrap init (pid 1 inside)
-                 └─ node openclaw.mjs gateway run   (the "main" process, pid 2 inside)
+    bash  (supervisor, root, detached: starts both halves, reaps them, writes <run_dir>/exit_code)
+     ├─ pasta  (uid P, own user+net namespace; the only link from that netns to the host)
+     │   └─ sleep  (holds the namespaces; before it, a bash step adds the blocked routes)
+     └─ bwrap  (root, outside: mount/pid/ipc/uts/cgroup namespaces, joins pasta's netns)
+         └─ bash init (pid 1 inside, uid U, no capabilities: reaps, forwards SIGTERM)
+             └─ node openclaw.mjs gateway run   (the "main" process, pid 2 inside)
 
 * ``U = uid_base + sandbox_id`` is a host uid nobody else uses; the data dir is chowned to it.
-* pasta, started as U, creates the network namespace and forwards exactly two things:
+  The sandbox's processes run as U in the host's user namespace, with no capabilities, no new
+  privileges (bubblewrap sets no_new_privs, setpriv empties the bounding set) and a seccomp
+  filter that also refuses new user namespaces. Everything the sandbox sees is in namespaces
+  root made, so U has no power over any of them (its mounts, its network).
+* ``P = net_uid_base + sandbox_id`` runs pasta, which creates a user and a network namespace
+  (owned by P, so U, another uid, holds no capability in them) and forwards exactly two things:
   host ``127.0.0.1:<host_port>`` -> sandbox ``127.0.0.1:<gateway_port>`` (``-t``), and sandbox
   ``127.0.0.1:<ai_gateway_port>`` -> host ``127.0.0.1:<ai_gateway_port>`` (``-T``). No other port in
   either direction. Without ``spec.internet`` the tap interface stays down (no route at all); with
   it pasta configures it (``--config-net``) but never maps the gateway address to the host
   (``--no-map-gw``), so the host's loopback stays out of reach.
-* The supervisor writes its own pid into the sandbox's cgroups before exec'ing pasta, so pasta,
-  bwrap, the gateway and every process they start are capped and accounted together.
+* The supervisor writes its own pid into the sandbox's cgroups first, so pasta, bwrap, the
+  gateway and every process they start are capped and accounted together.
 * Root never follows a path the sandbox controls. The sandbox owns its data dir and may plant any
   link there, so root touches it only through ``safefs`` (``O_NOFOLLOW`` directory fds, ``*at``
   calls): the chown walk before a start, the directories made for the gateway, the size walk in
@@ -28,6 +33,9 @@ Process tree of one sandbox (host view)::
   same seccomp filter as the gateway.
 * Everything needed to re-attach (pids with their start times, ports, cgroup paths, run dir) is in
   the state dict ``start`` returns; no method relies on memory of an earlier call.
+* Hibernation (``checkpoint``/``restore``, see ``criu.py``): CRIU dumps the pid namespace (init
+  and below) to a root-owned image directory, then pasta and the cgroups go; a restore starts a
+  fresh pasta on the same host port and puts the restored tree into its network namespace.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -47,9 +56,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sandboxes.backends import cgroups, safefs
+from sandboxes.backends import cgroups, criu, safefs
 from sandboxes.backends.base import (
     BackendError,
+    CheckpointImage,
     ExecResult,
     PollResult,
     ProcessInfo,
@@ -61,37 +71,95 @@ from sandboxes.backends.base import (
 from sandboxes.backends.seccomp import seccomp_program, under_filter
 from sandboxes.openclaw.runtime import node_binary, openclaw_entry
 
-SANDBOX_UID = 1000  # the uid/gid processes have inside every sandbox
 DNS_FORWARD_ADDR = "169.254.1.53"  # pasta answers DNS here when the sandbox has internet
 LOG_NAME = "gateway.log"
 EXIT_NAME = "exit_code"
 SECCOMP_NAME = "seccomp.bpf"
 FILES_NAME = "files"  # spec.files, mounted read-only
+NET_PIDS_NAME = "net.pids"  # "<pasta pid> <holder pid>", written by the supervisor
+RESTORED_PID_NAME = "restored.pid"  # the restored init's host pid, written by CRIU
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+SANDBOX_SPLIT = "--hermit-sandbox--"  # separates pasta's argv from the sandbox's
 
-# Detached supervisor. $1 log, $2 exit file, rest = argv. The subshell is backgrounded and the
-# outer sh exits at once, so the sandbox outlives the Python process that started it.
+# Detached start: $1 log, rest = the supervisor's argv. The subshell execs the supervisor in the
+# background and the outer sh exits at once, so the sandbox outlives the Python process.
 _LAUNCH = r"""
-log="$1"; exitf="$2"; shift 2
-(
-  sh -c 'for f in $HERMIT_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done
-         unset HERMIT_CGROUP_PROCS; exec "$@"' hermit-sandbox "$@"
-  echo $? > "$exitf.tmp" && mv "$exitf.tmp" "$exitf"
-) </dev/null >>"$log" 2>&1 &
+log="$1"; shift
+( exec "$@" ) </dev/null >>"$log" 2>&1 &
 echo $!
 """
-# pasta hands its own descriptors (among them the host-side listening socket of the port
-# forward, which lives in the host's network namespace) to the command it runs, and bwrap passes
-# inherited descriptors into the sandbox. Close everything but stdio before bwrap starts.
-# The same step runs as root of pasta's user namespace, so it can also add "prohibit" routes
-# (HERMIT_BLOCKED_NETS) to the sandbox's network namespace, which the sandbox itself, one
-# user namespace further down, cannot remove.
+# The supervisor (bash, root). $1 exit file, then pasta's argv, SANDBOX_SPLIT, the sandbox's.
+# It joins the cgroups, starts pasta (whose command adds the blocked routes, then holds the
+# namespaces), waits for the holder, then runs the sandbox in pasta's netns: bwrap (a start) or
+# `criu restore` (HERMIT_RESTORE_PIDFILE set: CRIU gets the netns as fd 5 and the log as fd 6,
+# restores detached, and the supervisor waits for the restored init). When either half ends,
+# the other is stopped, and the sandbox's exit code (unknown for a restored one) is recorded.
+_SUPERVISOR = r"""
+exitf=$1; shift
+for f in $HERMIT_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done
+unset HERMIT_CGROUP_PROCS
+args=("$@"); split=0
+while [[ ${args[split]} != --hermit-sandbox-- ]]; do ((split++)); done
+"${args[@]:0:split}" &
+pasta=$! holder=
+for ((i = 0; i < 1500; i++)); do
+  read -r holder _ < "/proc/$pasta/task/$pasta/children" 2>/dev/null
+  [[ -n $holder && $(cat "/proc/$holder/comm" 2>/dev/null) == sleep ]] && break
+  holder=
+  kill -0 "$pasta" 2>/dev/null || break
+  sleep 0.01
+done
+record() { echo "$1" > "$exitf.tmp" && mv "$exitf.tmp" "$exitf"; }
+if [[ -z $holder ]]; then
+  echo "The sandbox's network (pasta) did not start."
+  kill "$pasta" 2>/dev/null; wait; record 124; exit 124
+fi
+echo "$pasta $holder" > "$HERMIT_NET_PIDS"
+ns=/proc/$holder/ns/net
+if [[ -n ${HERMIT_RESTORE_PIDFILE-} ]]; then
+  "${args[@]:split+1}" 5<"$ns" 6>&1
+  rc=$?
+  init=$(cat "$HERMIT_RESTORE_PIDFILE" 2>/dev/null)
+  if ((rc == 0)) && [[ -n $init ]]; then
+    while kill -0 "$init" 2>/dev/null && kill -0 "$pasta" 2>/dev/null; do sleep 0.5; done
+    kill -KILL "$init" 2>/dev/null
+    rc=
+  fi
+else
+  if [[ -n $HERMIT_SECCOMP ]] && ! exec 9<"$HERMIT_SECCOMP"; then
+    kill "$pasta"; record 126; exit 126
+  fi
+  nsenter --net="$ns" "${args[@]:split+1}" &
+  sandbox=$!
+  exec 9<&-
+  wait -n "$pasta" "$sandbox"; rc=$?
+  if kill -0 "$sandbox" 2>/dev/null; then
+    echo "The sandbox's network (pasta) ended; stopping the sandbox."
+    kill "$sandbox"; wait "$sandbox"; rc=$?
+  fi
+fi
+kill "$pasta" 2>/dev/null; wait "$pasta" 2>/dev/null
+[[ -n $rc ]] && record "$rc"
+exit 0
+"""
+# pasta's command, as root of pasta's user namespace: close pasta's leaked descriptors (among
+# them the host-side listening socket of the port forward), add "prohibit" routes
+# (HERMIT_BLOCKED_NETS) to the sandbox's network namespace, which the sandbox itself (uid U,
+# with no capability there) cannot remove, then hold the namespaces.
 _CLOSE_FDS = r"""for fd in /proc/self/fd/*; do fd=${fd##*/}
   if ((fd > 2)); then eval "exec $fd>&-"; fi
 done
 for net in $HERMIT_BLOCKED_NETS; do "$HERMIT_IP" route add prohibit "$net" || exit 126; done
-if [ -n "$HERMIT_SECCOMP" ]; then exec 9<"$HERMIT_SECCOMP" || exit 126; fi
-unset HERMIT_BLOCKED_NETS HERMIT_IP HERMIT_SECCOMP; exec "$@"
+unset HERMIT_BLOCKED_NETS HERMIT_IP; exec sleep infinity
+"""
+# pid 1 of the sandbox (bash as uid U): stdin from the sandbox's own /dev/null (CRIU restores
+# only files it can reach from inside), runs the command, reaps orphans, forwards SIGTERM, exits
+# with the command's status.
+_INIT = r"""exec </dev/null
+trap 'kill -TERM "$child" 2>/dev/null' TERM INT HUP
+"$@" & child=$!
+while :; do wait "$child"; rc=$?; kill -0 "$child" 2>/dev/null || break; done
+exit "$rc"
 """
 # Cloud metadata endpoints: never reachable from a sandbox, even with internet.
 METADATA_NETS = ("169.254.169.254/32", "fd00:ec2::254/128")
@@ -131,6 +199,10 @@ class LocalBackend(SandboxBackend):
         start_timeout: float | None = None,
         ready_timeout: float | None = None,
         tmp_size_mb: int = 256,
+        net_uid_base: int | None = None,
+        start_cpu_seconds: float | None = None,
+        checkpoint_dir: Path | None = None,
+        criu_path: str | None = None,
     ) -> None:
         self.bwrap = _resolve(bwrap or _setting("HERMIT_BWRAP", "bwrap"))
         self.pasta = _resolve(pasta or _setting("HERMIT_PASTA", "pasta"))
@@ -142,6 +214,19 @@ class LocalBackend(SandboxBackend):
         self.start_timeout = float(start_timeout or _setting("HERMIT_START_TIMEOUT", 60))
         self.ready_timeout = float(ready_timeout or _setting("HERMIT_READY_TIMEOUT", 30))
         self.tmp_size_mb = tmp_size_mb
+        # pasta's uids: another range, so no sandbox uid owns (and so commands) a netns.
+        self.net_uid_base = (
+            net_uid_base
+            if net_uid_base is not None
+            else int(_setting("HERMIT_NET_UID_BASE", self.uid_base + 1_000_000_000))
+        )
+        self.start_cpu_seconds = float(
+            start_cpu_seconds or _setting("HERMIT_START_CPU_SECONDS", 60)
+        )
+        self.checkpoint_dir = Path(
+            checkpoint_dir or _setting("HERMIT_CHECKPOINT_DIR", "") or data_dir / "checkpoints"
+        )
+        self.criu = criu.binary(criu_path or _setting("HERMIT_CRIU", "") or None)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -212,8 +297,8 @@ class LocalBackend(SandboxBackend):
         os.chmod(etc, 0o755)  # noqa: S103 - the sandbox uid reads /etc from here
         home = spec.env.get("HOME", str(spec.data_dir))
         files = {
-            "passwd": f"hermit:x:{SANDBOX_UID}:{SANDBOX_UID}:Hermit sandbox:{home}:/bin/sh\n",
-            "group": f"hermit:x:{SANDBOX_UID}:\n",
+            "passwd": f"hermit:x:{uid}:{uid}:Hermit sandbox:{home}:/bin/sh\n",
+            "group": f"hermit:x:{uid}:\n",
             "hosts": f"127.0.0.1 localhost {spec.name}\n::1 localhost ip6-localhost\n",
             "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
             "resolv.conf": f"nameserver {DNS_FORWARD_ADDR}\n" if spec.internet else "",
@@ -269,13 +354,22 @@ class LocalBackend(SandboxBackend):
         return create()
 
     def _launch(
-        self, spec: SandboxSpec, run_dir: Path, uid: int, paths: cgroups.CgroupPaths
+        self,
+        spec: SandboxSpec,
+        run_dir: Path,
+        uid: int,
+        paths: cgroups.CgroupPaths,
+        *,
+        host_port: int | None = None,
+        restore: list[str] | None = None,
     ) -> dict[str, Any]:
-        host_port = _free_port()
-        argv = [
+        """Start the supervisor: pasta, then bwrap (or ``restore``, a `criu restore` argv)."""
+        host_port = host_port or _free_port()
+        net_uid = self.net_uid_base + spec.sandbox_id
+        pasta = [
             "setpriv",
-            f"--reuid={uid}",
-            f"--regid={uid}",
+            f"--reuid={net_uid}",
+            f"--regid={net_uid}",
             "--clear-groups",
             *self.pasta_args(spec, host_port),
             "--",
@@ -283,19 +377,35 @@ class LocalBackend(SandboxBackend):
             "-c",
             _CLOSE_FDS,
             "hermit-closefds",
-            *self.bwrap_args(spec, run_dir),
-            "--",
-            *self.command(spec),
         ]
+        if restore is None:
+            sandbox = [*self.bwrap_args(spec, run_dir), "--", *self.init_args(uid, spec)]
+        else:
+            sandbox = restore
         env = self.sandbox_env(spec)
         env["HERMIT_CGROUP_PROCS"] = " ".join(cgroups.procs_files(paths))
         env["HERMIT_BLOCKED_NETS"] = " ".join(self.blocked_nets(spec))
         env["HERMIT_IP"] = _resolve("ip")
         env["HERMIT_SECCOMP"] = str(run_dir / SECCOMP_NAME) if seccomp_program() else ""
+        env["HERMIT_NET_PIDS"] = str(run_dir / NET_PIDS_NAME)
+        if restore is not None:
+            env["HERMIT_RESTORE_PIDFILE"] = str(run_dir / RESTORED_PID_NAME)
+        (run_dir / NET_PIDS_NAME).unlink(missing_ok=True)
+        (run_dir / RESTORED_PID_NAME).unlink(missing_ok=True)
         log = run_dir / LOG_NAME
         exit_file = run_dir / EXIT_NAME
+        supervisor_argv = [
+            _resolve("bash"),
+            "-c",
+            _SUPERVISOR,
+            "hermit-supervisor",
+            str(exit_file),
+            *pasta,
+            SANDBOX_SPLIT,
+            *sandbox,
+        ]
         out = subprocess.run(
-            ["/bin/sh", "-c", _LAUNCH, "hermit-launch", str(log), str(exit_file), *argv],
+            ["/bin/sh", "-c", _LAUNCH, "hermit-launch", str(log), *supervisor_argv],
             env=env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -315,30 +425,51 @@ class LocalBackend(SandboxBackend):
             "supervisor": [supervisor, _start_time(supervisor)],
             "started_at": datetime.now(UTC).isoformat(),
         }
-        state.update(self._find_tree(supervisor, exit_file))
+        wait = 10.0 if restore is None else float(_setting("HERMIT_RESTORE_TIMEOUT", 120))
+        state.update(self._find_tree(supervisor, run_dir, restored=restore is not None, wait=wait))
         return state
 
-    def _find_tree(self, supervisor: int, exit_file: Path) -> dict[str, Any]:
-        """Follow supervisor -> pasta -> bwrap -> init -> main; return their pids."""
-        deadline = time.monotonic() + 10
+    def _find_tree(
+        self, supervisor: int, run_dir: Path, *, restored: bool, wait: float
+    ) -> dict[str, Any]:
+        """Find pasta (from the supervisor's note), then init (pid 1 inside: bwrap's child, or
+        the pid CRIU wrote) and main (init's child); return their pids with start times."""
+        exit_file = run_dir / EXIT_NAME
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            chain = [supervisor]
-            while len(chain) < 5:
-                kids = _children(chain[-1])
-                if not kids:
-                    break
-                chain.append(kids[0])
-            if len(chain) == 5 and _ns_pid(chain[3]) == 1:
-                pasta, _bwrap, init, main = chain[1:]
-                return {
-                    "pasta": [pasta, _start_time(pasta)],
-                    "init": [init, _start_time(init)],
-                    "main": [main, _start_time(main)],
-                }
-            if exit_file.exists():
-                raise BackendError("The sandbox exited while it was being set up.")
+            found = self._tree_now(supervisor, run_dir, restored)
+            if found:
+                return found
+            if exit_file.exists() or not _live([supervisor, _start_time(supervisor)]):
+                what = "restored" if restored else "set up"
+                raise BackendError(f"The sandbox exited while it was being {what}.")
             time.sleep(0.02)
-        raise BackendError("The sandbox's processes did not appear within 10 s.")
+        raise BackendError(f"The sandbox's processes did not appear within {wait:.0f} s.")
+
+    def _tree_now(self, supervisor: int, run_dir: Path, restored: bool) -> dict[str, Any] | None:
+        try:
+            pasta = int((run_dir / NET_PIDS_NAME).read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            return None
+        init = None
+        if restored:
+            with contextlib.suppress(OSError, ValueError):
+                init = int((run_dir / RESTORED_PID_NAME).read_text().strip())
+        else:
+            for child in _children(supervisor):
+                if child != pasta:
+                    init = next((k for k in _children(child) if _ns_pid(k) == 1), None)
+        if not init or _ns_pid(init) != 1:
+            return None
+        kids = _children(init)
+        if not kids:
+            return None
+        main = kids[0]
+        return {
+            "pasta": [pasta, _start_time(pasta)],
+            "init": [init, _start_time(init)],
+            "main": [main, _start_time(main)],
+        }
 
     def pasta_args(self, spec: SandboxSpec, host_port: int) -> list[str]:
         """Return pasta's argv: one forward in, at most one out, internet only if allowed."""
@@ -375,67 +506,95 @@ class LocalBackend(SandboxBackend):
         return [*_host_addresses(), *METADATA_NETS, *extra]
 
     def bwrap_args(self, spec: SandboxSpec, run_dir: Path) -> list[str]:
-        """Return bwrap's argv (without the command). The network namespace is pasta's."""
+        """Return bwrap's argv (without the command). The network namespace is pasta's.
+
+        bwrap runs as root without a user namespace (CRIU cannot restore nested ones), keeping
+        only CAP_SETUID and CAP_SETGID for the command, which is :meth:`init_args`: setpriv
+        turns it into the sandbox uid with no capabilities at all before anything else runs.
+        """
         etc = run_dir / "etc"
+        binds: list[tuple[str, str, str]] = [("--ro-bind", "/usr", "/usr")]
+        for name in ("passwd", "group", "hosts", "nsswitch.conf", "resolv.conf"):
+            binds.append(("--ro-bind", str(etc / name), f"/etc/{name}"))
+        for shared in ("ssl", "ca-certificates", "alternatives", "localtime", "ld.so.cache"):
+            binds.append(("--ro-bind-try", f"/etc/{shared}", f"/etc/{shared}"))
+        for inside in spec.files:
+            binds.append(("--ro-bind", str(run_dir / FILES_NAME / _file_key(spec, inside)), inside))
+        runtime = str(spec.runtime_dir)
+        binds.append(("--ro-bind", runtime, runtime))
+        binds.append(("--bind", str(spec.data_dir), str(spec.data_dir)))
+        # Directories bwrap would make for mount points are root's and 0700 when it runs as
+        # root: make every parent first, world-searchable (the files keep their own modes).
+        parents = sorted(
+            {str(p) for _, _, dest in binds for p in Path(dest).parents if str(p) != "/"},
+            key=lambda path: (path.count("/"), path),
+        )
         args = [
             self.bwrap,
-            "--unshare-user",
-            "--uid",
-            str(SANDBOX_UID),
-            "--gid",
-            str(SANDBOX_UID),
-            "--disable-userns",
+            "--cap-add",
+            "CAP_SETUID",
+            "--cap-add",
+            "CAP_SETGID",
             "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
             "--hostname",
             spec.name,
+            "--as-pid-1",
             "--die-with-parent",
             "--new-session",
-            *(["--seccomp", "9"] if seccomp_program() else []),  # fd 9: opened by _CLOSE_FDS
+            *(["--seccomp", "9"] if seccomp_program() else []),  # fd 9: the supervisor's
             "--size",
             str(self.tmp_size_mb * 1024 * 1024),
+            "--perms",
+            "1777",
             "--tmpfs",
             "/tmp",  # noqa: S108 - the sandbox's private tmpfs, not the host's /tmp
-            "--ro-bind",
-            "/usr",
-            "/usr",
         ]
+        for parent in parents:
+            args += ["--perms", "0755", "--dir", parent]
         for top in ("bin", "sbin", "lib", "lib32", "lib64"):
             host = Path("/") / top
             if host.is_symlink():
                 args += ["--symlink", os.readlink(host), str(host)]
             elif host.is_dir():
                 args += ["--ro-bind", str(host), str(host)]
-        args += ["--dir", "/etc"]
-        for name in ("passwd", "group", "hosts", "nsswitch.conf", "resolv.conf"):
-            args += ["--ro-bind", str(etc / name), f"/etc/{name}"]
-        for shared in ("ssl", "ca-certificates", "alternatives", "localtime", "ld.so.cache"):
-            args += ["--ro-bind-try", f"/etc/{shared}", f"/etc/{shared}"]
-        for inside in spec.files:
-            args += ["--ro-bind", str(run_dir / FILES_NAME / _file_key(spec, inside)), inside]
+        for kind, source, dest in binds:
+            args += [kind, source, dest]
         args += [
             "--proc",
             "/proc",
             "--dev",
             "/dev",
-            "--ro-bind",
-            str(spec.runtime_dir),
-            str(spec.runtime_dir),
-            "--bind",
-            str(spec.data_dir),
-            str(spec.data_dir),
             "--chdir",
             str(spec.data_dir),
-            # bwrap's root and /dev are tmpfs owned by the sandbox user: make them read-only,
-            # so the data dir and /tmp (separate mounts) are the only writable places.
+            # bwrap's root and /dev are tmpfs: make them read-only, so the data dir and /tmp
+            # (separate mounts) are the only writable places.
             "--remount-ro",
             "/dev",
             "--remount-ro",
             "/",
         ]
         return args
+
+    def init_args(self, uid: int, spec: SandboxSpec) -> list[str]:
+        """Return pid 1's argv: become ``uid`` with no capabilities, then run the command under
+        a small bash init (``_INIT``) that reaps and forwards SIGTERM."""
+        return [
+            "/usr/bin/setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            "/usr/bin/bash",
+            "-c",
+            _INIT,
+            "hermit-init",
+            *self.command(spec),
+        ]
 
     def command(self, spec: SandboxSpec) -> list[str]:
         """Return the sandbox's main command: the gateway, or ``spec.extra["command"]``."""
@@ -457,8 +616,14 @@ class LocalBackend(SandboxBackend):
         return env
 
     def _wait_listening(self, spec: SandboxSpec, state: dict[str, Any]) -> Iterator[Progress]:
-        timeout = float(spec.extra.get("start_timeout", self.start_timeout))
+        """Wait until the gateway listens. A slow start is judged by the CPU time it got, not
+        by wall time alone: it fails once the sandbox has used ``start_cpu_seconds`` of CPU
+        without opening the port, or after a hard wall cap (5 x the start timeout, or
+        ``spec.extra["start_timeout"]`` exactly), so a boot starved by a busy machine goes on."""
+        cpu_limit = float(spec.extra.get("start_cpu_seconds", self.start_cpu_seconds))
+        wall_cap = float(spec.extra.get("start_timeout", 5 * self.start_timeout))
         started = time.monotonic()
+        cpu_before = cgroups.cpu_seconds(state["cgroups"])
         last_percent = 15
         while not _listening(state["init"][0], spec.gateway_port):
             elapsed = time.monotonic() - started
@@ -467,10 +632,16 @@ class LocalBackend(SandboxBackend):
                     f"Sandbox {spec.name} exited before its gateway opened port "
                     f"{spec.gateway_port} ({self._exit_text(state)})."
                 )
-            if elapsed > timeout:
+            used = cgroups.cpu_seconds(state["cgroups"]) - cpu_before
+            if elapsed > wall_cap:
                 raise BackendError(
                     f"Sandbox {spec.name}'s gateway did not open port {spec.gateway_port} "
-                    f"within {timeout:.0f} s."
+                    f"within {wall_cap:.0f} s (it used {used:.0f} CPU-seconds)."
+                )
+            if used > cpu_limit:
+                raise BackendError(
+                    f"Sandbox {spec.name}'s gateway did not open port {spec.gateway_port} "
+                    f"after {used:.0f} CPU-seconds ({elapsed:.0f} s)."
                 )
             # A cold start takes about 8 s; move the bar along that curve, never past 85.
             percent = min(85, 15 + int(70 * elapsed / 10))
@@ -610,6 +781,236 @@ class LocalBackend(SandboxBackend):
         except cgroups.CgroupError as exc:
             raise BackendError(f"Could not resume sandbox {spec.name}: {exc}") from exc
 
+    def freeze(self, spec: SandboxSpec, state: dict[str, Any]) -> None:
+        """Freeze the sandbox's cgroup (everything in it) until :meth:`thaw`; idempotent."""
+        paths = state.get("cgroups")
+        if not paths or not self.poll(spec, state).running:
+            raise BackendError(f"Sandbox {spec.name} is not running, so it cannot be paused.")
+        try:
+            cgroups.freeze(paths)
+        except cgroups.CgroupError as exc:
+            raise BackendError(f"Could not pause sandbox {spec.name}: {exc}") from exc
+
+    # -- hibernation (CRIU) --------------------------------------------------------------------
+
+    def checkpoint_support(self) -> str:
+        if seccomp_program() is None:
+            return (
+                "Checkpoints need the sandbox's seccomp filter (x86_64 only) to keep Node off "
+                "io_uring, which CRIU cannot save."
+            )
+        return criu.support(self.criu)
+
+    def data_identity(self, spec: SandboxSpec) -> str:
+        """Return "dev:ino" of the data dir and of its state/ subdir (links not followed)."""
+        try:
+            top = os.lstat(spec.data_dir)
+        except OSError as exc:
+            raise BackendError(f"The sandbox data directory {spec.data_dir}: {exc}") from exc
+        try:
+            sub = os.lstat(spec.data_dir / "state")
+            inner = f"{sub.st_dev}:{sub.st_ino}"
+        except OSError:
+            inner = "-"
+        return f"{top.st_dev}:{top.st_ino},{inner}"
+
+    def checkpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> CheckpointImage:
+        """Dump the sandbox's pid namespace with CRIU into a new root-owned directory under
+        ``checkpoint_dir``, then stop what is left (pasta) and remove the cgroups.
+
+        A frozen (dozing) sandbox is thawed for the dump (CRIU stops it itself). On failure the
+        image is removed, the sandbox keeps running (frozen again if it was) and BackendError
+        says why."""
+        reason = self.checkpoint_support()
+        if reason:
+            raise BackendError(reason)
+        init = _live(state.get("init"))
+        paths = state.get("cgroups")
+        if not init or not paths or not self.poll(spec, state).running:
+            raise BackendError(f"Sandbox {spec.name} is not running, so it cannot be saved.")
+        run_dir = Path(state["run_dir"])
+        identity = self.data_identity(spec)
+        image_dir = self._new_image_dir(spec)
+        was_frozen = cgroups.is_frozen(paths)
+        try:
+            files = self._external_files(init, run_dir)
+            criu.build_root(self.bwrap_args(spec, run_dir), image_dir / criu.ROOT_NAME)
+            net_inode = os.stat(f"/proc/{init}/ns/net").st_ino
+            argv = criu.dump_argv(
+                self.criu, init, image_dir, int(state["uid"]), net_inode, sorted(set(files))
+            )
+            if was_frozen:
+                cgroups.thaw(paths)
+            out = subprocess.run(argv, cwd=image_dir, capture_output=True, text=True, timeout=600)
+            if out.returncode != 0:
+                raise criu.CriuError(
+                    f"criu dump failed ({criu.log_tail(image_dir, criu.DUMP_LOG)})"
+                )
+        except (criu.CriuError, OSError, subprocess.SubprocessError, cgroups.CgroupError) as exc:
+            shutil.rmtree(image_dir, ignore_errors=True)
+            if was_frozen and _live(state.get("init")):
+                with contextlib.suppress(cgroups.CgroupError):
+                    cgroups.freeze(paths)
+            raise BackendError(f"Could not save sandbox {spec.name} to disk: {exc}") from exc
+        # CRIU killed the tree; the supervisor stops pasta. Remove whatever is left.
+        self._teardown(spec, state)
+        meta = {
+            "name": spec.name,
+            "sandbox_id": spec.sandbox_id,
+            "uid": int(state["uid"]),
+            "host_port": int(state["host_port"]),
+            "identity": identity,
+            "log_key": sorted(set(files))[0] if files else "",
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+        criu.write_meta(image_dir, meta)
+        for dirpath, dirnames, filenames in os.walk(image_dir):
+            for name in [*dirnames, *filenames]:
+                os.lchown(os.path.join(dirpath, name), 0, 0)
+        return CheckpointImage(str(image_dir), criu.image_size(image_dir), identity)
+
+    def _new_image_dir(self, spec: SandboxSpec) -> Path:
+        """Make a fresh root-owned 0700 directory for one image (never inside the data dir)."""
+        top = self.checkpoint_dir
+        if top.resolve().is_relative_to(spec.data_dir.resolve()):
+            raise BackendError(f"The checkpoint directory {top} is inside the sandbox's data.")
+        top.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(top, 0, 0)
+        os.chmod(top, 0o700)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        image_dir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-{stamp}-", dir=top))
+        os.chmod(image_dir, 0o700)
+        return image_dir
+
+    def _external_files(self, init: int, run_dir: Path) -> list[str]:
+        """Return CRIU keys of the files the sandbox's processes hold open from outside its
+        mount namespace: only its log may be among them (stdout/stderr); anything else is
+        refused, as CRIU could not reopen it."""
+        mounts = set()
+        for line in Path(f"/proc/{init}/mountinfo").read_text().splitlines():
+            mounts.add(int(line.split()[0]))
+        log = os.stat(run_dir / LOG_NAME)
+        pid_ns = os.stat(f"/proc/{init}/ns/pid").st_ino
+        keys = []
+        for pid in [init, *_descendants(init)]:
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}/ns/pid").st_ino != pid_ns:
+                    continue
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if not target.startswith("/"):
+                        continue  # pipes, sockets, anonymous inodes: CRIU saves those
+                    fdinfo = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                    mnt_id = int(fdinfo.split("mnt_id:")[1].split()[0])
+                    if mnt_id in mounts:
+                        continue
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    if (st.st_dev, st.st_ino) != (log.st_dev, log.st_ino):
+                        raise criu.CriuError(
+                            f"process {pid} holds {target} open from outside the sandbox"
+                        )
+                    keys.append(criu.external_file_key(pid, int(fd)))
+        return keys
+
+    def restore(self, spec: SandboxSpec, image: CheckpointImage) -> Iterator[Progress]:
+        """Restore a checkpoint: fresh cgroups and pasta (same host port when free), then
+        `criu restore` into pasta's network namespace; wait for the port and ``/readyz``.
+
+        Refuses an image that is missing, corrupt, of another sandbox or of another data dir;
+        on any failure kills whatever it started and removes the cgroups (BackendError)."""
+        yield Progress(2, "Checking the saved sandbox")
+        reason = self.checkpoint_support()
+        if reason:
+            raise BackendError(reason)
+        image_dir = Path(image.location)
+        meta = self._check_image(spec, image, image_dir)
+        self._check_tools(spec)
+        uid = self.uid_base + spec.sandbox_id
+        run_dir = self.run_root / spec.name
+        for needed in (run_dir / "etc", run_dir / FILES_NAME):
+            if not needed.is_dir():
+                raise BackendError(f"Cannot restore sandbox {spec.name}: {needed} is gone.")
+        state: dict[str, Any] = {}
+        try:
+            yield Progress(5, "Applying memory, CPU and process limits")
+            paths = self._fresh_cgroups(spec)
+            state = {"cgroups": paths}
+            (run_dir / EXIT_NAME).unlink(missing_ok=True)
+            pidfile = run_dir / RESTORED_PID_NAME
+            log_key = str(meta.get("log_key") or "")
+            argv = criu.restore_argv(
+                self.criu, image_dir, pidfile, 5, {log_key: 6} if log_key else {}
+            )
+            yield Progress(10, "Reading the sandbox's memory back from disk")
+            port = int(meta["host_port"])
+            state = self._launch(
+                spec,
+                run_dir,
+                uid,
+                paths,
+                host_port=port if _port_free(port) else None,
+                restore=argv,
+            )
+            yield Progress(70, "Sandbox restored, waiting for its gateway", state=dict(state))
+            yield from self._wait_listening(spec, state)
+            yield Progress(90, "Gateway is listening, waiting until it is ready")
+            self._wait_ready(spec, state)
+        except BaseException as exc:
+            self._teardown(spec, state)
+            if isinstance(exc, BackendError):
+                detail = criu.log_tail(image_dir, criu.RESTORE_LOG)
+                raise BackendError(
+                    f"Could not restore sandbox {spec.name}: {exc} ({detail})"
+                ) from None
+            if isinstance(exc, cgroups.CgroupError | OSError | subprocess.SubprocessError):
+                raise BackendError(f"Could not restore sandbox {spec.name}: {exc}") from exc
+            raise
+        yield Progress(100, "Sandbox is running", state=dict(state))
+
+    def _check_image(
+        self, spec: SandboxSpec, image: CheckpointImage, image_dir: Path
+    ) -> dict[str, Any]:
+        """Return the image's notes if it may be restored for ``spec``; else BackendError."""
+        if not self._owns_image(image_dir):
+            raise BackendError(f"{image_dir} is not a checkpoint of this machine's sandboxes.")
+        if not image_dir.is_dir():
+            raise BackendError(f"The checkpoint {image_dir} is missing.")
+        try:
+            meta = criu.read_meta(image_dir)
+        except criu.CriuError as exc:
+            raise BackendError(f"Cannot restore sandbox {spec.name}: {exc}") from exc
+        for name in ("inventory.img", "pstree.img", criu.ROOT_NAME):
+            if not (image_dir / name).exists():
+                raise BackendError(f"The checkpoint {image_dir} is incomplete ({name} missing).")
+        if meta.get("name") != spec.name or meta.get("uid") != self.uid_base + spec.sandbox_id:
+            raise BackendError(f"The checkpoint {image_dir} belongs to another sandbox.")
+        current = self.data_identity(spec)
+        if image.identity != current or meta.get("identity") != current:
+            raise BackendError(
+                f"The checkpoint {image_dir} was taken of another copy of {spec.data_dir} "
+                f"(restored from a backup since?), so it cannot be restored onto this one."
+            )
+        if not isinstance(meta.get("host_port"), int):
+            raise BackendError(f"The checkpoint {image_dir} is corrupt (no host port).")
+        return meta
+
+    def _owns_image(self, image_dir: Path) -> bool:
+        """Whether ``image_dir`` is directly under ``checkpoint_dir`` (no other path is ours)."""
+        return image_dir.parent.resolve() == self.checkpoint_dir.resolve() and (
+            image_dir.name not in ("", ".", "..")
+        )
+
+    def drop_checkpoint(self, location: str) -> None:
+        image_dir = Path(location)
+        if not self._owns_image(image_dir):
+            raise BackendError(f"{location} is not a checkpoint of this machine's sandboxes.")
+        if image_dir.is_symlink():
+            image_dir.unlink()
+            return
+        shutil.rmtree(image_dir, ignore_errors=True)
+        if image_dir.exists():
+            raise BackendError(f"Could not remove the checkpoint {location}.")
+
     def endpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> tuple[str, int]:
         if "host_port" not in state:
             raise BackendError(f"Sandbox {spec.name} has no endpoint: it was never started.")
@@ -626,7 +1027,6 @@ class LocalBackend(SandboxBackend):
         nsenter = [
             shutil.which("nsenter") or "/usr/bin/nsenter",
             f"--target={init}",
-            "--user",
             "--mount",
             "--pid",
             "--net",
@@ -635,8 +1035,8 @@ class LocalBackend(SandboxBackend):
             "--cgroup",
             "--root",
             "--wd",
-            f"--setuid={SANDBOX_UID}",
-            f"--setgid={SANDBOX_UID}",
+            f"--setuid={state['uid']}",
+            f"--setgid={state['uid']}",
             "--",
             *argv,
         ]
@@ -788,6 +1188,26 @@ def _ns_pid(pid: int) -> int | None:
     except OSError:
         pass
     return None
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def _port_free(port: int) -> bool:
+    """Whether TCP ``port`` on the host's loopback can be bound now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pasta binds it
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _children(pid: int) -> list[int]:

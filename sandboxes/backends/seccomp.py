@@ -5,7 +5,13 @@ already fail. This filter removes kernel surface that is reachable without privi
 namespaced or is a frequent source of exploits: the kernel keyring (shared by the whole host),
 eBPF, perf events, userfaultfd, io_uring, cross-process memory access, and the module, kexec,
 clock and swap calls. Denied calls fail with EPERM, so programs that probe for them (libuv tries
-io_uring first) fall back cleanly. Syscalls of other ABIs (x32, i386) are denied outright.
+io_uring first; CRIU cannot checkpoint an io_uring, so the gateway must fall back to epoll) fall
+back cleanly. Syscalls of other ABIs (x32, i386) are denied outright.
+
+The sandbox runs in the host's user namespace (as its own unprivileged uid), so the filter also
+refuses new user namespaces: ``clone`` and ``unshare`` with ``CLONE_NEWUSER`` fail with EPERM, and
+``clone3``, whose flags sit in memory a filter cannot read, fails with ENOSYS, on which the C
+library falls back to ``clone``.
 
 The gateway gets the filter from ``bwrap --seccomp``; a command the backend runs inside a running
 sandbox (``exec``) gets the same one from ``under_filter``, installed before it enters the
@@ -66,14 +72,22 @@ DENIED_X86_64 = {
     "io_uring_register": 427,
 }
 
+# Calls refused only with CLONE_NEWUSER among their flags (first argument), and clone3.
+CLONE_NEWUSER = 0x10000000
+NEWUSER_FLAG_CALLS = {"clone": 56, "unshare": 272}
+CLONE3 = 435
+
 _LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
 _JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JSET_K = 0x45  # BPF_JMP | BPF_JSET | BPF_K
 _JGE_K = 0x35  # BPF_JMP | BPF_JGE | BPF_K
 _RET_K = 0x06  # BPF_RET | BPF_K
 _RET_ALLOW = 0x7FFF0000
 _RET_EPERM = 0x00050000 | errno.EPERM
-_NR_OFFSET = 0  # struct seccomp_data: int nr; __u32 arch; ...
+_RET_ENOSYS = 0x00050000 | errno.ENOSYS
+_NR_OFFSET = 0  # struct seccomp_data: int nr; __u32 arch; __u64 ip; __u64 args[6]
 _ARCH_OFFSET = 4
+_ARG0_LOW_OFFSET = 16  # little endian: the low 32 bits of args[0]
 
 
 def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
@@ -92,7 +106,18 @@ def seccomp_program() -> bytes | None:
         _insn(_LD_W_ABS, 0, 0, _NR_OFFSET),
         _insn(_JGE_K, 0, 1, X32_SYSCALL_BIT),  # x32 ABI: deny
         _insn(_RET_K, 0, 0, _RET_EPERM),
+        _insn(_JEQ_K, 0, 1, CLONE3),
+        _insn(_RET_K, 0, 0, _RET_ENOSYS),
     ]
+    for number in NEWUSER_FLAG_CALLS.values():
+        # nr matches: load the flags, deny if CLONE_NEWUSER is set, else reload nr and go on.
+        program += [
+            _insn(_JEQ_K, 0, 4, number),
+            _insn(_LD_W_ABS, 0, 0, _ARG0_LOW_OFFSET),
+            _insn(_JSET_K, 0, 1, CLONE_NEWUSER),
+            _insn(_RET_K, 0, 0, _RET_EPERM),
+            _insn(_LD_W_ABS, 0, 0, _NR_OFFSET),
+        ]
     for index, number in enumerate(denied):
         # On a match, jump over the remaining checks and the final ALLOW to the EPERM return.
         remaining = len(denied) - index - 1
