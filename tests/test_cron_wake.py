@@ -232,11 +232,83 @@ def chat_scopes_still_work(sandbox: Sandbox) -> None:
     asyncio.run(connect())
 
 
+def beat_until_called(
+    sandbox: Sandbox, model: FakeModelServer, marker: str, due: datetime
+) -> tuple[float, float]:
+    """Run wake_due every second in real time (the wake task inline, as a worker would run it)
+    until the job's model call arrives; return when the wake was queued and when it was up."""
+    from portal.celery import app
+
+    queued_at = woken_at = None
+    app.conf.task_always_eager = True
+    try:
+        while time.time() < due.timestamp() + 90 and not probe_requests(model, marker):
+            before = time.time()
+            if schedule.wake_due(timezone.now()):
+                assert queued_at is None, "one wake per job"
+                queued_at = before
+                sandbox.refresh_from_db()
+                assert sandbox.state == State.RUNNING
+                woken_at = time.time()
+            if woken_at is not None:
+                assert schedule.holds_awake(sandbox, timezone.now()), "up for its job"
+            time.sleep(1)
+    finally:
+        app.conf.task_always_eager = False
+    assert probe_requests(model, marker), "the job never called the model"
+    assert queued_at is not None and woken_at is not None
+    return queued_at, woken_at
+
+
+def assert_ran_on_time(
+    sandbox: Sandbox, model: FakeModelServer, marker: str, job_id: str, due: datetime
+) -> None:
+    """The job's one run started within 2 s of its due time and made the model call."""
+    deadline = time.time() + 120
+    while not (runs := finished_runs(sandbox, job_id)) and time.time() < deadline:
+        time.sleep(1)
+    assert len(runs) == 1, runs
+    assert runs[0]["status"] == "ok", runs[0]
+    started = runs[0]["runAtMs"] / 1000
+    assert due.timestamp() <= started <= due.timestamp() + 2, (
+        f"the job started {started - due.timestamp():+.1f} s from its due time"
+    )
+    called = probe_requests(model, marker)[0].received_at
+    assert started <= called <= started + runs[0]["durationMs"] / 1000
+
+
+def test_a_dozing_agent_is_thawed_for_its_job(
+    sandbox_for: Callable[..., Sandbox], model_server: FakeModelServer, settings: Any
+) -> None:
+    from sandboxes import sleep
+
+    settings.HERMIT_JOB_WAKE_LEAD = lead = 10  # a thaw takes milliseconds
+    sandbox = sandbox_for("owner@cron-wake.test")
+    marker = f"cron-probe-{uuid.uuid4().hex[:12]}"
+    due = (timezone.now() + timedelta(seconds=40)).replace(microsecond=0)
+    job_id = str(add_job(sandbox, due, f"Scheduled check {marker}: reply with one word.")["id"])
+    try:
+        assert sleep.doze(sandbox)
+        sandbox.refresh_from_db()
+        assert sandbox.state == State.DOZING
+        assert sandbox.next_job_at == due, "the doze stored the next job's time"
+        dozed_at = time.time()
+        queued_at, woken_at = beat_until_called(sandbox, model_server, marker, due)
+        assert queued_at - dozed_at > 20, "it really dozed"
+        assert due.timestamp() - lead - 1.5 <= queued_at <= due.timestamp() - lead + 1.5
+        assert woken_at - queued_at < 2, "a thaw is quick"
+        assert_ran_on_time(sandbox, model_server, marker, job_id, due)
+    finally:
+        sandbox.refresh_from_db()
+        if sandbox.state == State.DOZING:  # never leave the shared gateway frozen
+            sleep.thaw(sandbox)
+        if sandbox.state == State.RUNNING:
+            gateway(sandbox, "cron.remove", {"id": job_id})
+
+
 def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
     sandbox_for: Callable[..., Sandbox], model_server: FakeModelServer, settings: Any
 ) -> None:
-    from portal.celery import app
-
     settings.HERMIT_JOB_WAKE_LEAD = lead = 60  # the default: a cold start took up to 36 s here
     settings.HERMIT_JOB_START_GRACE = grace = 5
     sandbox = sandbox_for("owner@cron-wake.test")
@@ -254,26 +326,7 @@ def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
         assert sandbox.next_job_at == due, "the sleep stored the next job's time"
         slept_at = time.time()
 
-        # Beat, every second, in real time, until the job's model call arrives. The wake task
-        # runs inline (eager), as a worker would run it.
-        queued_at = woken_at = None
-        app.conf.task_always_eager = True
-        try:
-            while time.time() < due.timestamp() + 90 and not probe_requests(model_server, marker):
-                before = time.time()
-                if schedule.wake_due(timezone.now()):
-                    assert queued_at is None, "one wake per job"
-                    queued_at = before
-                    sandbox.refresh_from_db()
-                    assert sandbox.state == State.RUNNING
-                    woken_at = time.time()
-                if woken_at is not None:
-                    assert schedule.holds_awake(sandbox, timezone.now()), "up for its job"
-                time.sleep(1)
-        finally:
-            app.conf.task_always_eager = False
-        assert probe_requests(model_server, marker), "the job never called the model"
-        assert queued_at is not None and woken_at is not None
+        queued_at, woken_at = beat_until_called(sandbox, model_server, marker, due)
         assert queued_at - slept_at > 20, "it really slept"
         assert due.timestamp() - lead - 1.5 <= queued_at <= due.timestamp() - lead + 1.5
         assert woken_at < due.timestamp(), "it was up before its job was due"
@@ -284,18 +337,7 @@ def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
         past_grace = max(timezone.now(), due + timedelta(seconds=grace + 1))
         assert schedule.holds_awake(sandbox, past_grace)
 
-        # The job ran at its time: its run started within 2 s of it and made the model call.
-        deadline = time.time() + 120
-        while not (runs := finished_runs(sandbox, job_id)) and time.time() < deadline:
-            time.sleep(1)
-        assert len(runs) == 1, runs
-        assert runs[0]["status"] == "ok", runs[0]
-        started = runs[0]["runAtMs"] / 1000
-        assert due.timestamp() <= started <= due.timestamp() + 2, (
-            f"the job started {started - due.timestamp():+.1f} s from its due time"
-        )
-        called = probe_requests(model_server, marker)[0].received_at
-        assert started <= called <= started + runs[0]["durationMs"] / 1000
+        assert_ran_on_time(sandbox, model_server, marker, job_id, due)
 
         # Once the job ran, the idle policy may put it to sleep again: the sleep stores the
         # next due job (the one-shot is done; OpenClaw's own daily memory job, if enabled).
