@@ -1,9 +1,11 @@
 """Backups and restores of a real OpenClaw agent in a real sandbox, with real restic.
 
-One pooled sandbox (``backups@agents.test``) serves every test here; each leaves it running
-(and re-pooled, since a restore restarts it). A cold boot costs ~15 s, so only the tests that
-must swap data in boot: restore-on-start, a point-in-time restore, a roll-back, and the
-planted-symlink restore.
+One pooled sandbox serves every test here: the chat tests' one (``alice@chat.test``), so this
+module starts no gateway of its own; each test leaves it running (and re-pooled, since a restore
+restarts it). A cold boot costs ~15 s, so only the tests that must swap data in boot:
+restore-on-start, a point-in-time restore, a roll-back, and the planted-symlink restore. Only
+the first test's backup sets its repository up with ``restic init`` (~3 s); the others start
+with a copy of an initialised empty one (``initialized_repository``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from tests.fixtures.backups import history, sh, tell
 from tests.fixtures.live import ROOT, server_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
-EMAIL = "backups@agents.test"
+EMAIL = "alice@chat.test"  # pooled for other suites too: no gateway start of its own
 State = Sandbox.State
 
 
@@ -129,8 +131,9 @@ def test_a_fact_told_to_the_agent_survives_losing_its_data_dir(
 
 
 def test_a_point_in_time_restore_brings_back_an_older_snapshot(
-    agent: Sandbox, tmp_path: Path
+    agent: Sandbox, tmp_path: Path, initialized_repository: Callable[[Sandbox], Any]
 ) -> None:
+    initialized_repository(agent)
     set_retention(backup_keep_last=10)
     write(agent, "version.txt", "one")
     older = actions.backup_sandbox(agent, trigger="user")
@@ -158,7 +161,10 @@ def test_a_point_in_time_restore_brings_back_an_older_snapshot(
     assert last.message == f"Restored snapshot {older.short_id}; your agent is running"
 
 
-def test_a_corrupted_repository_is_detected_and_the_live_agent_untouched(agent: Sandbox) -> None:
+def test_a_corrupted_repository_is_detected_and_the_live_agent_untouched(
+    agent: Sandbox, initialized_repository: Callable[[Sandbox], Any]
+) -> None:
+    initialized_repository(agent)
     write(agent, "keep.txt", "live data")
     snapshot = actions.backup_sandbox(agent, trigger="user", force=True)
     assert snapshot is not None
@@ -183,8 +189,12 @@ def test_a_corrupted_repository_is_detected_and_the_live_agent_untouched(agent: 
 
 
 def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup_works(
-    agent: Sandbox, sandbox_dirs: dict[str, str], tmp_path: Path
+    agent: Sandbox,
+    sandbox_dirs: dict[str, str],
+    tmp_path: Path,
+    initialized_repository: Callable[[Sandbox], Any],
 ) -> None:
+    initialized_repository(agent)
     set_retention(backup_keep_last=10)
     write(agent, "before.txt", "earlier")
     earlier = actions.backup_sandbox(agent, trigger="user", force=True)
@@ -202,18 +212,28 @@ def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup
         DJANGO_SETTINGS_MODULE=os.environ["DJANGO_SETTINGS_MODULE"],
         HERMIT_BACKUP_LEASE_SECONDS="5",
     )
-    worker = subprocess.Popen(
-        [sys.executable, "manage.py", "backup", EMAIL, "--force"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log = tmp_path / "worker.log"
+    with log.open("wb") as stderr:
+        worker = subprocess.Popen(
+            [sys.executable, "manage.py", "backup", EMAIL, "--force"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
-        wait_for(lambda: cgroups.is_frozen(agent.backend_state["cgroups"]), 120, every=0.01)
+        # Until the agent is frozen, or the worker ended (then at once, saying why).
+        wait_for(
+            lambda: cgroups.is_frozen(agent.backend_state["cgroups"]) or worker.poll() is not None,
+            120,
+            every=0.01,
+            why=lambda: f"the agent was not frozen; the worker said: {log.read_text()[-3000:]}",
+        )
         # restic is reading the big file again, the agent frozen: kill the worker now
-        assert worker.poll() is None, "the backup finished before it could be killed"
+        assert worker.poll() is None, (
+            f"the backup finished before it could be killed: {log.read_text()[-3000:]}"
+        )
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
     finally:
@@ -249,15 +269,23 @@ def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup
     sh(agent, f"rm {big}")
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, every: float = 0.1) -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float,
+    every: float = 0.1,
+    why: Callable[[], str] = lambda: "",
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s")
+            raise AssertionError(f"not within {timeout} s {why()}".strip())
         time.sleep(every)
 
 
-def test_retention_keeps_exactly_what_the_plan_says(agent: Sandbox) -> None:
+def test_retention_keeps_exactly_what_the_plan_says(
+    agent: Sandbox, initialized_repository: Callable[[Sandbox], Any]
+) -> None:
+    initialized_repository(agent)
     set_retention(backup_keep_last=2, backup_keep_daily=0, backup_keep_weekly=0)
     made = []
     for n in range(4):
@@ -278,7 +306,10 @@ def test_retention_keeps_exactly_what_the_plan_says(agent: Sandbox) -> None:
     assert list(agent.snapshots.values_list("restic_id", flat=True)) == [last.restic_id]
 
 
-def test_a_restore_whose_agent_never_answers_rolls_back(agent: Sandbox, tmp_path: Path) -> None:
+def test_a_restore_whose_agent_never_answers_rolls_back(
+    agent: Sandbox, tmp_path: Path, initialized_repository: Callable[[Sandbox], Any]
+) -> None:
+    initialized_repository(agent)
     write(agent, "keep.txt", "the good data")
     broken = tmp_path / "broken"
     (broken / "home").mkdir(parents=True)
@@ -298,7 +329,10 @@ def test_a_restore_whose_agent_never_answers_rolls_back(agent: Sandbox, tmp_path
     assert history(agent) is not None
 
 
-def test_two_backups_at_once_the_second_is_busy(agent: Sandbox) -> None:
+def test_two_backups_at_once_the_second_is_busy(
+    agent: Sandbox, initialized_repository: Callable[[Sandbox], Any]
+) -> None:
+    initialized_repository(agent)
     write(agent, "race.txt", secrets.token_hex(8))
     first_started, second_done = threading.Event(), threading.Event()
     results: list[Any] = []
@@ -331,8 +365,9 @@ def test_two_backups_at_once_the_second_is_busy(agent: Sandbox) -> None:
 
 
 def test_a_planted_symlink_cannot_make_backup_or_restore_reach_outside(
-    agent: Sandbox, tmp_path: Path
+    agent: Sandbox, tmp_path: Path, initialized_repository: Callable[[Sandbox], Any]
 ) -> None:
+    initialized_repository(agent)
     secret = tmp_path / "host-secret.txt"
     secret.write_text(f"HOST SECRET {secrets.token_hex(8)}")
     secret.chmod(0o600)
@@ -438,7 +473,7 @@ def write_which(root: Path, text: str) -> None:
 def test_a_start_fails_rather_than_boot_empty_when_the_backups_cannot_be_read(
     data_sandbox: Callable[..., Sandbox],
 ) -> None:
-    sandbox = data_sandbox("unreadable@restore-on-start.test")
+    sandbox = data_sandbox("unreadable@restore-on-start.test", repository=True)
     assert actions.backup_sandbox(sandbox, trigger="user") is not None
     shutil.rmtree(sandbox.data_dir)  # a new disk
     BackupRepository.objects.filter(sandbox=sandbox).update(password="a key that opens nothing")
