@@ -356,9 +356,15 @@ def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
         sandbox.refresh_from_db()
         if sandbox.state == State.RUNNING:
             gateway(sandbox, "cron.remove", {"id": job_id})
-    actions.sleep_sandbox(sandbox)
+    # The sleep policy's next pass, once the agent has been idle a while, dozes it again and
+    # stores its next job.
+    from sandboxes import sleep
+
+    later = timezone.now() + timedelta(seconds=settings.HERMIT_DOZE_AFTER + 30)
+    assert sleep.sleep_idle(later)["dozed"] == 1
     sandbox.refresh_from_db()
+    assert sandbox.state == State.DOZING
     assert sandbox.next_job_at == following
-    now = timezone.now()
-    near = following is not None and following <= now + timedelta(seconds=lead)
-    assert (sandbox in schedule.due_for_wake(now)) == near
+    near = following is not None and following <= later + timedelta(seconds=lead)
+    assert (sandbox in schedule.due_for_wake(later)) == near
+    actions.sleep_sandbox(sandbox)  # free its memory (the pool starts it again when needed)
