@@ -9,7 +9,9 @@ restore, and the restored tree is put into the new network namespace. So:
   closed (``--tcp-close``; clients reconnect) and no network lock is needed (``skip``);
 * the bind mounts from the host (runtime, data dir, /usr, the run dir's files) are external
   (``--external mnt[]``); bubblewrap's root is a tmpfs CRIU cannot dump, so the restore is given
-  a root-owned skeleton with the same mount points (:func:`build_root`) as ``--root``;
+  a root-owned skeleton with the same mount points (:func:`build_root`) as ``--root``. The
+  sandbox's mounts sit on the skeleton's directories: deleting one of them, even from another
+  mount namespace, unmounts what sits on it, so a skeleton stays until its sandbox is gone;
 * the gateway's log (stdout and stderr, a file outside the sandbox) is an external file, reopened
   by the backend and handed in on restore.
 
@@ -32,7 +34,6 @@ from typing import Any
 MIN_VERSION = (4, 2)
 NET_KEY = "hermit-net"
 META_NAME = "hermit.json"  # the backend's own notes about an image, next to CRIU's files
-ROOT_NAME = "root"  # the skeleton root a restore mounts as the sandbox's /
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 CAP_SYS_RESOURCE = 24
@@ -145,9 +146,10 @@ def dump_argv(
 
 
 def restore_argv(
-    criu: str, image_dir: Path, pidfile: Path, net_fd: int, file_fds: dict[str, int]
+    criu: str, image_dir: Path, root: Path, pidfile: Path, net_fd: int, file_fds: dict[str, int]
 ) -> list[str]:
-    """Return the argv that restores ``image_dir`` detached, writing the init's host pid."""
+    """Return the argv that restores ``image_dir`` detached onto the skeleton ``root`` (see
+    :func:`build_root`), writing the init's host pid to ``pidfile``."""
     return [
         criu,
         "restore",
@@ -157,7 +159,7 @@ def restore_argv(
         "--pidfile",
         str(pidfile),
         "--root",
-        str(image_dir / ROOT_NAME),
+        str(root),
         "--tcp-close",
         "--file-locks",
         "--external",
@@ -200,7 +202,8 @@ def build_root(bwrap_argv: list[str], root: Path) -> None:
     point (directory or empty file), directory and symlink, root's, mode 0755/0644.
 
     bubblewrap's root is a tmpfs below a directory of another tmpfs, which CRIU cannot dump; on
-    restore CRIU mounts this skeleton as the sandbox's root instead (read-only, as before)."""
+    restore CRIU mounts this skeleton as the sandbox's root instead (read-only, as before). It
+    must not be removed while the restored sandbox runs (that would unmount its mounts)."""
     root.mkdir(mode=0o755)
     os.chmod(root, 0o755)  # noqa: S103 - root's, read-only in the sandbox, like /usr
 

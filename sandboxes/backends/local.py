@@ -78,6 +78,7 @@ SECCOMP_NAME = "seccomp.bpf"
 FILES_NAME = "files"  # spec.files, mounted read-only
 NET_PIDS_NAME = "net.pids"  # "<pasta pid> <holder pid>", written by the supervisor
 RESTORED_PID_NAME = "restored.pid"  # the restored init's host pid, written by CRIU
+ROOTS_NAME = "roots"  # skeleton roots of restored sandboxes (criu.build_root), one per restore
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SANDBOX_SPLIT = "--hermit-sandbox--"  # separates pasta's argv from the sandbox's
 
@@ -313,6 +314,7 @@ class LocalBackend(SandboxBackend):
         self._write_files(spec, run_dir, uid)
         _open_log(run_dir, int(_setting("HERMIT_GATEWAY_LOG_MAX_BYTES", 10 * 1024 * 1024)))
         (run_dir / EXIT_NAME).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / ROOTS_NAME, ignore_errors=True)  # a restored instance's, gone
         try:
             safefs.chown_tree(spec.data_dir, uid, uid, root_mode=0o700)
         except OSError as exc:
@@ -834,7 +836,6 @@ class LocalBackend(SandboxBackend):
         was_frozen = cgroups.is_frozen(paths)
         try:
             files = self._external_files(init, run_dir)
-            criu.build_root(self.bwrap_args(spec, run_dir), image_dir / criu.ROOT_NAME)
             net_inode = os.stat(f"/proc/{init}/ns/net").st_ino
             argv = criu.dump_argv(
                 self.criu, init, image_dir, int(state["uid"]), net_inode, sorted(set(files))
@@ -936,10 +937,11 @@ class LocalBackend(SandboxBackend):
             paths = self._fresh_cgroups(spec)
             state = {"cgroups": paths}
             (run_dir / EXIT_NAME).unlink(missing_ok=True)
+            root = self._fresh_root(spec, run_dir, image_dir.name)
             pidfile = run_dir / RESTORED_PID_NAME
             log_key = str(meta.get("log_key") or "")
             argv = criu.restore_argv(
-                self.criu, image_dir, pidfile, 5, {log_key: 6} if log_key else {}
+                self.criu, image_dir, root, pidfile, 5, {log_key: 6} if log_key else {}
             )
             yield Progress(10, "Reading the sandbox's memory back from disk")
             port = int(meta["host_port"])
@@ -967,6 +969,16 @@ class LocalBackend(SandboxBackend):
             raise
         yield Progress(100, "Sandbox is running", state=dict(state))
 
+    def _fresh_root(self, spec: SandboxSpec, run_dir: Path, name: str) -> Path:
+        """Remove the skeleton roots of earlier restores (nothing runs on them any more: the
+        cgroups were emptied) and build a new one for this restore."""
+        roots = run_dir / ROOTS_NAME
+        shutil.rmtree(roots, ignore_errors=True)
+        roots.mkdir(mode=0o755)
+        root = roots / name
+        criu.build_root(self.bwrap_args(spec, run_dir), root)
+        return root
+
     def _check_image(
         self, spec: SandboxSpec, image: CheckpointImage, image_dir: Path
     ) -> dict[str, Any]:
@@ -979,7 +991,7 @@ class LocalBackend(SandboxBackend):
             meta = criu.read_meta(image_dir)
         except criu.CriuError as exc:
             raise BackendError(f"Cannot restore sandbox {spec.name}: {exc}") from exc
-        for name in ("inventory.img", "pstree.img", criu.ROOT_NAME):
+        for name in ("inventory.img", "pstree.img"):
             if not (image_dir / name).exists():
                 raise BackendError(f"The checkpoint {image_dir} is incomplete ({name} missing).")
         if meta.get("name") != spec.name or meta.get("uid") != self.uid_base + spec.sandbox_id:
