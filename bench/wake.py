@@ -155,6 +155,7 @@ def run_awake(sandbox: Any, runs: int, pause: float) -> Phase:
     probe.chat_turn(sandbox)  # warm-up: the first turn after a boot compiles code paths
     for _ in range(runs):
         settle(pause)
+        used, rss, procs = probe.memory(sandbox.backend_state.get("cgroups"))
         t0 = time.monotonic()
         turn = probe.chat_turn(sandbox)
         phase.wakes.append(
@@ -163,6 +164,9 @@ def run_awake(sandbox: Any, runs: int, pause: float) -> Phase:
                 woke=0.0,
                 connected=turn.connected - t0,
                 first_token=turn.first_token - t0,
+                asleep_mb=used,  # here: what the awake agent holds
+                asleep_rss_mb=rss,
+                asleep_procs=procs,
                 how="awake",
             )
         )
@@ -403,6 +407,8 @@ def show(phase: Phase) -> None:
         parts.append(f"ready {w.ready:7.3f} s (wake_sandbox {w.woke:.3f} s)")
     if not math.isnan(w.first_token):
         parts.append(f"first token {w.first_token:6.3f} s (connected {w.connected:.3f})")
+    if phase.name == "awake":
+        parts.append(f"holds {w.asleep_mb:.0f} MB/{w.asleep_procs} procs")
     if phase.name in ("doze", "hibernate", "cold"):
         parts.append(f"asleep {w.asleep_mb:.0f} MB/{w.asleep_procs} procs")
         parts.append(f"to sleep {w.sleep_s:.2f} s")
@@ -429,7 +435,7 @@ def report(phases: dict[str, Phase], args: argparse.Namespace, load: tuple[str, 
     print()
     print(
         f"{'':18}{'n':>3} {'ready p50':>10} {'p95':>8} {'1st token p50':>14} {'p95':>8}"
-        f" {'asleep RAM':>11} {'image':>8}  how"
+        f" {'RAM held':>11} {'image':>8}  how"
     )
     for label, ph in (
         ("awake (baseline)", awake),
@@ -446,7 +452,7 @@ def report(phases: dict[str, Phase], args: argparse.Namespace, load: tuple[str, 
         token = ph.p("first_token", 50)
         tok = "" if math.isnan(token) else f"{token:13.3f}s {ph.p('first_token', 95):7.3f}s"
         held = ""
-        if ph in (doze, hib, cold):
+        if ph in (awake, doze, hib, cold):
             held = f"{statistics.median(ph.values('asleep_mb')):8.0f} MB"
         image = ""
         if ph is hib:
@@ -487,6 +493,7 @@ def report(phases: dict[str, Phase], args: argparse.Namespace, load: tuple[str, 
     result["pool_signup_ready_p95_s"] = fmt(p95(pooled, "ready"))
     result["signup_first_token_p50_s"] = fmt(med(signup, "first_token"))
     result["pool_signup_first_token_p50_s"] = fmt(med(pooled, "first_token"))
+    result["awake_ram_mb"] = fmt(ram(awake), 0)
     result["doze_ram_mb"] = fmt(ram(doze), 0)
     result["doze_rss_mb"] = fmt(ram(doze, "asleep_rss_mb"), 0)
     result["hibernate_ram_mb"] = fmt(ram(hib), 0)
