@@ -158,12 +158,14 @@ def test_it_hibernates_to_disk_freeing_the_ram_and_wakes_on_the_same_port(
     restore_s = wake(local_backend, g, image)
     assert g.state["host_port"] == port, "the portal finds it where it was"
     assert local_backend.poll(g.spec, g.state).running
-    ram_after = cgroups.memory_usage(g.state["cgroups"])[0]
+    ram_after, limit = cgroups.memory_usage(g.state["cgroups"])
+    assert limit == g.spec.memory_mb * 2**20, "fresh cgroups with the same limits"
+    in_cgroup = {p.pid for p in local_backend.processes(g.spec, g.state)}
+    assert {g.state["init"][0], g.state["main"][0], g.state["pasta"][0]} <= in_cgroup
     # The same gateway (its environment, credentials included), not a new one.
     assert Path(f"/proc/{g.state['main'][0]}/environ").read_bytes() == environ
     main_status = Path(f"/proc/{g.state['main'][0]}/status").read_text()
     assert "Seccomp:\t2" in main_status, "the restored gateway is still under its filter"
-    assert local_backend.processes(g.spec, g.state)
     local_backend.drop_checkpoint(image.location)
     local_backend.drop_checkpoint(image.location)  # idempotent
     assert not location.exists()
