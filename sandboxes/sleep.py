@@ -27,7 +27,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -273,15 +272,9 @@ def _drop_image(found: Checkpoint) -> None:
 def restore_spec(sandbox: Sandbox, image: RuntimeImage) -> SandboxSpec:
     """The spec for restoring a checkpoint: limits and runtime, no new secrets (the restored
     gateway keeps the environment it was started with)."""
-    plan = plan_for(sandbox.owner)
-    return replace(
-        actions.spec_for(sandbox),
-        runtime_dir=Path(image.path),
-        memory_mb=plan.memory_mb,
-        cpu_millis=plan.cpu_millis,
-        pids_max=plan.pids_max,
-        internet=plan.internet,
-    )
+    from sandboxes.openclaw import setup
+
+    return setup.restore_spec(sandbox, plan_for(sandbox.owner), image)
 
 
 def restore_steps(sandbox: Sandbox, found: Checkpoint, image: RuntimeImage) -> Iterator[Progress]:

@@ -49,6 +49,15 @@ def build_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec
     return _spec(sandbox, plan, Path(image.path), env, {config.CONFIG_PATH: text})
 
 
+def restore_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec:
+    """Return the spec to restore the sandbox from a checkpoint: its limits, runtime and the
+    read-only files' places. No secret is minted and nothing is written: the restored gateway
+    keeps the environment it was checkpointed with, and its files (the config, with a warm-pool
+    gateway's secrets in it) are the ones still in its run dir; ``files`` only names where
+    they are mounted."""
+    return _spec(sandbox, plan, Path(image.path), {}, {config.CONFIG_PATH: ""})
+
+
 def config_text(sandbox: Sandbox, *, gateway_token: str, ai_key: str) -> str:
     """Return the sandbox's OpenClaw config with its two secrets written in: what a warm-pool
     gateway runs with, and what it is given, in place, when a user takes it."""
