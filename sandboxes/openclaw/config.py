@@ -85,8 +85,13 @@ def render_config(
     allowed_origins: Sequence[str] = (),
     trusted_proxies: Sequence[str] = (),
     chat_completions_endpoint: bool = False,
+    dreaming_schedule: str | None = None,
 ) -> dict[str, Any]:
     """Return the OpenClaw config (a JSON-serialisable dict) for one sandbox.
+
+    ``dreaming_schedule`` (a cron expression) moves OpenClaw's daily memory-dreaming job off its
+    default 03:00 UTC, so that sleeping agents, each woken for its own jobs, do not all wake at
+    the same minute.
 
     ``data_dir`` is the sandbox's data directory as the gateway sees it (the local backend mounts
     it at the same path inside the sandbox). ``models`` lists the model ids the AI gateway serves;
@@ -111,7 +116,7 @@ def render_config(
         gateway["trustedProxies"] = list(trusted_proxies)
     if chat_completions_endpoint:
         gateway["http"] = {"endpoints": {"chatCompletions": {"enabled": True}}}
-    return {
+    rendered: dict[str, Any] = {
         "gateway": gateway,
         "models": {
             "providers": {
@@ -133,6 +138,10 @@ def render_config(
         },
         "logging": {"file": str(Path(data_dir) / "logs" / "openclaw.log")},
     }
+    if dreaming_schedule:
+        dreaming = {"dreaming": {"frequency": dreaming_schedule}}
+        rendered["plugins"] = {"entries": {"memory-core": {"config": dreaming}}}
+    return rendered
 
 
 def with_secrets(rendered: dict[str, Any], *, gateway_token: str, ai_key: str) -> dict[str, Any]:

@@ -72,7 +72,13 @@ def _rendered(sandbox: Sandbox) -> dict[str, Any]:
         models=settings.HERMIT_SANDBOX_MODELS,
         default_model=settings.HERMIT_DEFAULT_MODEL,
         allowed_origins=[settings.SITE_URL],
+        dreaming_schedule=dreaming_schedule(sandbox.pk),
     )
+
+
+def dreaming_schedule(sandbox_id: int) -> str:
+    """A daily minute between 01:00 and 05:59 UTC, spread over sandboxes by id."""
+    return f"{sandbox_id % 60} {1 + (sandbox_id // 60) % 5} * * *"
 
 
 def _spec(
