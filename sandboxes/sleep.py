@@ -87,6 +87,8 @@ def doze(sandbox: Sandbox, *, idle_since: datetime | None = None) -> bool:
         return False
     guard = {"last_activity_at__lte": idle_since} if idle_since is not None else None
     next_job = _next_job_at(sandbox)  # while the gateway can still answer
+    if _job_imminent(sandbox, next_job):
+        return False
     try:
         actions.transition(
             sandbox,
@@ -110,6 +112,18 @@ def doze(sandbox: Sandbox, *, idle_since: datetime | None = None) -> bool:
     if sandbox.state != State.DOZING:  # woken while we froze it: the waker's thaw came first
         backend.thaw(spec, sandbox.backend_state)
         return False
+    return True
+
+
+def _job_imminent(sandbox: Sandbox, next_job: datetime | None) -> bool:
+    """Whether the agent's own next job is so near that sleeping now would only mean waking
+    straight back up for it; then the time is stored and the sandbox stays up."""
+    if next_job is None:
+        return False
+    sandbox.next_job_at = next_job
+    if not _holds_awake(sandbox, timezone.now()):
+        return False
+    Sandbox.objects.filter(pk=sandbox.pk).update(next_job_at=next_job)
     return True
 
 
@@ -172,8 +186,11 @@ def hibernate(sandbox: Sandbox, *, actor: str = Actor.SYSTEM, message: str = "")
     if sandbox.state not in (State.RUNNING, State.DOZING):
         return ""
     if sandbox.state == State.RUNNING:
-        sandbox.next_job_at = _next_job_at(sandbox)
-        Sandbox.objects.filter(pk=sandbox.pk).update(next_job_at=sandbox.next_job_at)
+        next_job = _next_job_at(sandbox)
+        if _job_imminent(sandbox, next_job):
+            return ""
+        sandbox.next_job_at = next_job
+        Sandbox.objects.filter(pk=sandbox.pk).update(next_job_at=next_job)
     try:
         actions.transition(sandbox, State.STOPPING, actor=actor, message=message or "Hibernating")
     except actions.TransitionRefused:

@@ -341,3 +341,27 @@ def test_a_wake_racing_a_doze_never_leaves_a_running_agent_frozen(fake: FakeBack
         assert (sandbox.state, frozen) in ((State.RUNNING, False), (State.DOZING, True))
         if sandbox.state == State.DOZING:
             list(actions.wake_sandbox(sandbox))
+
+
+@pytest.mark.django_db
+def test_an_agent_whose_own_job_is_imminent_stays_up_instead_of_dozing(
+    fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandboxes.openclaw import cron
+
+    sandbox = running("cronsoon@example.com")
+    soon = timezone.now() + timedelta(seconds=90)
+    monkeypatch.setattr(cron, "next_job_at", lambda sandbox: soon)
+    with later(70):  # idle long enough to doze, but the job is due within the wake lead
+        assert tasks.sleep_idle_sandboxes()["dozed"] == 0
+        assert sleep.hibernate(sandbox) == ""
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING and sandbox.next_job_at == soon
+    assert not fake.is_frozen(sandbox.slug)
+
+    later_job = timezone.now() + timedelta(hours=3)
+    monkeypatch.setattr(cron, "next_job_at", lambda sandbox: later_job)
+    with later(130):  # that job is past (and its gateway has no word of it running)
+        assert tasks.sleep_idle_sandboxes()["dozed"] == 1
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.DOZING and sandbox.next_job_at == later_job
