@@ -32,6 +32,7 @@ from django.core.files.base import ContentFile
 
 from sandboxes.backends import safefs
 from sandboxes.backups import EXCLUDES, restic, storage
+from tests.fixtures.backups import EmptyRepository
 
 UID = 301_234  # the data dir's owner, as a sandbox's uid would be
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,13 +65,6 @@ def make_repo(base: Path) -> restic.Repo:
     repo = restic.Repo(str(base / "repo" / "sbx-1-test"), secrets.token_urlsafe(24))
     restic.init(repo)
     return repo
-
-
-def copy_repo(empty: restic.Repo, location: Path) -> restic.Repo:
-    """A repository of its own at ``location``: a byte copy of ``empty`` (modes kept)."""
-    location.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(empty.location, location, symlinks=True)
-    return restic.Repo(str(location), empty.password)
 
 
 def fresh_target(base: Path, name: str = "restored") -> Path:
@@ -156,18 +150,12 @@ def data(tmp_path: Path) -> Path:
     return make_data_dir(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def empty_repo(tmp_path_factory: pytest.TempPathFactory) -> restic.Repo:
-    """One repository made by ``restic init`` for the module and never written to. A real init
-    costs ~3 s (restic calibrates its key derivation), so each test's ``repo`` is a copy of
-    this one; test_it_initialises_a_repository_once runs init itself."""
-    return make_repo(tmp_path_factory.mktemp("empty-repo"))
-
-
 @pytest.fixture
-def repo(tmp_path: Path, empty_repo: restic.Repo) -> restic.Repo:
-    """A new, empty, initialised repository of the test's own."""
-    return copy_repo(empty_repo, tmp_path / "repo" / "sbx-1-test")
+def repo(tmp_path: Path, empty_repository: EmptyRepository) -> restic.Repo:
+    """A new, empty, initialised repository of the test's own: a copy of the session's one made
+    by ``restic init`` and never written to. A real init costs ~3 s (restic calibrates its key
+    derivation); test_it_initialises_a_repository_once runs init itself."""
+    return empty_repository.copy(tmp_path / "repo" / "sbx-1-test")
 
 
 # -- repositories and snapshots --------------------------------------------------------------
@@ -594,12 +582,14 @@ def test_it_says_clearly_what_went_wrong_without_secrets(
     assert repo.password not in " ".join(argv)
 
 
-def test_it_reports_a_full_disk(data: Path, tmp_path: Path, empty_repo: restic.Repo) -> None:
+def test_it_reports_a_full_disk(
+    data: Path, tmp_path: Path, empty_repository: EmptyRepository
+) -> None:
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
     try:
-        repo = copy_repo(empty_repo, small / "sbx-1-full")  # an initialised repository there
+        repo = empty_repository.copy(small / "sbx-1-full")  # an initialised repository there
         (data / "state/workspace/big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
         with pytest.raises(restic.ResticError) as caught:
             backup(repo, data)
