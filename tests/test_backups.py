@@ -207,66 +207,79 @@ def test_a_worker_killed_mid_backup_leaves_earlier_snapshots_and_the_next_backup
         agent,
         f"nohup sh -c 'while :; do touch {big}; sleep 0.2; done' </dev/null >/dev/null 2>&1 &",
     )
-    env = server_env(
-        **sandbox_dirs,
-        DJANGO_SETTINGS_MODULE=os.environ["DJANGO_SETTINGS_MODULE"],
-        HERMIT_BACKUP_LEASE_SECONDS="5",
-    )
-    log = tmp_path / "worker.log"
-    with log.open("wb") as stderr:
-        worker = subprocess.Popen(
-            [sys.executable, "manage.py", "backup", EMAIL, "--force"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
     try:
-        # Until the agent is frozen, or the worker ended (then at once, saying why).
-        wait_for(
-            lambda: cgroups.is_frozen(agent.backend_state["cgroups"]) or worker.poll() is not None,
-            120,
-            every=0.01,
-            why=lambda: f"the agent was not frozen; the worker said: {log.read_text()[-3000:]}",
+        env = server_env(
+            **sandbox_dirs,
+            DJANGO_SETTINGS_MODULE=os.environ["DJANGO_SETTINGS_MODULE"],
+            HERMIT_BACKUP_LEASE_SECONDS="5",
         )
-        # restic is reading the big file again, the agent frozen: kill the worker now
-        assert worker.poll() is None, (
-            f"the backup finished before it could be killed: {log.read_text()[-3000:]}"
-        )
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
-    finally:
-        if worker.poll() is None:
+        log = tmp_path / "worker.log"
+        with log.open("wb") as stderr:
+            worker = subprocess.Popen(
+                [sys.executable, "manage.py", "backup", EMAIL, "--force"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        try:
+            # Until the agent is frozen, or the worker ended (then at once, saying why).
+            wait_for(
+                lambda: (
+                    cgroups.is_frozen(agent.backend_state["cgroups"]) or worker.poll() is not None
+                ),
+                120,
+                every=0.01,
+                why=lambda: f"the agent was not frozen; the worker said: {log.read_text()[-3000:]}",
+            )
+            # restic is reading the big file again, the agent frozen: kill the worker now
+            assert worker.poll() is None, (
+                f"the backup finished before it could be killed: {log.read_text()[-3000:]}"
+            )
             os.killpg(worker.pid, signal.SIGKILL)
-    row = BackupRepository.objects.get(sandbox=agent)
-    assert row.lock_kind == "backup"  # the dead worker's lease, not released
-    assert cgroups.is_frozen(agent.backend_state["cgroups"])  # it died while restic read
-    with pytest.raises(actions.BackupBusy):
-        actions.backup_sandbox(agent, trigger="user", force=True)
-    assert sandbox_actions.reconcile_sandbox(agent) == "ok"  # its lease is still alive
-    wait_for(
-        lambda: BackupRepository.objects.filter(
-            pk=row.pk, locked_until__lt=timezone.now()
-        ).exists(),
-        10,
-    )
-    started_at = agent.started_at
-    assert sandbox_actions.reconcile_sandbox(agent) == "backup-recovered"  # resumed it
-    agent.refresh_from_db()
-    assert agent.state == State.RUNNING
-    assert agent.started_at == started_at  # resumed, not restarted
-    assert not cgroups.is_frozen(agent.backend_state["cgroups"])
-    assert history(agent) is not None  # answering again
-    sh(agent, "pkill -f 'do touc[h]' || true")
+            worker.wait(10)
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+        row = BackupRepository.objects.get(sandbox=agent)
+        assert row.lock_kind == "backup"  # the dead worker's lease, not released
+        assert cgroups.is_frozen(agent.backend_state["cgroups"])  # it died while restic read
+        with pytest.raises(actions.BackupBusy):
+            actions.backup_sandbox(agent, trigger="user", force=True)
+        assert sandbox_actions.reconcile_sandbox(agent) == "ok"  # its lease is still alive
+        wait_for(
+            lambda: BackupRepository.objects.filter(
+                pk=row.pk, locked_until__lt=timezone.now()
+            ).exists(),
+            10,
+        )
+        started_at = agent.started_at
+        assert sandbox_actions.reconcile_sandbox(agent) == "backup-recovered"  # resumed it
+        agent.refresh_from_db()
+        assert agent.state == State.RUNNING
+        assert agent.started_at == started_at  # resumed, not restarted
+        assert not cgroups.is_frozen(agent.backend_state["cgroups"])
+        assert history(agent) is not None  # answering again
+        sh(agent, "pkill -f 'do touc[h]' || true")
 
-    copy = restore_copy(agent, earlier, tmp_path)
-    assert (copy / "state/workspace/before.txt").read_text() == "earlier"
-    restic.check(repository(agent), read_data=True)
-    after = actions.backup_sandbox(agent, trigger="user", force=True)
-    assert after is not None and after.size_bytes > 150_000_000
-    assert [s.restic_id for s in agent.snapshots.all()] == [after.restic_id, earlier.restic_id]
-    sh(agent, f"rm {big}")
+        copy = restore_copy(agent, earlier, tmp_path)
+        assert (copy / "state/workspace/before.txt").read_text() == "earlier"
+        restic.check(repository(agent), read_data=True)
+        after = actions.backup_sandbox(agent, trigger="user", force=True)
+        assert after is not None and after.size_bytes > 150_000_000
+        assert [s.restic_id for s in agent.snapshots.all()] == [after.restic_id, earlier.restic_id]
+        sh(agent, f"rm {big}")
+    finally:  # a failure above must not leave the shared agent frozen, touching, or 150 MB bigger
+        cleanup_big_file(agent, big)
+
+
+def cleanup_big_file(agent: Sandbox, big: Path) -> None:
+    """Thaw the agent, end the loop that touches ``big`` and remove it (if still there)."""
+    agent.refresh_from_db()
+    if agent.state == State.RUNNING and agent.backend_state:
+        cgroups.thaw(agent.backend_state["cgroups"])
+        sh(agent, f"pkill -f 'do touc[h]'; rm -f {big}; true")
 
 
 def wait_for(

@@ -19,6 +19,7 @@ import pytest
 
 from sandboxes.backends import cgroups
 from sandboxes.backends.base import SandboxBackend
+from tests.fixtures.backups import EmptyRepository
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 POOLED = "alice@chat.test"  # pooled for other suites too: no gateway start of its own
@@ -176,7 +177,7 @@ def test_frozen_leaves_a_sandbox_that_is_not_running_alone(settings: Any) -> Non
 
 
 def test_a_backup_of_a_running_gateway_pauses_it_only_while_restic_reads(
-    sandbox_for: Any, tmp_path: Path
+    sandbox_for: Any, tmp_path: Path, empty_repository: EmptyRepository
 ) -> None:
     import secrets
 
@@ -187,8 +188,7 @@ def test_a_backup_of_a_running_gateway_pauses_it_only_while_restic_reads(
     sandbox = sandbox_for(POOLED)
     backend = get_backend(sandbox.backend)
     spec, state = actions.spec_for(sandbox), sandbox.backend_state
-    repo = restic.Repo(str(tmp_path / "repo"), secrets.token_urlsafe(24))
-    restic.init(repo)
+    repo = empty_repository.copy(tmp_path / "repo")  # initialised, empty
     note = f"written by the agent {secrets.token_hex(8)}"
     wrote = backend.exec(spec, state, ["sh", "-c", f"echo '{note}' > state/freeze-note.md"])
     assert wrote.exit_code == 0, wrote.stderr
