@@ -358,6 +358,10 @@ HERMIT_RUNTIME_DIR = Path(env("HERMIT_RUNTIME_DIR", str(HERMIT_DATA_DIR / "runti
 _INSTANCE = hashlib.sha256(str(HERMIT_DATA_DIR).encode()).hexdigest()[:8]
 HERMIT_CGROUP_PARENT = env("HERMIT_CGROUP_PARENT", f"hermit-{_INSTANCE}")
 HERMIT_UID_BASE = envint("HERMIT_UID_BASE", str(200_000 + int(_INSTANCE, 16) % 64 * 100_000))
+# pasta (each sandbox's network) runs as HERMIT_NET_UID_BASE + the sandbox's id: another range
+# nobody uses, so no sandbox's uid owns a network namespace. Default: HERMIT_UID_BASE + 10^9.
+if env("HERMIT_NET_UID_BASE"):
+    HERMIT_NET_UID_BASE = envint("HERMIT_NET_UID_BASE", "0")
 # Networks (CIDRs, comma-separated) a sandbox with internet must never reach, e.g. your LAN/VPC.
 HERMIT_SANDBOX_BLOCKED_NETS = envlist("HERMIT_SANDBOX_BLOCKED_NETS")
 HERMIT_START_TIMEOUT = envint("HERMIT_START_TIMEOUT", "60")
@@ -383,6 +387,10 @@ HERMIT_DOZE_MIN_AVAILABLE_MB = envint("HERMIT_DOZE_MIN_AVAILABLE_MB", "2048")
 # either, the oldest are dropped; those sandboxes boot cold next time.
 HERMIT_CHECKPOINT_DIR = env("HERMIT_CHECKPOINT_DIR", str(Path(HERMIT_DATA_DIR) / "checkpoints"))
 HERMIT_CHECKPOINT_BUDGET_MB = envint("HERMIT_CHECKPOINT_BUDGET_MB", "51200")
+# CRIU 4.2 or later (bin/system-deps installs Debian's into /opt/hermit); a checkpoint restore
+# may take this long before it is given up (the agent then boots cold).
+HERMIT_CRIU = env("HERMIT_CRIU", "/opt/hermit/criu/criu")
+HERMIT_RESTORE_TIMEOUT = envint("HERMIT_RESTORE_TIMEOUT", "120")
 HERMIT_CHECKPOINT_MAX_AGE = envint("HERMIT_CHECKPOINT_MAX_AGE", str(7 * 24 * 3600))
 # Beat wakes a sleeping sandbox this many seconds before its agent's own next scheduled job.
 HERMIT_JOB_WAKE_LEAD = envint("HERMIT_JOB_WAKE_LEAD", "60")
