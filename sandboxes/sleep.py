@@ -89,6 +89,8 @@ def doze(sandbox: Sandbox, *, idle_since: datetime | None = None) -> bool:
     next_job = _next_job_at(sandbox)  # while the gateway can still answer
     if _job_imminent(sandbox, next_job):
         return False
+    # The hint goes first: a chat frame that comes in once the claim is made must see it.
+    cache.set(_hint_key(sandbox.pk), 1, DOZING_HINT_TTL)
     try:
         actions.transition(
             sandbox,
@@ -98,8 +100,8 @@ def doze(sandbox: Sandbox, *, idle_since: datetime | None = None) -> bool:
             next_job_at=next_job,
         )
     except actions.TransitionRefused:
+        cache.delete(_hint_key(sandbox.pk))
         return False
-    cache.set(_hint_key(sandbox.pk), 1, DOZING_HINT_TTL)
     backend = get_backend(sandbox.backend)
     spec = actions.spec_for(sandbox)
     try:
@@ -176,7 +178,13 @@ def wake_if_dozing(sandbox: Sandbox, *, actor_user: Any = None) -> None:
         cache.delete(_hint_key(sandbox.pk))
 
 
-def hibernate(sandbox: Sandbox, *, actor: str = Actor.SYSTEM, message: str = "") -> str:
+def hibernate(
+    sandbox: Sandbox,
+    *,
+    actor: str = Actor.SYSTEM,
+    message: str = "",
+    idle_since: datetime | None = None,
+) -> str:
     """Put a running or dozing sandbox to sleep with its RAM freed; return how.
 
     "checkpointed": its processes are on disk and wake in about a second; "stopped": a
@@ -191,9 +199,12 @@ def hibernate(sandbox: Sandbox, *, actor: str = Actor.SYSTEM, message: str = "")
             return ""
         sandbox.next_job_at = next_job
         Sandbox.objects.filter(pk=sandbox.pk).update(next_job_at=next_job)
+    guard = {"last_activity_at__lte": idle_since} if idle_since is not None else None
     try:
-        actions.transition(sandbox, State.STOPPING, actor=actor, message=message or "Hibernating")
-    except actions.TransitionRefused:
+        actions.transition(
+            sandbox, State.STOPPING, actor=actor, message=message or "Hibernating", guard=guard
+        )
+    except actions.TransitionRefused:  # someone moved first, or it was used meanwhile
         return ""
     cache.delete(_hint_key(sandbox.pk))
     backend = get_backend(sandbox.backend)
@@ -331,6 +342,33 @@ def enforce_checkpoint_budget(now: datetime | None = None) -> int:
     return dropped
 
 
+ORPHAN_MIN_AGE = timedelta(minutes=10)
+
+
+def sweep_orphan_images(now: datetime | None = None) -> int:
+    """Delete checkpoint images that no row points to (a worker died between a dump and its
+    row, or the sandbox was deleted), once older than ORPHAN_MIN_AGE; return how many. An image
+    whose sandbox is starting is left alone: a restore may be reading it."""
+    now = now or timezone.now()
+    known = set(Checkpoint.objects.values_list("location", flat=True))
+    starting = set(Sandbox.objects.filter(state=State.STARTING).values_list("pk", flat=True))
+    swept = 0
+    backend = get_backend(settings.SANDBOX_BACKEND)
+    for location, name, taken in backend.list_checkpoints():
+        if location in known or now - taken < ORPHAN_MIN_AGE:
+            continue
+        if name.startswith("sbx-") and name[4:].isdigit() and int(name[4:]) in starting:
+            continue
+        try:
+            backend.drop_checkpoint(location)
+        except (BackendError, OSError) as exc:
+            log.warning("could not delete an orphaned checkpoint image: %s", exc)
+            continue
+        log.info("deleted an orphaned checkpoint image of %s", name)
+        swept += 1
+    return swept
+
+
 def available_memory_mb() -> int:
     """The host's MemAvailable, in MB (a large number if unknown)."""
     try:
@@ -356,7 +394,7 @@ def sleep_idle(now: datetime | None = None) -> dict[str, int]:
     dozing ones hibernate early. Then checkpoints are kept within their budget.
     """
     now = now or timezone.now()
-    counts = {"dozed": 0, "hibernated": 0, "woke": 0, "pressure": 0}
+    counts = {"dozed": 0, "hibernated": 0, "woke": 0, "pressure": 0, "swept": 0}
     from sandboxes.pool import POOL_USERNAME
 
     awake = (
@@ -376,7 +414,7 @@ def sleep_idle(now: datetime | None = None) -> dict[str, int]:
         idle = now - sandbox.last_activity_at
         doze_idle = doze_after(plan)
         if idle >= sleep_after:
-            if hibernate(sandbox, message="Idle: hibernating"):
+            if hibernate(sandbox, message="Idle: hibernating", idle_since=now - sleep_after):
                 counts["hibernated"] += 1
         elif (
             sandbox.state == State.RUNNING
@@ -387,6 +425,7 @@ def sleep_idle(now: datetime | None = None) -> dict[str, int]:
             counts["dozed"] += 1
     counts["pressure"] = relieve_pressure()
     enforce_checkpoint_budget(now)
+    counts["swept"] = sweep_orphan_images(now)
     return counts
 
 

@@ -63,6 +63,7 @@ def test_it_never_sleeps_a_sandbox_on_an_always_on_plan_with_a_sleep_time_set(al
             "hibernated": 0,
             "woke": 0,
             "pressure": 0,
+            "swept": 0,
         }
     sandbox.refresh_from_db()
     assert sandbox.state == State.RUNNING

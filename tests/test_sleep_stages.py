@@ -228,6 +228,7 @@ def test_always_on_agents_never_doze_and_a_plan_change_applies_at_once(
             "hibernated": 0,
             "woke": 0,
             "pressure": 0,
+            "swept": 0,
         }
     pro.refresh_from_db()
     assert pro.state == State.RUNNING
@@ -365,3 +366,57 @@ def test_an_agent_whose_own_job_is_imminent_stays_up_instead_of_dozing(
         assert tasks.sleep_idle_sandboxes()["dozed"] == 1
     sandbox.refresh_from_db()
     assert sandbox.state == State.DOZING and sandbox.next_job_at == later_job
+
+
+@pytest.mark.django_db
+def test_orphaned_checkpoint_images_are_swept_but_not_one_being_restored(
+    fake: FakeBackend,
+) -> None:
+    deleted = running("deleted@example.com")
+    waking = running("waking@example.com")
+    kept = running("kept@example.com")
+    for box in (deleted, waking, kept):
+        assert sleep.hibernate(box) == "checkpointed"
+    deleted_image = Checkpoint.objects.get(sandbox=deleted).location
+    deleted.owner.delete()  # the rows go with the user; the image would stay behind
+    waking_row = Checkpoint.objects.get(sandbox=waking)
+    waking_row.delete()  # as take_checkpoint does while the restore reads the image
+    Sandbox.objects.filter(pk=waking.pk).update(state=State.STARTING)
+    with later(60):
+        assert sleep.sweep_orphan_images() == 0  # too young: a dump may be writing its row
+    with later(11 * 60):
+        assert sleep.sweep_orphan_images() == 1
+    images = fake.images()
+    assert deleted_image not in images and waking_row.location in images
+    assert Checkpoint.objects.get(sandbox=kept).location in images
+
+
+@pytest.mark.django_db
+def test_an_idle_pass_does_not_hibernate_an_agent_used_since_it_looked(
+    fake: FakeBackend,
+) -> None:
+    sandbox = running("usedagain@example.com")
+    with later(16 * 60):
+        stale_view = timezone.now() - timedelta(minutes=15)
+        actions.record_activity(sandbox)  # a chat frame after the pass read the rows
+        assert sleep.hibernate(sandbox, idle_since=stale_view) == ""
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING and not Checkpoint.objects.exists()
+
+
+@pytest.mark.django_db
+def test_the_dozing_hint_is_up_before_the_agent_is_claimed_for_a_doze(
+    fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sandbox = running("hint@example.com")
+    seen: list[bool] = []
+    claim = actions.transition
+
+    def watching(box: Sandbox, to: str, **kwargs: Any) -> None:
+        if to == State.DOZING:
+            seen.append(sleep.is_dozing(box.pk))
+        claim(box, to, **kwargs)
+
+    monkeypatch.setattr(actions, "transition", watching)
+    assert sleep.doze(sandbox)
+    assert seen == [True]

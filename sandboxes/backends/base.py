@@ -13,6 +13,7 @@ import abc
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,12 @@ class SandboxBackend(abc.ABC):
         environment it was checkpointed with.
         """
         raise BackendError(self.checkpoint_support() or "Checkpoints are not supported.")
+
+    def list_checkpoints(self) -> list[tuple[str, str, datetime]]:
+        """Return every checkpoint image this backend holds, as (location, sandbox name, when
+        taken): the portal sweeps away images no row points to (a worker died mid-way, or
+        the sandbox was deleted)."""
+        return []
 
     def drop_checkpoint(self, location: str) -> None:
         """Delete a checkpoint image and free its disk; idempotent."""

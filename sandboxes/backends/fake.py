@@ -19,6 +19,7 @@ import itertools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sandboxes.backends.base import (
@@ -53,6 +54,7 @@ class FakeBackend(SandboxBackend):
         self._lock = threading.Lock()
         self._boxes: dict[str, _Box] = {}
         self._images: dict[str, tuple[str, int]] = {}  # location: (sandbox name, instance)
+        self._taken: dict[str, datetime] = {}
         self._counter = itertools.count(1)
         self.calls: list[tuple[str, str]] = []  # (method, sandbox name), for tests
 
@@ -62,6 +64,7 @@ class FakeBackend(SandboxBackend):
         with self._lock:
             self._boxes.clear()
             self._images.clear()
+            self._taken.clear()
             self.calls.clear()
 
     def fail_next(self, name: str, method: str, times: int = 1) -> None:
@@ -202,6 +205,7 @@ class FakeBackend(SandboxBackend):
                 raise BackendError(f"Sandbox {spec.name} is not running: nothing to checkpoint.")
             location = f"fake://{spec.name}/{next(self._counter)}"
             self._images[location] = (spec.name, box.instance)
+            self._taken[location] = datetime.now(UTC)
             box.running = box.frozen = False
         return CheckpointImage(location, IMAGE_BYTES, identity)
 
@@ -217,6 +221,10 @@ class FakeBackend(SandboxBackend):
             box.running, box.frozen, box.instance = True, False, found[1]
             state = {"backend": self.name, "instance": box.instance, "restored": True}
         yield Progress(100, "Sandbox is running", state=dict(state))
+
+    def list_checkpoints(self) -> list[tuple[str, str, datetime]]:
+        with self._lock:
+            return [(loc, name, self._taken[loc]) for loc, (name, _) in self._images.items()]
 
     def drop_checkpoint(self, location: str) -> None:
         with self._lock:

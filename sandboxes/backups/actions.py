@@ -653,8 +653,7 @@ def _swap_in(sandbox: Sandbox, fresh: Path) -> Path | None:
                 os.rename(previous_name, live, src_dir_fd=fd, dst_dir_fd=fd)
             raise
         os.fsync(fd)
-    # There is no checkpoint yet; once hibernation keeps one, clear it here: a restored dir
-    # (new inodes) must cold boot.
+    # A checkpoint cannot be restored onto the new inodes (restore_sandbox drops it).
     Sandbox.objects.filter(pk=sandbox.pk).update(backend_state={})
     sandbox.backend_state = {}
     return parent / previous_name if had_live else None
