@@ -252,6 +252,99 @@ def test_a_paused_sandbox_can_be_saved(local_backend: LocalBackend, gateway: Gat
     local_backend.drop_checkpoint(image.location)
 
 
+def sandbox_sh(backend: LocalBackend, g: Gateway, script: str, *args: str) -> str:
+    result = backend.exec(g.spec, g.state, ["sh", "-c", script, "sh", *args])
+    assert result.exit_code == 0 and not result.timed_out, result
+    return result.stdout
+
+
+def kill_in_sandbox(backend: LocalBackend, g: Gateway, cmdline: bytes) -> None:
+    """SIGKILL the sandbox's processes whose command line is ``cmdline`` (NUL-separated)."""
+    for pid in cgroups.pids(g.state["cgroups"]):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+                os.kill(pid, 9)
+        except OSError:
+            continue
+
+
+def test_it_refuses_to_save_a_sandbox_holding_deleted_files(
+    local_backend: LocalBackend, gateway: Gateway, tmp_path: Path
+) -> None:
+    """A held, deleted file whose directory became a link to a host directory: a restore (as
+    root) would recreate the file there. The save is refused; the sandbox runs on untouched."""
+    g = gateway
+    victim = tmp_path / "host-dir"
+    victim.mkdir(mode=0o755)
+    os.utime(victim, (1_000_000_000, 1_000_000_000))
+    before = victim.stat()
+    sandbox_sh(
+        local_backend,
+        g,
+        'mkdir -p "$1/d" && exec 3>"$1/d/f" && echo secret >&3\n'
+        "sleep 1000 </dev/null >/dev/null 2>&1 &\n"
+        'exec 3>&-; rm "$1/d/f" && rmdir "$1/d" && ln -s "$2" "$1/d"',
+        str(g.spec.data_dir),
+        str(victim),
+    )
+    try:
+        with pytest.raises(BackendError, match="holds deleted files; it will be stopped instead"):
+            local_backend.checkpoint(g.spec, g.state)
+        assert list(victim.iterdir()) == []
+        after = victim.stat()
+        assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)
+        assert local_backend.poll(g.spec, g.state).running
+        assert not cgroups.is_frozen(g.state["cgroups"])
+        assert readyz(g.state["host_port"]) == 200
+        assert list(local_backend.checkpoint_dir.iterdir()) == [], "no image is left behind"
+    finally:
+        kill_in_sandbox(local_backend, g, b"sleep\x001000\x00")
+        (g.spec.data_dir / "d").unlink(missing_ok=True)
+
+
+def test_commands_run_in_a_sandbox_hold_no_capabilities(
+    local_backend: LocalBackend, gateway: Gateway
+) -> None:
+    g = gateway
+    status = dict(
+        line.split(":", 1)
+        for line in sandbox_sh(local_backend, g, "cat /proc/self/status").splitlines()
+    )
+    fields = {k: v.strip() for k, v in status.items()}
+    for cap in ("CapBnd", "CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(fields[cap], 16) == 0, (cap, fields[cap])
+    assert (fields["NoNewPrivs"], fields["Seccomp"]) == ("1", "2")
+    uid = str(g.state["uid"])
+    assert fields["Uid"].split() == [uid] * 4 and fields["Gid"].split() == [uid] * 4
+    assert fields["Groups"] == ""
+
+
+def test_a_background_command_left_by_exec_is_saved_and_restored_privately(
+    local_backend: LocalBackend, gateway: Gateway
+) -> None:
+    g = gateway
+    sandbox_sh(local_backend, g, "sleep 1000 </dev/null >/dev/null 2>&1 &")
+    try:
+        image, _dump_s, _ram = hibernate(local_backend, g)
+        assert_nothing_runs(local_backend, g)
+        files = list(Path(image.location).iterdir())
+        assert any(f.name.startswith("pages-") for f in files)
+        for path in files:
+            info = path.lstat()
+            assert stat.S_ISREG(info.st_mode), path
+            assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o600), path
+        wake(local_backend, g, image)
+        local_backend.drop_checkpoint(image.location)
+        sleeping = [
+            pid
+            for pid in cgroups.pids(g.state["cgroups"])
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"
+        ]
+        assert len(sleeping) == 1, "the background command was restored with the gateway"
+    finally:
+        kill_in_sandbox(local_backend, g, b"sleep\x001000\x00")
+
+
 def test_it_refuses_a_replaced_data_dir_a_corrupt_image_and_a_missing_one(
     local_backend: LocalBackend, gateway: Gateway
 ) -> None:

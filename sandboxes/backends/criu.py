@@ -118,9 +118,10 @@ def dump_argv(
         "--network-lock",
         "skip",
         "--file-locks",
-        "--link-remap",
+        # No ghost files: a restore (as root) would recreate them at paths the sandbox may have
+        # turned into links since. The backend refuses such sandboxes first; CRIU refuses too.
         "--ghost-limit",
-        "200M",
+        "0",
         "--external",
         f"net[{net_inode}]:{NET_KEY}",
         "--external",

@@ -46,6 +46,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -835,6 +836,7 @@ class LocalBackend(SandboxBackend):
         image_dir = self._new_image_dir(spec)
         was_frozen = cgroups.is_frozen(paths)
         try:
+            self._refuse_deleted_files(init, paths)
             files = self._external_files(init, run_dir)
             net_inode = os.stat(f"/proc/{init}/ns/net").st_ino
             argv = criu.dump_argv(
@@ -865,9 +867,14 @@ class LocalBackend(SandboxBackend):
             "created_at": datetime.now(UTC).isoformat(),
         }
         criu.write_meta(image_dir, meta)
+        # Root's and private: the page images hold the gateway's secrets (its token).
         for dirpath, dirnames, filenames in os.walk(image_dir):
             for name in [*dirnames, *filenames]:
-                os.lchown(os.path.join(dirpath, name), 0, 0)
+                path = os.path.join(dirpath, name)
+                os.lchown(path, 0, 0)
+                mode = os.lstat(path).st_mode
+                if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                    os.chmod(path, 0o700 if stat.S_ISDIR(mode) else 0o600)
         return CheckpointImage(str(image_dir), criu.image_size(image_dir), identity)
 
     def _new_image_dir(self, spec: SandboxSpec) -> Path:
@@ -882,6 +889,31 @@ class LocalBackend(SandboxBackend):
         image_dir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-{stamp}-", dir=top))
         os.chmod(image_dir, 0o700)
         return image_dir
+
+    def _refuse_deleted_files(self, init: int, paths: cgroups.CgroupPaths) -> None:
+        """Refuse (CriuError) to save a sandbox any of whose processes holds a deleted file or
+        directory (open, mapped, or as its cwd or root). CRIU would save such a file as a
+        "ghost" and a restore, as root, would recreate it at its old path, which the sandbox
+        may have turned into a link to a host directory since. Only links are read (never
+        opened); CRIU's own in-memory files (memfd, SysV shared memory) are fine."""
+        pid_ns = os.stat(f"/proc/{init}/ns/pid").st_ino
+        for pid in sorted({init, *_descendants(init), *cgroups.pids(paths)}):
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}/ns/pid").st_ino != pid_ns:
+                    continue
+                targets = [os.readlink(f"/proc/{pid}/{link}") for link in ("cwd", "root")]
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+                    for line in maps:  # "address perms offset dev inode   path"
+                        fields = line.rstrip("\n").split(None, 5)
+                        targets += fields[5:]
+                for target in targets:
+                    if target.endswith(" (deleted)") and not _in_memory_file(target):
+                        raise criu.CriuError(
+                            f"process {pid} holds deleted files; it will be stopped instead"
+                        )
 
     def _external_files(self, init: int, run_dir: Path) -> list[str]:
         """Return CRIU keys of the files the sandbox's processes hold open from outside its
@@ -1045,10 +1077,20 @@ class LocalBackend(SandboxBackend):
             "--ipc",
             "--uts",
             "--cgroup",
+            "--time",  # a restored sandbox has its own (CRIU keeps its clocks going on)
             "--root",
             "--wd",
-            f"--setuid={state['uid']}",
-            f"--setgid={state['uid']}",
+            "--",
+            # A session of its own inside the pid namespace (CRIU cannot save a process whose
+            # session leader is outside it), then the sandbox uid with no capabilities at all,
+            # as the gateway (init_args).
+            "/usr/bin/setsid",
+            "/usr/bin/setpriv",
+            f"--reuid={state['uid']}",
+            f"--regid={state['uid']}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
             "--",
             *argv,
         ]
@@ -1070,6 +1112,15 @@ class LocalBackend(SandboxBackend):
             out, err = proc.communicate(timeout=timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
+            # The command leads its own session inside the sandbox: kill that session's
+            # processes (found from the wrappers and whatever holds the output pipes, as the
+            # leader may be gone), then the wrappers outside (their own process group).
+            pipes = [os.fstat(f.fileno()).st_ino for f in (proc.stdout, proc.stderr) if f]
+            _kill_sessions(
+                [*_descendants(proc.pid), *_holding_pipes(state["cgroups"], pipes)],
+                state["cgroups"],
+                keep={_session(int(state["init"][0])), _session(int(state["main"][0]))},
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
@@ -1135,6 +1186,50 @@ def _open_log(run_dir: Path, max_bytes: int) -> None:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+def _kill_sessions(pids: list[int], paths: cgroups.CgroupPaths, keep: set[int | None]) -> None:
+    """SIGKILL every process of the cgroup in the session of any of ``pids`` (host pids),
+    except the sessions in ``keep`` (the gateway's)."""
+    sessions = {_session(pid) for pid in pids} - keep - {None}
+    for pid in cgroups.pids(paths):
+        if _session(pid) in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _holding_pipes(paths: cgroups.CgroupPaths, inodes: list[int]) -> list[int]:
+    """Return the pids of the cgroup that hold one of the pipes ``inodes`` open."""
+    wanted = {f"pipe:[{inode}]" for inode in inodes}
+    found = []
+    for pid in cgroups.pids(paths):
+        with contextlib.suppress(OSError):
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(_readlink(f"/proc/{pid}/fd/{fd}") in wanted for fd in fds):
+                found.append(pid)
+    return found
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def _session(pid: int) -> int | None:
+    """Return the host pid of the session (its leader's pid) of ``pid``; None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[3])
+
+
+def _in_memory_file(target: str) -> bool:
+    """Whether a /proc link or maps line names a file that lives in memory only (memfd, SysV
+    shared memory): CRIU saves those itself, with no file on disk."""
+    return target.startswith(("/memfd:", "/SYSV"))
 
 
 def _resolve(program: str) -> str:
