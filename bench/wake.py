@@ -300,13 +300,9 @@ def run_cold(sandbox: Any, runs: int, pause: float) -> Phase:
 
 def provision(sandbox_id: int) -> None:
     """What the provisioning task does on a worker: a pooled gateway if one fits
-    (``pool.adopt``), else a cold start (``tasks.provision_sandbox``)."""
-    from sandboxes import pool, tasks
-    from sandboxes.models import Sandbox
+    (``pool.adopt``, called by ``actions.provision_sandbox``), else a cold start."""
+    from sandboxes import tasks
 
-    sandbox = Sandbox.objects.select_related("owner").get(pk=sandbox_id)
-    if sandbox.state == Sandbox.State.PROVISIONING and pool.adopt(sandbox):
-        return
     tasks.provision_sandbox(sandbox_id)
 
 
