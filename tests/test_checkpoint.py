@@ -345,6 +345,25 @@ def test_a_background_command_left_by_exec_is_saved_and_restored_privately(
         kill_in_sandbox(local_backend, g, b"sleep\x001000\x00")
 
 
+def test_a_timed_out_command_is_killed_with_what_it_left_behind(
+    local_backend: LocalBackend, gateway: Gateway
+) -> None:
+    """The command's own session is inside the sandbox; a timeout still kills all of it, even
+    a background child that outlived the command and holds its output."""
+    g = gateway
+    result = local_backend.exec(
+        g.spec, g.state, ["sh", "-c", "sleep 1001 & sleep 1002 </dev/null >/dev/null 2>&1 &"], 2
+    )
+    assert result.timed_out
+    left = [
+        pid
+        for pid in cgroups.pids(g.state["cgroups"])
+        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\x00100")
+    ]
+    assert left == []
+    assert readyz(g.state["host_port"]) == 200, "the gateway is not in that session"
+
+
 def test_it_refuses_a_replaced_data_dir_a_corrupt_image_and_a_missing_one(
     local_backend: LocalBackend, gateway: Gateway
 ) -> None:
