@@ -29,8 +29,11 @@ Process tree of one sandbox (host view)::
   ``stats``. Files root writes for the sandbox (its /etc, ``spec.files`` such as the OpenClaw
   config, the seccomp filter, the log and exit code) live in the root-owned run dir and are
   mounted read-only.
-* Commands run with ``exec`` enter the sandbox's namespaces and cgroups as its user, under the
-  same seccomp filter as the gateway.
+* Commands run with ``exec`` enter the sandbox's namespaces and cgroups and become its user with
+  no capabilities (setpriv, as the gateway), under the same seccomp filter, in a session of their
+  own inside the sandbox's pid namespace (so a checkpoint can save what they leave running).
+* A sandbox holding deleted files (open, mapped, cwd) is never checkpointed: CRIU would save them
+  as ghost files that a root restore recreates at their old paths, which may be links by then.
 * Everything needed to re-attach (pids with their start times, ports, cgroup paths, run dir) is in
   the state dict ``start`` returns; no method relies on memory of an earlier call.
 * Hibernation (``checkpoint``/``restore``, see ``criu.py``): CRIU dumps the pid namespace (init
