@@ -392,8 +392,10 @@ HERMIT_CHECKPOINT_BUDGET_MB = envint("HERMIT_CHECKPOINT_BUDGET_MB", "51200")
 HERMIT_CRIU = env("HERMIT_CRIU", "/opt/hermit/criu/criu")
 HERMIT_RESTORE_TIMEOUT = envint("HERMIT_RESTORE_TIMEOUT", "120")
 HERMIT_CHECKPOINT_MAX_AGE = envint("HERMIT_CHECKPOINT_MAX_AGE", str(7 * 24 * 3600))
-# Beat wakes a sleeping sandbox this many seconds before its agent's own next scheduled job.
-HERMIT_JOB_WAKE_LEAD = envint("HERMIT_JOB_WAKE_LEAD", "60")
+# Beat wakes a sleeping sandbox this many seconds before its agent's own next scheduled job:
+# enough for a cold start, or for OpenClaw's once-a-minute re-check of its schedule after a
+# checkpoint restore (the restored gateway's timers run late by the time it slept).
+HERMIT_JOB_WAKE_LEAD = envint("HERMIT_JOB_WAKE_LEAD", "90")
 # Pre-started, unassigned gateways kept for new sign-ups (sandboxes.pool).
 HERMIT_WARM_POOL_SIZE = envint("HERMIT_WARM_POOL_SIZE", "1")
 # Cold boots are CPU-bound: at most this many at once per host; the rest wait in line, their

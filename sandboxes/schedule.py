@@ -44,7 +44,7 @@ ASLEEP = (State.DOZING, State.SLEEPING)
 
 
 def wake_lead() -> timedelta:
-    return timedelta(seconds=int(getattr(settings, "HERMIT_JOB_WAKE_LEAD", 60)))
+    return timedelta(seconds=int(getattr(settings, "HERMIT_JOB_WAKE_LEAD", 90)))
 
 
 def start_grace() -> timedelta:

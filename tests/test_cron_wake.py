@@ -309,7 +309,11 @@ def test_a_dozing_agent_is_thawed_for_its_job(
 def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
     sandbox_for: Callable[..., Sandbox], model_server: FakeModelServer, settings: Any
 ) -> None:
-    settings.HERMIT_JOB_WAKE_LEAD = lead = 60  # the default: a cold start took up to 36 s here
+    # It hibernates (a CRIU checkpoint). CRIU restores a process with its monotonic clock
+    # continuing from the dump, so the gateway's own timer for the job runs late by the time it
+    # was asleep; OpenClaw re-checks its schedule against the wall clock at least every 60 s, so
+    # the lead (default 90 s) must leave room for that re-check before the job is due.
+    settings.HERMIT_JOB_WAKE_LEAD = lead = 75
     settings.HERMIT_JOB_START_GRACE = grace = 5
     sandbox = sandbox_for("owner@cron-wake.test")
     marker = f"cron-probe-{uuid.uuid4().hex[:12]}"
@@ -320,7 +324,7 @@ def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
     try:
         assert cron.next_job_at(sandbox) == due == earliest_job(sandbox)
 
-        actions.sleep_sandbox(sandbox)
+        assert actions.sleep_sandbox(sandbox) == "checkpointed"
         sandbox.refresh_from_db()
         assert sandbox.state in schedule.ASLEEP
         assert sandbox.next_job_at == due, "the sleep stored the next job's time"
