@@ -993,3 +993,19 @@ def test_it_explains_a_sandbox_that_exits_at_once(
     with pytest.raises(BackendError, match=r"(?s)exit code 3.*config is broken"):
         list(local_backend.start(spec))
     assert live_processes_mentioning(str(spec.data_dir)) == []
+
+
+def test_it_lists_its_checkpoint_images_for_the_orphan_sweep(tmp_path: Path) -> None:
+    from sandboxes.backends.local import LocalBackend
+
+    backend = LocalBackend(run_root=tmp_path / "run", checkpoint_dir=tmp_path / "ckpt")
+    assert backend.list_checkpoints() == []  # no directory yet
+    (tmp_path / "ckpt").mkdir()
+    image = tmp_path / "ckpt" / "sbx-2001-20261123T051500-k3j_x9"
+    image.mkdir()
+    (tmp_path / "ckpt" / "stray-file").write_text("not an image")
+    (tmp_path / "ckpt" / "sbx-7-20261123T051500-link").symlink_to(tmp_path)
+    [(location, name, taken)] = backend.list_checkpoints()
+    assert (location, name) == (str(image), "sbx-2001") and taken.tzinfo is not None
+    backend.drop_checkpoint(location)
+    assert backend.list_checkpoints() == [] and tmp_path.is_dir()

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -84,6 +85,7 @@ NET_PIDS_NAME = "net.pids"  # "<pasta pid> <holder pid>", written by the supervi
 RESTORED_PID_NAME = "restored.pid"  # the restored init's host pid, written by CRIU
 ROOTS_NAME = "roots"  # skeleton roots of restored sandboxes (criu.build_root), one per restore
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+IMAGE_NAME = re.compile(r"^(.+)-\d{8}T\d{6}-[^/]+$")  # <sandbox>-<UTC time>-<random>
 SANDBOX_SPLIT = "--hermit-sandbox--"  # separates pasta's argv from the sandbox's
 
 # Detached start: $1 log, rest = the supervisor's argv. The subshell execs the supervisor in the
@@ -1046,6 +1048,23 @@ class LocalBackend(SandboxBackend):
         return image_dir.parent.resolve() == self.checkpoint_dir.resolve() and (
             image_dir.name not in ("", ".", "..")
         )
+
+    def list_checkpoints(self) -> list[tuple[str, str, datetime]]:
+        """Every image directory under ``checkpoint_dir`` (named ``<sandbox>-<time>-<random>``,
+        see ``_new_image_dir``), with when it was made."""
+        found = []
+        try:
+            entries = list(os.scandir(self.checkpoint_dir))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            named = IMAGE_NAME.match(entry.name)
+            name = named.group(1) if named else ""
+            taken = datetime.fromtimestamp(entry.stat(follow_symlinks=False).st_mtime, UTC)
+            found.append((entry.path, name, taken))
+        return found
 
     def drop_checkpoint(self, location: str) -> None:
         image_dir = Path(location)
