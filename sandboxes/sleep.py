@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,29 @@ def is_dozing(sandbox_id: int) -> bool:
 
 async def ais_dozing(sandbox_id: int) -> bool:
     return bool(await cache.aget(_hint_key(sandbox_id)))
+
+
+def _model_call_key(sandbox_id: int) -> str:
+    return f"hermit:model-call:{sandbox_id}"
+
+
+def note_model_call(sandbox_id: int) -> None:
+    """An AI-gateway call of the sandbox's: activity, kept in the cache only (the gateway's hot
+    path makes no database query for it); the sleep policy reads it with the rows."""
+    cache.set(_model_call_key(sandbox_id), time.time(), DOZING_HINT_TTL)
+
+
+def last_active(sandboxes: list[Sandbox]) -> dict[int, datetime]:
+    """Each sandbox's latest activity: its row's, or a later model call noted in the cache."""
+    calls = cache.get_many([_model_call_key(s.pk) for s in sandboxes])
+    latest = {}
+    for sandbox in sandboxes:
+        called = calls.get(_model_call_key(sandbox.pk))
+        seen = sandbox.last_activity_at
+        if called is not None:
+            seen = max(seen, datetime.fromtimestamp(float(called), UTC))
+        latest[sandbox.pk] = seen
+    return latest
 
 
 def doze_after(plan: Plan) -> timedelta | None:
@@ -402,7 +425,9 @@ def sleep_idle(now: datetime | None = None) -> dict[str, int]:
         .filter(state__in=[State.RUNNING, State.DOZING])
         .exclude(owner__username=POOL_USERNAME)  # the warm pool stays warm
     )
-    for sandbox in awake.order_by("last_activity_at"):
+    rows = list(awake.order_by("last_activity_at"))
+    active = last_active(rows)
+    for sandbox in rows:
         plan = plan_for(sandbox.owner)
         sleep_after = plan.sleeps_after()
         if sleep_after is None:
@@ -411,7 +436,7 @@ def sleep_idle(now: datetime | None = None) -> dict[str, int]:
             continue
         if _holds_awake(sandbox, now):
             continue
-        idle = now - sandbox.last_activity_at
+        idle = now - active[sandbox.pk]
         doze_idle = doze_after(plan)
         if idle >= sleep_after:
             if hibernate(sandbox, message="Idle: hibernating", idle_since=now - sleep_after):

@@ -420,3 +420,14 @@ def test_the_dozing_hint_is_up_before_the_agent_is_claimed_for_a_doze(
     monkeypatch.setattr(actions, "transition", watching)
     assert sleep.doze(sandbox)
     assert seen == [True]
+
+
+@pytest.mark.django_db
+def test_a_model_call_through_the_ai_gateway_keeps_the_agent_awake(fake: FakeBackend) -> None:
+    sandbox = running("working@example.com")
+    with later(50):
+        sleep.note_model_call(sandbox.pk)  # what the AI gateway does on every call
+    with later(70):  # 70 s after the last chat, 20 s after the agent's last model call
+        assert tasks.sleep_idle_sandboxes()["dozed"] == 0
+    with later(115):
+        assert tasks.sleep_idle_sandboxes()["dozed"] == 1

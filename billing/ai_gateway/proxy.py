@@ -157,10 +157,11 @@ def authorize(call: Call, key: str | None, body: dict[str, Any], size: int,
     if holder.last_used_at is None or (now - holder.last_used_at).total_seconds() > 60:
         SandboxCredential.objects.filter(pk=holder.credential_id).update(last_used_at=now)
         credentials.touched(holder, now)
-    # A model call is the agent at work: it keeps the sandbox from dozing off mid-task.
-    from sandboxes.actions import note_activity
+    # A model call is the agent at work: it keeps the sandbox from dozing off mid-task (noted
+    # in the cache only: no database query on this path).
+    from sandboxes.sleep import note_model_call
 
-    note_activity(holder.sandbox_id)
+    note_model_call(holder.sandbox_id)
 
 
 def payable_targets(call: Call, targets: list[Target]) -> list[Target]:
