@@ -290,10 +290,7 @@ def drop_checkpoint(sandbox: Sandbox, reason: str = "") -> bool:
 
 
 def _drop(found: Checkpoint) -> None:
-    try:
-        get_backend(found.sandbox.backend).drop_checkpoint(found.location)
-    except (BackendError, OSError) as exc:
-        log.warning("checkpoint %s: could not delete its image: %s", found.pk, exc)
+    _drop_image(found)
     Checkpoint.objects.filter(pk=found.pk).delete()
 
 
