@@ -54,6 +54,12 @@ class Plan(models.Model):
     backup_keep_weekly = models.PositiveIntegerField(
         default=0, help_text="Snapshots kept: the last one of each of the last N weeks."
     )
+    price_monthly = models.DecimalField(
+        max_digits=8,
+        decimal_places=2,
+        default=Decimal("0.00"),
+        help_text="USD a month; 0 = free. Shown on the pricing page and counted as revenue.",
+    )
 
     class Meta:
         ordering = ["monthly_token_quota"]
@@ -102,6 +108,7 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "backup_keep_last": 0,
         "backup_keep_daily": 7,
         "backup_keep_weekly": 0,
+        "price_monthly": Decimal("0.00"),
     },
     "pro": {
         "name": "Pro",
@@ -120,6 +127,7 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "backup_keep_last": 24,
         "backup_keep_daily": 7,
         "backup_keep_weekly": 4,
+        "price_monthly": Decimal("12.00"),
     },
 }
 

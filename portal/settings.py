@@ -463,6 +463,14 @@ HERMIT_BACKUP_S3_PREFIX = env("HERMIT_BACKUP_S3_PREFIX", "hermit")
 # The bucket's credentials (secrets: also from NAME_FILE); given to restic only by environment.
 HERMIT_BACKUP_S3_ACCESS_KEY_ID = env("HERMIT_BACKUP_S3_ACCESS_KEY_ID")
 HERMIT_BACKUP_S3_SECRET_ACCESS_KEY = env("HERMIT_BACKUP_S3_SECRET_ACCESS_KEY")
+# The operator's own costs, in USD, for the staff cost table and each user's cost (metering).
+# Defaults: a Hetzner Cloud CX53 (16 vCPU, 32 GB RAM, 320 GB NVMe) at EUR 0.036 an hour
+# (hetzner.com/cloud, April 2026), taken as USD 0.039, half charged to its 16 vCPUs and half to
+# its 32 GB: 0.039 / 2 / 16 = 0.0012 per vCPU-hour and 0.039 / 2 / 32 = 0.0006 per GB-hour.
+# Storage: Cloudflare R2's published USD 0.015 per GB-month, where backups live.
+HERMIT_COST_VCPU_HOUR = env("HERMIT_COST_VCPU_HOUR", "0.0012")
+HERMIT_COST_RAM_GB_HOUR = env("HERMIT_COST_RAM_GB_HOUR", "0.0006")
+HERMIT_COST_STORAGE_GB_MONTH = env("HERMIT_COST_STORAGE_GB_MONTH", "0.015")
 # Seconds a backup or restore holds a sandbox's backup lease before renewing it; a worker
 # killed mid-backup frees the sandbox for the next run after this.
 HERMIT_BACKUP_LEASE_SECONDS = envint("HERMIT_BACKUP_LEASE_SECONDS", "120")
