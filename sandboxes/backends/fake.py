@@ -9,7 +9,9 @@ until thawed, a checkpoint stops the sandbox and restores only onto the same dat
 Test hooks: :meth:`FakeBackend.fail_next` makes the next start, checkpoint or restore of a
 sandbox raise BackendError; :meth:`FakeBackend.crash` makes a running sandbox's "gateway" die;
 :meth:`FakeBackend.replace_data` changes a sandbox's data identity (as a restore from a backup
-does).
+does); :meth:`FakeBackend.use` makes a sandbox use CPU and hold memory, as ``stats`` reports
+them: its CPU counter is cumulative since its start or restore (a new cgroup) and stands still
+while it is frozen, as a cgroup's does.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class _Box:
     frozen: bool = False
     instance: int = 0
     identity: int = 0
+    cpu_seconds: float = 0.0
+    memory_bytes: int = MEMORY_BYTES
     failures: dict[str, int] = field(default_factory=dict)
 
 
@@ -78,6 +82,15 @@ class FakeBackend(SandboxBackend):
     def replace_data(self, name: str) -> None:
         with self._lock:
             self._box(name).identity += 1
+
+    def use(self, name: str, *, cpu_seconds: float = 0.0, memory_bytes: int | None = None) -> None:
+        """Add ``cpu_seconds`` to a running, unfrozen sandbox's counter; hold ``memory_bytes``."""
+        with self._lock:
+            box = self._box(name)
+            if box.running and not box.frozen:
+                box.cpu_seconds += cpu_seconds
+            if memory_bytes is not None:
+                box.memory_bytes = memory_bytes
 
     def is_frozen(self, name: str) -> bool:
         with self._lock:
@@ -114,6 +127,7 @@ class FakeBackend(SandboxBackend):
         box = self._enter("start", spec)
         with self._lock:
             box.running, box.frozen, box.instance = True, False, next(self._counter)
+            box.cpu_seconds = 0.0
             state = {"backend": self.name, "instance": box.instance}
         yield Progress(50, "Starting the agent gateway", state=dict(state))
         yield Progress(100, "Sandbox is running", state=dict(state))
@@ -158,10 +172,11 @@ class FakeBackend(SandboxBackend):
         return ""
 
     def stats(self, spec: SandboxSpec, state: dict[str, Any]) -> Stats:
+        box = self._enter("stats", spec)
         with self._lock:
             alive = self._alive(spec, state)
-        memory = MEMORY_BYTES if alive else 0
-        return Stats(memory, spec.memory_mb * 2**20, 0.0, 0)
+            memory, cpu = (box.memory_bytes, box.cpu_seconds) if alive else (0, 0.0)
+        return Stats(memory, spec.memory_mb * 2**20, cpu, 0)
 
     @contextlib.contextmanager
     def frozen(self, spec: SandboxSpec, state: dict[str, Any]) -> Iterator[None]:
@@ -219,6 +234,7 @@ class FakeBackend(SandboxBackend):
             if found is None or found[0] != spec.name:
                 raise BackendError(f"The checkpoint image {image.location} is missing.")
             box.running, box.frozen, box.instance = True, False, found[1]
+            box.cpu_seconds = 0.0
             state = {"backend": self.name, "instance": box.instance, "restored": True}
         yield Progress(100, "Sandbox is running", state=dict(state))
 
