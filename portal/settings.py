@@ -19,12 +19,15 @@ import hashlib
 import logging
 import os
 from datetime import timedelta
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import dj_database_url
 import django_stubs_ext
+
+from portal.lib.logs import logging_config
 
 django_stubs_ext.monkeypatch()
 
@@ -522,11 +525,7 @@ if not DEBUG:
     SECURE_HSTS_PRELOAD = True
     SECURE_CONTENT_TYPE_NOSNIFF = True
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
-}
+# Logs (portal.lib.logs): LOG_FORMAT=json writes one JSON line per event; every handler redacts
+# secrets. Errors are mailed to ADMINS ("Name <address>, ..."), only when DEBUG is False.
+ADMINS = getaddresses([env("ADMINS")]) if env("ADMINS") else []
+LOGGING = logging_config(env("LOG_FORMAT", "text"), env("LOG_LEVEL", "INFO"))
