@@ -163,6 +163,7 @@ INSTALLED_APPS = [
     "portal",
     "billing",
     "billing.ai_gateway",
+    "metering",  # usage and cost; listed before sandboxes, whose post_migrate wants its perms
     "sandboxes",
 ]
 
@@ -278,6 +279,10 @@ HERMIT_BACKUP_SCAN_INTERVAL = envint("HERMIT_BACKUP_SCAN_INTERVAL", "300")
 # HERMIT_BACKUP_CHECK_SUBSET of the stored data: "10%", "1/10" or empty for structure only).
 HERMIT_BACKUP_CHECK_INTERVAL = envint("HERMIT_BACKUP_CHECK_INTERVAL", str(7 * 24 * 3600))
 HERMIT_BACKUP_CHECK_SUBSET = env("HERMIT_BACKUP_CHECK_SUBSET", "10%")
+# Metering (metering.sampling): seconds per interval in which each awake sandbox's CPU and
+# memory are sampled once, and days the per-interval samples are kept (daily totals stay).
+HERMIT_METERING_INTERVAL = envint("HERMIT_METERING_INTERVAL", "60")
+HERMIT_METERING_KEEP_DAYS = envint("HERMIT_METERING_KEEP_DAYS", "7")
 # The initial beat schedule; staff edit it afterwards in the admin (django-celery-beat).
 CELERY_BEAT_SCHEDULE = {
     "reconcile-sandboxes": {
@@ -303,6 +308,10 @@ CELERY_BEAT_SCHEDULE = {
     "check-backups": {
         "task": "sandboxes.backups.tasks.check_backups",
         "schedule": timedelta(seconds=HERMIT_BACKUP_CHECK_INTERVAL),
+    },
+    "meter-usage": {  # twice an interval: a late beat never skips one (metering.sampling)
+        "task": "metering.tasks.meter_usage",
+        "schedule": timedelta(seconds=HERMIT_METERING_INTERVAL / 2),
     },
 }
 
