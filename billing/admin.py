@@ -1,8 +1,13 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from typing import Any
 
-from billing.models import Account, Plan
+from django.contrib import admin
+from django.forms import ModelForm
+from django.http import HttpRequest
+
+from billing.models import Account, Plan, PlanChange, StripeEvent
+from billing.subscriptions import change_plan
 
 
 @admin.register(Plan)
@@ -10,6 +15,9 @@ class PlanAdmin(admin.ModelAdmin[Plan]):
     list_display = (
         "name",
         "slug",
+        "public",
+        "price_monthly",
+        "stripe_price_id",
         "is_default",
         "sleeps",
         "sleep_after",
@@ -19,14 +27,86 @@ class PlanAdmin(admin.ModelAdmin[Plan]):
         "cpu_millis",
         "internet",
     )
-    list_filter = ("sleeps", "internet", "is_default")
-    search_fields = ("name", "slug")
+    list_filter = ("public", "sleeps", "internet", "is_default")
+    search_fields = ("name", "slug", "stripe_price_id")
+
+
+class PlanChangeInline(admin.TabularInline[PlanChange, Account]):
+    model = PlanChange
+    fk_name = "account"
+    extra = 0
+    can_delete = False
+    fields = ("created_at", "from_plan", "to_plan", "source", "actor", "reason", "stripe_event_id")
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(Account)
 class AccountAdmin(admin.ModelAdmin[Account]):
-    list_display = ("user", "plan", "created_at")
-    list_filter = ("plan",)
-    search_fields = ("user__email", "user__username")
+    """Staff may move a user to another plan here; the change goes through ``change_plan`` and
+    is recorded as a PlanChange naming them. Stripe's side is shown, never edited: Stripe's
+    events write it."""
+
+    list_display = ("user", "plan", "subscription_status", "grace_until", "created_at")
+    list_filter = ("plan", "subscription_status")
+    search_fields = ("user__email", "user__username", "stripe_customer_id")
     autocomplete_fields = ("user",)
     list_select_related = ("user", "plan")
+    readonly_fields = (
+        "stripe_customer_id",
+        "stripe_subscription_id",
+        "subscription_status",
+        "current_period_end",
+        "cancel_at_period_end",
+        "grace_until",
+    )
+    inlines = [PlanChangeInline]
+
+    def save_model(
+        self, request: HttpRequest, obj: Account, form: ModelForm[Account], change: bool
+    ) -> None:
+        if not change or "plan" not in form.changed_data:
+            super().save_model(request, obj, form, change)
+            return
+        new_plan = obj.plan
+        obj.plan = Account.objects.get(pk=obj.pk).plan  # the other fields first, then the plan
+        super().save_model(request, obj, form, change)
+        change_plan(
+            obj,
+            new_plan,
+            source=PlanChange.Source.STAFF,
+            actor=request.user,
+            reason="Changed in the admin",
+        )
+
+
+@admin.register(PlanChange)
+class PlanChangeAdmin(admin.ModelAdmin[PlanChange]):
+    list_display = ("created_at", "account", "from_plan", "to_plan", "source", "actor", "reason")
+    list_filter = ("source", "to_plan")
+    search_fields = ("account__user__email", "stripe_event_id")
+    list_select_related = ("account__user", "from_plan", "to_plan", "actor")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(StripeEvent)
+class StripeEventAdmin(admin.ModelAdmin[StripeEvent]):
+    list_display = ("id", "type", "received_at")
+    list_filter = ("type",)
+    search_fields = ("id",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

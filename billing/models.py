@@ -1,13 +1,20 @@
-"""Plans (tiers) and each user's account on one of them."""
+"""Plans (tiers), each user's account on one of them, and the record of every plan change.
+
+An account's plan changes only through :func:`billing.subscriptions.change_plan`, which records a
+:class:`PlanChange`. Stripe's side of an account (customer, subscription, its status and period)
+is written by the webhook only (``billing.subscriptions``); each Stripe event applied is kept as a
+:class:`StripeEvent`, in the same transaction as its effect.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class Plan(models.Model):
@@ -60,9 +67,23 @@ class Plan(models.Model):
         default=Decimal("0.00"),
         help_text="USD a month; 0 = free. Shown on the pricing page and counted as revenue.",
     )
+    public = models.BooleanField(default=False, help_text="Listed on the public pricing page.")
+    stripe_price_id = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="The Stripe Price (price_...) users pay for this plan; empty = not for sale.",
+    )
 
     class Meta:
         ordering = ["monthly_token_quota"]
+        permissions = [("change_plan_price", "Can change plan prices")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["stripe_price_id"],
+                condition=~models.Q(stripe_price_id=""),
+                name="plan_unique_stripe_price",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -75,6 +96,15 @@ class Plan(models.Model):
         """Return the idle time after which a sandbox sleeps, or None if it never sleeps."""
         return self.sleep_after if self.sleeps else None
 
+    @property
+    def sleep_policy(self) -> str:
+        """The sleep policy in a few words, for the dashboard: "always on" / "sleeps when idle"."""
+        return "sleeps when idle" if self.sleeps else "always on"
+
+    @property
+    def is_paid(self) -> bool:
+        return self.price_monthly > 0
+
 
 class Account(models.Model):
     """A user's billing account: which plan they are on."""
@@ -84,9 +114,68 @@ class Account(models.Model):
     )
     plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="accounts")
     created_at = models.DateTimeField(auto_now_add=True)
+    stripe_customer_id = models.CharField(max_length=255, blank=True, db_index=True)
+    stripe_subscription_id = models.CharField(max_length=255, blank=True, db_index=True)
+    subscription_status = models.CharField(
+        max_length=32, blank=True, help_text="Stripe's status of the subscription (active, ...)."
+    )
+    current_period_end = models.DateTimeField(null=True, blank=True)
+    cancel_at_period_end = models.BooleanField(
+        default=False, help_text="The subscription ends (back to the default plan) at period end."
+    )
+    grace_until = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="A payment failed: the plan drops to the default one at this time unless paid.",
+    )
 
     def __str__(self) -> str:
         return f"{self.user} on {self.plan}"
+
+    def in_grace(self, now: datetime) -> bool:
+        return self.grace_until is not None and self.grace_until > now
+
+
+class PlanChange(models.Model):
+    """One change of an account's plan: from, to, why, by whom, and when."""
+
+    class Source(models.TextChoices):
+        STRIPE = "stripe", "Stripe"
+        STAFF = "staff", "Staff"
+        GRACE = "grace", "Grace period ended"
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="plan_changes")
+    from_plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="+")
+    to_plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="+")
+    source = models.CharField(max_length=16, choices=Source.choices)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The staff member who made the change, if any.",
+    )
+    reason = models.CharField(max_length=255, blank=True)
+    stripe_event_id = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_plan} → {self.to_plan} ({self.get_source_display()})"
+
+
+class StripeEvent(models.Model):
+    """A Stripe event already applied: its id is stored with its effect, so a replay is a no-op."""
+
+    id = models.CharField(primary_key=True, max_length=255)
+    type = models.CharField(max_length=100)
+    received_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.id}"
 
 
 # The tiers every installation starts with (the 0002 migration seeds a frozen copy).
@@ -109,6 +198,7 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "backup_keep_daily": 7,
         "backup_keep_weekly": 0,
         "price_monthly": Decimal("0.00"),
+        "public": True,
     },
     "pro": {
         "name": "Pro",
@@ -128,6 +218,7 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "backup_keep_daily": 7,
         "backup_keep_weekly": 4,
         "price_monthly": Decimal("12.00"),
+        "public": True,
     },
 }
 

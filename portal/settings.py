@@ -309,6 +309,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "sandboxes.backups.tasks.check_backups",
         "schedule": timedelta(seconds=HERMIT_BACKUP_CHECK_INTERVAL),
     },
+    "end-billing-grace": {
+        "task": "billing.tasks.end_expired_grace",
+        "schedule": timedelta(minutes=10),
+    },
     "meter-usage": {  # twice an interval: a late beat never skips one (metering.sampling)
         "task": "metering.tasks.meter_usage",
         "schedule": timedelta(seconds=HERMIT_METERING_INTERVAL / 2),
@@ -483,6 +487,14 @@ HERMIT_BACKUP_S3_SECRET_ACCESS_KEY = env("HERMIT_BACKUP_S3_SECRET_ACCESS_KEY")
 HERMIT_COST_VCPU_HOUR = env("HERMIT_COST_VCPU_HOUR", "0.0012")
 HERMIT_COST_RAM_GB_HOUR = env("HERMIT_COST_RAM_GB_HOUR", "0.0006")
 HERMIT_COST_STORAGE_GB_MONTH = env("HERMIT_COST_STORAGE_GB_MONTH", "0.015")
+# Stripe (billing.stripe_client). Without STRIPE_SECRET_KEY the pricing page says billing is not
+# set up and staff change plans in the admin. Both keys are secrets (also read from NAME_FILE).
+# STRIPE_API_BASE points the SDK elsewhere (tests: a local fake of Stripe's API). A failed
+# payment keeps the paid plan HERMIT_BILLING_GRACE_DAYS days, then the account drops to free.
+STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
+STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")
+STRIPE_API_BASE = env("STRIPE_API_BASE", "https://api.stripe.com").rstrip("/")
+HERMIT_BILLING_GRACE_DAYS = envint("HERMIT_BILLING_GRACE_DAYS", "7")
 # Seconds a backup or restore holds a sandbox's backup lease before renewing it; a worker
 # killed mid-backup frees the sandbox for the next run after this.
 HERMIT_BACKUP_LEASE_SECONDS = envint("HERMIT_BACKUP_LEASE_SECONDS", "120")

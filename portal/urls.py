@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 
-from billing import views_keys
+from billing import views_keys, views_plans
 from portal import views
 from sandboxes import views_chat, views_controlui
 
@@ -18,4 +18,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("ai/", include("billing.ai_gateway.urls")),
     path("settings/keys/", views_keys.provider_keys, name="provider-keys"),
+    path("pricing/", views_plans.pricing_page, name="pricing"),
+    path("billing/", include("billing.urls")),
 ]

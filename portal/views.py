@@ -13,6 +13,7 @@ from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_POST
 
 from billing.models import plan_for
+from billing.views_plans import billing_context
 from sandboxes import actions
 from sandboxes.access import get_sandbox_for_user
 from sandboxes.models import Sandbox
@@ -31,6 +32,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     context = {
         "sandbox": sandbox,
         "plan": plan_for(request.user),
+        **billing_context(request),
         "events": sandbox.events.all()[:15],
         "usage": _usage(request),
         **backup_context(sandbox, request.user),

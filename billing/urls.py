@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from billing import views_plans, views_stripe
+
+urlpatterns = [
+    path("upgrade/", views_plans.upgrade, name="billing-upgrade"),
+    path("manage/", views_plans.manage_billing, name="billing-manage"),
+    path("stripe/webhook/", views_stripe.stripe_webhook, name="stripe-webhook"),
+]

@@ -1,0 +1,94 @@
+"""The public pricing page, and the buttons that send a user to Stripe: upgrade (Checkout) and
+manage billing (the customer portal). Nothing here changes a plan: Stripe's webhook does,
+once it confirms a payment (see billing.subscriptions)."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from billing import pricing, stripe_client, subscriptions
+from billing.models import Plan
+
+NOT_SET_UP = "Billing is not set up on this site yet: plans can only be changed by staff."
+
+
+def pricing_page(request: HttpRequest) -> HttpResponse:
+    """Every public plan, side by side, with an upgrade button where one can be bought."""
+    account = subscriptions.account_for(request.user) if request.user.is_authenticated else None
+    plans = [
+        (facts, subscriptions.for_sale(facts.plan))
+        for facts in map(pricing.describe, pricing.public_plans())
+    ]
+    context = {
+        "plans": plans,
+        "account": account,
+        "billing_ready": stripe_client.is_configured(),
+        "subscribed": account is not None and subscriptions.has_live_subscription(account),
+        "cancelled": request.GET.get("checkout") == "cancelled",
+    }
+    return render(request, "billing/pricing.html", context)
+
+
+@login_required
+@require_POST
+def upgrade(request: HttpRequest) -> HttpResponse:
+    """Send the user to Stripe Checkout for the plan they chose."""
+    plan = get_object_or_404(Plan, slug=request.POST.get("plan", ""), public=True)
+    try:
+        url = subscriptions.start_checkout(
+            request.user,
+            plan,
+            success_url=request.build_absolute_uri(reverse("dashboard")) + "?checkout=success",
+            cancel_url=request.build_absolute_uri(reverse("pricing")) + "?checkout=cancelled",
+        )
+    except stripe_client.BillingNotConfigured:
+        messages.error(request, NOT_SET_UP)
+        return redirect("pricing")
+    except subscriptions.AlreadySubscribed as exc:
+        messages.info(request, str(exc))
+        return redirect("dashboard")
+    except (subscriptions.PlanNotForSale, stripe_client.BillingUnavailable) as exc:
+        messages.error(request, _user_message(exc))
+        return redirect("pricing")
+    return HttpResponseRedirect(url)
+
+
+@login_required
+@require_POST
+def manage_billing(request: HttpRequest) -> HttpResponse:
+    """Send the user to the Stripe customer portal (card, invoices, cancel)."""
+    try:
+        url = subscriptions.open_portal(
+            request.user, return_url=request.build_absolute_uri(reverse("dashboard"))
+        )
+    except stripe_client.BillingNotConfigured:
+        messages.error(request, NOT_SET_UP)
+        return redirect("dashboard")
+    except (subscriptions.NoBillingAccount, stripe_client.BillingUnavailable) as exc:
+        messages.error(request, _user_message(exc))
+        return redirect("dashboard")
+    return HttpResponseRedirect(url)
+
+
+def _user_message(exc: Exception) -> str:
+    if isinstance(exc, stripe_client.BillingUnavailable):
+        return "Stripe could not be reached just now. Nothing was charged; please try again."
+    return str(exc)
+
+
+def billing_context(request: HttpRequest) -> dict[str, object]:
+    """What the dashboard's plan card shows about billing: the account (grace, cancellation),
+    whether Stripe is set up, and whether the user just came back from Checkout."""
+    account = subscriptions.account_for(request.user)
+    return {
+        "account": account,
+        "in_grace": account.in_grace(timezone.now()),
+        "billing_ready": stripe_client.is_configured(),
+        "checkout_done": request.GET.get("checkout") == "success",
+    }

@@ -1,0 +1,441 @@
+"""Stripe's webhooks: signed, applied once, and the plan follows Stripe's subscription.
+
+The real stripe SDK talks to the local fake Stripe API (tests/fakes/stripe_api.py); the fake
+signs its webhooks with the test secret as Stripe does, and the tests post them to the portal
+through Django's test client. Agents run on the in-memory fake sandbox backend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import time_machine
+from django.core import mail
+from django.utils import timezone
+
+from billing.models import Account, Plan, PlanChange, StripeEvent
+from billing.tasks import end_expired_grace
+from sandboxes import actions, sleep, tasks
+from sandboxes.backends import get_backend
+from sandboxes.backends.fake import FakeBackend
+from sandboxes.models import RuntimeImage, Sandbox
+from tests.factories import make_user
+from tests.fakes.stripe_api import Delivery, FakeStripe
+from tests.fixtures.stripe import WEBHOOK_PATH, deliver, sell_plan
+
+pytestmark = pytest.mark.django_db
+State = Sandbox.State
+
+
+@pytest.fixture
+def fake(settings: Any, tmp_path: Path) -> Iterator[FakeBackend]:
+    """The in-memory sandbox backend, with plan changes' tasks run inline."""
+    from portal.celery import app
+
+    backend = get_backend("fake")
+    assert isinstance(backend, FakeBackend)
+    backend.reset()
+    settings.SANDBOX_BACKEND = "fake"
+    (tmp_path / "runtime").mkdir()
+    image = RuntimeImage.objects.create(
+        openclaw_version="test",
+        node_version="test",
+        path=str(tmp_path / "runtime"),
+        status=RuntimeImage.Status.READY,
+        is_current=True,
+    )
+    RuntimeImage.objects.exclude(pk=image.pk).update(is_current=False)
+    eager = app.conf.task_always_eager
+    app.conf.task_always_eager = True
+    yield backend
+    app.conf.task_always_eager = eager
+    backend.reset()
+
+
+def dozing_agent(email: str) -> Sandbox:
+    """A free user whose agent runs on the fake backend and now dozes."""
+    user = make_user(email)
+    sandbox = Sandbox.objects.get(owner=user)
+    Sandbox.objects.filter(pk=sandbox.pk).update(backend="fake")
+    sandbox.refresh_from_db()
+    actions.provision_sandbox(sandbox)
+    sandbox.refresh_from_db()
+    assert sleep.doze(sandbox)
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.DOZING
+    return sandbox
+
+
+def checkout(client: Any, stripe_api: FakeStripe, user: Any) -> str:
+    """Sign in as ``user``, press Upgrade, pay on the fake Checkout; return the subscription
+    id. The webhooks wait in the fake's outbox."""
+    client.force_login(user)
+    response = client.post("/billing/upgrade/", {"plan": "pro"})
+    assert response.status_code == 302
+    assert response["Location"].startswith(f"{stripe_api.url}/c/pay/cs_test_")
+    session_id = response["Location"].rsplit("/", 1)[1]
+    return stripe_api.pay(session_id)
+
+
+def post_all(client: Any, deliveries: list[Delivery], capture: Any) -> None:
+    with capture(execute=True):
+        assert deliver(client, deliveries) == [200] * len(deliveries)
+
+
+def account_of(user: Any) -> Account:
+    return Account.objects.select_related("plan").get(user=user)
+
+
+@pytest.fixture
+def pro_price(stripe_api: FakeStripe) -> str:
+    return sell_plan(stripe_api, "pro")
+
+
+def test_it_upgrades_on_checkout_completed_at_once_and_wakes_the_agent(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    fake: FakeBackend,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    sandbox = dozing_agent("upgrade@example.com")
+    user = sandbox.owner
+    subscription_id = checkout(client, stripe_api, user)
+    assert account_of(user).plan.slug == "free"  # nothing changes before Stripe confirms
+
+    [completed] = stripe_api.take("checkout.session.completed")
+    post_all(client, [completed], django_capture_on_commit_callbacks)
+
+    account = account_of(user)
+    assert account.plan.slug == "pro"
+    assert account.stripe_subscription_id == subscription_id
+    assert account.subscription_status == "active"
+    assert account.current_period_end is not None
+    assert account.current_period_end > timezone.now() + timedelta(days=29)
+    change = PlanChange.objects.get(account=account)
+    assert (change.from_plan.slug, change.to_plan.slug, change.source) == ("free", "pro", "stripe")
+    assert change.stripe_event_id == completed.event["id"]
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING and not fake.is_frozen(sandbox.slug)
+    assert [m.subject for m in mail.outbox] == ["[Hermit] Welcome to Pro"]
+    assert "always on" in mail.outbox[0].body
+
+    # The rest of the payment's events, which may come in any order, change nothing more.
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    assert PlanChange.objects.count() == 1 and len(mail.outbox) == 1
+
+
+def test_it_applies_the_same_event_once(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    fake: FakeBackend,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    sandbox = dozing_agent("twice@example.com")
+    checkout(client, stripe_api, sandbox.owner)
+    [completed] = stripe_api.take("checkout.session.completed")
+    post_all(client, [completed], django_capture_on_commit_callbacks)
+    before = Account.objects.filter(user=sandbox.owner).values().get()
+
+    again = stripe_api.resend(completed.event["id"])  # Stripe retries: newly signed, same id
+    assert again.payload == completed.payload
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        response = client.post(
+            WEBHOOK_PATH,
+            data=again.payload.encode(),
+            content_type="application/json",
+            HTTP_STRIPE_SIGNATURE=again.signature,
+        )
+    assert response.status_code == 200 and response.json()["outcome"] == "duplicate"
+    assert callbacks == []
+    assert Account.objects.filter(user=sandbox.owner).values().get() == before
+    assert PlanChange.objects.count() == 1
+    assert len(mail.outbox) == 1
+    assert StripeEvent.objects.filter(pk=completed.event["id"]).count() == 1
+
+
+def test_it_gives_a_grace_period_after_a_failed_payment_then_drops_to_free(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    fake: FakeBackend,
+    settings: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    settings.HERMIT_BILLING_GRACE_DAYS = 7
+    sandbox = dozing_agent("grace@example.com")
+    user = sandbox.owner
+    subscription_id = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    mail.outbox.clear()
+
+    failed_at = timezone.now()
+    stripe_api.fail_payment(subscription_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    account = account_of(user)
+    assert account.plan.slug == "pro" and account.subscription_status == "past_due"
+    assert account.grace_until is not None
+    assert abs(account.grace_until - (failed_at + timedelta(days=7))) < timedelta(seconds=30)
+    [failed_mail] = mail.outbox
+    assert failed_mail.subject.startswith("[Hermit] Your payment failed")
+    assert account.grace_until.strftime("%-d %B %Y") in failed_mail.body
+
+    # Stripe retries the charge, and fails again: the grace period does not start over.
+    stripe_api.fail_payment(subscription_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    assert account_of(user).grace_until == account.grace_until and len(mail.outbox) == 1
+
+    with time_machine.travel(failed_at + timedelta(days=6), tick=False):
+        assert end_expired_grace() == 0
+        assert tasks.sleep_idle_sandboxes()["dozed"] == 0  # still pro: always on
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING
+
+    with time_machine.travel(failed_at + timedelta(days=7, minutes=10), tick=False):
+        with django_capture_on_commit_callbacks(execute=True):
+            assert end_expired_grace() == 1
+        assert end_expired_grace() == 0  # a second run finds nothing to do
+        account = account_of(user)
+        assert account.plan.slug == "free" and account.grace_until is None
+        change = PlanChange.objects.filter(account=account).first()
+        assert change is not None
+        assert (change.from_plan.slug, change.to_plan.slug) == ("pro", "free")
+        assert change.source == PlanChange.Source.GRACE
+        assert [m.subject for m in mail.outbox][1:] == ["[Hermit] Your plan is now Free"]
+        # Free again: the agent, idle for a week, sleeps on the free schedule.
+        assert tasks.sleep_idle_sandboxes()["hibernated"] == 1
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.SLEEPING
+
+    # A late retry's failure, after the drop, starts no new grace and sends no mail.
+    stripe_api.fail_payment(subscription_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    assert account_of(user).grace_until is None and len(mail.outbox) == 2
+
+
+def test_it_ends_the_grace_period_when_the_payment_goes_through(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    user = make_user("recovers@example.com")
+    subscription_id = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    invoice_id = stripe_api.fail_payment(subscription_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    assert account_of(user).grace_until is not None
+    response = client.get("/dashboard/")
+    assert b'id="billing-grace"' in response.content
+
+    stripe_api.pay_invoice(invoice_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    account = account_of(user)
+    assert account.grace_until is None and account.subscription_status == "active"
+    with time_machine.travel(timezone.now() + timedelta(days=30), tick=False):
+        assert end_expired_grace() == 0
+    assert account_of(user).plan.slug == "pro"
+
+
+def test_it_refuses_a_bad_signature_and_changes_nothing(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    user = make_user("forged@example.com")
+    checkout(client, stripe_api, user)
+    [completed] = stripe_api.take("checkout.session.completed")
+    forged = json.loads(completed.payload)
+    forged["id"] = "evt_forged"
+    tampered = json.dumps(forged, indent=2)
+    other_secret = "whsec_" + "0" * 32
+    import stripe
+
+    signed_elsewhere = stripe.WebhookSignature.generate_signature_header(
+        completed.payload, other_secret
+    )
+    for payload, signature in [
+        (tampered, completed.signature),  # the body changed after signing
+        (completed.payload, signed_elsewhere),  # signed with another secret
+        (completed.payload, "t=1,v1=" + "0" * 64),  # garbage
+    ]:
+        response = client.post(
+            WEBHOOK_PATH,
+            data=payload.encode(),
+            content_type="application/json",
+            HTTP_STRIPE_SIGNATURE=signature,
+        )
+        assert response.status_code == 400
+    response = client.post(WEBHOOK_PATH, data=completed.payload, content_type="application/json")
+    assert response.status_code == 400  # no signature at all
+    assert client.get(WEBHOOK_PATH).status_code == 405
+
+    account = account_of(user)
+    assert account.plan.slug == "free" and account.stripe_subscription_id == ""
+    assert not StripeEvent.objects.exists() and not PlanChange.objects.exists()
+    assert mail.outbox == []
+
+    post_all(client, [completed], django_capture_on_commit_callbacks)  # the genuine one
+    assert account_of(user).plan.slug == "pro"
+
+
+def test_it_refuses_every_webhook_without_a_webhook_secret(
+    client: Any, stripe_api: FakeStripe, pro_price: str, settings: Any
+) -> None:
+    user = make_user("nosecret@example.com")
+    checkout(client, stripe_api, user)
+    settings.STRIPE_WEBHOOK_SECRET = ""
+    assert deliver(client, stripe_api.take()) == [400, 400, 400, 400]
+    assert account_of(user).plan.slug == "free" and not StripeEvent.objects.exists()
+
+
+def test_a_cancel_in_the_portal_keeps_pro_until_the_period_ends_then_free(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    fake: FakeBackend,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    sandbox = dozing_agent("cancel@example.com")
+    user = sandbox.owner
+    subscription_id = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    mail.outbox.clear()
+    period_end = account_of(user).current_period_end
+    assert period_end is not None
+
+    # Manage billing → the portal → "Cancel plan", through the fake's real pages.
+    response = client.post("/billing/manage/")
+    assert response.status_code == 302
+    portal_url = response["Location"]
+    assert portal_url.startswith(f"{stripe_api.url}/p/session/")
+    page = httpx.get(portal_url)
+    assert "Cancel plan" in page.text
+    cancelled = httpx.post(f"{portal_url}/cancel", data={"subscription": subscription_id})
+    assert cancelled.status_code == 303
+    assert cancelled.headers["location"] == "http://testserver/dashboard/"
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+
+    account = account_of(user)
+    assert account.plan.slug == "pro" and account.cancel_at_period_end
+    assert account.current_period_end == period_end
+    [scheduled] = mail.outbox
+    assert scheduled.subject == f"[Hermit] Your Pro plan ends on {period_end:%-d %B %Y}"
+    dashboard = client.get("/dashboard/").content.decode()
+    assert f"Pro ends on {period_end:%-d %B %Y}" in dashboard
+
+    with time_machine.travel(period_end + timedelta(seconds=5), tick=False):
+        stripe_api.end_period(subscription_id)
+        [deleted] = stripe_api.take()
+        assert deleted.type == "customer.subscription.deleted"
+        post_all(client, [deleted], django_capture_on_commit_callbacks)
+        account = account_of(user)
+        assert account.plan.slug == "free" and account.subscription_status == "canceled"
+        assert not account.cancel_at_period_end
+        change = PlanChange.objects.filter(account=account).first()
+        assert change is not None and change.stripe_event_id == deleted.event["id"]
+        assert mail.outbox[-1].subject == "[Hermit] Your Pro plan has ended"
+        assert tasks.sleep_idle_sandboxes()["hibernated"] == 1  # free: it sleeps when idle
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.SLEEPING
+
+
+def test_it_is_not_fooled_by_events_out_of_order(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    user = make_user("shuffled@example.com")
+    subscription_id = checkout(client, stripe_api, user)
+    paid = stripe_api.take()
+    stripe_api.cancel_at_period_end(subscription_id)
+    stripe_api.end_period(subscription_id)
+    later = stripe_api.take()
+    # The deletion arrives first, then the cancellation, then the payment's own events.
+    post_all(client, list(reversed(later)) + paid, django_capture_on_commit_callbacks)
+    account = account_of(user)
+    assert account.plan.slug == "free" and account.subscription_status == "canceled"
+    assert not account.cancel_at_period_end
+    assert not PlanChange.objects.exists()  # never wrongly upgraded on the way
+
+    # A new subscription later is not undone by news of the old one.
+    subscription_2 = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    stale = stripe_api.resend(later[-1].event["id"])
+    stripe_api.take()
+    post_all(client, [stale], django_capture_on_commit_callbacks)  # already applied: no-op
+    stripe_api.events.append({**later[-1].event, "id": "evt_stale_copy"})
+    post_all(client, [stripe_api.resend("evt_stale_copy")], django_capture_on_commit_callbacks)
+    stripe_api.take()
+    account = account_of(user)
+    assert account.plan.slug == "pro" and account.stripe_subscription_id == subscription_2
+
+
+def test_it_acknowledges_event_types_it_does_not_act_on(
+    client: Any, stripe_api: FakeStripe
+) -> None:
+    user = make_user("other@example.com")
+    event = {
+        "id": "evt_customer_updated",
+        "object": "event",
+        "api_version": "2026-10-28.endive",
+        "created": int(timezone.now().timestamp()),
+        "data": {"object": {"id": "cus_x", "object": "customer"}},
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": "customer.updated",
+    }
+    stripe_api.events.append(event)
+    delivery = stripe_api.resend(event["id"])
+    response = client.post(
+        WEBHOOK_PATH,
+        data=delivery.payload.encode(),
+        content_type="application/json",
+        HTTP_STRIPE_SIGNATURE=delivery.signature,
+    )
+    assert response.status_code == 200 and response.json()["outcome"] == "ignored"
+    assert account_of(user).plan.slug == "free"
+
+
+def test_it_follows_a_plan_change_made_in_the_portal_and_keeps_unknown_prices_out(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """A subscription moved to another price follows that price's plan; a price no plan has
+    leaves the plan as it is."""
+    team = Plan.objects.create(
+        slug="team", name="Team", sleeps=False, public=True, price_monthly=30
+    )
+    user = make_user("switch@example.com")
+    subscription_id = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    team_price = sell_plan(stripe_api, "team")
+    with stripe_api._lock:
+        item = stripe_api.subscriptions[subscription_id]["items"]["data"][0]
+        item["price"] = stripe_api.prices[team_price]
+        delivery = stripe_api._event(
+            "customer.subscription.updated", stripe_api.subscriptions[subscription_id]
+        )
+    post_all(client, [delivery], django_capture_on_commit_callbacks)
+    assert account_of(user).plan == team
+
+    unknown = stripe_api.create_price(999, "Unlisted")
+    with stripe_api._lock:
+        item["price"] = stripe_api.prices[unknown]
+        delivery = stripe_api._event(
+            "customer.subscription.updated", stripe_api.subscriptions[subscription_id]
+        )
+    post_all(client, [delivery], django_capture_on_commit_callbacks)
+    assert account_of(user).plan == team

@@ -1,0 +1,231 @@
+"""The pricing page, the Upgrade and Manage billing buttons, and plans changed by staff.
+
+Checkout and the portal run against the local fake Stripe API through the real stripe SDK.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from billing import pricing
+from billing.models import Account, Plan, PlanChange
+from tests.factories import make_user
+from tests.fakes.stripe_api import FakeStripe
+from tests.fixtures.stripe import sell_plan
+
+pytestmark = pytest.mark.django_db
+
+
+def test_it_lists_the_public_plans_from_their_rows_to_anyone(client: Any) -> None:
+    Plan.objects.create(
+        slug="team",
+        name="Team",
+        public=True,
+        sleeps=False,
+        price_monthly=Decimal("29.50"),
+        monthly_token_quota=50_000_000,
+        memory_mb=4096,
+        cpu_millis=4000,
+        internet=True,
+        backup_interval=timedelta(hours=6),
+        backup_keep_last=4,
+        backup_keep_daily=14,
+    )
+    Plan.objects.create(slug="internal", name="Internal staff plan", public=False)
+
+    response = client.get("/pricing/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    for text in [
+        'id="plan-free"',
+        'id="plan-pro"',
+        'id="plan-team"',
+        "Sleeps when idle, wakes in about a second",
+        "Always on",
+        "$12 / month",
+        "$29.50 / month",
+        "1M a month",
+        "20M a month",
+        "50M a month",
+        "up to $1.00 a month",
+        "1.5 GB",
+        "4 GB",
+        "1 core",
+        "4 cores",
+        "Daily, keeping 7 daily",
+        "Hourly, keeping the last 24, 7 daily and 4 weekly",
+        "Every 6 hours, keeping the last 4 and 14 daily",
+        "No (model calls only)",
+        "Sign up to upgrade",
+    ]:
+        assert text in page, text
+    assert "Internal staff plan" not in page
+    # Cheapest first.
+    assert page.index('id="plan-free"') < page.index('id="plan-pro"') < page.index('id="plan-team"')
+
+
+def test_it_links_the_pricing_page_from_home_and_the_dashboard(client: Any, alice: Any) -> None:
+    assert 'href="/pricing/"' in client.get("/").content.decode()
+    client.force_login(alice)
+    dashboard = client.get("/dashboard/").content.decode()
+    assert 'href="/pricing/"' in dashboard
+    assert '<span id="plan-name">Free</span><span id="plan-policy">, sleeps when idle</span>' in (
+        dashboard
+    )
+
+
+def test_it_says_billing_is_not_set_up_without_stripe_keys(
+    client: Any, alice: Any, settings: Any
+) -> None:
+    settings.STRIPE_SECRET_KEY = ""
+    Plan.objects.filter(slug="pro").update(stripe_price_id="price_unused")
+    client.force_login(alice)
+    page = client.get("/pricing/").content.decode()
+    assert "Billing is not set up" in page and "Upgrade to Pro" not in page
+
+    response = client.post("/billing/upgrade/", {"plan": "pro"}, follow=True)
+    assert response.redirect_chain == [("/pricing/", 302)]
+    assert "Billing is not set up on this site yet" in response.content.decode()
+    response = client.post("/billing/manage/", follow=True)
+    assert "Billing is not set up on this site yet" in response.content.decode()
+    assert Account.objects.get(user=alice).plan.slug == "free"
+
+
+def test_staff_change_a_plan_in_the_admin_and_it_is_recorded(
+    client: Any, staff: Any, alice: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    account = Account.objects.get(user=alice)
+    pro = Plan.objects.get(slug="pro")
+    client.force_login(staff)
+    url = f"/admin/billing/account/{account.pk}/change/"
+    assert client.get(url).status_code == 200
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = client.post(
+            url,
+            {
+                "user": alice.pk,
+                "plan": pro.pk,
+                "plan_changes-TOTAL_FORMS": "0",
+                "plan_changes-INITIAL_FORMS": "0",
+                "plan_changes-MIN_NUM_FORMS": "0",
+                "plan_changes-MAX_NUM_FORMS": "1000",
+            },
+        )
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    assert len(callbacks) == 1  # the agent's apply_plan, queued once the change commits
+    account.refresh_from_db()
+    assert account.plan == pro
+    change = PlanChange.objects.get(account=account)
+    assert (change.from_plan.slug, change.to_plan.slug) == ("free", "pro")
+    assert change.source == PlanChange.Source.STAFF and change.actor == staff
+    assert "Changed in the admin" in client.get(url).content.decode()
+
+    # Saving the account again without touching its plan records nothing.
+    client.post(
+        url,
+        {
+            "user": alice.pk,
+            "plan": pro.pk,
+            "plan_changes-TOTAL_FORMS": "1",
+            "plan_changes-INITIAL_FORMS": "1",
+            "plan_changes-MIN_NUM_FORMS": "0",
+            "plan_changes-MAX_NUM_FORMS": "1000",
+            "plan_changes-0-id": change.pk,
+            "plan_changes-0-account": account.pk,
+        },
+    )
+    assert PlanChange.objects.count() == 1
+
+
+def test_the_sdk_creates_a_customer_and_a_checkout_session_at_the_fake(
+    client: Any, stripe_api: FakeStripe, alice: Any
+) -> None:
+    price_id = sell_plan(stripe_api, "pro")
+    client.force_login(alice)
+    page = client.get("/pricing/").content.decode()
+    assert "Upgrade to Pro" in page
+
+    response = client.post("/billing/upgrade/", {"plan": "pro"})
+    assert response.status_code == 302
+    calls = [(method, path) for method, path, _ in stripe_api.requests]
+    assert calls == [("POST", "/v1/customers"), ("POST", "/v1/checkout/sessions")]
+    [customer] = stripe_api.customers.values()
+    assert customer["email"] == "alice@example.com"
+    assert customer["metadata"] == {"hermit_user_id": str(alice.pk)}
+    account = Account.objects.get(user=alice)
+    assert account.stripe_customer_id == customer["id"]
+    [session] = stripe_api.sessions.values()
+    assert response["Location"] == session["url"]
+    assert session["mode"] == "subscription" and session["_price"] == price_id
+    assert session["customer"] == customer["id"]
+    assert session["client_reference_id"] == str(alice.pk)
+    assert session["metadata"] == {"hermit_user_id": str(alice.pk), "hermit_plan": "pro"}
+    assert session["success_url"] == "http://testserver/dashboard/?checkout=success"
+    assert session["cancel_url"] == "http://testserver/pricing/?checkout=cancelled"
+    _, _, params = stripe_api.requests[1]
+    assert params["line_items"] == [{"price": price_id, "quantity": "1"}]
+
+    # A second try reuses the customer; the plan has not changed (Stripe has not confirmed).
+    client.post("/billing/upgrade/", {"plan": "pro"})
+    assert len(stripe_api.customers) == 1 and len(stripe_api.sessions) == 2
+    assert Account.objects.get(user=alice).plan.slug == "free"
+    cancelled = client.get("/pricing/?checkout=cancelled").content.decode()
+    assert "nothing was charged" in cancelled
+
+
+def test_it_refuses_plans_that_are_not_for_sale(
+    client: Any, stripe_api: FakeStripe, alice: Any
+) -> None:
+    client.force_login(alice)
+    Plan.objects.create(slug="hidden", name="Hidden", public=False, price_monthly=5)
+    assert client.post("/billing/upgrade/", {"plan": "hidden"}).status_code == 404
+    response = client.post("/billing/upgrade/", {"plan": "pro"}, follow=True)  # no price yet
+    assert "Pro cannot be bought here" in response.content.decode()
+    assert client.get("/billing/upgrade/").status_code == 405
+    assert stripe_api.requests == []
+
+
+def test_stripe_errors_are_shown_plainly_and_keys_never_logged(
+    client: Any, stripe_api: FakeStripe, alice: Any, settings: Any, caplog: Any
+) -> None:
+    sell_plan(stripe_api, "pro")
+    wrong_key = "sk_test_thisisnotthekey1234567890"
+    settings.STRIPE_SECRET_KEY = wrong_key
+    client.force_login(alice)
+    with caplog.at_level(logging.DEBUG):
+        response = client.post("/billing/upgrade/", {"plan": "pro"}, follow=True)
+    page = response.content.decode()
+    assert "Stripe could not be reached just now" in page
+    assert wrong_key not in page and wrong_key[8:] not in caplog.text
+    assert stripe_api.webhook_secret not in caplog.text
+    assert "AuthenticationError (HTTP 401" in caplog.text
+    assert Account.objects.get(user=alice).stripe_customer_id == ""
+
+
+def test_manage_billing_needs_a_billing_account(
+    client: Any, stripe_api: FakeStripe, alice: Any
+) -> None:
+    client.force_login(alice)
+    response = client.post("/billing/manage/", follow=True)
+    assert "You have no billing account yet" in response.content.decode()
+    Account.objects.filter(user=alice).update(stripe_customer_id="cus_unknown")
+    response = client.post("/billing/manage/", follow=True)
+    assert "Stripe could not be reached just now" in response.content.decode()
+
+
+def test_it_describes_plans_in_words() -> None:
+    assert pricing.price(Decimal("0")) == "Free"
+    assert pricing.price(Decimal("12.00")) == "$12 / month"
+    assert pricing.tokens(0) == "Unlimited" and pricing.tokens(250_000) == "250k a month"
+    assert pricing.memory(512) == "512 MB" and pricing.memory(2048) == "2 GB"
+    assert pricing.cpu(500) == "0.5 core" and pricing.cpu(2000) == "2 cores"
+    assert pricing.every(timedelta(minutes=30)) == "Every 30 minutes"
+    assert pricing.every(timedelta(days=2)) == "Every 2 days"
+    plan = Plan(backup_interval=None, backup_keep_last=0, backup_keep_daily=0)
+    assert pricing.backups(plan) == "When it sleeps or stops"
+    assert make_user("words@example.com").account.plan.sleep_policy == "sleeps when idle"
