@@ -41,9 +41,18 @@ def is_configured() -> bool:
     return bool(settings.STRIPE_SECRET_KEY)
 
 
+# A webhook reads the subscription back while it holds the account's row lock: never wait long.
+TIMEOUT_SECONDS = 20
+
+
 @lru_cache(maxsize=4)
 def _client_for(api_key: str, api_base: str) -> stripe.StripeClient:
-    return stripe.StripeClient(api_key, base_addresses={"api": api_base}, max_network_retries=1)
+    return stripe.StripeClient(
+        api_key,
+        base_addresses={"api": api_base},
+        max_network_retries=1,
+        http_client=stripe.RequestsClient(timeout=TIMEOUT_SECONDS),
+    )
 
 
 def _client() -> stripe.StripeClient:

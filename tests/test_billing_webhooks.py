@@ -439,3 +439,49 @@ def test_it_follows_a_plan_change_made_in_the_portal_and_keeps_unknown_prices_ou
         )
     post_all(client, [delivery], django_capture_on_commit_callbacks)
     assert account_of(user).plan == team
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_applies_an_event_delivered_several_times_at_once_once(
+    stripe_api: FakeStripe, settings: Any
+) -> None:
+    import threading
+
+    from django.db import connection
+    from django.test import Client
+
+    sell_plan(stripe_api, "pro")
+    user = make_user("concurrent@example.com")
+    client = Client()
+    checkout(client, stripe_api, user)
+    [completed] = stripe_api.take("checkout.session.completed")
+    statuses: list[int] = []
+    start = threading.Barrier(4)
+
+    def post() -> None:
+        try:
+            start.wait()
+            statuses.extend(deliver(Client(), [completed]))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert statuses == [200] * 4
+    assert account_of(user).plan.slug == "pro"
+    assert PlanChange.objects.count() == 1 and StripeEvent.objects.count() == 1
+    assert [m.subject for m in mail.outbox] == ["[Hermit] Welcome to Pro"]
+
+
+def test_the_grace_task_is_on_the_beat_schedule(settings: Any) -> None:
+    from portal.celery import app
+
+    entry = settings.CELERY_BEAT_SCHEDULE["end-billing-grace"]
+    assert entry["task"] == end_expired_grace.name
+    Account.objects.filter(user=make_user("due@example.com")).update(
+        plan=Plan.objects.get(slug="pro"), grace_until=timezone.now() - timedelta(minutes=1)
+    )
+    assert app.tasks[entry["task"]].apply().get() == 1
