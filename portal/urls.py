@@ -18,6 +18,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("ai/", include("billing.ai_gateway.urls")),
     path("settings/keys/", views_keys.provider_keys, name="provider-keys"),
+    path("usage/", include("metering.urls")),
     path("pricing/", views_plans.pricing_page, name="pricing"),
     path("billing/", include("billing.urls")),
 ]

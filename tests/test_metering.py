@@ -4,22 +4,20 @@ asleep, backup storage once a day, and a sandbox whose stats fail skipped alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import time_machine
 
-from billing.models import Account, Plan
+from billing.models import Plan
 from metering import sampling, tasks
 from metering.models import DailyUsage, StorageSample, UsageSample
 from sandboxes import actions, sleep
-from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend
-from sandboxes.models import RuntimeImage, Sandbox, Snapshot
+from sandboxes.models import Sandbox, Snapshot
 from tests.factories import make_user
+from tests.fixtures.metering import make_running
 
 pytestmark = pytest.mark.django_db
 State = Sandbox.State
@@ -28,35 +26,9 @@ T0 = datetime(2026, 11, 10, 12, 0, 5, tzinfo=UTC)  # 5 s into an interval
 
 
 @pytest.fixture
-def fake(settings: Any, tmp_path: Path) -> Iterator[FakeBackend]:
-    backend = get_backend("fake")
-    assert isinstance(backend, FakeBackend)
-    backend.reset()
-    settings.SANDBOX_BACKEND = "fake"
+def fake(fake_backend: FakeBackend, settings: Any) -> FakeBackend:
     settings.HERMIT_METERING_INTERVAL = 60
-    (tmp_path / "runtime").mkdir()
-    image = RuntimeImage.objects.create(
-        openclaw_version="test",
-        node_version="test",
-        path=str(tmp_path / "runtime"),
-        status=RuntimeImage.Status.READY,
-        is_current=True,
-    )
-    RuntimeImage.objects.exclude(pk=image.pk).update(is_current=False)
-    yield backend
-    backend.reset()
-
-
-def make_running(email: str, plan: str = "free") -> Sandbox:
-    user = make_user(email)
-    Account.objects.filter(user=user).update(plan=Plan.objects.get(slug=plan))
-    sandbox = Sandbox.objects.get(owner=user)
-    Sandbox.objects.filter(pk=sandbox.pk).update(backend="fake")
-    sandbox.refresh_from_db()
-    actions.provision_sandbox(sandbox)
-    sandbox.refresh_from_db()
-    assert sandbox.state == State.RUNNING, sandbox.error_message
-    return sandbox
+    return fake_backend
 
 
 def meter_at(moment: datetime) -> int:

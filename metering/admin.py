@@ -1,0 +1,165 @@
+"""Staff's cost table: every user's month of usage, cost, revenue and margin.
+
+The "Usage and cost" entry of the admin index opens it (it is DailyUsage's changelist, replaced
+by this table). Query string: ``month=YYYY-MM`` (default: this month), ``plan=<slug>``, and
+``o=<column>`` or ``o=-<column>`` to sort (columns: metering.reports.SORT_KEYS). ``csv/`` with
+the same query string downloads the same rows. Beside the table: the month's cost per
+always-on user and per user of a plan that sleeps, and the warm pool's own cost.
+
+Only staff with ``metering.view_costs`` (superusers have it) see it; the rows are read-only.
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, QueryDict
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
+from django.utils import timezone
+
+from billing.models import Plan
+from metering.models import DailyUsage
+from metering.reports import SORT_KEYS, CostRow, Month, cost_rows, fleet, sort_rows
+from metering.views import month_from
+
+COLUMNS = [
+    ("user", "User"),
+    ("plan", "Plan"),
+    ("cpu", "CPU-s"),
+    ("gb_hours", "GB-hours"),
+    ("gb_days", "Storage GB-days"),
+    ("tokens", "Tokens"),
+    ("compute", "Compute $"),
+    ("storage", "Storage $"),
+    ("model", "Model $"),
+    ("total", "Total cost $"),
+    ("revenue", "Revenue $"),
+    ("margin", "Margin $"),
+]
+CSV_HEADER = [
+    "user",
+    "plan",
+    "cpu_seconds",
+    "gb_hours",
+    "storage_gb_days",
+    "tokens",
+    "byok_tokens",
+    "compute_usd",
+    "storage_usd",
+    "model_usd",
+    "total_cost_usd",
+    "revenue_usd",
+    "margin_usd",
+]
+
+
+def figures(row: CostRow) -> list[str]:
+    """Return ``row`` as the table and the CSV print it (CSV_HEADER's order)."""
+    u, c = row.usage, row.cost
+    return [
+        row.user,
+        row.plan,
+        f"{u.cpu_seconds:.0f}",
+        f"{u.gb_hours:.2f}",
+        f"{u.gb_days:.2f}",
+        str(u.tokens),
+        str(u.byok_tokens),
+        str(c.compute),
+        str(c.storage),
+        str(c.model),
+        str(c.total),
+        str(row.revenue),
+        str(row.margin),
+    ]
+
+
+def may_view_costs(request: HttpRequest) -> bool:
+    user = request.user
+    return bool(user.is_active and user.is_staff and user.has_perm("metering.view_costs"))
+
+
+@admin.register(DailyUsage)
+class CostTableAdmin(admin.ModelAdmin[DailyUsage]):
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return may_view_costs(request)
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return may_view_costs(request)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_urls(self) -> list[URLPattern]:
+        csv_view = self.admin_site.admin_view(self.csv_view)
+        return [path("csv/", csv_view, name="metering_dailyusage_csv"), *super().get_urls()]
+
+    def _rows(self, request: HttpRequest) -> tuple[Month, list[CostRow], list[CostRow], str, str]:
+        """Return the month, every row of it, the rows shown (plan filter, order), the plan
+        filter and the order. Raise ValueError on a bad month."""
+        if not may_view_costs(request):
+            raise PermissionDenied
+        month = month_from(request)
+        plan = request.GET.get("plan", "")
+        order = request.GET.get("o", "user")
+        everyone = cost_rows(month, timezone.now())
+        shown = [r for r in everyone if not plan or r.plan_slug == plan]
+        return month, everyone, sort_rows(shown, order), plan, order
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        try:
+            month, everyone, rows, plan, order = self._rows(request)
+        except ValueError as exc:
+            return HttpResponseBadRequest(str(exc))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Usage and cost, {month.label}",
+            "month": month,
+            "this_month": Month.of(timezone.now()),
+            "plans": Plan.objects.order_by("price_monthly", "name"),
+            "plan": plan,
+            "columns": _headers(request, order),
+            "rows": [(row, figures(row)) for row in rows],
+            "fleet": fleet(month, everyone),
+            "query": request.GET.urlencode(),
+            **(extra_context or {}),
+        }
+        return TemplateResponse(request, "admin/metering/costs.html", context)
+
+    def csv_view(self, request: HttpRequest) -> HttpResponse:
+        try:
+            month, _, rows, _, _ = self._rows(request)
+        except ValueError as exc:
+            return HttpResponseBadRequest(str(exc))
+        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="hermit-costs-{month}.csv"'
+        writer = csv.writer(response)
+        writer.writerow(CSV_HEADER)
+        writer.writerows(figures(row) for row in rows)
+        return response
+
+
+def _headers(request: HttpRequest, order: str) -> list[dict[str, str]]:
+    """Return each column's label, the link that sorts by it (descending if it is already
+    sorted ascending), and how it is sorted now ("asc", "desc" or "")."""
+    current = order.lstrip("-") if order.lstrip("-") in SORT_KEYS else "user"
+    descending = order.startswith("-")
+    headers = []
+    for key, label in COLUMNS:
+        query: QueryDict = request.GET.copy()
+        query["o"] = f"-{key}" if key == current and not descending else key
+        state = ("desc" if descending else "asc") if key == current else ""
+        headers.append({"key": key, "label": label, "url": f"?{query.urlencode()}", "state": state})
+    return headers

@@ -1,0 +1,339 @@
+"""Monthly usage and cost, read from DailyUsage (sandboxes) and UsageRecord (model calls).
+
+Reports aggregate by query: the daily roll-up keeps a month of one user to 31 rows, so the staff
+table is two GROUP BY queries whatever the fleet's size, and the model figures are the AI
+gateway's own records, summed where they are (never copied). Months and days are UTC.
+
+- :func:`cost_rows`: one row per user who used anything in the month or is on a paid plan
+  (the warm pool's own account is left out and reported apart, see :func:`fleet`).
+- :func:`fleet`: the month's cost per always-on user (plans that never sleep) and per user of
+  a plan that sleeps.
+- :func:`user_month`: one user's month by day, for their charts (reached through
+  metering.access only).
+Costs, revenue and margin are computed in metering.pricing.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db.models import Count, F, Q, Sum
+from django.db.models.functions import TruncDate
+
+from billing.ai_gateway.models import UsageRecord
+from billing.models import Account, Plan, default_plan
+from metering.models import DailyUsage
+from metering.pricing import ZERO, Cost, Usage, cost, rates, revenue
+from sandboxes.pool import POOL_USERNAME
+
+SANDBOX_FIELDS = ("cpu_ms", "memory_byte_seconds", "awake_seconds", "dozing_seconds")
+
+
+@dataclass(frozen=True)
+class Month:
+    """A calendar month (UTC), named by its first day."""
+
+    first: date
+
+    @classmethod
+    def of(cls, moment: datetime) -> Month:
+        return cls(moment.astimezone(UTC).date().replace(day=1))
+
+    @classmethod
+    def parse(cls, value: str) -> Month:
+        """Return the month written ``YYYY-MM``. Raise ValueError otherwise."""
+        try:
+            parsed = datetime.strptime(value, "%Y-%m")  # noqa: DTZ007 (a date, no time)
+        except ValueError:
+            raise ValueError(f"A month is written like 2026-11, not {value!r}.") from None
+        return cls(parsed.date())
+
+    @property
+    def days(self) -> int:
+        return calendar.monthrange(self.first.year, self.first.month)[1]
+
+    @property
+    def last(self) -> date:
+        return self.first.replace(day=self.days)
+
+    @property
+    def start(self) -> datetime:
+        return datetime(self.first.year, self.first.month, 1, tzinfo=UTC)
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(days=self.days)
+
+    @property
+    def previous(self) -> Month:
+        return Month((self.first - timedelta(days=1)).replace(day=1))
+
+    @property
+    def next(self) -> Month:
+        return Month(self.last + timedelta(days=1))
+
+    def __str__(self) -> str:
+        return f"{self.first:%Y-%m}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.first:%B %Y}"
+
+    def dates(self) -> list[date]:
+        return [self.first + timedelta(days=n) for n in range(self.days)]
+
+    def days_counted(self, today: date, joined: date) -> int:
+        """Return the days of this month from ``joined`` up to ``today``, both included."""
+        first, last = max(self.first, joined), min(self.last, today)
+        return max(0, (last - first).days + 1)
+
+
+@dataclass(frozen=True)
+class CostRow:
+    user_id: int
+    user: str
+    plan: str
+    plan_slug: str
+    always_on: bool
+    usage: Usage
+    cost: Cost
+    revenue: Decimal
+
+    @property
+    def margin(self) -> Decimal:
+        return self.revenue - self.cost.total
+
+
+@dataclass(frozen=True)
+class Fleet:
+    always_on_users: int
+    always_on_cost: Decimal  # the month's total for them
+    sleeping_users: int
+    sleeping_cost: Decimal
+    pool_cost: Decimal  # the warm pool's gateways, nobody's yet
+
+    @property
+    def per_always_on_user(self) -> Decimal | None:
+        return _per(self.always_on_cost, self.always_on_users)
+
+    @property
+    def per_sleeping_user(self) -> Decimal | None:
+        return _per(self.sleeping_cost, self.sleeping_users)
+
+
+def _per(total: Decimal, users: int) -> Decimal | None:
+    return (total / users).quantize(Decimal("0.0001")) if users else None
+
+
+SORT_KEYS: dict[str, Callable[[CostRow], Any]] = {
+    "user": lambda r: r.user.lower(),
+    "plan": lambda r: r.plan.lower(),
+    "cpu": lambda r: r.usage.cpu_ms,
+    "gb_hours": lambda r: r.usage.memory_byte_seconds,
+    "gb_days": lambda r: r.usage.storage_byte_days,
+    "tokens": lambda r: r.usage.tokens,
+    "compute": lambda r: r.cost.compute,
+    "storage": lambda r: r.cost.storage,
+    "model": lambda r: r.cost.model,
+    "total": lambda r: r.cost.total,
+    "revenue": lambda r: r.revenue,
+    "margin": lambda r: r.margin,
+}
+
+
+def sort_rows(rows: list[CostRow], order: str) -> list[CostRow]:
+    """Return ``rows`` sorted by ``order``: a SORT_KEYS name, "-" first for descending. An
+    unknown name sorts by user."""
+    name = order.lstrip("-")
+    key = SORT_KEYS.get(name, SORT_KEYS["user"])
+    by_user = sorted(rows, key=SORT_KEYS["user"])
+    return sorted(by_user, key=key, reverse=order.startswith("-") and name in SORT_KEYS)
+
+
+def _sandbox_usage(
+    month: Month, user_ids: Iterable[int] | None = None
+) -> dict[int, dict[str, Any]]:
+    rows = DailyUsage.objects.filter(day__gte=month.first, day__lte=month.last)
+    if user_ids is not None:
+        rows = rows.filter(user_id__in=list(user_ids))
+    sums = rows.values("user_id").annotate(
+        **{name: Sum(name) for name in (*SANDBOX_FIELDS, "storage_bytes")}
+    )
+    return {row["user_id"]: dict(row) for row in sums}
+
+
+def _model_usage(month: Month, user_ids: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
+    rows = UsageRecord.objects.filter(
+        created_at__gte=month.start, created_at__lt=month.end, user__isnull=False
+    )
+    if user_ids is not None:
+        rows = rows.filter(user_id__in=list(user_ids))
+    sums = rows.values("user_id").annotate(
+        tokens=Sum(F("input_tokens") + F("output_tokens")),
+        byok_tokens=Sum(F("input_tokens") + F("output_tokens"), filter=Q(byok=True)),
+        model_cost=Sum("cost", filter=Q(byok=False)),
+    )
+    return {row["user_id"]: dict(row) for row in sums}
+
+
+def _usage(sandbox: dict[str, Any] | None, model: dict[str, Any] | None) -> Usage:
+    sandbox, model = sandbox or {}, model or {}
+    return Usage(
+        cpu_ms=sandbox.get("cpu_ms") or 0,
+        memory_byte_seconds=sandbox.get("memory_byte_seconds") or 0,
+        storage_byte_days=sandbox.get("storage_bytes") or 0,
+        awake_seconds=sandbox.get("awake_seconds") or 0,
+        dozing_seconds=sandbox.get("dozing_seconds") or 0,
+        tokens=model.get("tokens") or 0,
+        byok_tokens=model.get("byok_tokens") or 0,
+        model_cost=model.get("model_cost") or ZERO,
+    )
+
+
+def _revenue(
+    month: Month, today: date, users: dict[int, Any], plans: dict[int, Plan]
+) -> dict[int, Decimal]:
+    """Revenue by user id: each counted day at the plan recorded that day, else the current."""
+    recorded: dict[int, dict[Decimal, int]] = defaultdict(lambda: defaultdict(int))
+    rows = (
+        DailyUsage.objects.filter(
+            day__gte=month.first, day__lte=min(month.last, today), plan__isnull=False
+        )
+        .filter(user_id__in=list(users))
+        .values("user_id", "day", "plan__price_monthly")
+    )
+    for row in rows:
+        if row["day"] >= users[row["user_id"]].date_joined.astimezone(UTC).date():
+            recorded[row["user_id"]][row["plan__price_monthly"]] += 1
+    earned = {}
+    for user_id, user in users.items():
+        days = dict(recorded[user_id])
+        joined = user.date_joined.astimezone(UTC).date()
+        rest = month.days_counted(today, joined) - sum(days.values())
+        price = plans[user_id].price_monthly
+        days[price] = days.get(price, 0) + max(0, rest)
+        earned[user_id] = revenue(days, month.days)
+    return earned
+
+
+def _plans(user_ids: Iterable[int]) -> dict[int, Plan]:
+    ids = list(user_ids)
+    found = {
+        a.user_id: a.plan for a in Account.objects.select_related("plan").filter(user_id__in=ids)
+    }
+    if len(found) < len(ids):
+        fallback = default_plan()
+        found.update({u: fallback for u in ids if u not in found})
+    return found
+
+
+def cost_rows(month: Month, now: datetime) -> list[CostRow]:
+    """Return the month's row of every user who used anything in it or is on a paid plan,
+    ordered by user."""
+    sandbox, model = _sandbox_usage(month), _model_usage(month)
+    paying = Account.objects.filter(
+        plan__price_monthly__gt=0, user__date_joined__lt=month.end
+    ).values_list("user_id", flat=True)
+    ids = set(sandbox) | set(model) | set(paying)
+    users = {
+        u.pk: u for u in get_user_model().objects.filter(pk__in=ids).exclude(username=POOL_USERNAME)
+    }
+    plans = _plans(users)
+    earned = _revenue(month, now.astimezone(UTC).date(), users, plans)
+    rate = rates()
+    rows = []
+    for user_id, user in users.items():
+        usage = _usage(sandbox.get(user_id), model.get(user_id))
+        plan = plans[user_id]
+        rows.append(
+            CostRow(
+                user_id=user_id,
+                user=user.email or user.username,
+                plan=plan.name,
+                plan_slug=plan.slug,
+                always_on=plan.sleeps_after() is None,
+                usage=usage,
+                cost=cost(usage, month.days, rate),
+                revenue=earned[user_id],
+            )
+        )
+    return sort_rows(rows, "user")
+
+
+def fleet(month: Month, rows: list[CostRow]) -> Fleet:
+    """Return the month's cost per always-on and per sleeping user of ``rows``, and what the
+    warm pool's gateways cost."""
+    always_on = [r for r in rows if r.always_on]
+    sleeping = [r for r in rows if not r.always_on]
+    pool = get_user_model().objects.filter(username=POOL_USERNAME).values_list("pk", flat=True)
+    pool_ids = list(pool)
+    pool_usage = _usage(
+        _sandbox_usage(month, pool_ids).get(pool_ids[0]) if pool_ids else None, None
+    )
+    return Fleet(
+        always_on_users=len(always_on),
+        always_on_cost=sum((r.cost.total for r in always_on), start=ZERO),
+        sleeping_users=len(sleeping),
+        sleeping_cost=sum((r.cost.total for r in sleeping), start=ZERO),
+        pool_cost=cost(pool_usage, month.days, rates()).total,
+    )
+
+
+@dataclass(frozen=True)
+class Day:
+    day: date
+    usage: Usage
+    cost: Cost
+
+
+@dataclass(frozen=True)
+class UserMonth:
+    month: Month
+    days: list[Day]
+    usage: Usage
+    cost: Cost
+    plan: Plan
+
+
+def user_month(user: Any, month: Month) -> UserMonth:
+    """Return ``user``'s month, day by day. Reach it through metering.access only."""
+    daily = {
+        row["day"]: row
+        for row in DailyUsage.objects.filter(
+            user=user, day__gte=month.first, day__lte=month.last
+        ).values("day", *SANDBOX_FIELDS, "storage_bytes")
+    }
+    calls = (
+        UsageRecord.objects.filter(user=user, created_at__gte=month.start, created_at__lt=month.end)
+        .annotate(day=TruncDate("created_at", tzinfo=UTC))
+        .values("day")
+        .annotate(
+            tokens=Sum(F("input_tokens") + F("output_tokens")),
+            byok_tokens=Sum(F("input_tokens") + F("output_tokens"), filter=Q(byok=True)),
+            model_cost=Sum("cost", filter=Q(byok=False)),
+            calls=Count("id"),
+        )
+    )
+    model = {row["day"]: dict(row) for row in calls}
+    rate = rates()
+    days = []
+    for day in month.dates():
+        usage = _usage(daily.get(day), model.get(day))
+        days.append(Day(day=day, usage=usage, cost=cost(usage, month.days, rate)))
+    total = _usage(
+        _sandbox_usage(month, [user.pk]).get(user.pk), _model_usage(month, [user.pk]).get(user.pk)
+    )
+    return UserMonth(
+        month=month,
+        days=days,
+        usage=total,
+        cost=cost(total, month.days, rate),
+        plan=_plans([user.pk])[user.pk],
+    )

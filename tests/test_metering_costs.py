@@ -1,0 +1,195 @@
+"""What a seeded month of metering (tests/fixtures/metering.py) costs, to the cent and beyond:
+the staff cost table, its CSV, the fleet's cost per user, and each user's own usage page; who
+may see which."""
+
+from __future__ import annotations
+
+import csv
+import io
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import time_machine
+from django.contrib.auth.models import Permission
+from django.core.exceptions import ImproperlyConfigured
+from django.test import Client
+from django.urls import reverse
+
+from metering import pricing
+from metering.reports import Month, cost_rows, fleet
+from tests.factories import make_user
+from tests.fixtures.metering import (
+    EXPECTED_ROWS,
+    MONTH,
+    MONTH_END,
+    PER_ALWAYS_ON_USER,
+    PER_FREE_USER,
+    SeededMonth,
+)
+from tests.mfa import enroll_totp
+
+pytestmark = pytest.mark.django_db
+TABLE = "admin:metering_dailyusage_changelist"
+CSV = "admin:metering_dailyusage_csv"
+
+
+@pytest.fixture
+def month_end() -> Any:
+    with time_machine.travel(MONTH_END, tick=False):
+        yield
+
+
+def table(client: Client, **query: str) -> list[list[str]]:
+    response = client.get(reverse(TABLE), {"month": MONTH, **query})
+    assert response.status_code == 200
+    return [cells[:13] for _, cells in response.context["rows"]]
+
+
+def test_it_gives_the_seeded_months_exact_figures_in_the_staff_table(
+    seeded_month: SeededMonth, client: Client, staff: Any, month_end: None
+) -> None:
+    client.force_login(staff)
+    assert table(client) == EXPECTED_ROWS
+    page = client.get(reverse(TABLE)).content.decode()  # this month is November
+    for row in EXPECTED_ROWS:
+        for cell in (row[0], *row[2:6], *row[7:]):
+            assert f">{cell}<" in page or f">{cell} BYOK<" in page or f">{cell}<br>" in page, cell
+    assert f'id="fleet-always-on">${PER_ALWAYS_ON_USER}<' in page
+    assert f'id="fleet-sleeping">${PER_FREE_USER}<' in page
+
+
+def test_it_gives_the_fleets_cost_per_always_on_and_per_free_user(
+    seeded_month: SeededMonth, month_end: None
+) -> None:
+    month = Month.parse(MONTH)
+    totals = fleet(month, cost_rows(month, MONTH_END))
+    assert (totals.always_on_users, totals.per_always_on_user) == (2, PER_ALWAYS_ON_USER)
+    assert (totals.sleeping_users, totals.per_sleeping_user) == (2, PER_FREE_USER)
+    assert totals.pool_cost == Decimal("0.0000")
+
+
+def test_it_exports_the_same_rows_as_csv(
+    seeded_month: SeededMonth, client: Client, staff: Any, month_end: None
+) -> None:
+    client.force_login(staff)
+    response = client.get(reverse(CSV), {"month": MONTH, "o": "-margin", "plan": "free"})
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/csv")
+    assert 'filename="hermit-costs-2026-11.csv"' in response["Content-Disposition"]
+    lines = list(csv.reader(io.StringIO(response.content.decode())))
+    assert lines[0][:3] == ["user", "plan", "cpu_seconds"]
+    assert lines[1:] == [EXPECTED_ROWS[3], EXPECTED_ROWS[1]]  # dave loses less than bob
+    assert lines[1:] == table(client, o="-margin", plan="free")
+
+
+def test_it_sorts_by_any_column_and_filters_by_plan(
+    seeded_month: SeededMonth, client: Client, staff: Any, month_end: None
+) -> None:
+    client.force_login(staff)
+    users = lambda **q: [row[0].split("@")[0] for row in table(client, **q)]  # noqa: E731
+    assert users(o="-margin") == ["alice", "carol", "dave", "bob"]
+    assert users(o="tokens") == ["carol", "dave", "bob", "alice"]
+    assert users(o="-gb_hours") == ["alice", "carol", "bob", "dave"]
+    assert users(o="cpu") == ["dave", "carol", "bob", "alice"]
+    assert users(o="-revenue") == ["alice", "carol", "bob", "dave"]
+    assert users(o="-user") == ["dave", "carol", "bob", "alice"]
+    assert users(plan="pro") == ["alice", "carol"]
+    assert users(plan="pro", o="total") == ["carol", "alice"]
+    page = client.get(reverse(TABLE), {"month": MONTH, "o": "margin"}).content.decode()
+    assert "o=-margin" in page  # sorted ascending: the header's link sorts descending
+    # October: nothing metered; alice paid for pro from the 15th: 17 days of 31 of USD 12.
+    october = table(client, month="2026-10")
+    assert [(row[0], row[9], row[11]) for row in october] == [
+        ("alice@example.com", "0.0000", "6.5806")
+    ]
+
+
+def test_it_refuses_a_month_it_cannot_read(client: Client, staff: Any, alice: Any) -> None:
+    client.force_login(staff)
+    response = client.get(reverse(TABLE), {"month": "November"})
+    assert response.status_code == 400
+    assert "2026-11" in response.content.decode()
+    client.force_login(alice)
+    assert client.get(reverse("usage"), {"month": "13-2026"}).status_code == 400
+
+
+def test_it_refuses_the_cost_table_to_non_staff_and_staff_without_the_permission(
+    client: Client, alice: Any
+) -> None:
+    client.force_login(alice)
+    for name in (TABLE, CSV):
+        response = client.get(reverse(name))
+        assert response.status_code == 302 and "/admin/login/" in response["Location"]
+    helpdesk = make_user("helpdesk@example.com", is_staff=True)
+    enroll_totp(helpdesk)
+    client.force_login(helpdesk)
+    assert client.get(reverse(TABLE)).status_code == 403
+    assert client.get(reverse(CSV)).status_code == 403
+    assert reverse(TABLE) not in client.get(reverse("admin:index")).content.decode()
+    helpdesk.user_permissions.add(Permission.objects.get(codename="view_costs"))
+    client.force_login(helpdesk)
+    assert client.get(reverse(TABLE)).status_code == 200
+    index = client.get(reverse("admin:index")).content.decode()
+    assert reverse(TABLE) in index and "Usage and cost" in index
+
+
+def test_it_shows_the_user_their_own_month(
+    seeded_month: SeededMonth, client: Client, month_end: None
+) -> None:
+    client.force_login(seeded_month.bob)
+    response = client.get(reverse("usage"))
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Usage in November 2026" in page
+    assert 'id="usage-tokens">80,000<' in page
+    assert 'id="usage-byok-tokens">50,000 on your own keys<' in page
+    assert 'id="usage-cost">$0.2592<' in page
+    assert 'id="usage-awake">240.0<' in page
+    assert 'id="cost-compute">$0.1442<' in page
+    assert 'id="cost-storage">$0.0150<' in page
+    assert 'id="cost-model">$0.1000<' in page
+    charts = response.context["charts"]
+    assert [c.title for c in charts] == [
+        "Model tokens per day",
+        "Cost per day",
+        "Hours awake per day",
+    ]
+    assert all(len(c.bars) == 30 for c in charts)
+    tokens, cost, awake = ([bar.title for bar in c.bars] for c in charts)
+    assert tokens[1] == "2: 30,000 tokens" and tokens[3] == "4: 50,000 tokens"
+    # Day 1: 72 CPU-s and 12 GB-hours (0.0072), 1 GB-day of backups (0.0005).
+    assert cost[0] == "1: 0.0077 USD" and cost[1] == "2: 0.1077 USD"
+    assert cost[15] == "16: 0.0077 USD"  # dozing: memory, no CPU (0.00720 + 0.0005)
+    assert cost[25] == "26: 0.0005 USD"  # asleep: its backups only
+    assert awake[0] == "1: 24.0 hours" and awake[10] == "11: 0.0 hours"
+    assert page.count("<rect ") == 90
+
+
+def test_it_never_shows_a_user_anothers_usage(
+    seeded_month: SeededMonth, client: Client, month_end: None
+) -> None:
+    client.force_login(seeded_month.dave)
+    page = client.get(reverse("usage"), {"user": seeded_month.alice.pk}).content.decode()
+    assert 'id="usage-tokens">10,000<' in page and 'id="usage-cost">$0.0500<' in page
+    assert "180,000" not in page and "0.8656" not in page
+    client.logout()
+    response = client.get(reverse("usage"))
+    assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+
+
+def test_it_reads_the_cost_rates_from_settings_and_refuses_a_bad_one(settings: Any) -> None:
+    assert pricing.rates() == pricing.Rates(Decimal("0.0012"), Decimal("0.0006"), Decimal("0.015"))
+    usage = pricing.Usage(cpu_ms=3_600_000, memory_byte_seconds=2**30 * 3600 * 10)
+    assert pricing.cost(usage, 30, pricing.rates()).compute == Decimal("0.0072")
+    settings.HERMIT_COST_RAM_GB_HOUR = "six tenths of a cent"
+    with pytest.raises(ImproperlyConfigured, match="HERMIT_COST_RAM_GB_HOUR"):
+        pricing.rates()
+    settings.HERMIT_COST_RAM_GB_HOUR = "-1"
+    with pytest.raises(ImproperlyConfigured, match=">= 0"):
+        pricing.rates()
+
+
+def test_it_prorates_revenue_by_the_days_on_each_plan() -> None:
+    assert pricing.revenue({Decimal("12.00"): 31}, 31) == Decimal("12.0000")
+    assert pricing.revenue({Decimal("12.00"): 10, Decimal(0): 21}, 31) == Decimal("3.8710")
