@@ -193,3 +193,9 @@ def test_it_reads_the_cost_rates_from_settings_and_refuses_a_bad_one(settings: A
 def test_it_prorates_revenue_by_the_days_on_each_plan() -> None:
     assert pricing.revenue({Decimal("12.00"): 31}, 31) == Decimal("12.0000")
     assert pricing.revenue({Decimal("12.00"): 10, Decimal(0): 21}, 31) == Decimal("3.8710")
+
+
+def test_it_links_the_usage_page_from_the_dashboard(client: Client, alice: Any) -> None:
+    client.force_login(alice)
+    page = client.get(reverse("dashboard")).content.decode()
+    assert f'id="usage-link" href="{reverse("usage")}"' in page
