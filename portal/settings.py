@@ -317,6 +317,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "metering.tasks.meter_usage",
         "schedule": timedelta(seconds=HERMIT_METERING_INTERVAL / 2),
     },
+    "purge-deleted-accounts": {
+        "task": "sandboxes.tasks.purge_deleted_accounts",
+        "schedule": timedelta(hours=1),
+    },
 }
 
 # Accounts (django-allauth): email login, mandatory verification, TOTP, rate limits.
@@ -420,6 +424,9 @@ HERMIT_MAX_CONCURRENT_BOOTS = envint("HERMIT_MAX_CONCURRENT_BOOTS", str(os.cpu_c
 HERMIT_START_CPU_SECONDS = envint("HERMIT_START_CPU_SECONDS", "60")
 # This host's name for its boot slots (default: the machine's hostname).
 HERMIT_HOST_NAME = env("HERMIT_HOST_NAME", "")
+# A deleted account's agent data, backups and secrets are removed this many days after the
+# deletion (by its owner or staff); until then staff can cancel it. 0 removes them at once.
+HERMIT_DELETE_GRACE_DAYS = envint("HERMIT_DELETE_GRACE_DAYS", "14")
 # A failed start is tried this many more times before the user is told.
 HERMIT_START_RETRIES = envint("HERMIT_START_RETRIES", "1")
 # gateway.log (the sandbox's stdout/stderr) is moved to gateway.log.1 at a start once it is

@@ -5,7 +5,7 @@ from django.urls import include, path
 
 from billing import views_keys, views_plans
 from portal import views
-from sandboxes import views_chat, views_controlui
+from sandboxes import views_account, views_chat, views_controlui
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -14,6 +14,7 @@ urlpatterns = [
     path("sandbox/", include("sandboxes.urls_backups")),
     path("chat/", views_chat.chat, name="chat"),
     path("sandbox/control-ui/", views_controlui.open_control_ui, name="controlui-open"),
+    path("account/delete/", views_account.delete_account, name="account-delete"),
     path("accounts/", include("allauth.urls")),
     path("admin/", admin.site.urls),
     path("ai/", include("billing.ai_gateway.urls")),

@@ -14,7 +14,7 @@ from django.views.decorators.http import require_POST
 
 from billing.models import plan_for
 from billing.views_plans import billing_context
-from sandboxes import actions
+from sandboxes import accounts, actions
 from sandboxes.access import get_sandbox_for_user
 from sandboxes.models import Sandbox
 from sandboxes.views_backups import backup_context
@@ -35,6 +35,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         **billing_context(request),
         "events": sandbox.events.all()[:15],
         "usage": _usage(request),
+        "suspension": accounts.suspension_notice(request.user),
         **backup_context(sandbox, request.user),
     }
     return render(request, "dashboard.html", context)

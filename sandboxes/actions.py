@@ -78,6 +78,10 @@ class OwnerInactive(TransitionRefused):
     """The sandbox's owner is deactivated: it may not start."""
 
 
+class OwnerSuspended(TransitionRefused):
+    """Staff suspended the sandbox's owner: it may not start (the message says why)."""
+
+
 class CrashBackoff(TransitionRefused):
     """The sandbox crashed repeatedly: it may not start yet."""
 
@@ -107,6 +111,13 @@ def check_crash_backoff(sandbox: Sandbox, *, explicit: bool) -> None:
     if explicit and (sandbox.last_crash_at is None or now - sandbox.last_crash_at >= pause):
         return
     raise CrashBackoff(backoff_message(sandbox.restart_after))
+
+
+def suspension_notice(sandbox: Sandbox) -> str:
+    """Return why the sandbox's owner is suspended, or "" if they are not (sandboxes.accounts)."""
+    from sandboxes.accounts import suspension_notice
+
+    return suspension_notice(sandbox.owner)
 
 
 def owner_is_active(sandbox: Sandbox) -> bool:
@@ -261,6 +272,8 @@ def start_sandbox(
         raise TransitionRefused(RESTORING_MESSAGE)
     if not owner_is_active(sandbox):
         raise OwnerInactive(OWNER_INACTIVE_MESSAGE)
+    if notice := suspension_notice(sandbox):
+        raise OwnerSuspended(notice)
     check_crash_backoff(sandbox, explicit=explicit or actor == Actor.STAFF)
     after_crash = sandbox.state == State.FAILED and sandbox.crash_count > 0
     transition(
@@ -277,7 +290,7 @@ def start_sandbox(
         if restore_if_missing(sandbox):
             sleep.drop_checkpoint(sandbox, "the data was restored from a backup")
             yield Progress(10, "Restored your agent's data from its latest backup")
-        image = runtime.current_image()
+        image = _image_for(sandbox)
         yield from _wait_for_boot_slot(sandbox)
         try:
             if not (yield from _restore_checkpoint(sandbox, image)):
@@ -300,6 +313,17 @@ def start_sandbox(
         **activity,
     )
     yield Progress(100, "Your agent is running")
+
+
+def _image_for(sandbox: Sandbox) -> RuntimeImage:
+    """The runtime the sandbox starts on: the one staff pinned it to, else the current one."""
+    if sandbox.runtime_pinned and sandbox.runtime_id is not None:
+        pinned = RuntimeImage.objects.filter(
+            pk=sandbox.runtime_id, status=RuntimeImage.Status.READY
+        ).first()
+        if pinned is not None:
+            return pinned
+    return runtime.current_image()
 
 
 def _wait_for_boot_slot(sandbox: Sandbox) -> Iterator[Progress]:
@@ -492,7 +516,7 @@ def wake_sandbox(
                 if sandbox.state == State.PROVISIONING:
                     sandbox.data_dir.mkdir(parents=True, exist_ok=True)
                 yield from start_sandbox(sandbox, actor=actor, actor_user=actor_user)
-            except (OwnerInactive, CrashBackoff) as exc:
+            except (OwnerInactive, OwnerSuspended, CrashBackoff) as exc:
                 raise BackendError(str(exc)) from exc
             except TransitionRefused:
                 continue  # someone else moved first: follow them
@@ -586,9 +610,9 @@ def _reconcile_inactive_owner(sandbox: Sandbox, backend: Any) -> str:
     """A deactivated account's sandbox: stop whatever runs, never start anything."""
     if sandbox.state == State.RUNNING:
         stop_sandbox(sandbox, to=State.STOPPED)
-        record_event(sandbox, "reconciled", "Account deactivated: stopped its agent")
+        record_event(sandbox, "reconciled", "Account deactivated or suspended: stopped its agent")
         return "stopped-inactive"
-    if _stop_stray(sandbox, backend, "Account deactivated: stopped its agent"):
+    if _stop_stray(sandbox, backend, "Account deactivated or suspended: stopped its agent"):
         return "stopped-inactive"
     return "inactive"
 
@@ -643,7 +667,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
     repaired = reconcile_backups(sandbox)  # what a dead backup or restore worker left
     if repaired is not None:
         return repaired
-    if not owner_is_active(sandbox):
+    if not owner_is_active(sandbox) or suspension_notice(sandbox):
         return _reconcile_inactive_owner(sandbox, backend)
     always_on = plan_for(sandbox.owner).sleeps_after() is None
     if always_on and sandbox.state in (State.SLEEPING, State.DOZING):

@@ -1,11 +1,17 @@
 """Staff views: every sandbox, runtime image and event, with actions that are recorded.
 
-Actions need a permission beyond viewing: start, stop and restart need
-``sandboxes.operate_sandbox``; "Back up now" needs ``sandboxes.backup_sandbox``; "Restore
-snapshot…" needs ``sandboxes.restore_sandbox``; making a runtime image current needs
-``change_runtimeimage``. View-only staff neither see them nor can post them (Django checks
-``allowed_permissions`` on both). Every action is recorded as a SandboxEvent naming the staff
-member before its Celery task is queued; backups and restores then record their own progress.
+A sandbox's page shows its state, owner, plan, host and runtime; its memory, CPU, processes
+and last log lines read from the backend now (sandboxes.staff.look_inside: bounded in time,
+secrets redacted); its last activity and snapshot, this month's tokens and cost, and its
+events. The list shows, per sandbox, the latest staff request and what has happened since.
+
+Actions need a permission beyond viewing: start, stop, restart, sleep, wake and "Move to
+runtime version…" need ``sandboxes.operate_sandbox``; "Back up now" needs
+``sandboxes.backup_sandbox``; "Restore snapshot…" needs ``sandboxes.restore_sandbox``; making a
+runtime image current needs ``change_runtimeimage``. View-only staff neither see them nor can
+post them (Django checks ``allowed_permissions`` on both). Every action is recorded as a
+SandboxEvent naming the staff member before its Celery task is queued; backups and restores
+then record their own progress, and sleep, wake and moves record their result ("staff-result").
 
 "Restore snapshot…" asks first, on a page of its own: for one sandbox, which of its snapshots;
 for several, the latest of each, or the latest of each taken at or before a given time (sandboxes
@@ -20,14 +26,18 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 from django.template.defaultfilters import filesizeformat
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.safestring import SafeString
 
-from sandboxes import runtime, tasks
+from sandboxes import bootqueue, runtime, staff, tasks
+from sandboxes.admin_users import register_user_admins
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, RuntimeImage, Sandbox, SandboxEvent, Snapshot
@@ -144,7 +154,12 @@ def _latest_snapshot(sandbox: Sandbox, at: datetime | None) -> Snapshot | None:
     return snapshots.first()
 
 
-def _staff_request(request: HttpRequest, queryset: QuerySet[Sandbox], what: str, task: Any) -> None:
+def _staff_request(
+    request: HttpRequest, queryset: QuerySet[Sandbox], what: str, task: Any, *args: Any
+) -> None:
+    """Record the request on each sandbox under the staff member's name, then queue ``task``
+    with the sandbox's pk (and ``args``: the staff member's pk for the tasks that record
+    their own result)."""
     for sandbox in queryset:
         record_event(
             sandbox,
@@ -153,8 +168,38 @@ def _staff_request(request: HttpRequest, queryset: QuerySet[Sandbox], what: str,
             actor=SandboxEvent.Actor.STAFF,
             actor_user=request.user,
         )
-        task.delay(sandbox.pk)
+        task.delay(sandbox.pk, *args)
     messages.info(request, f"Requested {what} for {queryset.count()} sandbox(es).")
+
+
+class MoveForm(forms.Form):
+    """Which runtime image to move sandboxes to (ready ones only)."""
+
+    runtime = forms.ModelChoiceField(
+        queryset=RuntimeImage.objects.filter(status=RuntimeImage.Status.READY),
+        widget=forms.RadioSelect,
+        empty_label=None,
+        label="Runtime version",
+    )
+
+
+def _bytes(value: int | None) -> str:
+    return "-" if value is None else filesizeformat(value)
+
+
+OVERVIEW = (
+    "state",
+    "owner_link",
+    "plan",
+    "host",
+    "runtime_version",
+    "error_message",
+    "started_at",
+    "last_activity_at",
+    "last_snapshot",
+    "usage_this_month",
+)
+INSIDE = ("resources", "process_list", "log_tail")
 
 
 @admin.register(Sandbox)
@@ -166,24 +211,173 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
         "runtime",
         "last_activity_at",
         "last_backup",
+        "staff_action",
         "updated_at",
     )
     list_filter = ("state", "backend", "runtime")
     search_fields = ("owner__email", "owner__username", "name")
     readonly_fields = (
-        "state",
+        *OVERVIEW,
+        *INSIDE,
         "backend_state",
-        "error_message",
-        "started_at",
         "created_at",
         "updated_at",
-        "last_activity_at",
         "backup_status",
     )
+    fieldsets = (
+        (None, {"fields": OVERVIEW}),
+        ("Now (read from the backend)", {"fields": INSIDE}),
+        ("Backups", {"fields": ("backup_status",)}),
+        (
+            "Details",
+            {
+                "classes": ("collapse",),
+                "fields": (
+                    "owner",
+                    "name",
+                    "backend",
+                    "runtime",
+                    "runtime_pinned",
+                    "backend_state",
+                    "crash_count",
+                    "last_crash_at",
+                    "restart_after",
+                    "boot_queued_at",
+                    "next_job_at",
+                    "created_at",
+                    "updated_at",
+                ),
+            },
+        ),
+    )
     exclude = ("gateway_token", "device_private_key", "device_token")
+    raw_id_fields = ("owner",)
     inlines = [SnapshotInline, SandboxEventInline]
     list_select_related = ("owner", "runtime", "backup_repo")
-    actions = ["start", "stop", "restart", "back_up", "restore_snapshot"]
+    actions = [
+        "start",
+        "stop",
+        "restart",
+        "sleep",
+        "wake",
+        "move_to_runtime",
+        "back_up",
+        "restore_snapshot",
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Sandbox]:
+        """Each row with its latest staff request and its latest event, for ``staff_action``."""
+        events = SandboxEvent.objects.filter(sandbox=OuterRef("pk")).order_by("-created_at", "-id")
+        requests = events.filter(actor=SandboxEvent.Actor.STAFF, kind="staff")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                staff_request=Subquery(requests.values("message")[:1]),
+                staff_request_at=Subquery(requests.values("created_at")[:1]),
+                latest_event=Subquery(events.values("message")[:1]),
+                latest_event_at=Subquery(events.values("created_at")[:1]),
+            )
+        )
+
+    @admin.display(description="latest staff action → since")
+    def staff_action(self, obj: Sandbox) -> str:
+        asked = getattr(obj, "staff_request", None)
+        if not asked:
+            return "-"
+        asked_at: datetime = obj.staff_request_at  # type: ignore[attr-defined]
+        latest, latest_at = obj.latest_event, obj.latest_event_at  # type: ignore[attr-defined]
+        since = "queued" if latest_at <= asked_at else latest
+        return f"{asked.removeprefix('Staff requested ')} ({_when(asked_at)}) → {since}"
+
+    # -- the page -------------------------------------------------------------------------------
+
+    def _inside(self, obj: Sandbox) -> staff.Inside:
+        """Read the backend once per page (the three fields below share it)."""
+        found = getattr(obj, "_hermit_inside", None)
+        if found is None:
+            found = staff.look_inside(obj)
+            obj._hermit_inside = found  # type: ignore[attr-defined]
+        return found
+
+    @admin.display(description="owner")
+    def owner_link(self, obj: Sandbox) -> str:
+        if not obj.pk:
+            return "-"
+        url = reverse("admin:auth_user_change", args=[obj.owner_id])
+        return format_html('<a href="{}">{}</a> ({})', url, obj.owner.email, obj.owner)
+
+    @admin.display(description="plan")
+    def plan(self, obj: Sandbox) -> str:
+        from billing.models import plan_for
+
+        return plan_for(obj.owner).name if obj.pk else "-"
+
+    @admin.display(description="host")
+    def host(self, obj: Sandbox) -> str:
+        return f"{bootqueue.host_name()} ({obj.backend} backend)"
+
+    @admin.display(description="runtime version")
+    def runtime_version(self, obj: Sandbox) -> str:
+        if obj.runtime is None:
+            return "none yet (it starts on the current one)"
+        pinned = " · pinned by staff" if obj.runtime_pinned else ""
+        current = " (current)" if obj.runtime.is_current else " (not current)"
+        return f"{obj.runtime}{current}{pinned}"
+
+    @admin.display(description="last snapshot")
+    def last_snapshot(self, obj: Sandbox) -> str:
+        latest = obj.snapshots.first() if obj.pk else None
+        return _snapshot_label(latest) if latest is not None else "none"
+
+    @admin.display(description="this month's model use")
+    def usage_this_month(self, obj: Sandbox) -> str:
+        from billing.usage import month_usage
+
+        if not obj.pk:
+            return "-"
+        usage = month_usage(obj.owner)
+        return (
+            f"{usage['tokens']:,} tokens ({usage['input_tokens']:,} in, "
+            f"{usage['output_tokens']:,} out) · USD {usage['cost']:.4f} · "
+            f"{usage['requests']:,} calls · {usage['byok_tokens']:,} tokens on their own keys"
+        )
+
+    @admin.display(description="memory, CPU, disk")
+    def resources(self, obj: Sandbox) -> str:
+        from billing.models import plan_for
+
+        inside = self._inside(obj)
+        if inside.memory_bytes is None:
+            return inside.problem
+        limit = inside.memory_limit_bytes or plan_for(obj.owner).memory_mb * 2**20
+        return format_html(
+            '<span id="sandbox-resources">Memory {} of {} · CPU {}% now ({} s in all) · '
+            "disk {}</span>",
+            _bytes(inside.memory_bytes),
+            _bytes(limit),
+            inside.cpu_percent,
+            inside.cpu_seconds,
+            _bytes(inside.disk_bytes),
+        )
+
+    @admin.display(description="processes")
+    def process_list(self, obj: Sandbox) -> SafeString | str:
+        inside = self._inside(obj)
+        if not inside.processes:
+            return inside.problem or "none"
+        return render_to_string(
+            "admin/sandboxes/sandbox/_processes.html", {"processes": inside.processes}
+        )
+
+    @admin.display(description=f"last {staff.LOG_LINES} log lines (secrets redacted)")
+    def log_tail(self, obj: Sandbox) -> str:
+        inside = self._inside(obj)
+        if inside.problem:
+            return inside.problem
+        return format_html(
+            '<pre id="sandbox-log" class="hermit-log">{}</pre>', inside.log or "(empty)"
+        )
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("sandboxes.operate_sandbox")
@@ -193,6 +387,10 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
 
     def has_restore_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("sandboxes.restore_sandbox")
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        """Sandboxes go with their owner's account (the user admin's "Delete account…")."""
+        return False
 
     @admin.display(description="last backup")
     def last_backup(self, obj: Sandbox) -> str:
@@ -305,6 +503,35 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
     def restart(self, request: HttpRequest, queryset: QuerySet[Sandbox]) -> None:
         _staff_request(request, queryset, "restart", tasks.restart_sandbox)
 
+    @admin.action(description="Put selected sandboxes to sleep", permissions=["operate"])
+    def sleep(self, request: HttpRequest, queryset: QuerySet[Sandbox]) -> None:
+        _staff_request(request, queryset, "sleep", tasks.sleep_sandbox, request.user.pk)
+
+    @admin.action(description="Wake selected sandboxes", permissions=["operate"])
+    def wake(self, request: HttpRequest, queryset: QuerySet[Sandbox]) -> None:
+        _staff_request(request, queryset, "wake", tasks.wake_sandbox, request.user.pk)
+
+    @admin.action(description="Move to runtime version…", permissions=["operate"])
+    def move_to_runtime(
+        self, request: HttpRequest, queryset: QuerySet[Sandbox]
+    ) -> TemplateResponse | None:
+        """Ask which runtime image; once answered, queue one move per sandbox."""
+        form = MoveForm(request.POST if "apply" in request.POST else None)
+        if form.is_bound and form.is_valid():
+            image = form.cleaned_data["runtime"]
+            what = f"a move to {image}"
+            _staff_request(request, queryset, what, tasks.move_sandbox, image.pk, request.user.pk)
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Move to runtime version",
+            "opts": self.model._meta,
+            "sandboxes": list(queryset.select_related("owner", "runtime")),
+            "form": form,
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/sandboxes/sandbox/move_runtime.html", context)
+
 
 def _repo_of(sandbox: Sandbox) -> BackupRepository | None:
     try:
@@ -356,3 +583,6 @@ class RuntimeImageAdmin(admin.ModelAdmin[RuntimeImage]):
             messages.error(request, str(exc))
             return
         messages.success(request, "Runtime image is now current; sandboxes move on next start.")
+
+
+register_user_admins(admin.site)

@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class SandboxesConfig(AppConfig):
@@ -6,3 +7,6 @@ class SandboxesConfig(AppConfig):
 
     def ready(self) -> None:
         from sandboxes import signals  # noqa: F401
+        from sandboxes.roles import sync_after_migrate
+
+        post_migrate.connect(sync_after_migrate, dispatch_uid="hermit-staff-groups")

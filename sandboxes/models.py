@@ -65,6 +65,11 @@ class Sandbox(models.Model):
     runtime = models.ForeignKey(
         RuntimeImage, null=True, blank=True, on_delete=models.PROTECT, related_name="sandboxes"
     )
+    runtime_pinned = models.BooleanField(
+        default=False,
+        help_text="Staff moved it to this runtime: it stays on it instead of moving to the "
+        "current one on its next start.",
+    )
     gateway_token = EncryptedTextField(blank=True)
     device_private_key = EncryptedTextField(blank=True)
     device_token = EncryptedTextField(blank=True)
@@ -96,6 +101,9 @@ class Sandbox(models.Model):
             ("operate_sandbox", "Can start, stop and restart sandboxes"),
             ("backup_sandbox", "Can back up sandboxes"),
             ("restore_sandbox", "Can restore sandboxes from a snapshot"),
+            ("suspend_user", "Can suspend and unsuspend users"),
+            ("delete_account", "Can delete users' accounts"),
+            ("view_secrets", "Can see secrets (keys, tokens, passwords) in the admin"),
         ]
         constraints = [
             models.UniqueConstraint(fields=["owner", "name"], name="one_sandbox_name_per_owner")
@@ -331,3 +339,62 @@ class Export(models.Model):
     def is_available(self, now: datetime) -> bool:
         """Return True if the archive is ready and not yet expired at ``now``."""
         return self.state == self.State.READY and (self.expires_at is None or now < self.expires_at)
+
+
+class Suspension(models.Model):
+    """A user staff suspended: their sandboxes stop and may not start, their AI credential is
+    refused, and chat tells them why (``reason``). Unsuspending deletes the row; both are
+    recorded as events on the user's sandboxes (sandboxes.accounts)."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="suspension"
+    )
+    reason = models.CharField(max_length=500, blank=True)
+    suspended_at = models.DateTimeField(default=timezone.now)
+    suspended_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+
+    def __str__(self) -> str:
+        return f"suspension of {self.user}"
+
+
+class AccountDeletion(models.Model):
+    """A request to delete a user's account: who asked and when, and when its data goes.
+
+    The account is deactivated at once (its sandboxes stop, its AI credential is refused); once
+    ``purge_after`` has passed, the sandboxes' data, backups and secrets and the user row are
+    removed and ``purged_at`` is set. The row outlives the user (``user`` becomes null), so who
+    and when stay on record, with the email address the account had."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="deletion",
+    )
+    user_pk = models.PositiveIntegerField(help_text="The deleted user's id, kept after the purge.")
+    email = models.CharField(max_length=254)
+    requested_at = models.DateTimeField(default=timezone.now)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    by_owner = models.BooleanField(default=False, help_text="The user deleted their own account.")
+    purge_after = models.DateTimeField(db_index=True)
+    purge_started_at = models.DateTimeField(null=True, blank=True)
+    purged_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-requested_at"]
+
+    def __str__(self) -> str:
+        return f"deletion of {self.email}"

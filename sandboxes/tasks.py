@@ -14,6 +14,7 @@ from django.utils import timezone
 from billing.models import plan_for
 from sandboxes import actions, pool, schedule, sleep  # noqa: F401 (pool: its tasks)
 from sandboxes.backends.base import BackendError
+from sandboxes.events import record_event
 from sandboxes.models import Sandbox
 
 log = logging.getLogger(__name__)
@@ -116,3 +117,88 @@ def restart_sandbox(sandbox_id: int) -> None:
             pass
     except actions.TransitionRefused:
         pass
+
+
+# -- staff actions from the admin (sandboxes.admin): each records its result as an event -------
+
+
+def _staff(staff_id: int | None) -> Any:
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.filter(pk=staff_id).first() if staff_id else None
+
+
+def _result(sandbox: Sandbox, staff: Any, message: str) -> None:
+    record_event(sandbox, "staff-result", message, actor=actions.Actor.STAFF, actor_user=staff)
+
+
+@shared_task(acks_late=True)
+def sleep_sandbox(sandbox_id: int, staff_id: int | None = None) -> str:
+    """Put a running or dozing sandbox to sleep; record how. Nothing to do otherwise."""
+    sandbox = _get(sandbox_id)
+    if sandbox is None:
+        return "gone"
+    staff = _staff(staff_id)
+    if sandbox.state not in (State.RUNNING, State.DOZING):
+        _result(sandbox, staff, f"Sleep: nothing to do, it is {sandbox.state}")
+        return "nothing"
+    how = actions.sleep_sandbox(sandbox, actor=actions.Actor.STAFF)
+    sandbox.refresh_from_db()
+    done = {"checkpointed": "asleep, checkpointed", "stopped": "asleep, stopped (boots cold)"}
+    _result(sandbox, staff, f"Sleep: {done.get(how, f'not done, it is {sandbox.state}')}")
+    return how or "nothing"
+
+
+@shared_task(acks_late=True)
+def wake_sandbox(sandbox_id: int, staff_id: int | None = None) -> str:
+    """Make sure the sandbox runs (thaw, restore or start it); record the outcome."""
+    sandbox = _get(sandbox_id)
+    if sandbox is None:
+        return "gone"
+    staff = _staff(staff_id)
+    try:
+        for _ in actions.wake_sandbox(sandbox, actor=actions.Actor.STAFF, actor_user=staff):
+            pass
+    except BackendError as exc:
+        _result(sandbox, staff, f"Wake failed: {exc}")
+        return "failed"
+    _result(sandbox, staff, "Wake: running")
+    return "running"
+
+
+@shared_task(acks_late=True)
+def move_sandbox(sandbox_id: int, runtime_id: int, staff_id: int | None = None) -> str:
+    """Move the sandbox to a runtime image (restarting it if it runs); record the outcome."""
+    from sandboxes import staff as staff_actions
+    from sandboxes.models import RuntimeImage
+
+    sandbox = _get(sandbox_id)
+    image = RuntimeImage.objects.filter(pk=runtime_id).first()
+    if sandbox is None or image is None:
+        return "gone"
+    staff = _staff(staff_id)
+    outcome = staff_actions.move_to_runtime(sandbox, image, actor_user=staff)
+    _result(sandbox, staff, f"Move to {image}: {outcome}")
+    return outcome
+
+
+@shared_task(acks_late=True)
+def purge_account(deletion_id: int) -> bool:
+    """Remove a deleted account's data once its grace period is over (sandboxes.accounts)."""
+    from sandboxes import accounts
+
+    return accounts.purge_account(deletion_id)
+
+
+@shared_task(acks_late=True)
+def purge_deleted_accounts() -> int:
+    """Purge every deleted account whose grace period is over; return how many."""
+    from sandboxes import accounts
+
+    done = 0
+    for pk in accounts.due_deletions():
+        try:
+            done += accounts.purge_account(pk)
+        except Exception:
+            log.exception("purging deleted account %s failed", pk)
+    return done

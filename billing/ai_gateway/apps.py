@@ -20,8 +20,10 @@ class AiGatewayConfig(AppConfig):
             for name, signal in (("save", post_save), ("delete", post_delete)):
                 uid = f"ai-routing-{model.__name__}-{name}"
                 signal.connect(upstreams.invalidate_routing_table, sender=model, dispatch_uid=uid)
+        from sandboxes.models import Suspension
+
         holders = (models.SandboxCredential, models.UserProviderKey, get_user_model(),
-                   billing_models.Account, billing_models.Plan)  # fmt: skip
+                   billing_models.Account, billing_models.Plan, Suspension)  # fmt: skip
         for holder in holders:
             for name, signal in (("save", post_save), ("delete", post_delete)):
                 uid = f"ai-keys-{holder.__name__}-{name}"

@@ -74,6 +74,7 @@ class KeyHolder:
     owner_active: bool
     plan: PlanLimits | None
     user_keys: dict[str, str] = field(repr=False)
+    owner_suspended: bool = False  # staff suspended the owner (sandboxes.accounts)
 
 
 _OWNER = "sandbox__owner__"
@@ -81,7 +82,7 @@ _PLAN = _OWNER + "account__plan__"
 _COLUMNS = (
     "key_hash", "pk", "last_used_at", "sandbox_id", _OWNER + "id", _OWNER + "is_active",
     _PLAN + "name", _PLAN + "requests_per_minute", _PLAN + "monthly_spend_limit",
-    _PLAN + "monthly_token_quota", _OWNER + "provider_keys__provider",
+    _PLAN + "monthly_token_quota", _OWNER + "suspension__id", _OWNER + "provider_keys__provider",
     _OWNER + "provider_keys__api_key",
 )  # fmt: skip
 
@@ -119,10 +120,10 @@ def _lookup(digest: str) -> KeyHolder | None:
     # The lookup is by hash already; compare again in constant time for defence in depth.
     if not rows or not hmac.compare_digest(rows[0][0], digest):
         return None
-    _, pk, last_used, sandbox_id, owner_id, active, name, rpm, spend, tokens = rows[0][:10]
+    _, pk, last_used, sandbox_id, owner_id, active, name, rpm, spend, tokens, held = rows[0][:11]
     plan = PlanLimits(name, rpm, spend, tokens) if name is not None else None
     keys = {provider: api_key for *_, provider, api_key in rows if provider is not None}
-    return KeyHolder(pk, last_used, sandbox_id, owner_id, active, plan, keys)
+    return KeyHolder(pk, last_used, sandbox_id, owner_id, active, plan, keys, held is not None)
 
 
 def touched(holder: KeyHolder, when: datetime) -> None:

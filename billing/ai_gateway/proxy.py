@@ -119,6 +119,8 @@ def authorized_owner(key: str | None) -> credentials.KeyHolder:
         raise Refused(Kind.AUTH, "Invalid Hermit AI gateway key.")
     if not holder.owner_active:
         raise Refused(Kind.FORBIDDEN, "This Hermit account is deactivated: model calls refused.")
+    if holder.owner_suspended:
+        raise Refused(Kind.FORBIDDEN, "This Hermit account is suspended: model calls refused.")
     return holder
 
 

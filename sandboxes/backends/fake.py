@@ -11,7 +11,8 @@ sandbox raise BackendError; :meth:`FakeBackend.crash` makes a running sandbox's 
 :meth:`FakeBackend.replace_data` changes a sandbox's data identity (as a restore from a backup
 does); :meth:`FakeBackend.use` makes a sandbox use CPU and hold memory, as ``stats`` reports
 them: its CPU counter is cumulative since its start or restore (a new cgroup) and stands still
-while it is frozen, as a cgroup's does.
+while it is frozen, as a cgroup's does; :meth:`FakeBackend.write_log` adds lines to the output
+``logs`` returns (kept across starts, as the local backend's gateway.log is).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class _Box:
     identity: int = 0
     cpu_seconds: float = 0.0
     memory_bytes: int = MEMORY_BYTES
+    log: list[str] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)
 
 
@@ -91,6 +93,11 @@ class FakeBackend(SandboxBackend):
                 box.cpu_seconds += cpu_seconds
             if memory_bytes is not None:
                 box.memory_bytes = memory_bytes
+
+    def write_log(self, name: str, text: str) -> None:
+        """Append ``text`` (lines) to the sandbox's output, as its gateway would."""
+        with self._lock:
+            self._box(name).log.extend(text.splitlines())
 
     def is_frozen(self, name: str) -> bool:
         with self._lock:
@@ -169,7 +176,9 @@ class FakeBackend(SandboxBackend):
         )
 
     def logs(self, spec: SandboxSpec, state: dict[str, Any], lines: int = 100) -> str:
-        return ""
+        with self._lock:
+            box = self._boxes.get(spec.name)
+            return "\n".join(box.log[-lines:]) if box and lines > 0 else ""
 
     def stats(self, spec: SandboxSpec, state: dict[str, Any]) -> Stats:
         box = self._enter("stats", spec)

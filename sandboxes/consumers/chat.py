@@ -207,7 +207,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.active_runs: set[str] = set()
         self.session_keys = {SESSION_KEY, f"agent:main:{SESSION_KEY}"}
         await self.accept()
-        self._spawn(self._run_gateway())
+        suspended = await database_sync_to_async(actions.suspension_notice)(sandbox)
+        if suspended:  # say why, and never wake the agent
+            await self._fail(suspended)
+        else:
+            self._spawn(self._run_gateway())
         self._spawn(self._run_outbox())
         await self._touch()
 
