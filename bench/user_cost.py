@@ -8,8 +8,9 @@ files ``backend.stats()`` reads: memory usage less inactive page cache, CPU time
 - awake and idle, after one chat turn and ``--settle`` seconds: memory, sampled every 5 s over
   ``--idle-window`` seconds (default 120), and the CPU-seconds it uses per hour doing nothing;
 - one chat turn (as the portal's chat makes it, the reply streamed by the fake model through the
-  AI gateway): the sandbox's CPU-seconds, median of ``--turns``, counted until ``--turn-tail``
-  seconds after the final event, with the idle rate's share taken off;
+  AI gateway): the sandbox's CPU-seconds over ``--turns`` turns, from the first request until
+  ``--turn-tail`` seconds after the last final event, less the idle rate's share, divided by
+  the turns (a mean: some turns do much more work than others, and a month pays for all);
 - dozing (cgroup freezer): the memory it keeps, and its CPU over ``--doze-window`` seconds;
 - hibernated (CRIU checkpoint): the memory left (its cgroup is gone), the image on disk, and
   the CPU of the dump (criu, a child of this process);
@@ -84,7 +85,7 @@ class Figures:
     idle_cpu_s_per_h: float
     idle_window_s: float
     idle_samples: int
-    turn_cpu_s: float
+    turn_cpu_s: float  # the mean, priced
     turn_cpu_all: list[float]
     turn_portal_cpu_s: float
     doze: Memory
@@ -180,12 +181,14 @@ def boot() -> Any:
 
 def measure_turns(
     sandbox: Any, count: int, tail: float, idle_per_s: float
-) -> tuple[list[float], list[float]]:
-    """Each turn's sandbox CPU-seconds (idle share off) and this process's (the AI gateway,
-    the fake model and the chat client, for reference)."""
+) -> tuple[float, list[float], list[float]]:
+    """The sandbox's mean CPU-seconds a turn over all ``count`` turns (idle share off), each
+    turn's, and this process's each turn (the AI gateway, the fake model and the chat client,
+    for reference)."""
     paths = paths_of(sandbox)
     sandbox_cpu: list[float] = []
     portal_cpu: list[float] = []
+    start_cpu, start = probe.cpu_seconds(paths), time.monotonic()
     for i in range(count):
         time.sleep(1.0)
         before, own = probe.cpu_seconds(paths), time.process_time()
@@ -201,7 +204,8 @@ def measure_turns(
             f" {turn.final - t0:.2f} s ({len(turn.text)} chars), load {probe.loadavg()}",
             flush=True,
         )
-    return sandbox_cpu, portal_cpu
+    total = probe.cpu_seconds(paths) - start_cpu - idle_per_s * (time.monotonic() - start)
+    return total / count, sandbox_cpu, portal_cpu
 
 
 def measure_doze(sandbox: Any, window: float) -> tuple[Memory, float]:
@@ -321,8 +325,7 @@ def measure(args: argparse.Namespace) -> Figures:
         f" {awake.working_mb:.0f} MB working set (median of {len(samples)})",
         flush=True,
     )
-    turns, portal = measure_turns(sandbox, args.turns, args.turn_tail, idle_per_s)
-    time.sleep(args.turn_tail)
+    turn_mean, turns, portal = measure_turns(sandbox, args.turns, args.turn_tail, idle_per_s)
     after_turns = memory(paths_of(sandbox))
     doze, doze_rate = measure_doze(reload(sandbox), args.doze_window)
     how, left, image, dump_cpu, dump_s = measure_hibernate(reload(sandbox))
@@ -337,7 +340,7 @@ def measure(args: argparse.Namespace) -> Figures:
         idle_cpu_s_per_h=idle_per_s * 3600,
         idle_window_s=args.idle_window,
         idle_samples=len(samples),
-        turn_cpu_s=statistics.median(turns),
+        turn_cpu_s=turn_mean,
         turn_cpu_all=turns,
         turn_portal_cpu_s=statistics.median(portal),
         doze=doze,
@@ -526,6 +529,8 @@ def server(
     free: FreeMonth,
 ) -> dict[str, str]:
     """Print how many users one CX53 holds; return the RESULT entries."""
+    from django.conf import settings
+
     vcpus, ram_gb, disk_gb = (
         args.server_vcpus,
         Decimal(repr(args.server_ram_gb)),
@@ -574,6 +579,13 @@ def server(
         f"  free, by disk: {disk_gb} GB / {free.disk_gb} GB (data dir, backup, checkpoint)"
         f" = {free_disk} users (if backups and checkpoints stay on the server's disk)"
     )
+    if f.checkpoint_mb:
+        budget = int(settings.HERMIT_CHECKPOINT_BUDGET_MB)
+        print(
+            f"    HERMIT_CHECKPOINT_BUDGET_MB = {budget} holds {int(budget / f.checkpoint_mb)}"
+            f" checkpoints of {f.checkpoint_mb:.0f} MB; past it the oldest are dropped and those"
+            " agents wake by a cold boot (no checkpoint on disk, a boot's CPU instead)"
+        )
     pro_each, free_each = price / pro_users, price / free_users
     print(
         f"  server price per user: always-on {usd(round(price, 2))} / {pro_users}"
@@ -622,9 +634,10 @@ def report(f: Figures, args: argparse.Namespace, started: float) -> None:
         f" = {f.idle_cpu_s_per_h:.2f} CPU-s per hour idle"
     )
     print(
-        f"  chat turn: {f.turn_cpu_s:.3f} CPU-s in the sandbox (median of"
-        f" {', '.join(f'{c:.3f}' for c in f.turn_cpu_all)}); this process (AI gateway, fake model,"
-        f" chat client) {f.turn_portal_cpu_s:.3f} CPU-s, not priced"
+        f"  chat turn: {f.turn_cpu_s:.3f} CPU-s in the sandbox on average over {args.turns} turns"
+        f" (each: {', '.join(f'{c:.3f}' for c in f.turn_cpu_all)}; median"
+        f" {statistics.median(f.turn_cpu_all):.3f}); this process (AI gateway, fake model, chat"
+        f" client) {f.turn_portal_cpu_s:.3f} CPU-s a turn (median), not priced"
     )
     print(
         f"  dozing: {mem(f.doze)}; CPU {f.doze_cpu_s_per_h * f.doze_window_s / 3600:.4f} s in"
@@ -666,6 +679,7 @@ def report(f: Figures, args: argparse.Namespace, started: float) -> None:
         "awake_charged_mb": f"{f.awake.usage_mb:.1f}",
         "idle_cpu_s_per_h": f"{f.idle_cpu_s_per_h:.2f}",
         "turn_cpu_s": f"{f.turn_cpu_s:.3f}",
+        "turn_cpu_median_s": f"{statistics.median(f.turn_cpu_all):.3f}",
         "doze_ram_mb": f"{f.doze.working_mb:.1f}",
         "doze_rss_mb": f"{f.doze.anon_mb:.1f}",
         "doze_cpu_s_per_h": f"{f.doze_cpu_s_per_h:.4f}",
@@ -696,10 +710,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--idle-window", type=float, default=120.0, help="idle seconds sampled")
-    parser.add_argument("--settle", type=float, default=20.0, help="seconds before the window")
+    parser.add_argument("--settle", type=float, default=15.0, help="seconds before the window")
     parser.add_argument("--turns", type=int, default=5, help="chat turns measured")
     parser.add_argument("--turn-tail", type=float, default=3.0, help="seconds counted after one")
-    parser.add_argument("--doze-window", type=float, default=30.0, help="dozing seconds sampled")
+    parser.add_argument("--doze-window", type=float, default=20.0, help="dozing seconds sampled")
     parser.add_argument("--turns-per-day", type=float, default=20.0, help="for both plans")
     parser.add_argument("--free-awake-hours", type=float, default=1.0, help="a free user's, a day")
     parser.add_argument("--free-sessions", type=float, default=1.0, help="a free user's, a day")
