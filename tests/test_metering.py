@@ -175,3 +175,32 @@ def test_it_prunes_old_samples_and_keeps_the_daily_totals(fake: FakeBackend, set
     meter_at(T0 + timedelta(days=3))
     assert UsageSample.objects.count() == 1
     assert day_of(sandbox.owner).cpu_ms == 1000
+
+
+def _awake_boxes(count: int, users: list[Any], start: int) -> None:
+    Sandbox.objects.bulk_create(
+        Sandbox(
+            owner=users[n % len(users)],
+            name=f"box-{start + n}",
+            state=State.RUNNING,
+            backend="fake",
+            backend_state={"backend": "fake", "instance": 0},
+            started_at=T0 - timedelta(hours=1),
+        )
+        for n in range(count)
+    )
+
+
+def test_it_meters_many_sandboxes_in_the_same_few_queries(fake: FakeBackend) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    users = [make_user(f"many{n}@example.com") for n in range(5)]
+    _awake_boxes(10, users, 0)
+    with CaptureQueriesContext(connection) as few:
+        assert meter_at(T0) == 10
+    _awake_boxes(290, users, 10)
+    with CaptureQueriesContext(connection) as many:
+        assert meter_at(T0 + timedelta(seconds=60)) == 300
+    assert len(many.captured_queries) == len(few.captured_queries) <= 13
+    assert sum(u.awake_seconds for u in DailyUsage.objects.all()) == 60 * 310
