@@ -557,3 +557,8 @@ if not DEBUG:
 # secrets. Errors are mailed to ADMINS ("Name <address>, ..."), only when DEBUG is False.
 ADMINS = getaddresses([env("ADMINS")]) if env("ADMINS") else []
 LOGGING = logging_config(env("LOG_FORMAT", "text"), env("LOG_LEVEL", "INFO"))
+# Prometheus metrics at /metrics (portal.metrics), for a scraper sending
+# "Authorization: Bearer <HERMIT_METRICS_TOKEN>" (a secret; unset = no /metrics). Windowed
+# series (durations, failures, model calls) describe the last HERMIT_METRICS_WINDOW seconds.
+HERMIT_METRICS_TOKEN = env("HERMIT_METRICS_TOKEN")
+HERMIT_METRICS_WINDOW = envint("HERMIT_METRICS_WINDOW", "300")

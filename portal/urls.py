@@ -5,6 +5,7 @@ from django.urls import include, path
 
 from billing import views_keys, views_plans
 from portal import views
+from portal.views_metrics import metrics_view
 from sandboxes import views_account, views_chat, views_controlui
 
 urlpatterns = [
@@ -22,4 +23,5 @@ urlpatterns = [
     path("usage/", include("metering.urls")),
     path("pricing/", views_plans.pricing_page, name="pricing"),
     path("billing/", include("billing.urls")),
+    path("metrics", metrics_view, name="metrics"),
 ]

@@ -66,7 +66,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import connection
 
-from sandboxes import actions, sleep
+from sandboxes import actions, chat_sessions, sleep
 from sandboxes.backends.base import BackendError
 from sandboxes.consumers.base import admit
 from sandboxes.models import Sandbox
@@ -213,6 +213,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         else:
             self._spawn(self._run_gateway())
         self._spawn(self._run_outbox())
+        self._spawn(chat_sessions.hold())  # counted open until disconnect cancels it
         await self._touch()
 
     async def disconnect(self, code: int) -> None:
