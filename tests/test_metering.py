@@ -204,3 +204,41 @@ def test_it_meters_many_sandboxes_in_the_same_few_queries(fake: FakeBackend) -> 
         assert meter_at(T0 + timedelta(seconds=60)) == 300
     assert len(many.captured_queries) == len(few.captured_queries) <= 13
     assert sum(u.awake_seconds for u in DailyUsage.objects.all()) == 60 * 310
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_meters_an_interval_once_when_two_runs_race(
+    fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from django.db import connection
+
+    with time_machine.travel(T0 - timedelta(minutes=5), tick=False):
+        sandbox = make_running("race@example.com")
+    fake.use(sandbox.slug, cpu_seconds=9, memory_bytes=GIB)
+    both_read = threading.Barrier(2, timeout=10)
+    read = fake.stats
+
+    def stats_once_both_have_looked(*args: Any) -> Any:
+        both_read.wait()  # each run is past its "already metered?" check
+        return read(*args)
+
+    monkeypatch.setattr(fake, "stats", stats_once_both_have_looked)
+    results: list[int] = []
+
+    def run() -> None:
+        try:
+            results.append(sampling.meter_interval(T0))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert sorted(results) == [0, 1]
+    assert UsageSample.objects.count() == 1
+    usage = day_of(sandbox.owner)
+    assert (usage.cpu_ms, usage.memory_byte_seconds) == (9000, GIB * 60)
