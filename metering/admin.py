@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from billing.models import Plan
 from metering.models import DailyUsage
-from metering.reports import SORT_KEYS, CostRow, Month, cost_rows, fleet, sort_rows
+from metering.reports import SORT_KEYS, CostRow, Month, cost_rows, fleet, sort_rows, total_row
 from metering.views import month_from
 
 COLUMNS = [
@@ -132,6 +132,9 @@ class CostTableAdmin(admin.ModelAdmin[DailyUsage]):
             "plan": plan,
             "columns": _headers(request, order),
             "rows": [(row, figures(row)) for row in rows],
+            "total": figures(
+                total_row(rows, f"Total, {len(rows)} user{'s' if len(rows) != 1 else ''}")
+            ),
             "fleet": fleet(month, everyone),
             "query": request.GET.urlencode(),
             **(extra_context or {}),

@@ -157,6 +157,31 @@ def sort_rows(rows: list[CostRow], order: str) -> list[CostRow]:
     return sorted(by_user, key=key, reverse=order.startswith("-") and name in SORT_KEYS)
 
 
+def total_row(rows: list[CostRow], label: str = "Total") -> CostRow:
+    """Return one row adding up ``rows`` (usage, each cost, revenue; so the margin too)."""
+
+    def add(value: Callable[[CostRow], Any]) -> Any:
+        return sum((value(r) for r in rows), start=0)
+
+    usage = Usage(
+        cpu_ms=add(lambda r: r.usage.cpu_ms),
+        memory_byte_seconds=add(lambda r: r.usage.memory_byte_seconds),
+        storage_byte_days=add(lambda r: r.usage.storage_byte_days),
+        awake_seconds=add(lambda r: r.usage.awake_seconds),
+        dozing_seconds=add(lambda r: r.usage.dozing_seconds),
+        tokens=add(lambda r: r.usage.tokens),
+        byok_tokens=add(lambda r: r.usage.byok_tokens),
+        model_cost=ZERO + add(lambda r: r.usage.model_cost),
+    )
+    spent = Cost(
+        compute=ZERO + add(lambda r: r.cost.compute),
+        storage=ZERO + add(lambda r: r.cost.storage),
+        model=ZERO + add(lambda r: r.cost.model),
+    )
+    revenue_sum = ZERO + add(lambda r: r.revenue)
+    return CostRow(0, label, "", "", False, usage, spent, revenue_sum)
+
+
 def _sandbox_usage(
     month: Month, user_ids: Iterable[int] | None = None
 ) -> dict[int, dict[str, Any]]:

@@ -56,6 +56,11 @@ def test_it_gives_the_seeded_months_exact_figures_in_the_staff_table(
         for cell in (row[0], *row[2:6], *row[7:]):
             assert f">{cell}<" in page or f">{cell} BYOK<" in page or f">{cell}<br>" in page, cell
     assert f'id="fleet-always-on">${PER_ALWAYS_ON_USER}<' in page
+    total = client.get(reverse(TABLE), {"month": MONTH}).context["total"]
+    assert total == [
+        "Total, 4 users", "", "12060", "1320.00", "90.00", "270000", "50000",
+        "0.7960", "0.0450", "0.5500", "1.3910", "16.0000", "14.6090",
+    ]  # fmt: skip
     assert f'id="fleet-sleeping">${PER_FREE_USER}<' in page
 
 
