@@ -202,7 +202,8 @@ def test_it_meters_many_sandboxes_in_the_same_few_queries(fake: FakeBackend) -> 
     _awake_boxes(290, users, 10)
     with CaptureQueriesContext(connection) as many:
         assert meter_at(T0 + timedelta(seconds=60)) == 300
-    assert len(many.captured_queries) == len(few.captured_queries) <= 13
+    assert len(few.captured_queries) <= 13  # SQLite splits a big INSERT in a few batches:
+    assert len(many.captured_queries) - len(few.captured_queries) <= 3  # none per sandbox
     assert sum(u.awake_seconds for u in DailyUsage.objects.all()) == 60 * 310
 
 
