@@ -106,6 +106,10 @@ class Figures:
     backup_cpu_s: float
     backup_note: str
 
+    def awake_priced_mb(self, basis: str) -> float:
+        """An awake agent's RAM as priced: the larger of idle and after the turns."""
+        return max(self.awake.priced(basis), self.awake_after_turns.priced(basis))
+
 
 # -- reading the cgroup ------------------------------------------------------------------------
 
@@ -392,7 +396,7 @@ def line(label: str, text: str, value: Decimal) -> None:
 
 def pro_month(f: Figures, p: Prices, args: argparse.Namespace) -> tuple[Decimal, Decimal]:
     """Print an always-on user's month; return (total USD, CPU-s a month)."""
-    ram_gb = dec(max(f.awake.priced(args.ram_basis), f.awake_after_turns.priced(args.ram_basis)))
+    ram_gb = dec(f.awake_priced_mb(args.ram_basis))
     ram_gb = round(ram_gb / 1024, 4)
     turns = round(Decimal(repr(args.turns_per_day)) * DAYS_PER_MONTH, 1)
     idle_rate, turn_cpu = dec(f.idle_cpu_s_per_h, 2), dec(f.turn_cpu_s, 3)
@@ -451,7 +455,7 @@ def free_month(
     if hib_h < 0:
         raise ValueError("the free pattern's awake and dozing hours exceed the month")
     awake_gb = round(
-        dec(max(f.awake.priced(args.ram_basis), f.awake_after_turns.priced(args.ram_basis))) / 1024,
+        dec(f.awake_priced_mb(args.ram_basis)) / 1024,
         4,
     )
     doze_gb = round(dec(f.doze.priced(args.ram_basis)) / 1024, 4)
@@ -549,7 +553,7 @@ def server(
     usable = ram_gb - Decimal(repr(args.host_reserve_gb))
     cpu_month = Decimal(vcpus) * HOURS_PER_MONTH * 3600
     awake_gb = round(
-        dec(max(f.awake.priced(args.ram_basis), f.awake_after_turns.priced(args.ram_basis))) / 1024,
+        dec(f.awake_priced_mb(args.ram_basis)) / 1024,
         4,
     )
     avg_free_gb = round(free.ram_gb_h / HOURS_PER_MONTH, 5)
@@ -675,6 +679,7 @@ def report(f: Figures, args: argparse.Namespace, started: float) -> None:
     print(f"\nalways-on / free = {usd(pro)} / {usd(free.total)} = {ratio:.1f}")
     result = {
         "awake_ram_mb": f"{f.awake.working_mb:.1f}",
+        "priced_ram_mb": f"{f.awake_priced_mb(args.ram_basis):.1f}",
         "awake_rss_mb": f"{f.awake.anon_mb:.1f}",
         "awake_charged_mb": f"{f.awake.usage_mb:.1f}",
         "idle_cpu_s_per_h": f"{f.idle_cpu_s_per_h:.2f}",
