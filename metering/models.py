@@ -1,6 +1,6 @@
 """What each user's sandboxes used, per metering interval and per day.
 
-Three tables, smallest last-read first:
+Three tables:
 
 - ``UsageSample``: one running or dozing sandbox in one interval (HERMIT_METERING_INTERVAL
   seconds, aligned to the epoch). Unique on (sandbox, interval_start): an interval is metered
@@ -25,8 +25,8 @@ from django.db import models
 class UsageSample(models.Model):
     """One running or dozing sandbox in one metering interval."""
 
-    sandbox = models.ForeignKey(
-        "sandboxes.Sandbox", null=True, on_delete=models.SET_NULL, related_name="+"
+    sandbox = models.ForeignKey(  # indexed by the unique key, which it leads
+        "sandboxes.Sandbox", null=True, on_delete=models.SET_NULL, related_name="+", db_index=False
     )
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     interval_start = models.DateTimeField(db_index=True)
@@ -53,8 +53,8 @@ class UsageSample(models.Model):
 class StorageSample(models.Model):
     """One sandbox's backup storage on one day (see metering.sampling for what is counted)."""
 
-    sandbox = models.ForeignKey(
-        "sandboxes.Sandbox", null=True, on_delete=models.SET_NULL, related_name="+"
+    sandbox = models.ForeignKey(  # indexed by the unique key, which it leads
+        "sandboxes.Sandbox", null=True, on_delete=models.SET_NULL, related_name="+", db_index=False
     )
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     day = models.DateField(db_index=True)
