@@ -14,6 +14,8 @@ their forms, pages and lists for such staff (:class:`HidesSecrets`).
 Guarded fields: a field named in GUARDED_FIELDS is read-only for staff without the permission
 named with it (plans' prices need ``billing.change_plan_price``, which the "operator" group
 does not have), whatever else they may change (:class:`GuardsFields`).
+
+The index shows the fleet overview (portal.fleet) to staff who may view sandboxes.
 """
 
 from __future__ import annotations
@@ -149,8 +151,20 @@ class HermitAdminSite(admin.AdminSite):
     site_title = "Hermit admin"
     index_title = "Users, plans, sandboxes and the AI gateway"
 
+    index_template = "admin/hermit_index.html"
+
     def has_permission(self, request: HttpRequest) -> bool:
         return may_use_admin(request)
+
+    def index(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        """The app list, with the fleet overview (portal.fleet) above it for staff who may
+        view sandboxes."""
+        from portal.fleet import overview
+
+        context = dict(extra_context or {})
+        if request.user.has_perm("sandboxes.view_sandbox"):
+            context["fleet"] = overview()
+        return super().index(request, context)
 
     def register(self, model_or_iterable: Any, admin_class: Any = None, **options: Any) -> None:
         """Register as usual, with :class:`HidesSecrets` and :class:`GuardsFields` mixed into

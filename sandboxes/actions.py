@@ -633,6 +633,12 @@ def _stop_stray(sandbox: Sandbox, backend: Any, message: str) -> bool:
     return True
 
 
+def stuck_after() -> timedelta:
+    """How long a starting or stopping sandbox may make no progress before it counts as stuck
+    (reconcile then fails it; the admin's fleet overview lists it)."""
+    return timedelta(seconds=settings.HERMIT_START_TIMEOUT + settings.HERMIT_READY_TIMEOUT + 60)
+
+
 def _stuck_for(sandbox: Sandbox) -> timedelta:
     """How long a starting or stopping sandbox has made no progress: since its last state
     change or recorded step, whichever is later; none while a backup, restore or export holds
@@ -706,10 +712,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
         if _stop_stray(sandbox, backend, "Stopped a gateway that should not be running"):
             return "stopped-stray"
         return "ok"
-    stuck_after = timedelta(
-        seconds=settings.HERMIT_START_TIMEOUT + settings.HERMIT_READY_TIMEOUT + 60
-    )
-    if sandbox.state in (State.STARTING, State.STOPPING) and _stuck_for(sandbox) > stuck_after:
+    if sandbox.state in (State.STARTING, State.STOPPING) and _stuck_for(sandbox) > stuck_after():
         spec = spec_for(sandbox)
         if sandbox.backend_state:
             backend.stop(spec, sandbox.backend_state)
