@@ -414,6 +414,9 @@ def _fail(sandbox: Sandbox, reason: str) -> None:
     sandbox.refresh_from_db(fields=["state"])
     if State.FAILED in ALLOWED[sandbox.state]:
         transition(sandbox, State.FAILED, message=reason, progress=100, error_message=reason)
+        from sandboxes import alerts
+
+        alerts.start_failed(sandbox)  # mails the operators at the third failed start in a row
 
 
 def stop_sandbox(

@@ -63,7 +63,7 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from billing.models import plan_for
-from sandboxes import actions, sleep
+from sandboxes import actions, alerts, sleep
 from sandboxes.backends import get_backend, safefs
 from sandboxes.backends.base import BackendError
 from sandboxes.backups import EXCLUDES, restic, storage
@@ -357,6 +357,7 @@ def backup_sandbox(
                 sandbox, "backup", f"Backup failed: {exc}", actor=actor, actor_user=actor_user
             )
             _attempted(sandbox)
+        alerts.backup_failed(sandbox, str(exc))  # once, until a backup succeeds again
         raise
 
 

@@ -20,6 +20,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import plan_for
+from sandboxes import alerts
 from sandboxes.backups import actions, restic, storage
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Sandbox, Snapshot
@@ -132,6 +133,7 @@ def backup_sandbox(sandbox_id: int, trigger: str, actor_user_id: int | None = No
     except storage.StorageError as exc:  # the bucket is unreachable or misconfigured
         log.warning("backup of sandbox %s failed: %s", sandbox_id, exc)
         _failed(sandbox, "backup", str(exc), user)
+        alerts.backup_failed(sandbox, str(exc))
         return "failed"
     return "done" if snapshot is not None else "unchanged"
 
