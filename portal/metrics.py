@@ -17,7 +17,8 @@ histograms):
   snapshot"; a failure is a "Backup failed" or "Failed:" event).
 - ``hermit_ai_calls{upstream, outcome}``, ``hermit_ai_tokens{upstream, kind}`` (input, output,
   cached) and ``hermit_ai_errors{upstream}``: model calls through the AI gateway in the
-  window, from its usage records (upstream by name, ``none`` when the call was refused).
+  window, from its usage records (upstream by name, ``none`` when the call was refused; every
+  configured upstream is listed, zeros included).
 - ``hermit_chat_sessions_open``: browser chat sessions open now (sandboxes.chat_sessions).
 - ``hermit_celery_queue_depth{queue}``: messages waiting in the default Celery queue (Redis
   LLEN of its priority lists, or the folder broker's message files).
@@ -35,7 +36,6 @@ hermit_sandbox_start_seconds_bucket)``, ``hermit_ai_calls / window``), never wit
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -150,7 +150,7 @@ def backup_durations(since: datetime) -> Durations:
 
 
 def ai_gateway(since: datetime) -> Iterator[Metric]:
-    from billing.ai_gateway.models import UsageRecord
+    from billing.ai_gateway.models import Upstream, UsageRecord
 
     rows = (
         UsageRecord.objects.filter(created_at__gte=since)
@@ -177,14 +177,20 @@ def ai_gateway(since: datetime) -> Iterator[Metric]:
         "Model calls that failed in the window, by upstream.",
         labels=["upstream"],
     )
-    token_sums: dict[tuple[str, str], int] = defaultdict(int)
-    error_sums: dict[str, int] = defaultdict(int)
+    # Every upstream is listed, zeros included, so a quiet one still shows on a dashboard.
+    known = set(Upstream.objects.values_list("name", flat=True))
+    call_counts = {(name, outcome): 0 for name in known for outcome in UsageRecord.Outcome.values}
+    token_sums = {(name, kind): 0 for name in known for kind in ("input", "output", "cached")}
+    error_sums = dict.fromkeys(known, 0)
     for name, outcome, n, inp, out, cached in rows:
         upstream = name or "none"
-        calls.add_metric([upstream, outcome], n)
+        call_counts[upstream, outcome] = n
+        error_sums.setdefault(upstream, 0)
         for kind, value in (("input", inp), ("output", out), ("cached", cached)):
-            token_sums[upstream, kind] += value or 0
+            token_sums[upstream, kind] = token_sums.get((upstream, kind), 0) + (value or 0)
         error_sums[upstream] += n if outcome == UsageRecord.Outcome.ERROR else 0
+    for (upstream, outcome), value in sorted(call_counts.items()):
+        calls.add_metric([upstream, outcome], value)
     for (upstream, kind), value in sorted(token_sums.items()):
         tokens.add_metric([upstream, kind], value)
     for upstream, value in sorted(error_sums.items()):

@@ -5,6 +5,8 @@ fake backend, open chat sessions across processes, and a real Celery queue's dep
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,6 +27,7 @@ from sandboxes.backends.fake import FakeBackend
 from sandboxes.models import RuntimeImage, Sandbox, SandboxEvent
 from tests.factories import make_user
 
+ROOT = Path(__file__).resolve().parent.parent
 State = Sandbox.State
 TOKEN = "metrics-token-for-tests-0123456789"
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -258,6 +261,7 @@ def test_it_counts_model_calls_tokens_and_errors_by_upstream() -> None:
     assert value(samples, "hermit_ai_tokens", upstream="anthropic-main", kind="input") == 7
     assert value(samples, "hermit_ai_errors", upstream="openai-main") == 1
     assert value(samples, "hermit_ai_errors", upstream="anthropic-main") == 0
+    assert value(samples, "hermit_ai_calls", upstream="anthropic-main", outcome="error") == 0
 
 
 # -- chat sessions and the queue ---------------------------------------------------------------
@@ -311,3 +315,16 @@ def test_it_reports_the_celery_queue_depth() -> None:
         app.conf.task_default_queue = previous
         with app.connection_for_write() as connection:
             connection.default_channel.queue_purge(queue)
+
+
+@pytest.mark.django_db
+def test_its_grafana_dashboard_reads_exported_series_and_each_of_them() -> None:
+    Upstream.objects.create(name="openai-main", provider="openai", base_url="http://x/v1")
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "hermit.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    read = {name for expr in exprs for name in re.findall(r"\bhermit_[a-z_]+", expr)}
+    exported = {name for name, _ in scrape()}
+
+    assert read <= exported, read - exported
+    family = re.compile(r"_(bucket|gcount|gsum)$")
+    assert {family.sub("", name) for name in read} == {family.sub("", n) for n in exported}
