@@ -4,8 +4,8 @@ Contract:
 - ``logging_config(log_format, level)`` is settings.LOGGING: a ``console`` handler (stderr) in
   the ``text`` or ``json`` format, and Django's ``mail_admins`` handler (errors mailed to
   ADMINS when DEBUG is False). Every handler carries ``RedactFilter``. It also takes over the
-  ``django`` loggers, whose default handlers (Django's own console and mail handlers) would
-  write records unredacted.
+  ``django`` and ``uvicorn`` loggers, whose own handlers (Django's console and mail handlers,
+  uvicorn's console, set before the app loads) would write records unredacted.
 - ``RedactFilter`` rewrites a record before any formatter sees it: the message with its args
   merged in, string extras (also inside dicts, lists and tuples), the exception's traceback
   (rendered to ``exc_text``, which every ``logging.Formatter`` prints instead of rendering
@@ -73,6 +73,12 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
             # Replacing Django's defaults: its records reach the console through the root.
             "django": {"handlers": ["mail_admins"], "level": "INFO"},
             "django.server": {"handlers": [], "level": "INFO"},
+            # uvicorn (the AI gateway) puts handlers of its own on these before the app loads.
+            # Its access log stays off, as bin/run asks (--no-access-log): each model call is
+            # a usage record already.
+            "uvicorn": {"handlers": [], "level": "INFO", "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": False},
             "httpx": {"level": "WARNING"},
             "httpcore": {"level": "WARNING"},
         },
