@@ -103,7 +103,6 @@ class Figures:
     data_dir_mb: float
     backup_mb: float
     backup_files_mb: float
-    backup_cpu_s: float
     backup_note: str
 
     def awake_priced_mb(self, basis: str) -> float:
@@ -264,29 +263,24 @@ def measure_hibernate(sandbox: Any) -> tuple[str, Memory, float, float, float]:
     return how, left, image, dump_cpu, took
 
 
-def measure_backup(sandbox: Any) -> tuple[float, float, float, str]:
-    """(repository files MB, files MB in the snapshot, restic CPU-s, note)."""
+def measure_backup(sandbox: Any) -> tuple[float, float, str]:
+    """(repository files MB, files MB in the snapshot, note). Restic's CPU is not read here:
+    it runs in a bubblewrap pid namespace, out of this process's child accounting."""
     from sandboxes.backups import actions as backups
     from sandboxes.backups.storage import s3_mode
     from sandboxes.models import BackupRepository
 
     if s3_mode():
-        return math.nan, math.nan, math.nan, "backups go to S3 here: repository size not read"
-    cpu0 = children_cpu()
+        return math.nan, math.nan, "backups go to S3 here: repository size not read"
     try:
         snapshot = backups.backup_sandbox(reload(sandbox), trigger="sleep", force=True)
     except Exception as exc:
-        return math.nan, math.nan, math.nan, f"the backup failed: {exc}"
-    cpu = children_cpu() - cpu0
+        return math.nan, math.nan, f"the backup failed: {exc}"
     location = BackupRepository.objects.get(sandbox=sandbox).location
     size = probe.tree_size_mb(location)
     files = snapshot.size_bytes / MB if snapshot else math.nan
-    print(
-        f"  backup: repository files {size:.1f} MB for {files:.1f} MB of files,"
-        f" restic {cpu:.2f} CPU-s",
-        flush=True,
-    )
-    return size, files, cpu, ""
+    print(f"  backup: repository files {size:.1f} MB for {files:.1f} MB of files", flush=True)
+    return size, files, ""
 
 
 def measure_wake(sandbox: Any) -> tuple[str, float, float, Memory]:
@@ -336,7 +330,7 @@ def measure(args: argparse.Namespace) -> Figures:
     sandbox = reload(sandbox)
     data_dir = safefs.disk_usage(sandbox.data_dir) / MB
     print(f"  data dir: {data_dir:.1f} MB on disk", flush=True)
-    backup, files, backup_cpu, note = measure_backup(sandbox)
+    backup, files, note = measure_backup(sandbox)
     wake_how, wake_cpu, wake_ready, restored = measure_wake(reload(sandbox))
     return Figures(
         awake=awake,
@@ -362,7 +356,6 @@ def measure(args: argparse.Namespace) -> Figures:
         data_dir_mb=data_dir,
         backup_mb=backup,
         backup_files_mb=files,
-        backup_cpu_s=backup_cpu,
         backup_note=note,
     )
 
@@ -662,7 +655,7 @@ def report(f: Figures, args: argparse.Namespace, started: float) -> None:
         print(
             f"  backup: one restic snapshot, {f.backup_files_mb:.1f} MB of files, repository"
             f" {f.backup_mb:.1f} MB in its files (deduplicated, compressed; what object storage"
-            f" bills); restic {f.backup_cpu_s:.2f} CPU-s, not priced"
+            " bills); its CPU is not measured here (bench/backup.py times backups)"
         )
     print(
         f"\nPrices (settings): vCPU-hour {prices.vcpu_hour}, RAM GB-hour {prices.ram_gb_hour},"
