@@ -221,9 +221,9 @@ def test_it_meters_an_interval_once_when_two_runs_race(
     both_read = threading.Barrier(2, timeout=10)
     read = fake.stats
 
-    def stats_once_both_have_looked(*args: Any) -> Any:
+    def stats_once_both_have_looked(*args: Any, **kwargs: Any) -> Any:
         both_read.wait()  # each run is past its "already metered?" check
-        return read(*args)
+        return read(*args, **kwargs)
 
     monkeypatch.setattr(fake, "stats", stats_once_both_have_looked)
     results: list[int] = []

@@ -139,8 +139,9 @@ class SandboxBackend(abc.ABC):
         """Return the last ``lines`` lines of the sandbox's output."""
 
     @abc.abstractmethod
-    def stats(self, spec: SandboxSpec, state: dict[str, Any]) -> Stats:
-        """Return current memory, CPU seconds and disk use."""
+    def stats(self, spec: SandboxSpec, state: dict[str, Any], *, disk: bool = True) -> Stats:
+        """Return current memory, CPU seconds and disk use. With ``disk=False``, ``disk_bytes``
+        is 0 and the data dir is not walked (metering reads memory and CPU every minute)."""
 
     def frozen(self, spec: SandboxSpec, state: dict[str, Any]) -> AbstractContextManager[None]:
         """Return a context manager that pauses the whole sandbox for its block.

@@ -180,7 +180,7 @@ class FakeBackend(SandboxBackend):
             box = self._boxes.get(spec.name)
             return "\n".join(box.log[-lines:]) if box and lines > 0 else ""
 
-    def stats(self, spec: SandboxSpec, state: dict[str, Any]) -> Stats:
+    def stats(self, spec: SandboxSpec, state: dict[str, Any], *, disk: bool = True) -> Stats:
         box = self._enter("stats", spec)
         with self._lock:
             alive = self._alive(spec, state)

@@ -1179,14 +1179,14 @@ class LocalBackend(SandboxBackend):
         tail = _tail(run_dir / LOG_NAME, lines).strip()
         return f"\nLast log lines:\n{tail}" if tail else "\n(The sandbox wrote no log output.)"
 
-    def stats(self, spec: SandboxSpec, state: dict[str, Any]) -> Stats:
+    def stats(self, spec: SandboxSpec, state: dict[str, Any], *, disk: bool = True) -> Stats:
         paths = state.get("cgroups", {})
         memory, limit = cgroups.memory_usage(paths) if paths else (0, 0)
         return Stats(
             memory_bytes=memory,
             memory_limit_bytes=limit,
             cpu_seconds=cgroups.cpu_seconds(paths) if paths else 0.0,
-            disk_bytes=safefs.disk_usage(spec.data_dir),
+            disk_bytes=safefs.disk_usage(spec.data_dir) if disk else 0,
             oom_kills=cgroups.oom_kills(paths) if paths else 0,
         )
 
