@@ -26,9 +26,10 @@ Contract of :func:`meter_interval` (run by beat, see metering.tasks):
 :func:`meter_storage`, once a UTC day (its first run that day), records each sandbox's backup
 storage: the sum of ``added_bytes`` over the snapshots its repository still keeps, i.e. what
 each kept snapshot added to the (deduplicated) repository when it was taken. It needs no restic
-and no lease. Its limit: when ``forget`` drops an old snapshot whose data later snapshots still
-use, that data is no longer counted, so it can read low; it never counts one byte twice. The
-same pass prunes samples older than HERMIT_METERING_KEEP_DAYS.
+and no lease, and counts no deduplicated byte twice. It is an estimate of what object storage
+bills: restic reports the added data before compression (reads high by the compression ratio),
+and when ``forget`` drops an old snapshot whose data later ones still use, that data is no
+longer counted (reads low). The same pass prunes samples older than HERMIT_METERING_KEEP_DAYS.
 """
 
 from __future__ import annotations
