@@ -26,12 +26,14 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
 from django.db.models import OuterRef, QuerySet, Subquery
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import filesizeformat
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -41,6 +43,7 @@ from sandboxes.admin_users import register_user_admins
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, RuntimeImage, Sandbox, SandboxEvent, Snapshot
+from sandboxes.openclaw import devices
 
 BACKUP_KINDS = (
     "backup",
@@ -200,6 +203,7 @@ OVERVIEW = (
     "usage_this_month",
 )
 INSIDE = ("resources", "process_list", "log_tail")
+DEVICES = ("paired_devices",)
 
 
 @admin.register(Sandbox)
@@ -219,6 +223,7 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
     readonly_fields = (
         *OVERVIEW,
         *INSIDE,
+        *DEVICES,
         "backend_state",
         "created_at",
         "updated_at",
@@ -227,6 +232,7 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
     fieldsets = (
         (None, {"fields": OVERVIEW}),
         ("Now (read from the backend)", {"fields": INSIDE}),
+        ("OpenClaw devices (read from the gateway)", {"fields": DEVICES}),
         ("Backups", {"fields": ("backup_status",)}),
         (
             "Details",
@@ -306,6 +312,70 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
             return "-"
         url = reverse("admin:auth_user_change", args=[obj.owner_id])
         return format_html('<a href="{}">{}</a> ({})', url, obj.owner.email, obj.owner)
+
+    @admin.display(description="paired devices")
+    def paired_devices(self, obj: Sandbox) -> SafeString | str:
+        """Pending requests with Approve, paired devices with Revoke (buttons posting the page's
+        form to this sandbox's device URLs; shown to staff who may operate sandboxes)."""
+        if not obj.pk:
+            return "-"
+        try:
+            found = devices.list_devices(obj)
+        except devices.DeviceError as exc:
+            return str(exc)
+        may_act = getattr(obj, "_hermit_may_operate", False)
+        return render_to_string(
+            "admin/sandboxes/sandbox/_devices.html", {"devices": found, "may_act": may_act}
+        )
+
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> Sandbox | None:
+        """The sandbox, noting whether this staff member may act on its devices."""
+        obj = super().get_object(request, object_id, from_field)
+        if obj is not None:
+            obj._hermit_may_operate = self.has_operate_permission(request)  # type: ignore[attr-defined]
+        return obj
+
+    def get_urls(self) -> list[URLPattern]:
+        mine = [
+            path(
+                "<int:sandbox_id>/devices/<str:verb>/",
+                self.admin_site.admin_view(self.device_action),
+                name="sandboxes_sandbox_device",
+            )
+        ]
+        return mine + super().get_urls()
+
+    def device_action(self, request: HttpRequest, sandbox_id: int, verb: str) -> HttpResponse:
+        """POST: approve a pending device (``request_id``) or revoke a paired one's token
+        (``device_id``) through the gateway; record it under the staff member's name."""
+        if request.method != "POST" or verb not in ("approve", "revoke"):
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_operate_permission(request):
+            raise PermissionDenied
+        sandbox = get_object_or_404(Sandbox, pk=sandbox_id)
+        page = reverse("admin:sandboxes_sandbox_change", args=[sandbox.pk])
+        target = request.POST.get("request_id" if verb == "approve" else "device_id", "")[:200]
+        try:
+            if verb == "approve":
+                device = devices.approve(sandbox, target)
+                what = f"Staff approved device {device.device_id[:12]}… ({device.client})"
+            else:
+                devices.revoke(sandbox, target)
+                what = f"Staff revoked device {target[:12]}…"
+        except devices.DeviceError as exc:
+            messages.error(request, str(exc))
+            return HttpResponseRedirect(page)
+        record_event(
+            sandbox,
+            f"device-{verb}d",
+            what,
+            actor=SandboxEvent.Actor.STAFF,
+            actor_user=request.user,
+        )
+        messages.success(request, what)
+        return HttpResponseRedirect(page)
 
     @admin.display(description="plan")
     def plan(self, obj: Sandbox) -> str:

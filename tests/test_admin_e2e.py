@@ -12,7 +12,9 @@ from unittest import mock
 import httpx
 import pytest
 from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
@@ -22,6 +24,8 @@ from portal.asgi import application
 from sandboxes import actions, tasks
 from sandboxes.backends import get_backend
 from sandboxes.models import AccountDeletion, Sandbox, Suspension
+from sandboxes.openclaw import devices
+from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, GatewayConnection, GatewayError
 from tests.fixtures.chat import session_cookie
 
 EMAIL = "alice@chat.test"
@@ -68,6 +72,52 @@ def alice_sandbox(sandbox_for: Callable[..., Sandbox]) -> Sandbox:
 def run_stops(delay: mock.MagicMock) -> None:
     for call in delay.call_args_list:
         tasks.stop_sandbox.apply(args=call.args).get()
+
+
+async def ask_to_pair(sandbox: Sandbox, identity: DeviceIdentity) -> str:
+    """Connect as a new device from a browser page (not approved by itself); return the id of
+    the pairing request it leaves, or "" if it was let in."""
+    host, port = await database_sync_to_async(actions.gateway_endpoint)(sandbox)
+    try:
+        conn = await GatewayConnection.open(
+            f"ws://{host}:{port}", token=sandbox.gateway_token, identity=identity,
+            info=ClientInfo(client_id="cli", mode="cli"), origin=settings.SITE_URL,
+        )  # fmt: skip
+    except GatewayError as exc:
+        assert exc.code == "NOT_PAIRED", exc
+        return str(exc.details["requestId"])
+    await conn.close()
+    return ""
+
+
+def test_it_approves_and_revokes_a_paired_device(
+    alice_sandbox: Sandbox, staff: Any, client: Client
+) -> None:
+    sandbox = alice_sandbox
+    phone = DeviceIdentity.generate()
+    request_id = async_to_sync(ask_to_pair)(sandbox, phone)
+    assert request_id
+    client.force_login(staff)
+    page_url = reverse("admin:sandboxes_sandbox_change", args=[sandbox.pk])
+    page = client.get(page_url).content.decode()
+    assert f'name="request_id" value="{request_id}"' in page
+
+    approve = reverse("admin:sandboxes_sandbox_device", args=[sandbox.pk, "approve"])
+    response = client.post(approve, {"request_id": request_id}, follow=True)
+    assert f"Staff approved device {phone.device_id[:12]}" in response.content.decode()
+    event = sandbox.events.get(kind="device-approved")
+    assert (event.actor, event.actor_user) == ("staff", staff)
+    found = devices.list_devices(sandbox)
+    assert request_id not in {p.request_id for p in found.pending}
+    paired = {d.device_id: d for d in found.paired}
+    assert paired[phone.device_id].active_roles == ("operator",)
+    assert async_to_sync(ask_to_pair)(sandbox, phone) == ""  # now it is let in
+
+    revoke = reverse("admin:sandboxes_sandbox_device", args=[sandbox.pk, "revoke"])
+    client.post(revoke, {"device_id": phone.device_id})
+    assert sandbox.events.get(kind="device-revoked").actor_user == staff
+    paired = {d.device_id: d for d in devices.list_devices(sandbox).paired}
+    assert phone.device_id not in paired or paired[phone.device_id].active_roles == ()
 
 
 def test_it_suspends_a_user_on_a_real_gateway(

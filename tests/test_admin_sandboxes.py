@@ -135,8 +135,11 @@ def test_it_says_why_it_cannot_measure_a_sandbox(
     fake.fail_next(sandbox.slug, "stats")
     client.force_login(staff)
     assert "The backend could not report: stats of sbx-" in page_of(client, sandbox)
+    assert "The gateway did not answer: cannot reach the gateway" in page_of(client, sandbox)
     actions.stop_sandbox(sandbox)
-    assert "Not running (stopped): nothing to measure." in page_of(client, sandbox)
+    page = page_of(client, sandbox)
+    assert "Not running (stopped): nothing to measure." in page
+    assert "The agent is stopped: devices are read from its gateway." in page
 
 
 def test_it_shows_a_backend_that_hangs_as_a_timeout(
@@ -297,5 +300,7 @@ def test_it_runs_the_new_actions_only_for_staff_who_may_operate(
     with mock.patch.object(tasks.sleep_sandbox, "delay") as delay:
         post_action(client, "sleep", [sandbox])
     assert not delay.called
+    approve = reverse("admin:sandboxes_sandbox_device", args=[sandbox.pk, "approve"])
+    assert client.post(approve, {"request_id": "abc"}).status_code == 403
     assert not sandbox.events.filter(actor="staff").exists()
     assert bootqueue.host_name() == "host-a.test"
