@@ -15,17 +15,22 @@ from typing import Any
 
 import pytest
 import time_machine
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing.ai_gateway.models import Api, Upstream, UsageRecord
 from billing.models import Account, Plan
 from portal import metrics
+from portal.asgi import application
 from sandboxes import actions, chat_sessions, sleep
 from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend
-from sandboxes.models import RuntimeImage, Sandbox, SandboxEvent
+from sandboxes.models import RuntimeImage, Sandbox, SandboxEvent, Suspension
 from tests.factories import make_user
+from tests.fixtures.chat import session_cookie
 
 ROOT = Path(__file__).resolve().parent.parent
 State = Sandbox.State
@@ -271,8 +276,7 @@ async def test_it_counts_open_chat_sessions_across_processes_and_forgets_a_dead_
     with time_machine.travel(NOW, tick=False) as traveller:
         first = asyncio.ensure_future(chat_sessions.hold())
         second = asyncio.ensure_future(chat_sessions.hold())
-        await asyncio.sleep(0.2)  # both published
-        assert chat_sessions.open_sessions() == 2
+        assert await open_sessions_become(2)  # both published
         # Another web process with three sessions, publishing as this one does.
         other = "hermit:chat:open:otherhost:1:abcd"
         chat_sessions.cache.set(other, 3, chat_sessions.TTL)
@@ -328,3 +332,35 @@ def test_its_grafana_dashboard_reads_exported_series_and_each_of_them() -> None:
     assert read <= exported, read - exported
     family = re.compile(r"_(bucket|gcount|gsum)$")
     assert {family.sub("", name) for name in read} == {family.sub("", n) for n in exported}
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_counts_a_chat_session_from_connect_to_disconnect() -> None:
+    # A suspended user's chat opens, says why and never wakes an agent: no gateway needed.
+    user = await database_sync_to_async(make_user)("suspended@example.com")
+    await database_sync_to_async(Suspension.objects.create)(user=user, reason="Spam runs")
+    cookie = await database_sync_to_async(session_cookie)(user)
+    headers = [(b"origin", b"http://testserver"), (b"host", b"testserver")]
+    comm = WebsocketCommunicator(
+        application, "/ws/chat/", headers=[*headers, (b"cookie", cookie.encode())]
+    )
+    connected, _ = await comm.connect(timeout=10)
+    try:
+        assert connected
+        frame = json.loads(await comm.receive_from(timeout=10))
+        assert (frame["type"], frame["state"]) == ("status", "failed")
+        assert await open_sessions_become(1)
+    finally:
+        await comm.disconnect()
+    assert await open_sessions_become(0)
+
+
+async def open_sessions_become(count: int, timeout: float = 5.0) -> bool:
+    """Return True once chat_sessions.open_sessions() == count (it publishes from a task)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while await sync_to_async(chat_sessions.open_sessions)() != count:
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
