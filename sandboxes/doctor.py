@@ -147,6 +147,9 @@ def check_cgroups() -> Result:
     parent = settings.HERMIT_CGROUP_PARENT
     try:
         version = cgroups.detect_version(root)
+    except cgroups.CgroupError as exc:
+        return Result("cgroups", False, str(exc), "mount -t cgroup2 none /sys/fs/cgroup")
+    try:
         paths = cgroups.create(
             root, parent, f"doctor-{os.getpid()}", memory_mb=64, cpu_millis=100, pids_max=16
         )
@@ -154,7 +157,8 @@ def check_cgroups() -> Result:
         fix = (
             "run Hermit's worker as root"
             if os.geteuid() != 0
-            else "mount -t cgroup2 none /sys/fs/cgroup"
+            else "mount -o remount,rw /sys/fs/cgroup  (in a container: --cgroupns=host and "
+            "-v /sys/fs/cgroup:/sys/fs/cgroup:rw)"
         )
         return Result(
             "cgroups", False, f"cannot create a sandbox cgroup under {parent}: {exc}", fix
@@ -307,7 +311,7 @@ def _check_bucket() -> Result:
 
 
 def check_broker() -> Result:
-    from portal.celery import app
+    from kombu import Connection
 
     url = redact(str(settings.CELERY_BROKER_URL))
     if url.startswith("filesystem://"):
@@ -319,7 +323,7 @@ def check_broker() -> Result:
             )
         return Result("broker", True, f"folder broker at {folder} is writable")
     try:
-        with app.connection_for_write() as connection:
+        with Connection(settings.CELERY_BROKER_URL, connect_timeout=3) as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=3)
     except Exception as exc:  # kombu raises the transport's own errors
         return Result(

@@ -12,6 +12,7 @@ from django.core.management import CommandError, call_command
 
 from sandboxes import doctor, runtime
 from tests.fixtures.s3 import S3Server
+from tests.net import free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -142,3 +143,15 @@ def test_it_reports_a_check_that_blows_up_and_goes_on(
 
     assert [r.name for r in results if not r.ok] == ["pasta"]
     assert results[1].detail == "the check failed: RuntimeError: odd host"
+
+
+def test_it_names_an_unreachable_broker(healthy: None, settings: Any) -> None:
+    settings.CELERY_BROKER_URL = f"redis://:s3cret-pass@127.0.0.1:{free_port()}/0"
+
+    output, error = _doctor()
+
+    assert error == "1 of 11 checks failed: broker"
+    problem = _failed(output)["broker"]
+    assert "cannot reach the broker redis://:[REDACTED]@127.0.0.1" in problem
+    assert "s3cret-pass" not in output
+    assert "fix: systemctl start redis-server" in problem
