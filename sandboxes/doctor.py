@@ -149,6 +149,7 @@ def check_cgroups() -> Result:
         version = cgroups.detect_version(root)
     except cgroups.CgroupError as exc:
         return Result("cgroups", False, str(exc), "mount -t cgroup2 none /sys/fs/cgroup")
+    existed = (root / parent).exists() or (root / "memory" / parent).exists()
     try:
         paths = cgroups.create(
             root, parent, f"doctor-{os.getpid()}", memory_mb=64, cpu_millis=100, pids_max=16
@@ -164,6 +165,9 @@ def check_cgroups() -> Result:
             "cgroups", False, f"cannot create a sandbox cgroup under {parent}: {exc}", fix
         )
     cgroups.remove(paths)
+    for path in [] if existed else paths.values():  # a parent the probe made goes too
+        with contextlib.suppress(OSError):
+            os.rmdir(Path(path).parent)
     return Result("cgroups", True, f"v{version}, {parent} is writable (memory, pids, cpu limits)")
 
 
