@@ -60,7 +60,7 @@ class Series:
 
 @dataclass
 class Fleet:
-    by_state: list[tuple[str, int, str]]  # state, count, filtered changelist URL
+    by_state: list[tuple[str, int, str]]  # state, count, filtered changelist URL (count > 0)
     total: int
     ram_used: int
     ram_total: int
@@ -183,7 +183,11 @@ def overview(now: datetime | None = None) -> Fleet:
     """Return the fleet overview at ``now`` (default: now)."""
     now = now or timezone.now()
     counts = dict(Sandbox.objects.values_list("state").annotate(n=Count("id")))
-    by_state = [(state, counts.get(state, 0), _changelist(state=state)) for state in State.values]
+    by_state = [
+        (state, counts[state], _changelist(state=state))
+        for state in State.values
+        if state in counts
+    ]
     used, missing = _ram_in_use(now)
     failed, stuck = _troubles(now)
     wakes, starts = durations(now)

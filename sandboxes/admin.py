@@ -323,10 +323,13 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
             found = devices.list_devices(obj)
         except devices.DeviceError as exc:
             return str(exc)
-        may_act = getattr(obj, "_hermit_may_operate", False)
-        return render_to_string(
-            "admin/sandboxes/sandbox/_devices.html", {"devices": found, "may_act": may_act}
-        )
+        context = {
+            "devices": found,
+            "may_act": getattr(obj, "_hermit_may_operate", False),
+            "approve_url": reverse("admin:sandboxes_sandbox_device", args=[obj.pk, "approve"]),
+            "revoke_url": reverse("admin:sandboxes_sandbox_device", args=[obj.pk, "revoke"]),
+        }
+        return render_to_string("admin/sandboxes/sandbox/_devices.html", context)
 
     def get_object(
         self, request: HttpRequest, object_id: str, from_field: str | None = None
@@ -446,7 +449,9 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
         if inside.problem:
             return inside.problem
         return format_html(
-            '<pre id="sandbox-log" class="hermit-log">{}</pre>', inside.log or "(empty)"
+            '<pre id="sandbox-log" style="{}">{}</pre>',
+            "max-height:28em;overflow:auto;white-space:pre-wrap",
+            inside.log or "(empty)",
         )
 
     def has_operate_permission(self, request: HttpRequest) -> bool:

@@ -101,8 +101,9 @@ def test_it_approves_and_revokes_a_paired_device(
     page_url = reverse("admin:sandboxes_sandbox_change", args=[sandbox.pk])
     page = client.get(page_url).content.decode()
     assert f'name="request_id" value="{request_id}"' in page
-
     approve = reverse("admin:sandboxes_sandbox_device", args=[sandbox.pk, "approve"])
+    assert f'formaction="{approve}"' in page
+
     response = client.post(approve, {"request_id": request_id}, follow=True)
     assert f"Staff approved device {phone.device_id[:12]}" in response.content.decode()
     event = sandbox.events.get(kind="device-approved")
