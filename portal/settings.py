@@ -556,6 +556,8 @@ if not DEBUG:
 # Logs (portal.lib.logs): LOG_FORMAT=json writes one JSON line per event; every handler redacts
 # secrets. Errors are mailed to ADMINS ("Name <address>, ..."), only when DEBUG is False.
 ADMINS = getaddresses([env("ADMINS")]) if env("ADMINS") else []
+SERVER_EMAIL = env("SERVER_EMAIL", DEFAULT_FROM_EMAIL)  # the sender of error mails and alerts
+EMAIL_SUBJECT_PREFIX = "[Hermit] "
 LOGGING = logging_config(env("LOG_FORMAT", "text"), env("LOG_LEVEL", "INFO"))
 # Prometheus metrics at /metrics (portal.metrics), for a scraper sending
 # "Authorization: Bearer <HERMIT_METRICS_TOKEN>" (a secret; unset = no /metrics). Windowed

@@ -130,7 +130,7 @@ def _send(alert: SandboxEvent, subject: str, body: str) -> bool:
     log.warning("alert: %s", subject)
     recipients = [address for _, address in settings.ADMINS]
     try:
-        send_mail(SUBJECT_PREFIX + subject, body, settings.DEFAULT_FROM_EMAIL, recipients)
+        send_mail(SUBJECT_PREFIX + subject, body, settings.SERVER_EMAIL, recipients)
     except Exception:  # the mail backend's own errors (SMTP down)
         log.exception("alert: could not mail the operators; the next failure tries again")
         SandboxEvent.objects.filter(pk=alert.pk).delete()

@@ -70,7 +70,7 @@ def failing_start(fake: FakeBackend, sandbox: Sandbox) -> None:
 
 @pytest.mark.django_db
 def test_it_mails_the_operators_once_at_the_third_failed_start_in_a_row(
-    fake: FakeBackend,
+    fake: FakeBackend, settings: Any
 ) -> None:
     sandbox = running("starts@example.com")
     actions.stop_sandbox(sandbox)
@@ -85,6 +85,7 @@ def test_it_mails_the_operators_once_at_the_third_failed_start_in_a_row(
 
     (message,) = mail.outbox
     assert message.to == [OPS, "night@example.com"]
+    assert message.from_email == settings.SERVER_EMAIL
     assert message.subject == (f"[Hermit alert] Sandbox {sandbox} failed to start 3 times in a row")
     assert "start of" in message.body and "failed (planted by a test)" in message.body
     assert f"/admin/sandboxes/sandbox/{sandbox.pk}/change/" in message.body
