@@ -113,19 +113,30 @@ def _mask_random(match: re.Match[str]) -> str:
     return MASK if mixed else run
 
 
-_RULES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
-    (_PEM, MASK),
-    (_URL_PASSWORD, _keep_head),
-    (_AUTH_HEADER, _keep_head),
-    (_BEARER, _keep_head),
-    (_COOKIE_HEADER, _keep_head),
-    (_SESSION_COOKIE, _keep_head),
-    (_KEY_VALUE, _mask_value),
-    (_FLAG, _mask_value),
-    (_JWT, MASK),
-    (_PREFIXED, _keep_head),
-    (_TELEGRAM, _keep_head),
-    (_RANDOM, _mask_random),
+_KEY_HINTS = (
+    "token", "pass", "pwd", "secret", "credential", "signature", "session", "cookie", "auth",
+    "dsn", "key",
+)  # fmt: skip
+_PREFIX_HINTS = (
+    "hmk_", "sk-", "sk_", "rk_", "whsec_", "gsk_", "xai-", "aiza", "ghp_", "gho_", "ghu_",
+    "ghs_", "ghr_", "github_pat_", "xox",
+)  # fmt: skip
+Replacement = str | Callable[[re.Match[str]], str]
+# (pattern, replacement, hints): a rule runs only on text holding one of its hints (lower
+# case), so that a line with nothing secret-looking costs a few substring searches.
+_RULES: list[tuple[re.Pattern[str], Replacement, tuple[str, ...]]] = [
+    (_PEM, MASK, ("private key",)),
+    (_URL_PASSWORD, _keep_head, ("://",)),
+    (_AUTH_HEADER, _keep_head, ("authorization",)),
+    (_BEARER, _keep_head, ("bearer",)),
+    (_COOKIE_HEADER, _keep_head, ("cookie",)),
+    (_SESSION_COOKIE, _keep_head, ("session",)),
+    (_KEY_VALUE, _mask_value, _KEY_HINTS),
+    (_FLAG, _mask_value, _KEY_HINTS),
+    (_JWT, MASK, ("eyj",)),
+    (_PREFIXED, _keep_head, _PREFIX_HINTS),
+    (_TELEGRAM, _keep_head, (":",)),
+    (_RANDOM, _mask_random, ()),
 ]
 
 
@@ -133,6 +144,8 @@ def redact(text: str) -> str:
     """Return ``text`` with the secrets it holds replaced by ``MASK`` (see the module doc)."""
     if not text:
         return text
-    for pattern, replacement in _RULES:
-        text = pattern.sub(replacement, text)
+    lower = text.lower()
+    for pattern, replacement, hints in _RULES:
+        if not hints or any(hint in lower for hint in hints):
+            text = pattern.sub(replacement, text)
     return text
