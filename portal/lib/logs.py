@@ -37,6 +37,7 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) 
     "asctime",
     "taskName",
 }
+_NOT_WRITTEN = frozenset({"color_message"})  # uvicorn's copy of the message with ANSI colours
 _DONE = "_hermit_redacted"
 _traceback_formatter = logging.Formatter()
 
@@ -143,7 +144,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _RECORD_FIELDS and not key.startswith("_") and key not in entry:
+            if key in _RECORD_FIELDS or key in _NOT_WRITTEN or key.startswith("_"):
+                continue
+            if key not in entry:
                 entry[key] = _jsonable(value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
