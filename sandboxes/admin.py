@@ -20,7 +20,7 @@ with no such snapshot are left alone, and named).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django import forms
@@ -45,6 +45,7 @@ from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, RuntimeImage, Sandbox, SandboxEvent, Snapshot
 from sandboxes.openclaw import devices
 
+EVENTS_DAYS = 7
 BACKUP_KINDS = (
     "backup",
     "restore",
@@ -56,13 +57,20 @@ BACKUP_KINDS = (
 
 
 class SandboxEventInline(admin.TabularInline[SandboxEvent, Sandbox]):
+    """The events timeline of the last EVENTS_DAYS days (all of them: Sandbox events)."""
+
     model = SandboxEvent
+    verbose_name_plural = f"events of the last {EVENTS_DAYS} days (older ones under Sandbox events)"
     extra = 0
     can_delete = False
     fields = ("created_at", "actor", "actor_user", "kind", "message", "progress", "state")
     readonly_fields = fields
     ordering = ("-created_at",)
     max_num = 0
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[SandboxEvent]:
+        since = timezone.now() - timedelta(days=EVENTS_DAYS)
+        return super().get_queryset(request).filter(created_at__gte=since)
 
 
 class SnapshotInline(admin.TabularInline[Snapshot, Sandbox]):

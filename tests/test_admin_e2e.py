@@ -118,7 +118,8 @@ def test_it_approves_and_revokes_a_paired_device(
     client.post(revoke, {"device_id": phone.device_id})
     assert sandbox.events.get(kind="device-revoked").actor_user == staff
     paired = {d.device_id: d for d in devices.list_devices(sandbox).paired}
-    assert phone.device_id not in paired or paired[phone.device_id].active_roles == ()
+    assert paired[phone.device_id].active_roles == ()  # its token is revoked
+    assert async_to_sync(ask_to_pair)(sandbox, phone) not in ("", request_id)  # pairs again
 
 
 def test_it_suspends_a_user_on_a_real_gateway(

@@ -304,3 +304,19 @@ def test_it_runs_the_new_actions_only_for_staff_who_may_operate(
     assert client.post(approve, {"request_id": "abc"}).status_code == 403
     assert not sandbox.events.filter(actor="staff").exists()
     assert bootqueue.host_name() == "host-a.test"
+
+
+def test_it_shows_the_last_weeks_events_on_the_page(
+    client: Client, staff: Any, fake: FakeBackend, current: RuntimeImage
+) -> None:
+    sandbox = running("alice@example.com")
+    SandboxEvent.objects.create(
+        sandbox=sandbox, kind="note", message="an old step",
+        created_at=timezone.now() - timedelta(days=8),
+    )  # fmt: skip
+    SandboxEvent.objects.create(sandbox=sandbox, kind="note", message="a recent step")
+    client.force_login(staff)
+    page = page_of(client, sandbox)
+    assert "a recent step" in page and "an old step" not in page
+    events = client.get(reverse("admin:sandboxes_sandboxevent_changelist")).content.decode()
+    assert "an old step" in events
