@@ -23,7 +23,7 @@ from django.test import Client
 from django.urls import path
 
 from billing.ai_gateway.credentials import KEY_PREFIX
-from portal.lib.logs import logging_config
+from portal.lib.logs import RedactFilter, logging_config
 from portal.lib.redact import MASK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,3 +196,20 @@ def test_it_writes_json_lines_from_settings_with_log_format_json(leaks: dict[str
 def test_it_refuses_an_unknown_log_format() -> None:
     with pytest.raises(ValueError, match="LOG_FORMAT must be one of text, json"):
         logging_config("xml", "INFO")
+
+
+def test_it_makes_celery_workers_log_through_settings(configure_logs: Configure) -> None:
+    from celery.app.log import Logging
+
+    from portal.celery import app
+
+    configure_logs("text")  # only to have the loggers put back afterwards
+    before = (app.log.already_setup, Logging._setup)
+    app.log.already_setup = False
+    try:
+        app.log.setup_logging_subsystem(loglevel="INFO")  # as a worker or beat does at start
+        handlers = logging.getLogger().handlers
+        assert [type(h) for h in handlers] == [logging.StreamHandler]
+        assert any(isinstance(f, RedactFilter) for f in handlers[0].filters)
+    finally:
+        app.log.already_setup, Logging._setup = before
