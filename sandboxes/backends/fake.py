@@ -1,10 +1,14 @@
 """An in-memory backend for the portal's own tests (JupyterHub's MockSpawner pattern).
 
-Nothing runs: a "sandbox" is an entry in a process-wide table, so the portal's logic (states,
-sleep stages, checkpoints, queues, races between workers) is tested in milliseconds. It keeps
-the contract's promises that the portal relies on: ``start`` yields progress and ends with the
-state to persist, ``stop`` and ``drop_checkpoint`` are idempotent, a frozen sandbox stays frozen
-until thawed, a checkpoint stops the sandbox and restores only onto the same data identity.
+No gateway runs: a "sandbox" is an entry in a process-wide table (shared by every FakeBackend
+object, so a fresh one re-attaches from the persisted state as the real backends do), and the
+portal's logic (states, sleep stages, checkpoints, queues, races between workers) is tested in
+milliseconds. It passes the contract suite (tests/test_backend_contract.py): ``start`` yields
+progress and ends with the state to persist, ``stop`` and ``drop_checkpoint`` are idempotent, a
+frozen sandbox stays frozen until thawed, a checkpoint stops the sandbox and restores only onto
+the same data identity. ``exec`` runs its command for real, as a host process of this user in
+the data dir (when it exists), so exit codes, output and timeouts are real; ``stats`` walks the
+data dir for ``disk_bytes``.
 
 Test hooks: :meth:`FakeBackend.fail_next` makes the next start, checkpoint or restore of a
 sandbox raise BackendError; :meth:`FakeBackend.crash` makes a running sandbox's "gateway" die;
@@ -19,6 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +43,7 @@ from sandboxes.backends.base import (
     SandboxSpec,
     Stats,
 )
+from sandboxes.backends.safefs import disk_usage
 
 MEMORY_BYTES = 900 * 2**20  # about what a real OpenClaw gateway holds
 IMAGE_BYTES = 1000 * 2**20
@@ -53,15 +61,23 @@ class _Box:
     failures: dict[str, int] = field(default_factory=dict)
 
 
+# The process-wide table: every FakeBackend object sees the same sandboxes and images.
+_LOCK = threading.Lock()
+_BOXES: dict[str, _Box] = {}
+_IMAGES: dict[str, tuple[str, int]] = {}  # location: (sandbox name, instance)
+_TAKEN: dict[str, datetime] = {}
+_COUNTER = itertools.count(1)
+
+
 class FakeBackend(SandboxBackend):
     name = "fake"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._boxes: dict[str, _Box] = {}
-        self._images: dict[str, tuple[str, int]] = {}  # location: (sandbox name, instance)
-        self._taken: dict[str, datetime] = {}
-        self._counter = itertools.count(1)
+        self._lock = _LOCK
+        self._boxes = _BOXES
+        self._images = _IMAGES
+        self._taken = _TAKEN
+        self._counter = _COUNTER
         self.calls: list[tuple[str, str]] = []  # (method, sandbox name), for tests
 
     # -- test hooks -----------------------------------------------------------------------------
@@ -135,6 +151,7 @@ class FakeBackend(SandboxBackend):
         with self._lock:
             box.running, box.frozen, box.instance = True, False, next(self._counter)
             box.cpu_seconds = 0.0
+            box.log.append(f"fake gateway started (instance {box.instance})")
             state = {"backend": self.name, "instance": box.instance}
         yield Progress(50, "Starting the agent gateway", state=dict(state))
         yield Progress(100, "Sandbox is running", state=dict(state))
@@ -164,7 +181,30 @@ class FakeBackend(SandboxBackend):
         with self._lock:
             if not self._alive(spec, state):
                 raise BackendError(f"Sandbox {spec.name} is not running, so nothing can run in it.")
-        return ExecResult(exit_code=0, stdout=" ".join(argv) + "\n", stderr="")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **spec.env}
+        proc = subprocess.Popen(
+            argv,
+            cwd=spec.data_dir if spec.data_dir.is_dir() else None,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # so a timeout kills what the command started, too
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            timed_out = True
+        return ExecResult(
+            exit_code=proc.returncode,
+            stdout=out.decode(errors="replace"),
+            stderr=err.decode(errors="replace"),
+            timed_out=timed_out,
+        )
 
     def processes(self, spec: SandboxSpec, state: dict[str, Any]) -> list[ProcessInfo]:
         with self._lock:
@@ -185,7 +225,7 @@ class FakeBackend(SandboxBackend):
         with self._lock:
             alive = self._alive(spec, state)
             memory, cpu = (box.memory_bytes, box.cpu_seconds) if alive else (0, 0.0)
-        return Stats(memory, spec.memory_mb * 2**20, cpu, 0)
+        return Stats(memory, spec.memory_mb * 2**20, cpu, disk_usage(spec.data_dir) if disk else 0)
 
     @contextlib.contextmanager
     def frozen(self, spec: SandboxSpec, state: dict[str, Any]) -> Iterator[None]:
