@@ -7,6 +7,11 @@ the same query string downloads the same rows. Beside the table: the month's cos
 always-on user and per user of a plan that sleeps, and the warm pool's own cost.
 
 Only staff with ``metering.view_costs`` (superusers have it) see it; the rows are read-only.
+
+The CSV is opened in spreadsheets, which run a cell starting with ``=``, ``+``, ``-`` or ``@``
+(or a tab or carriage return before one) as a formula, and a user picks their own email. So
+each text cell (user, plan) that starts with one of those is written with a ``'`` in front;
+number cells are written as they are (a negative margin stays a number).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ COLUMNS = [
     ("revenue", "Revenue $"),
     ("margin", "Margin $"),
 ]
+TEXT_COLUMNS = 2  # CSV_HEADER's first columns are text (user, plan); the rest are numbers
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 CSV_HEADER = [
     "user",
     "plan",
@@ -75,6 +82,17 @@ def figures(row: CostRow) -> list[str]:
         str(row.revenue),
         str(row.margin),
     ]
+
+
+def csv_cells(row: CostRow) -> list[str]:
+    """Return ``row`` as the CSV writes it: :func:`figures`, text cells defused."""
+    cells = figures(row)
+    return [_defused(c) for c in cells[:TEXT_COLUMNS]] + cells[TEXT_COLUMNS:]
+
+
+def _defused(text: str) -> str:
+    """Return ``text`` with a ``'`` in front if a spreadsheet would read it as a formula."""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def may_view_costs(request: HttpRequest) -> bool:
@@ -150,7 +168,7 @@ class CostTableAdmin(admin.ModelAdmin[DailyUsage]):
         response["Content-Disposition"] = f'attachment; filename="hermit-costs-{month}.csv"'
         writer = csv.writer(response)
         writer.writerow(CSV_HEADER)
-        writer.writerows(figures(row) for row in rows)
+        writer.writerows(csv_cells(row) for row in rows)
         return response
 
 

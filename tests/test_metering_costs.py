@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -13,9 +14,12 @@ import pytest
 import time_machine
 from django.contrib.auth.models import Permission
 from django.core.exceptions import ImproperlyConfigured
+from django.core.validators import validate_email
 from django.test import Client
 from django.urls import reverse
 
+from billing.ai_gateway.models import UsageRecord
+from billing.models import Account, Plan
 from metering import pricing
 from metering.reports import Month, cost_rows, fleet
 from tests.factories import make_user
@@ -204,3 +208,30 @@ def test_it_links_the_usage_page_from_the_dashboard(client: Client, alice: Any) 
     client.force_login(alice)
     page = client.get(reverse("dashboard")).content.decode()
     assert f'id="usage-link" href="{reverse("usage")}"' in page
+
+
+def test_it_defuses_formulas_in_the_csvs_text_cells(client: Client, staff: Any) -> None:
+    evil = "=cmd|'/Ccalc'!A0@example.com"
+    validate_email(evil)  # a sign-up form would take it
+    with time_machine.travel(datetime(2026, 10, 15, 12, 0, tzinfo=UTC), tick=False):
+        mallory = make_user(evil)
+        eve = make_user("eve@example.com")
+    team = Plan.objects.create(slug="team", name="@SUM(1+1)*cmd", price_monthly=Decimal("30"))
+    Account.objects.filter(user=mallory).update(plan=team)
+    eve.username, eve.email = "\tcmd", ""
+    eve.save()
+    UsageRecord.objects.create(
+        user=eve, api="openai", model="gpt-test", input_tokens=10, output_tokens=0,
+        cost=Decimal("0.05"), outcome=UsageRecord.Outcome.OK,
+        created_at=datetime(2026, 11, 2, 9, 0, tzinfo=UTC),
+    )  # fmt: skip
+    client.force_login(staff)
+    with time_machine.travel(MONTH_END, tick=False):
+        response = client.get(reverse(CSV), {"month": MONTH, "o": "user"})
+    lines = list(csv.reader(io.StringIO(response.content.decode())))
+    cells = {line[0]: line for line in lines[1:]}
+    assert set(cells) == {"'\tcmd", "'=cmd|'/Ccalc'!A0@example.com"}
+    assert cells["'=cmd|'/Ccalc'!A0@example.com"][1] == "'@SUM(1+1)*cmd"
+    assert cells["'=cmd|'/Ccalc'!A0@example.com"][11] == "30.0000"
+    assert cells["'\tcmd"][1:2] == ["Free"]
+    assert cells["'\tcmd"][12] == "-0.0500"  # a number stays a number, negative or not
