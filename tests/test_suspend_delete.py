@@ -122,6 +122,7 @@ def test_it_tells_a_suspended_user_why_on_the_dashboard(
     client.force_login(alice)
     page = client.get(reverse("dashboard")).content.decode()
     assert "Your account is suspended, so your agent cannot run. Reason: Unpaid invoices" in page
+    assert reverse("sandbox-start") not in page  # no start button while suspended
 
 
 def test_it_stops_a_suspended_users_agent_on_reconcile(fake: FakeBackend, staff: Any) -> None:
