@@ -243,7 +243,8 @@ class UsageRecord(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["user", "created_at"])]
+        # by user for quotas and usage pages; by time alone for /metrics' window
+        indexes = [models.Index(fields=["user", "created_at"]), models.Index(fields=["created_at"])]
 
     def __str__(self) -> str:
         return f"{self.model} {self.outcome} {self.input_tokens}+{self.output_tokens}"
