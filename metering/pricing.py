@@ -10,9 +10,14 @@ portal/settings.py). A GB is 2**30 bytes, as a server's RAM and R2's storage are
   key (BYOK) are counted in tokens but cost the operator nothing
 - revenue accrues by day: each day of the month (from the user's sign-up, up to today for the
   current month) earns its plan's ``price_monthly`` / days in the month. A day's plan is the
-  one recorded on that day's DailyUsage row (the plan when the user was last sampled that day);
-  a day with no row counts at the user's current plan. So a mid-month upgrade is prorated by
-  the days metered on each plan, and a finished month on one plan earns exactly its price.
+  one in force at its end, from billing's PlanChange history (metering.reports): the plan the
+  last change made on or before that day moved to, else the plan the first change moved from,
+  else the current plan. Whether the user used anything that day does not matter. So a
+  mid-month change is prorated by the days on each plan, and a finished month on one plan earns
+  exactly its price. Revenue is what the plans' list prices say was earned, not what Stripe
+  collected: every day on a plan with a price counts, including a plan staff gave by hand
+  (nothing records a plan as complimentary, so it counts at its list price) and days in a
+  failed payment's grace period; days on a free plan earn nothing.
 - margin = revenue - total cost
 
 Every amount is rounded half-up to 0.0001 USD (a free user costs cents a month); the total is

@@ -4,8 +4,12 @@ Reports aggregate by query: the daily roll-up keeps a month of one user to 31 ro
 table is two GROUP BY queries whatever the fleet's size, and the model figures are the AI
 gateway's own records, summed where they are (never copied). Months and days are UTC.
 
-- :func:`cost_rows`: one row per user who used anything in the month or is on a paid plan
-  (the warm pool's own account is left out and reported apart, see :func:`fleet`).
+- :func:`cost_rows`: one row per user who used anything in the month or earned revenue in it
+  (the warm pool's own account is left out and reported apart, see :func:`fleet`). Revenue is
+  priced day by day from billing's PlanChange history (see metering.pricing for which days
+  count), read in two queries: each account's plan when the month began, and the month's
+  changes; so the table's queries do not grow with the fleet, and no per-day rows are loaded.
+  A row's plan is the user's current one.
 - :func:`fleet`: the month's cost per always-on user (plans that never sleep) and per user of
   a plan that sleeps.
 - :func:`user_month`: one user's month by day, for their charts (reached through
@@ -24,13 +28,13 @@ from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db.models import Count, F, Q, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import Count, Exists, F, OuterRef, Q, Subquery, Sum
+from django.db.models.functions import Coalesce, TruncDate
 
 from billing.ai_gateway.models import UsageRecord
-from billing.models import Account, Plan, default_plan
+from billing.models import Account, Plan, PlanChange, default_plan
 from metering.models import DailyUsage
-from metering.pricing import ZERO, Cost, Usage, cost, rates, revenue
+from metering.pricing import ZERO, Cost, Usage, cost, rates, revenue, usd
 from sandboxes.pool import POOL_USERNAME
 
 SANDBOX_FIELDS = ("cpu_ms", "memory_byte_seconds", "awake_seconds", "dozing_seconds")
@@ -222,30 +226,74 @@ def _usage(sandbox: dict[str, Any] | None, model: dict[str, Any] | None) -> Usag
     )
 
 
-def _revenue(
-    month: Month, today: date, users: dict[int, Any], plans: dict[int, Plan]
-) -> dict[int, Decimal]:
-    """Revenue by user id: each counted day at the plan recorded that day, else the current."""
-    recorded: dict[int, dict[Decimal, int]] = defaultdict(lambda: defaultdict(int))
-    rows = (
-        DailyUsage.objects.filter(
-            day__gte=month.first, day__lte=min(month.last, today), plan__isnull=False
-        )
-        .filter(user_id__in=list(users))
-        .values("user_id", "day", "plan__price_monthly")
-    )
-    for row in rows:
-        if row["day"] >= users[row["user_id"]].date_joined.astimezone(UTC).date():
-            recorded[row["user_id"]][row["plan__price_monthly"]] += 1
+def _revenue(month: Month, today: date) -> dict[int, Decimal]:
+    """Revenue by user id, of every user who earned any in ``month`` (see :func:`revenue_days`)."""
+    first, last = month.first, min(month.last, today)
+    if last < first:
+        return {}
+    openings, changes = _plan_history(month)
     earned = {}
-    for user_id, user in users.items():
-        days = dict(recorded[user_id])
-        joined = user.date_joined.astimezone(UTC).date()
-        rest = month.days_counted(today, joined) - sum(days.values())
-        price = plans[user_id].price_monthly
-        days[price] = days.get(price, 0) + max(0, rest)
-        earned[user_id] = revenue(days, month.days)
+    for user_id, (joined, opening) in openings.items():
+        days = revenue_days(max(first, joined), last, opening, changes.get(user_id, []))
+        if days:
+            earned[user_id] = revenue(days, month.days)
     return earned
+
+
+def revenue_days(
+    first: date, last: date, opening: Decimal, changes: list[tuple[date, Decimal]]
+) -> dict[Decimal, int]:
+    """Return the days from ``first`` to ``last`` (both included) on each paid price: a day is
+    at the price of the last of ``changes`` (day, new price; in order) made on or before it,
+    else at ``opening``. Days on a free plan are left out."""
+    days: dict[Decimal, int] = defaultdict(int)
+    price, start = opening, first
+    for day, new_price in changes:
+        end = min(day - timedelta(days=1), last)
+        if end >= start:
+            days[price] += (end - start).days + 1
+            start = end + timedelta(days=1)
+        price = new_price
+    if last >= start:
+        days[price] += (last - start).days + 1
+    return {p: n for p, n in days.items() if p > 0}
+
+
+def _plan_history(
+    month: Month,
+) -> tuple[dict[int, tuple[date, Decimal]], dict[int, list[tuple[date, Decimal]]]]:
+    """Return, in two queries whatever the fleet's size: for each account that was on a paid
+    plan when ``month`` began or changed plan in it, (its user's UTC sign-up day, the price of
+    its plan when the month began); and each such user's changes in the month as (UTC day, new
+    price), in order. The plan when the month began is the one the last earlier change moved it
+    to, else the one its first change moved it from, else its current plan."""
+    changes = PlanChange.objects.filter(account=OuterRef("pk")).order_by("created_at", "id")
+    opening = Coalesce(
+        Subquery(
+            changes.filter(created_at__lt=month.start)
+            .order_by("-created_at", "-id")
+            .values("to_plan__price_monthly")[:1]
+        ),
+        Subquery(changes.values("from_plan__price_monthly")[:1]),
+        F("plan__price_monthly"),
+    )
+    in_month = PlanChange.objects.filter(created_at__gte=month.start, created_at__lt=month.end)
+    accounts = (
+        Account.objects.filter(user__date_joined__lt=month.end)
+        .exclude(user__username=POOL_USERNAME)
+        .annotate(opening=opening, changed=Exists(in_month.filter(account=OuterRef("pk"))))
+        .filter(Q(opening__gt=0) | Q(changed=True))
+        .values_list("user_id", "user__date_joined", "opening")
+    )
+    openings = {
+        user_id: (joined.astimezone(UTC).date(), price) for user_id, joined, price in accounts
+    }
+    moves: dict[int, list[tuple[date, Decimal]]] = defaultdict(list)
+    for user_id, at, price in in_month.order_by("created_at", "id").values_list(
+        "account__user_id", "created_at", "to_plan__price_monthly"
+    ):
+        moves[user_id].append((at.astimezone(UTC).date(), price))
+    return openings, moves
 
 
 def _plans(user_ids: Iterable[int]) -> dict[int, Plan]:
@@ -260,18 +308,15 @@ def _plans(user_ids: Iterable[int]) -> dict[int, Plan]:
 
 
 def cost_rows(month: Month, now: datetime) -> list[CostRow]:
-    """Return the month's row of every user who used anything in it or is on a paid plan,
+    """Return the month's row of every user who used anything in it or earned revenue in it,
     ordered by user."""
     sandbox, model = _sandbox_usage(month), _model_usage(month)
-    paying = Account.objects.filter(
-        plan__price_monthly__gt=0, user__date_joined__lt=month.end
-    ).values_list("user_id", flat=True)
-    ids = set(sandbox) | set(model) | set(paying)
+    earned = _revenue(month, now.astimezone(UTC).date())
+    ids = set(sandbox) | set(model) | set(earned)
     users = {
         u.pk: u for u in get_user_model().objects.filter(pk__in=ids).exclude(username=POOL_USERNAME)
     }
     plans = _plans(users)
-    earned = _revenue(month, now.astimezone(UTC).date(), users, plans)
     rate = rates()
     rows = []
     for user_id, user in users.items():
@@ -286,7 +331,7 @@ def cost_rows(month: Month, now: datetime) -> list[CostRow]:
                 always_on=plan.sleeps_after() is None,
                 usage=usage,
                 cost=cost(usage, month.days, rate),
-                revenue=earned[user_id],
+                revenue=earned.get(user_id, usd(ZERO)),
             )
         )
     return sort_rows(rows, "user")

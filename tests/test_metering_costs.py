@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -15,12 +15,15 @@ import time_machine
 from django.contrib.auth.models import Permission
 from django.core.exceptions import ImproperlyConfigured
 from django.core.validators import validate_email
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from billing.ai_gateway.models import UsageRecord
-from billing.models import Account, Plan
+from billing.models import Account, Plan, PlanChange
 from metering import pricing
+from metering.models import DailyUsage
 from metering.reports import Month, cost_rows, fleet
 from tests.factories import make_user
 from tests.fixtures.metering import (
@@ -235,3 +238,75 @@ def test_it_defuses_formulas_in_the_csvs_text_cells(client: Client, staff: Any) 
     assert cells["'=cmd|'/Ccalc'!A0@example.com"][11] == "30.0000"
     assert cells["'\tcmd"][1:2] == ["Free"]
     assert cells["'\tcmd"][12] == "-0.0500"  # a number stays a number, negative or not
+
+
+def _change(user: Any, to: str, at: datetime, source: str = PlanChange.Source.STRIPE) -> None:
+    """Move ``user`` to plan ``to`` at ``at``, recorded as billing records it."""
+    account = Account.objects.select_related("plan").get(user=user)
+    plan = Plan.objects.get(slug=to)
+    PlanChange.objects.create(
+        account=account, from_plan=account.plan, to_plan=plan, source=source, created_at=at
+    )
+    Account.objects.filter(pk=account.pk).update(plan=plan)
+
+
+def test_it_counts_revenue_by_the_plan_in_force_each_day(client: Client, staff: Any) -> None:
+    with time_machine.travel(datetime(2026, 10, 15, 12, 0, tzinfo=UTC), tick=False):
+        sleeper, leaver, keeper = (make_user(f"{n}@example.com") for n in ("sl", "le", "ke"))
+    # Asleep (no usage) until the upgrade on the 20th, then metered: 11 days of pro out of 30.
+    _change(sleeper, "pro", datetime(2026, 11, 20, 15, 0, tzinfo=UTC))
+    for day in range(20, 31):
+        DailyUsage.objects.create(
+            user=sleeper, day=date(2026, 11, day), plan=Plan.objects.get(slug="pro"), cpu_ms=1000
+        )
+    # Pro since October, cancelled on the 10th, never used anything: 9 days of pro.
+    _change(leaver, "pro", datetime(2026, 10, 20, 8, 0, tzinfo=UTC))
+    _change(leaver, "free", datetime(2026, 11, 10, 0, 0, tzinfo=UTC))
+    # Given pro by staff on the 1st and downgraded by a failed payment the same day, then pro
+    # again on the 25th: 6 days, each at the plan it ended on.
+    _change(keeper, "pro", datetime(2026, 11, 1, 9, 0, tzinfo=UTC), PlanChange.Source.STAFF)
+    _change(keeper, "free", datetime(2026, 11, 1, 10, 0, tzinfo=UTC), PlanChange.Source.GRACE)
+    _change(keeper, "pro", datetime(2026, 11, 25, 10, 0, tzinfo=UTC), PlanChange.Source.STAFF)
+    client.force_login(staff)
+    with time_machine.travel(MONTH_END, tick=False):
+        november = {row[0]: row[11] for row in table(client)}
+        october = {row[0]: row[11] for row in table(client, month="2026-10")}
+        early = {row[0]: row[11] for row in table(client, month="2026-09")}
+    assert november == {
+        "sl@example.com": "4.4000",  # 12 * 11 / 30
+        "le@example.com": "3.6000",  # 12 * 9 / 30
+        "ke@example.com": "2.4000",  # 12 * 6 / 30
+    }
+    # October: the leaver's 12 days of pro (20th-31st); the sleeper was on free then.
+    assert october == {"le@example.com": "4.6452"}  # 12 * 12 / 31
+    assert early == {}  # nobody had joined
+
+
+def test_it_reads_the_cost_table_in_as_many_queries_for_any_number_of_users(
+    client: Client, staff: Any
+) -> None:
+    def add_users(names: range) -> None:
+        for n in names:
+            with time_machine.travel(datetime(2026, 10, 1, tzinfo=UTC), tick=False):
+                user = make_user(f"user{n}@example.com")
+            _change(user, "pro", datetime(2026, 11, 1 + n, 12, 0, tzinfo=UTC))
+            DailyUsage.objects.create(user=user, day=date(2026, 11, 2 + n), cpu_ms=n)
+            UsageRecord.objects.create(
+                user=user, api="openai", model="gpt-test", input_tokens=n, output_tokens=0,
+                cost=Decimal("0.01"), outcome=UsageRecord.Outcome.OK,
+                created_at=datetime(2026, 11, 3 + n, 9, 0, tzinfo=UTC),
+            )  # fmt: skip
+
+    def queries(name: str) -> int:
+        with time_machine.travel(MONTH_END, tick=False), CaptureQueriesContext(connection) as run:
+            response = client.get(reverse(name), {"month": MONTH})
+        assert response.status_code == 200
+        return len(run.captured_queries)
+
+    client.force_login(staff)
+    add_users(range(2))
+    few = (queries(TABLE), queries(CSV))
+    assert len(table(client)) == 2
+    add_users(range(2, 12))
+    assert (queries(TABLE), queries(CSV)) == few
+    assert len(table(client)) == 12
