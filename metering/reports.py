@@ -11,7 +11,7 @@ gateway's own records, summed where they are (never copied). Months and days are
   changes; so the table's queries do not grow with the fleet, and no per-day rows are loaded.
   A row's plan is the user's current one.
 - :func:`fleet`: the month's cost per always-on user (plans that never sleep) and per user of
-  a plan that sleeps.
+  a plan that sleeps, each over every account that existed in the month (idle ones too).
 - :func:`user_month`: one user's month by day, for their charts (reached through
   metering.access only).
 Costs, revenue and margin are computed in metering.pricing.
@@ -338,19 +338,33 @@ def cost_rows(month: Month, now: datetime) -> list[CostRow]:
 
 
 def fleet(month: Month, rows: list[CostRow]) -> Fleet:
-    """Return the month's cost per always-on and per sleeping user of ``rows``, and what the
-    warm pool's gateways cost."""
+    """Return the month's cost per always-on and per sleeping user, and what the warm pool's
+    gateways cost. ``rows`` are the month's :func:`cost_rows`.
+
+    Each class's cost is the sum of its users' rows; its users are every account that existed
+    in the month (signed up before it ended; the warm pool's left out), whether it used
+    anything or not, so an idle free user lowers the cost per free user as an idle paying one
+    lowers the cost per always-on user. A user's class is their current plan's: always-on if
+    it never sleeps, sleeping otherwise (staff's own accounts count like any other)."""
     always_on = [r for r in rows if r.always_on]
     sleeping = [r for r in rows if not r.always_on]
+    never_sleeps = Q(plan__sleeps=False) | Q(plan__sleep_after__isnull=True)
+    accounts = (
+        Account.objects.filter(user__date_joined__lt=month.end)
+        .exclude(user__username=POOL_USERNAME)
+        .aggregate(
+            always_on=Count("pk", filter=never_sleeps), sleeping=Count("pk", filter=~never_sleeps)
+        )
+    )
     pool = get_user_model().objects.filter(username=POOL_USERNAME).values_list("pk", flat=True)
     pool_ids = list(pool)
     pool_usage = _usage(
         _sandbox_usage(month, pool_ids).get(pool_ids[0]) if pool_ids else None, None
     )
     return Fleet(
-        always_on_users=len(always_on),
+        always_on_users=accounts["always_on"],
         always_on_cost=sum((r.cost.total for r in always_on), start=ZERO),
-        sleeping_users=len(sleeping),
+        sleeping_users=accounts["sleeping"],
         sleeping_cost=sum((r.cost.total for r in sleeping), start=ZERO),
         pool_cost=cost(pool_usage, month.days, rates()).total,
     )

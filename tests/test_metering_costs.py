@@ -310,3 +310,25 @@ def test_it_reads_the_cost_table_in_as_many_queries_for_any_number_of_users(
     add_users(range(2, 12))
     assert (queries(TABLE), queries(CSV)) == few
     assert len(table(client)) == 12
+
+
+def test_it_counts_every_account_of_the_month_in_the_fleets_cost_per_user() -> None:
+    with time_machine.travel(datetime(2026, 10, 15, 12, 0, tzinfo=UTC), tick=False):
+        busy, idle = make_user("busy@example.com"), make_user("idle@example.com")
+        paying, asleep = make_user("paying@example.com"), make_user("asleep@example.com")
+    with time_machine.travel(datetime(2026, 12, 1, 0, 0, tzinfo=UTC), tick=False):
+        make_user("later@example.com")  # joined after the month: not one of its users
+    UsageRecord.objects.create(
+        user=busy, api="openai", model="gpt-test", input_tokens=10, output_tokens=0,
+        cost=Decimal("0.05"), outcome=UsageRecord.Outcome.OK,
+        created_at=datetime(2026, 11, 2, 9, 0, tzinfo=UTC),
+    )  # fmt: skip
+    DailyUsage.objects.create(user=paying, day=date(2026, 11, 3), cpu_ms=3_600_000)
+    for user in (paying, asleep):
+        _change(user, "pro", datetime(2026, 10, 20, tzinfo=UTC))
+    month = Month.parse(MONTH)
+    totals = fleet(month, cost_rows(month, MONTH_END))
+    # busy and idle sleep: USD 0.05 between two; paying and asleep never do: USD 0.0012.
+    assert (totals.sleeping_users, totals.per_sleeping_user) == (2, Decimal("0.0250"))
+    assert (totals.always_on_users, totals.per_always_on_user) == (2, Decimal("0.0006"))
+    assert idle.pk not in {row.user_id for row in cost_rows(month, MONTH_END)}
