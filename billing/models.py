@@ -105,6 +105,12 @@ class Plan(models.Model):
     def is_paid(self) -> bool:
         return self.price_monthly > 0
 
+    def limits(self) -> tuple[int, int, int, bool]:
+        """What a sandbox on this plan is started with and keeps until it stops: memory (MB),
+        CPU (millicores), processes, internet. Two plans with equal limits run the same
+        gateway; a change of any of them needs a restart to reach a running one."""
+        return (self.memory_mb, self.cpu_millis, self.pids_max, self.internet)
+
 
 class Account(models.Model):
     """A user's billing account: which plan they are on."""

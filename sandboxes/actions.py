@@ -244,6 +244,7 @@ def start_sandbox(
     actor_user: Any = None,
     explicit: bool = False,
     restoring: bool = False,
+    keep_activity: bool = False,
 ) -> Iterator[Progress]:
     """Start the sandbox's gateway, yielding progress; end running, or failed with a reason.
 
@@ -256,7 +257,8 @@ def start_sandbox(
     owner is deactivated, and CrashBackoff (a TransitionRefused) if it crashed repeatedly and
     this start is automatic, or ``explicit`` but too soon (staff starts are always explicit).
     Never leaves a half-started sandbox behind: the backend cleans up after itself on failure.
-    A start after a crash leaves ``last_activity_at`` alone: only use is activity.
+    A start after a crash, or with ``keep_activity`` (a restart nobody asked for, such as a plan
+    change's), leaves ``last_activity_at`` alone: only use is activity.
 
     Before the spec is built (which makes the data dir), the start waits for a backup that is
     reading the data dir, and a missing data dir is restored from the latest snapshot; if it
@@ -302,7 +304,7 @@ def start_sandbox(
         yield Progress(100, f"Failed: {exc}")
         return
     now = timezone.now()
-    activity: dict[str, Any] = {} if after_crash else {"last_activity_at": now}
+    activity: dict[str, Any] = {} if after_crash or keep_activity else {"last_activity_at": now}
     transition(
         sandbox,
         State.RUNNING,
@@ -346,8 +348,9 @@ def _restore_checkpoint(sandbox: Sandbox, image: RuntimeImage) -> Generator[Prog
     found = sleep.take_checkpoint(sandbox, image)
     if found is None:
         return False
+    limits = plan_for(sandbox.owner).limits()  # read before the spec: see started_with()
     try:
-        yield from _run_backend(sandbox, sleep.restore_steps(sandbox, found, image))
+        yield from _run_backend(sandbox, sleep.restore_steps(sandbox, found, image), limits=limits)
     except BackendError as exc:
         why = str(exc).splitlines()[0] if str(exc) else "it failed"
         record_event(
@@ -369,8 +372,9 @@ def _cold_boot(sandbox: Sandbox, image: RuntimeImage) -> Iterator[Progress]:
     shown = [0]  # the bar never goes back on a retry
     for attempt in range(1, attempts + 1):
         try:
+            limits = plan_for(sandbox.owner).limits()  # read before the spec: see started_with()
             start = get_backend(sandbox.backend).start(_spec(sandbox))
-            yield from _run_backend(sandbox, start, shown)
+            yield from _run_backend(sandbox, start, shown, limits=limits)
             return
         except BackendError as exc:
             if attempt == attempts:
@@ -381,10 +385,15 @@ def _cold_boot(sandbox: Sandbox, image: RuntimeImage) -> Iterator[Progress]:
 
 
 def _run_backend(
-    sandbox: Sandbox, steps: Iterator[Progress], shown: list[int] | None = None
+    sandbox: Sandbox,
+    steps: Iterator[Progress],
+    shown: list[int] | None = None,
+    *,
+    limits: tuple[int, int, int, bool],
 ) -> Iterator[Progress]:
-    """Follow a backend start or restore: persist its state, record and show its steps.
-    ``shown`` holds the highest percent shown so far (kept across a retry's steps)."""
+    """Follow a backend start or restore: persist its state (with the plan ``limits`` it was
+    started with, see :func:`started_with`), record and show its steps. ``shown`` holds the
+    highest percent shown so far (kept across a retry's steps)."""
     shown = shown if shown is not None else [0]
     last_message = ""
     renewed = time.monotonic()
@@ -393,8 +402,9 @@ def _run_backend(
             bootqueue.renew(sandbox)
             renewed = time.monotonic()
         if step.state is not None:
-            Sandbox.objects.filter(pk=sandbox.pk).update(backend_state=step.state)
-            sandbox.backend_state = step.state
+            state = {**step.state, "limits": list(limits)}
+            Sandbox.objects.filter(pk=sandbox.pk).update(backend_state=state)
+            sandbox.backend_state = state
         percent = shown[0] = max(shown[0], 10 + int(step.percent * 0.85))
         if step.message != last_message:  # a new step is history; a tick is only shown
             record_event(sandbox, "progress", step.message, progress=percent)
@@ -482,13 +492,30 @@ def sleep_sandbox(sandbox: Sandbox, *, actor: str = Actor.SYSTEM) -> str:
 
 
 def restart_sandbox(
-    sandbox: Sandbox, *, actor: str = Actor.SYSTEM, actor_user: Any = None
+    sandbox: Sandbox,
+    *,
+    actor: str = Actor.SYSTEM,
+    actor_user: Any = None,
+    keep_activity: bool = False,
 ) -> Iterator[Progress]:
-    """Stop (if running or failed) and start again: an explicit start (see start_sandbox)."""
+    """Stop (if running, dozing or failed) and start again: an explicit start (see
+    start_sandbox, also for ``keep_activity``)."""
     check_crash_backoff(sandbox, explicit=True)
-    if sandbox.state in (State.RUNNING, State.FAILED):
+    if sandbox.state in (State.RUNNING, State.DOZING, State.FAILED):
         stop_sandbox(sandbox, actor=actor, actor_user=actor_user)
-    yield from start_sandbox(sandbox, actor=actor, actor_user=actor_user, explicit=True)
+    yield from start_sandbox(
+        sandbox, actor=actor, actor_user=actor_user, explicit=True, keep_activity=keep_activity
+    )
+
+
+def started_with(sandbox: Sandbox, limits: tuple[int, int, int, bool]) -> bool:
+    """Return True if the sandbox's gateway (running or dozing) was started with ``limits``
+    (a plan's :meth:`~billing.models.Plan.limits`), as recorded in its backend state by the
+    start or restore. A thaw keeps a gateway's cgroup and network, so one started with other
+    limits keeps them until it is restarted. A start reads the plan before it builds the spec,
+    so a plan changed meanwhile shows here as a difference, never as a match."""
+    recorded = (sandbox.backend_state or {}).get("limits")
+    return isinstance(recorded, list) and tuple(recorded) == tuple(limits)
 
 
 def wake_sandbox(

@@ -45,7 +45,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from billing.models import Account, Plan, default_plan, plan_for
+from billing.models import Account, default_plan, plan_for
 from sandboxes import runtime
 from sandboxes.backends import get_backend, safefs
 from sandboxes.backends.base import BackendError
@@ -106,10 +106,6 @@ def is_pooled(sandbox: Sandbox) -> bool:
 def exclude_pooled(queryset: QuerySet[Sandbox]) -> QuerySet[Sandbox]:
     """Return ``queryset`` without pooled gateways (for sleep, doze and backup schedules)."""
     return queryset.exclude(owner__username=POOL_USERNAME)
-
-
-def _limits(plan: Plan) -> tuple[int, int, int, bool]:
-    return (plan.memory_mb, plan.cpu_millis, plan.pids_max, plan.internet)
 
 
 # -- adoption ----------------------------------------------------------------------------------
@@ -197,7 +193,7 @@ def _claim(sandbox: Sandbox) -> tuple[Sandbox, int, str, str] | None:
         if mine.state != State.PROVISIONING or not actions.owner_is_active(mine):
             return None
         pool_plan = plan_for(get_user_model().objects.get(pk=owner_id))
-        if _limits(plan_for(mine.owner)) != _limits(pool_plan):
+        if plan_for(mine.owner).limits() != pool_plan.limits():
             return None
         try:
             image = runtime.current_image()

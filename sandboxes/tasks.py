@@ -97,12 +97,23 @@ def wake_for_jobs() -> int:
 
 @shared_task(acks_late=True)
 def apply_plan(sandbox_id: int) -> None:
-    """A plan change takes effect at once: an agent whose new plan never sleeps wakes now."""
+    """A plan change takes effect at once. A running or dozing agent started with other limits
+    (memory, CPU, processes, internet) is restarted with the new plan's, through the restart
+    action (its progress shows in the chat): a thaw would keep the old cgroup and network. An
+    agent whose new plan never sleeps is woken. An asleep agent gets the new limits when it
+    next starts (a cold boot or a restore both build the spec from the plan)."""
     sandbox = _get(sandbox_id)
-    if sandbox is None or plan_for(sandbox.owner).sleeps_after() is not None:
+    if sandbox is None:
         return
-    if sandbox.state in (State.DOZING, State.SLEEPING):
-        with contextlib.suppress(actions.TransitionRefused, BackendError):
+    plan = plan_for(sandbox.owner)
+    with contextlib.suppress(actions.TransitionRefused, BackendError):
+        if sandbox.state in (State.RUNNING, State.DOZING) and not actions.started_with(
+            sandbox, plan.limits()
+        ):
+            record_event(sandbox, "plan", f"Restarting your agent with the {plan.name} plan")
+            for _ in actions.restart_sandbox(sandbox, keep_activity=True):
+                pass
+        elif plan.sleeps_after() is None and sandbox.state in (State.DOZING, State.SLEEPING):
             for _ in actions.wake_sandbox(sandbox, actor=actions.Actor.SYSTEM):
                 pass
 

@@ -131,6 +131,91 @@ def test_it_upgrades_on_checkout_completed_at_once_and_wakes_the_agent(
     assert PlanChange.objects.count() == 1 and len(mail.outbox) == 1
 
 
+def limits_of(sandbox: Sandbox) -> tuple[int, int, int, bool]:
+    """The plan limits the sandbox's running gateway was started with (its backend state)."""
+    sandbox.refresh_from_db()
+    return tuple(sandbox.backend_state["limits"])  # type: ignore[return-value]
+
+
+def test_it_restarts_a_running_agent_with_the_new_plans_limits_on_upgrade_and_on_the_drop(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    fake: FakeBackend,
+    settings: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """A thaw keeps the cgroup and network a gateway was started with: a plan change that
+    changes them restarts the agent, so a new pro user gets internet and pro's memory at once,
+    and a user dropped to free loses them at once."""
+    settings.HERMIT_BILLING_GRACE_DAYS = 7
+    free, pro = Plan.objects.get(slug="free"), Plan.objects.get(slug="pro")
+    assert free.limits() != pro.limits()
+    sandbox = dozing_agent("limits@example.com")
+    user = sandbox.owner
+    assert limits_of(sandbox) == free.limits()
+    first_instance = sandbox.backend_state["instance"]
+
+    subscription_id = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    assert account_of(user).plan == pro
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING and not fake.is_frozen(sandbox.slug)
+    assert sandbox.backend_state["instance"] != first_instance  # a new gateway, not a thaw
+    memory_mb, _, _, internet = limits_of(sandbox)
+    assert (memory_mb, internet) == (pro.memory_mb, True)
+    assert ("stop", sandbox.slug) in fake.calls
+    assert sandbox.events.filter(kind="plan", message="Restarting your agent with the Pro plan")
+    restarted_instance = sandbox.backend_state["instance"]
+
+    failed_at = timezone.now()
+    stripe_api.fail_payment(subscription_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    dropped_at = failed_at + timedelta(days=7, minutes=1)
+    with (
+        time_machine.travel(dropped_at, tick=False),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        assert end_expired_grace() == 1
+    assert account_of(user).plan == free
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING
+    assert sandbox.backend_state["instance"] != restarted_instance
+    memory_mb, _, _, internet = limits_of(sandbox)
+    assert (memory_mb, internet) == (free.memory_mb, False)
+
+
+def test_it_leaves_an_agent_whose_limits_did_not_change_running_and_an_asleep_one_asleep(
+    fake: FakeBackend, django_capture_on_commit_callbacks: Any
+) -> None:
+    """Only a change of limits restarts a gateway; an asleep agent on a plan that sleeps stays
+    asleep, and starts with the new plan's limits when it next wakes (here from its
+    checkpoint)."""
+    from billing.subscriptions import change_plan
+
+    free = Plan.objects.get(slug="free")
+    same = Plan.objects.create(slug="free-plus", name="Free plus", monthly_token_quota=2_000_000)
+    bigger = Plan.objects.create(slug="roomy", name="Roomy", memory_mb=4096, internet=True)
+    assert same.limits() == free.limits() and bigger.limits() != free.limits()
+    sandbox = dozing_agent("same@example.com")
+    instance = sandbox.backend_state["instance"]
+    account = account_of(sandbox.owner)
+    with django_capture_on_commit_callbacks(execute=True):
+        change_plan(account, same, source=PlanChange.Source.STAFF)
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.DOZING and sandbox.backend_state["instance"] == instance
+
+    assert actions.sleep_sandbox(sandbox) == "checkpointed"
+    with django_capture_on_commit_callbacks(execute=True):
+        change_plan(account, bigger, source=PlanChange.Source.STAFF)
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.SLEEPING
+    for _ in actions.wake_sandbox(sandbox):
+        pass
+    assert sandbox.backend_state.get("restored") is True
+    assert limits_of(sandbox) == bigger.limits()
+
+
 def test_it_applies_the_same_event_once(
     client: Any,
     stripe_api: FakeStripe,
