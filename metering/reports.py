@@ -37,6 +37,7 @@ from metering.models import DailyUsage
 from metering.pricing import ZERO, Cost, Usage, cost, rates, revenue, usd
 from sandboxes.pool import POOL_USERNAME
 
+MIN_YEAR, MAX_YEAR = 2000, 9998  # the months Month.parse accepts
 SANDBOX_FIELDS = ("cpu_ms", "memory_byte_seconds", "awake_seconds", "dozing_seconds")
 
 
@@ -52,11 +53,16 @@ class Month:
 
     @classmethod
     def parse(cls, value: str) -> Month:
-        """Return the month written ``YYYY-MM``. Raise ValueError otherwise."""
+        """Return the month written ``YYYY-MM``, in a year from MIN_YEAR to MAX_YEAR (so its
+        neighbours and its end are dates too). Raise ValueError otherwise."""
         try:
             parsed = datetime.strptime(value, "%Y-%m")  # noqa: DTZ007 (a date, no time)
         except ValueError:
             raise ValueError(f"A month is written like 2026-11, not {value!r}.") from None
+        if not MIN_YEAR <= parsed.year <= MAX_YEAR:
+            raise ValueError(
+                f"A month's year must be between {MIN_YEAR} and {MAX_YEAR}, not {parsed.year}."
+            )
         return cls(parsed.date())
 
     @property

@@ -332,3 +332,15 @@ def test_it_counts_every_account_of_the_month_in_the_fleets_cost_per_user() -> N
     assert (totals.sleeping_users, totals.per_sleeping_user) == (2, Decimal("0.0250"))
     assert (totals.always_on_users, totals.per_always_on_user) == (2, Decimal("0.0006"))
     assert idle.pk not in {row.user_id for row in cost_rows(month, MONTH_END)}
+
+
+def test_it_refuses_a_month_out_of_its_range(client: Client, staff: Any, alice: Any) -> None:
+    for month in ("9999-12", "0001-01", "1999-12", "9999-01"):
+        for user, name in ((staff, TABLE), (staff, CSV), (alice, "usage")):
+            client.force_login(user)
+            response = client.get(reverse(name), {"month": month})
+            assert response.status_code == 400, (month, name)
+            assert "between 2000 and 9998" in response.content.decode()
+    for edge in ("2000-01", "9998-12"):
+        assert str(Month.parse(edge)) == edge
+        assert client.get(reverse("usage"), {"month": edge}).status_code == 200
