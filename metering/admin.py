@@ -21,7 +21,7 @@ from typing import Any
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, QueryDict
+from django.http import HttpRequest, HttpResponse, QueryDict
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 from django.utils import timezone
@@ -29,7 +29,7 @@ from django.utils import timezone
 from billing.models import Plan
 from metering.models import DailyUsage
 from metering.reports import SORT_KEYS, CostRow, Month, cost_rows, fleet, sort_rows, total_row
-from metering.views import month_from
+from metering.views import bad_request, month_from
 
 COLUMNS = [
     ("user", "User"),
@@ -139,7 +139,7 @@ class CostTableAdmin(admin.ModelAdmin[DailyUsage]):
         try:
             month, everyone, rows, plan, order = self._rows(request)
         except ValueError as exc:
-            return HttpResponseBadRequest(str(exc))
+            return bad_request(exc)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
@@ -163,7 +163,7 @@ class CostTableAdmin(admin.ModelAdmin[DailyUsage]):
         try:
             month, _, rows, _, _ = self._rows(request)
         except ValueError as exc:
-            return HttpResponseBadRequest(str(exc))
+            return bad_request(exc)
         response = HttpResponse(content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="hermit-costs-{month}.csv"'
         writer = csv.writer(response)

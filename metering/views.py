@@ -21,12 +21,17 @@ def month_from(request: HttpRequest) -> Month:
     return Month.parse(value) if value else Month.of(timezone.now())
 
 
+def bad_request(error: ValueError) -> HttpResponse:
+    """Return a 400 saying what was wrong, as plain text (the message quotes the input)."""
+    return HttpResponseBadRequest(str(error), content_type="text/plain; charset=utf-8")
+
+
 @login_required
 def usage(request: HttpRequest) -> HttpResponse:
     try:
         month = month_from(request)
     except ValueError as exc:
-        return HttpResponseBadRequest(str(exc))
+        return bad_request(exc)
     data = get_usage_for_user(request.user, month)
     return render(
         request,

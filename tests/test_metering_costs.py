@@ -344,3 +344,13 @@ def test_it_refuses_a_month_out_of_its_range(client: Client, staff: Any, alice: 
     for edge in ("2000-01", "9998-12"):
         assert str(Month.parse(edge)) == edge
         assert client.get(reverse("usage"), {"month": edge}).status_code == 200
+
+
+def test_it_answers_a_bad_month_in_plain_text(client: Client, staff: Any, alice: Any) -> None:
+    script = "<script>alert(1)</script>"
+    for user, name in ((staff, TABLE), (staff, CSV), (alice, "usage")):
+        client.force_login(user)
+        response = client.get(reverse(name), {"month": script})
+        assert response.status_code == 400
+        assert response["Content-Type"] == "text/plain; charset=utf-8"
+        assert script in response.content.decode()  # shown as text, never run
