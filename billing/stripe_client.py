@@ -69,10 +69,13 @@ def _unavailable(action: str, exc: stripe.StripeError) -> BillingUnavailable:
 
 
 def create_customer(email: str, user_id: int) -> str:
-    """Create a Stripe customer for a Hermit user; return its id (cus_...)."""
+    """Create a Stripe customer for a Hermit user; return its id (cus_...). The request is
+    idempotent per user (for Stripe's 24 hours), so a retry after a lost answer, or two
+    requests at once, get the same customer rather than a second one."""
     try:
         customer = _client().v1.customers.create(
-            {"email": email, "metadata": {"hermit_user_id": str(user_id)}}
+            {"email": email, "metadata": {"hermit_user_id": str(user_id)}},
+            {"idempotency_key": f"hermit-customer-{user_id}"},
         )
     except stripe.StripeError as exc:
         raise _unavailable("create a customer", exc) from exc
@@ -129,6 +132,16 @@ def get_subscription(subscription_id: str) -> dict[str, Any]:
     except stripe.StripeError as exc:
         raise _unavailable("read a subscription", exc) from exc
     return subscription.to_dict()
+
+
+def list_subscriptions(customer_id: str) -> list[dict[str, Any]]:
+    """Return every subscription of the customer at Stripe, whatever its status (canceled
+    ones included), as JSON, following Stripe's pages."""
+    try:
+        page = _client().v1.subscriptions.list({"customer": customer_id, "status": "all"})
+        return [subscription.to_dict() for subscription in page.auto_paging_iter()]
+    except stripe.StripeError as exc:
+        raise _unavailable("list subscriptions", exc) from exc
 
 
 def verify_event(payload: bytes, signature: str | None) -> dict[str, Any]:

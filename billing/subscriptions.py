@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # Subscription statuses under which the paid plan is kept (past_due: within the grace period).
 LIVE = frozenset({"active", "trialing", "past_due"})
+# Statuses under which a customer must not be sent to Checkout again: a subscription that is
+# live, or whose first payment is still being made (incomplete).
+BLOCKS_CHECKOUT = LIVE | {"incomplete"}
 PAID_UP = frozenset({"active", "trialing"})
 ENDED = frozenset({"canceled", "unpaid", "incomplete_expired", "paused"})
 
@@ -61,6 +64,12 @@ class PlanNotForSale(Exception):
 
 class AlreadySubscribed(Exception):
     """The account has a live subscription: changes go through the billing portal."""
+
+
+ALREADY_SUBSCRIBED = (
+    "You already have a subscription, or a payment for one is going through: "
+    "change it with Manage billing."
+)
 
 
 class NoBillingAccount(Exception):
@@ -119,16 +128,26 @@ def start_checkout(user: Any, plan: Plan, *, success_url: str, cancel_url: str) 
     """Return the URL of a Stripe Checkout page for ``user`` to subscribe to ``plan``.
 
     Raises BillingNotConfigured (no Stripe keys), PlanNotForSale, AlreadySubscribed, or
-    BillingUnavailable. The plan itself changes only when Stripe confirms the payment."""
+    BillingUnavailable. The plan itself changes only when Stripe confirms the payment.
+
+    Stripe decides whether the user already subscribes, not the local row: a payment whose
+    webhooks have not arrived yet leaves the row on the free plan, and a second Checkout would
+    make a second subscription. So the customer's subscriptions are listed at Stripe first."""
     if not stripe_client.is_configured():
         raise stripe_client.BillingNotConfigured("Billing is not set up on this site.")
     if not for_sale(plan):
         raise PlanNotForSale(f"{plan.name} cannot be bought here.")
     account = account_for(user)
     if has_live_subscription(account):
-        raise AlreadySubscribed("You already have a subscription: manage it in billing.")
+        raise AlreadySubscribed(ALREADY_SUBSCRIBED)
+    customer_id = ensure_customer(account)
+    if any(
+        subscription.get("status") in BLOCKS_CHECKOUT
+        for subscription in stripe_client.list_subscriptions(customer_id)
+    ):
+        raise AlreadySubscribed(ALREADY_SUBSCRIBED)
     return stripe_client.create_checkout_session(
-        customer_id=ensure_customer(account),
+        customer_id=customer_id,
         price_id=plan.stripe_price_id,
         user_id=account.user_id,
         plan_slug=plan.slug,

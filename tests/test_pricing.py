@@ -153,7 +153,11 @@ def test_the_sdk_creates_a_customer_and_a_checkout_session_at_the_fake(
     response = client.post("/billing/upgrade/", {"plan": "pro"})
     assert response.status_code == 302
     calls = [(method, path) for method, path, _ in stripe_api.requests]
-    assert calls == [("POST", "/v1/customers"), ("POST", "/v1/checkout/sessions")]
+    assert calls == [
+        ("POST", "/v1/customers"),
+        ("GET", "/v1/subscriptions"),  # Stripe, not the local row, says whether they subscribe
+        ("POST", "/v1/checkout/sessions"),
+    ]
     [customer] = stripe_api.customers.values()
     assert customer["email"] == "alice@example.com"
     assert customer["metadata"] == {"hermit_user_id": str(alice.pk)}
@@ -167,7 +171,7 @@ def test_the_sdk_creates_a_customer_and_a_checkout_session_at_the_fake(
     assert session["metadata"] == {"hermit_user_id": str(alice.pk), "hermit_plan": "pro"}
     assert session["success_url"] == "http://testserver/dashboard/?checkout=success"
     assert session["cancel_url"] == "http://testserver/pricing/?checkout=cancelled"
-    _, _, params = stripe_api.requests[1]
+    _, _, params = stripe_api.requests[2]
     assert params["line_items"] == [{"price": price_id, "quantity": "1"}]
 
     # A second try reuses the customer; the plan has not changed (Stripe has not confirmed).
@@ -176,6 +180,51 @@ def test_the_sdk_creates_a_customer_and_a_checkout_session_at_the_fake(
     assert Account.objects.get(user=alice).plan.slug == "free"
     cancelled = client.get("/pricing/?checkout=cancelled").content.decode()
     assert "nothing was charged" in cancelled
+
+
+def test_it_refuses_a_second_checkout_while_stripe_has_a_subscription_the_webhook_did_not_bring(
+    client: Any, stripe_api: FakeStripe, alice: Any
+) -> None:
+    """Paid, but no webhook has arrived yet: the row still says free, Stripe does not."""
+    sell_plan(stripe_api, "pro")
+    client.force_login(alice)
+    response = client.post("/billing/upgrade/", {"plan": "pro"})
+    stripe_api.pay(response["Location"].rsplit("/", 1)[1])
+    assert stripe_api.outbox  # the webhooks wait: not delivered
+    assert Account.objects.get(user=alice).plan.slug == "free"
+
+    response = client.post("/billing/upgrade/", {"plan": "pro"}, follow=True)
+    assert response.redirect_chain == [("/dashboard/", 302)]
+    page = response.content.decode()
+    assert "You already have a subscription, or a payment for one is going through" in page
+    assert 'id="manage-billing"' in page
+    assert len(stripe_api.sessions) == 1 and len(stripe_api.subscriptions) == 1
+    _, path, params = stripe_api.requests[-1]
+    customer_id = Account.objects.get(user=alice).stripe_customer_id
+    assert (path, params) == ("/v1/subscriptions", {"customer": customer_id, "status": "all"})
+
+    # A subscription whose first payment is still incomplete blocks a new Checkout too; one
+    # that was cancelled does not.
+    [subscription] = stripe_api.subscriptions.values()
+    subscription["status"] = "incomplete"
+    assert client.post("/billing/upgrade/", {"plan": "pro"})["Location"] == "/dashboard/"
+    subscription["status"] = "canceled"
+    response = client.post("/billing/upgrade/", {"plan": "pro"})
+    assert response["Location"].startswith(f"{stripe_api.url}/c/pay/")
+
+
+def test_it_creates_one_stripe_customer_per_user_even_when_asked_twice(
+    stripe_api: FakeStripe, alice: Any
+) -> None:
+    """An answer lost on the way back (the id never stored) and a retry: the idempotency key
+    gets the same customer back instead of a second one."""
+    from billing import stripe_client
+
+    first = stripe_client.create_customer(alice.email, alice.pk)
+    again = stripe_client.create_customer(alice.email, alice.pk)
+    other = stripe_client.create_customer("bob@example.com", alice.pk + 1)
+    assert first == again != other
+    assert len(stripe_api.customers) == 2
 
 
 def test_it_refuses_plans_that_are_not_for_sale(

@@ -12,7 +12,9 @@ real stripe SDK talks to once ``api_base`` points at it:
   Checkout page, ``GET /c/pay/{id}``, whose "Pay" button (``POST /c/pay/{id}``) creates the
   subscription and its paid invoice, sends the webhooks, and redirects to ``success_url``
   (``{CHECKOUT_SESSION_ID}`` filled in). ``GET /v1/checkout/sessions/{id}``.
-- ``GET /v1/subscriptions/{id}`` (API 2026-10-28: the period lives on the subscription item).
+- ``GET /v1/subscriptions/{id}`` (API 2026-10-28: the period lives on the subscription item),
+  ``GET /v1/subscriptions`` (a list object, by ``customer`` and ``status``, paged by
+  ``limit`` and ``starting_after``).
 - ``POST /v1/billing_portal/sessions``: its ``url`` is a fake portal page,
   ``GET /p/session/{id}``, offering "Cancel plan" (``POST /p/session/{id}/cancel``): the
   subscription is set to cancel at period end and ``customer.subscription.updated`` is sent.
@@ -193,6 +195,7 @@ class FakeStripe:
             ("GET", "/v1/customers/{id}", self.api_get("customers")),
             ("POST", "/v1/checkout/sessions", self.api_create_session),
             ("GET", "/v1/checkout/sessions/{id}", self.api_get("sessions")),
+            ("GET", "/v1/subscriptions", self.api_list_subscriptions),
             ("GET", "/v1/subscriptions/{id}", self.api_get("subscriptions")),
             ("POST", "/v1/billing_portal/sessions", self.api_create_portal_session),
         ]
@@ -283,6 +286,35 @@ class FakeStripe:
             return self._public(found)
 
         return get
+
+    def api_list_subscriptions(
+        self, request: web.Request, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Stripe's list: oldest last, one page of ``limit`` (default 10) after
+        ``starting_after``; without ``status`` canceled ones are left out, ``status=all``
+        lists every one."""
+        status = params.get("status")
+        found = [
+            s
+            for s in reversed(list(self.subscriptions.values()))
+            if s["customer"] == params.get("customer", s["customer"])
+            and (
+                status == "all"
+                or s["status"] == status
+                or (not status and s["status"] != "canceled")
+            )
+        ]
+        after = params.get("starting_after")
+        if after:
+            ids = [s["id"] for s in found]
+            found = found[ids.index(after) + 1 :] if after in ids else []
+        limit = int(params.get("limit") or 10)
+        return {
+            "object": "list",
+            "data": [self._public(s) for s in found[:limit]],
+            "has_more": len(found) > limit,
+            "url": "/v1/subscriptions",
+        }
 
     def api_create_customer(self, request: web.Request, params: dict[str, Any]) -> dict[str, Any]:
         customer = {
