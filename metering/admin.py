@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from billing.models import Plan
 from metering.models import DailyUsage
+from metering.pricing import rounded, usd
 from metering.reports import SORT_KEYS, CostRow, Month, cost_rows, fleet, sort_rows, total_row
 from metering.views import bad_request, month_from
 
@@ -70,17 +71,14 @@ def figures(row: CostRow) -> list[str]:
     return [
         row.user,
         row.plan,
-        f"{u.cpu_seconds:.0f}",
-        f"{u.gb_hours:.2f}",
-        f"{u.gb_days:.2f}",
+        str(rounded(u.cpu_seconds, 0)),
+        str(rounded(u.gb_hours, 2)),
+        str(rounded(u.gb_days, 2)),
         str(u.tokens),
         str(u.byok_tokens),
-        str(c.compute),
-        str(c.storage),
-        str(c.model),
-        str(c.total),
-        str(row.revenue),
-        str(row.margin),
+        *(str(usd(amount)) for amount in (c.compute, c.storage, c.model, c.total)),
+        str(usd(row.revenue)),
+        str(usd(row.margin)),
     ]
 
 

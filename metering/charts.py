@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from metering.pricing import rounded
+
 WIDTH, HEIGHT = 720, 180
 LEFT, BOTTOM, TOP = 56, 20, 8
 
@@ -37,10 +39,13 @@ class Chart:
     top: int = TOP
 
 
-def bar_chart(
-    title: str, unit: str, points: list[tuple[str, Decimal]], fmt: str = "{:,.0f}"
-) -> Chart:
-    """Return a chart of ``points`` ((label, value), values >= 0), scaled to the largest."""
+def bar_chart(title: str, unit: str, points: list[tuple[str, Decimal]], places: int = 0) -> Chart:
+    """Return a chart of ``points`` ((label, value), values >= 0), scaled to the largest, its
+    values written with ``places`` decimals (rounded half-up)."""
+
+    def fmt(value: Decimal) -> str:
+        return f"{rounded(value, places):,.{places}f}"
+
     peak = max((value for _, value in points), default=Decimal(0))
     room = HEIGHT - BOTTOM - TOP
     slot = (WIDTH - LEFT) / max(1, len(points))
@@ -54,7 +59,7 @@ def bar_chart(
                 width=round(slot * 0.7, 2),
                 height=round(height, 2),
                 label=label,
-                title=f"{label}: {fmt.format(value)} {unit}",
+                title=f"{label}: {fmt(value)} {unit}",
             )
         )
-    return Chart(title=title, unit=unit, bars=bars, top_label=fmt.format(peak))
+    return Chart(title=title, unit=unit, bars=bars, top_label=fmt(peak))

@@ -21,7 +21,8 @@ portal/settings.py). A GB is 2**30 bytes, as a server's RAM and R2's storage are
 - margin = revenue - total cost
 
 Every amount is rounded half-up to 0.0001 USD (a free user costs cents a month); the total is
-the sum of the rounded parts, so a table's columns add up.
+the sum of the rounded parts, so a table's columns add up. Figures shown with fewer decimals
+(CPU-seconds, GB-hours, hours awake) are rounded half-up too, with :func:`rounded`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def rates() -> Rates:
 def usd(amount: Decimal) -> Decimal:
     """Return ``amount`` rounded half-up to 0.0001 USD."""
     return amount.quantize(USD, rounding=ROUND_HALF_UP)
+
+
+def rounded(amount: Decimal, places: int) -> Decimal:
+    """Return ``amount`` rounded half-up to ``places`` decimals (figures are shown so: Python's
+    own formatting rounds half to even)."""
+    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
 
 
 @dataclass(frozen=True)

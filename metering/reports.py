@@ -139,7 +139,7 @@ class Fleet:
 
 
 def _per(total: Decimal, users: int) -> Decimal | None:
-    return (total / users).quantize(Decimal("0.0001")) if users else None
+    return usd(total / users) if users else None
 
 
 SORT_KEYS: dict[str, Callable[[CostRow], Any]] = {

@@ -46,6 +46,6 @@ def _charts(data: UserMonth) -> list[Chart]:
 
     return [
         bar_chart("Model tokens per day", "tokens", days(lambda d: d.usage.tokens)),
-        bar_chart("Cost per day", "USD", days(lambda d: d.cost.total), "{:,.4f}"),
-        bar_chart("Hours awake per day", "hours", days(lambda d: d.usage.awake_hours), "{:,.1f}"),
+        bar_chart("Cost per day", "USD", days(lambda d: d.cost.total), places=4),
+        bar_chart("Hours awake per day", "hours", days(lambda d: d.usage.awake_hours), places=1),
     ]

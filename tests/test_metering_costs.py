@@ -23,8 +23,10 @@ from django.urls import reverse
 from billing.ai_gateway.models import UsageRecord
 from billing.models import Account, Plan, PlanChange
 from metering import pricing
+from metering.admin import figures
+from metering.charts import bar_chart
 from metering.models import DailyUsage
-from metering.reports import Month, cost_rows, fleet
+from metering.reports import CostRow, Fleet, Month, cost_rows, fleet
 from tests.factories import make_user
 from tests.fixtures.metering import (
     EXPECTED_ROWS,
@@ -37,6 +39,7 @@ from tests.fixtures.metering import (
 from tests.mfa import enroll_totp
 
 pytestmark = pytest.mark.django_db
+GIB = 2**30
 TABLE = "admin:metering_dailyusage_changelist"
 CSV = "admin:metering_dailyusage_csv"
 
@@ -354,3 +357,19 @@ def test_it_answers_a_bad_month_in_plain_text(client: Client, staff: Any, alice:
         assert response.status_code == 400
         assert response["Content-Type"] == "text/plain; charset=utf-8"
         assert script in response.content.decode()  # shown as text, never run
+
+
+def test_it_rounds_half_up_everywhere() -> None:
+    half = pricing.Usage(
+        cpu_ms=2500, memory_byte_seconds=GIB * 450, storage_byte_days=GIB // 8, awake_seconds=900
+    )  # 2.5 CPU-s, 0.125 GB-hours, 0.125 GB-days, 0.25 hours awake
+    spent = pricing.Cost(Decimal("0.0001"), Decimal(0), Decimal(0))
+    row = CostRow(1, "u", "Free", "free", False, half, spent, Decimal("0.0000"))
+    assert figures(row)[2:5] == ["3", "0.13", "0.13"]
+    fleet_ = Fleet(2, Decimal("0.0001"), 2, Decimal("0.0003"), Decimal(0))
+    assert (fleet_.per_always_on_user, fleet_.per_sleeping_user) == (
+        Decimal("0.0001"),  # 0.00005
+        Decimal("0.0002"),  # 0.00015
+    )
+    hours = bar_chart("Hours", "hours", [("1", half.awake_hours)], places=1)
+    assert hours.bars[0].title == "1: 0.3 hours" and hours.top_label == "0.3"
