@@ -373,3 +373,13 @@ def test_it_rounds_half_up_everywhere() -> None:
     )
     hours = bar_chart("Hours", "hours", [("1", half.awake_hours)], places=1)
     assert hours.bars[0].title == "1: 0.3 hours" and hours.top_label == "0.3"
+
+
+def test_it_keeps_the_plan_filter_whole_in_the_month_links(client: Client, staff: Any) -> None:
+    client.force_login(staff)
+    with time_machine.travel(MONTH_END, tick=False):
+        page = client.get(reverse(TABLE), {"month": "2026-10", "plan": "x&o=-margin"})
+    links = page.content.decode()
+    assert "?month=2026-09&amp;plan=x%26o%3D-margin" in links
+    assert "?month=2026-11&amp;plan=x%26o%3D-margin" in links
+    assert "plan=x&amp;o=" not in links
