@@ -12,9 +12,14 @@ Contract:
   subscription changed and reads the subscription's current state from Stripe under the
   account's row lock, so events that arrive late, twice or out of order cannot roll an account
   back. News of an older subscription than the account's own is ignored unless that one is live.
-- A failed payment on a paid plan starts a grace period (``HERMIT_BILLING_GRACE_DAYS``); a paid
-  invoice or an active subscription ends it. :func:`end_grace` drops an account whose grace has
-  run out to the default plan (claimed with a conditional UPDATE, so running it twice is safe).
+- A subscription Stripe reports ``past_due`` on a paid plan starts a grace period
+  (``HERMIT_BILLING_GRACE_DAYS``) if none runs, whichever event brought the news; an active
+  subscription ends it. :func:`end_grace` drops an account whose grace has run out to the
+  default plan (claimed with a conditional UPDATE, so running it twice is safe).
+- Webhooks get lost: :func:`reconcile_account` re-reads from Stripe the subscription of an
+  account whose scheduled cancellation is past, or that is past_due with no grace running,
+  and applies it as an event would (a no-op when nothing changed), so a lost
+  ``customer.subscription.deleted`` cannot keep a paid plan forever.
 - Users are mailed (after commit) when a payment fails, when the plan is dropped or ends, when
   they are upgraded, and when a cancellation is scheduled.
 """
@@ -29,6 +34,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from billing import stripe_client
@@ -309,7 +315,7 @@ def _sync(
     if status in PAID_UP:
         account.grace_until = None
     elif (
-        event_type == "invoice.payment_failed"
+        status == "past_due"
         and account.grace_until is None
         and account.plan_id != default_plan().pk
     ):
@@ -379,6 +385,42 @@ def end_grace(account_id: int, now: datetime | None = None) -> bool:
             mails = _Mails()
             mails.add("plan_dropped", old_plan=old, plan=account.plan)
             mails.send_on_commit(account.user)
+    return True
+
+
+def _due_for_reconcile(now: datetime) -> Q:
+    """Accounts whose local subscription state has outlived what it promised."""
+    cancel_passed = Q(cancel_at_period_end=True, current_period_end__lte=now)
+    unpaid_without_grace = Q(subscription_status="past_due", grace_until__isnull=True) & ~Q(
+        plan__is_default=True
+    )
+    return ~Q(stripe_subscription_id="") & (cancel_passed | unpaid_without_grace)
+
+
+def accounts_to_reconcile(now: datetime | None = None) -> list[int]:
+    """Return the ids of accounts whose subscription should be read again from Stripe: a
+    cancellation at period end whose period is over, or past_due with no grace period."""
+    now = now or timezone.now()
+    return list(Account.objects.filter(_due_for_reconcile(now)).values_list("pk", flat=True))
+
+
+def reconcile_account(account_id: int, now: datetime | None = None) -> bool:
+    """Read the account's subscription from Stripe and apply it, under the account's row lock;
+    return True if it was read (False: no longer due, e.g. a webhook or another run did it).
+
+    Raises BillingUnavailable if Stripe cannot be read (nothing changes)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        account = (
+            Account.objects.select_for_update(of=("self",))
+            .select_related("plan", "user")
+            .filter(_due_for_reconcile(now), pk=account_id)
+            .first()
+        )
+        if account is None:
+            return False
+        subscription = stripe_client.get_subscription(account.stripe_subscription_id)
+        _sync(account, subscription, event_id="", event_type="reconcile")
     return True
 
 

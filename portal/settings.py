@@ -313,6 +313,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "billing.tasks.end_expired_grace",
         "schedule": timedelta(minutes=10),
     },
+    "reconcile-subscriptions": {  # a lost webhook cannot keep a paid plan (billing.tasks)
+        "task": "billing.tasks.reconcile_subscriptions",
+        "schedule": timedelta(minutes=30),
+    },
     "meter-usage": {  # twice an interval: a late beat never skips one (metering.sampling)
         "task": "metering.tasks.meter_usage",
         "schedule": timedelta(seconds=HERMIT_METERING_INTERVAL / 2),

@@ -305,6 +305,78 @@ def test_it_gives_a_grace_period_after_a_failed_payment_then_drops_to_free(
     assert account_of(user).grace_until is None and len(mail.outbox) == 2
 
 
+def test_it_starts_the_grace_period_from_stripes_state_whichever_event_brings_it(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    settings: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """invoice.payment_failed never arrives; the subscription's update says past_due."""
+    settings.HERMIT_BILLING_GRACE_DAYS = 5
+    user = make_user("pastdue@example.com")
+    subscription_id = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    mail.outbox.clear()
+    stripe_api.fail_payment(subscription_id)
+    stripe_api.take("invoice.payment_failed")  # lost
+    failed_at = timezone.now()
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    account = account_of(user)
+    assert account.subscription_status == "past_due" and account.grace_until is not None
+    assert abs(account.grace_until - (failed_at + timedelta(days=5))) < timedelta(seconds=30)
+    [failed_mail] = mail.outbox
+    assert failed_mail.subject.startswith("[Hermit] Your payment failed")
+
+
+def test_it_reads_back_subscriptions_whose_webhooks_were_lost(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """The beat task repairs what a lost webhook left: a cancellation whose period ended (the
+    deletion never arrived), and past_due with no grace period running."""
+    from billing.tasks import reconcile_subscriptions
+
+    user = make_user("lost@example.com")
+    subscription_id = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    stripe_api.cancel_at_period_end(subscription_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    period_end = account_of(user).current_period_end
+    assert period_end is not None
+    assert reconcile_subscriptions() == 0  # the period has not ended: nothing to read
+    mail.outbox.clear()
+
+    with time_machine.travel(period_end + timedelta(minutes=5), tick=False):
+        stripe_api.end_period(subscription_id)
+        assert [d.type for d in stripe_api.take()] == ["customer.subscription.deleted"]  # lost
+        assert account_of(user).plan.slug == "pro"
+        with django_capture_on_commit_callbacks(execute=True):
+            assert reconcile_subscriptions() == 1
+        assert reconcile_subscriptions() == 0  # a second run finds nothing to do
+    account = account_of(user)
+    assert account.plan.slug == "free" and account.subscription_status == "canceled"
+    assert not account.cancel_at_period_end
+    change = PlanChange.objects.filter(account=account).first()
+    assert change is not None and (change.from_plan.slug, change.to_plan.slug) == ("pro", "free")
+    assert [m.subject for m in mail.outbox] == ["[Hermit] Your Pro plan has ended"]
+
+    # past_due with no grace period (left by a webhook that was lost): grace starts.
+    other = make_user("unpaid@example.com")
+    other_subscription = checkout(client, stripe_api, other)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    stripe_api.fail_payment(other_subscription)
+    stripe_api.take()  # all lost
+    Account.objects.filter(user=other).update(subscription_status="past_due")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert reconcile_subscriptions() == 1
+    assert account_of(other).grace_until is not None and account_of(other).plan.slug == "pro"
+    assert mail.outbox[-1].subject.startswith("[Hermit] Your payment failed")
+    assert reconcile_subscriptions() == 0
+
+
 def test_it_ends_the_grace_period_when_the_payment_goes_through(
     client: Any,
     stripe_api: FakeStripe,
@@ -559,6 +631,13 @@ def test_it_applies_an_event_delivered_several_times_at_once_once(
     assert account_of(user).plan.slug == "pro"
     assert PlanChange.objects.count() == 1 and StripeEvent.objects.count() == 1
     assert [m.subject for m in mail.outbox] == ["[Hermit] Welcome to Pro"]
+
+
+def test_it_runs_the_reconcile_task_on_the_beat_schedule(settings: Any) -> None:
+    from billing.tasks import reconcile_subscriptions
+
+    entry = settings.CELERY_BEAT_SCHEDULE["reconcile-subscriptions"]
+    assert entry["task"] == reconcile_subscriptions.name
 
 
 def test_the_grace_task_is_on_the_beat_schedule(settings: Any) -> None:
