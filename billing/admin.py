@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin
 from django.forms import ModelForm
 from django.http import HttpRequest
 
 from billing.models import Account, Plan, PlanChange, StripeEvent
-from billing.subscriptions import change_plan
+from billing.subscriptions import change_plan, has_live_subscription
 
 
 @admin.register(Plan)
@@ -43,11 +44,35 @@ class PlanChangeInline(admin.TabularInline[PlanChange, Account]):
         return False
 
 
+class AccountAdminForm(forms.ModelForm[Account]):
+    """Refuses a plan change for a user who pays through Stripe: the webhook would put the
+    plan back at the subscription's next event, and the user would be billed for a plan they
+    are not on. Such a change is made in Stripe (the subscription's price), which then tells
+    Hermit."""
+
+    class Meta:
+        model = Account
+        fields = "__all__"
+
+    def clean_plan(self) -> Plan:
+        plan: Plan = self.cleaned_data["plan"]
+        account = self.instance
+        if account.pk and plan.pk != account.plan_id and has_live_subscription(account):
+            raise forms.ValidationError(
+                f"This user pays through Stripe (subscription {account.stripe_subscription_id}, "
+                f"{account.subscription_status}): change it in Stripe, and the plan follows."
+            )
+        return plan
+
+
 @admin.register(Account)
 class AccountAdmin(admin.ModelAdmin[Account]):
-    """Staff may move a user to another plan here; the change goes through ``change_plan`` and
-    is recorded as a PlanChange naming them. Stripe's side is shown, never edited: Stripe's
-    events write it."""
+    """Staff may move a user without a live subscription to another plan here; the change goes
+    through ``change_plan`` and is recorded as a PlanChange naming them. Stripe's side is
+    shown, never edited: Stripe's events write it, and a subscriber's plan is changed in
+    Stripe (see AccountAdminForm)."""
+
+    form = AccountAdminForm
 
     list_display = ("user", "plan", "subscription_status", "grace_until", "created_at")
     list_filter = ("plan", "subscription_status")

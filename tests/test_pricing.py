@@ -142,6 +142,42 @@ def test_staff_change_a_plan_in_the_admin_and_it_is_recorded(
     assert PlanChange.objects.count() == 1
 
 
+def test_it_refuses_a_staff_plan_change_for_a_user_who_pays_through_stripe(
+    client: Any, staff: Any, alice: Any
+) -> None:
+    account = Account.objects.get(user=alice)
+    pro, free = Plan.objects.get(slug="pro"), Plan.objects.get(slug="free")
+    Account.objects.filter(pk=account.pk).update(
+        plan=pro,
+        stripe_customer_id="cus_alice",
+        stripe_subscription_id="sub_alice",
+        subscription_status="active",
+    )
+    client.force_login(staff)
+    url = f"/admin/billing/account/{account.pk}/change/"
+    form = {
+        "user": alice.pk,
+        "plan": free.pk,
+        "plan_changes-TOTAL_FORMS": "0",
+        "plan_changes-INITIAL_FORMS": "0",
+        "plan_changes-MIN_NUM_FORMS": "0",
+        "plan_changes-MAX_NUM_FORMS": "1000",
+    }
+    response = client.post(url, form)
+    assert response.status_code == 200
+    assert "change it in Stripe" in response.content.decode()
+    assert Account.objects.get(pk=account.pk).plan == pro
+    assert not PlanChange.objects.exists()
+
+    # Saving without touching the plan still works; so does a change once the subscription
+    # has ended.
+    assert client.post(url, {**form, "plan": pro.pk}).status_code == 302
+    Account.objects.filter(pk=account.pk).update(subscription_status="canceled")
+    assert client.post(url, form).status_code == 302
+    assert Account.objects.get(pk=account.pk).plan == free
+    assert PlanChange.objects.get().source == PlanChange.Source.STAFF
+
+
 def test_the_sdk_creates_a_customer_and_a_checkout_session_at_the_fake(
     client: Any, stripe_api: FakeStripe, alice: Any
 ) -> None:
