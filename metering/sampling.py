@@ -18,6 +18,9 @@ Contract of :func:`meter_interval` (run by beat, see metering.tasks):
   interval fail as a whole and change nothing; a run that finds the interval already metered
   returns at once, before asking any backend. Beat runs the task twice an interval, so a late
   beat never skips one.
+- A run that cannot write its interval (another run wrote it first, or a row conflicts, such
+  as a user deleted meanwhile) writes nothing and logs it: at info for the race, as a warning
+  otherwise.
 - A backend that fails to report one sandbox is logged and that sandbox skips the interval;
   the others are metered. No backend is asked inside a database transaction, and none walks
   a data dir for it (``stats(disk=False)``: a real gateway's cgroup reads take well under a
@@ -113,9 +116,21 @@ def meter_interval(now: datetime | None = None) -> int:
         with transaction.atomic():
             UsageSample.objects.bulk_create(samples)
             add_to_day(start.astimezone(UTC).date(), totals)
-    except IntegrityError:  # another run metered this interval first
+    except IntegrityError as exc:
+        raced = UsageSample.objects.filter(interval_start=start).exists()
+        _not_written(f"the interval at {start.isoformat()}", raced, exc)
         return 0
     return len(samples)
+
+
+def _not_written(what: str, raced: bool, error: IntegrityError) -> None:
+    """Log that a run wrote nothing for ``what``: at info if another run wrote it first (beat
+    runs the tasks twice a period, so that is expected), else as a warning with the error (a
+    user deleted mid-run, say); then nothing is written and the next run tries again."""
+    if raced:
+        log.info("metering: another run metered %s first", what)
+    else:
+        log.warning("metering: %s was not written (a later run tries again): %s", what, error)
 
 
 def _awake_sandboxes() -> Any:
@@ -205,7 +220,9 @@ def meter_storage(now: datetime | None = None) -> int:
         with transaction.atomic():
             StorageSample.objects.bulk_create(samples)
             add_to_day(day, totals)
-    except IntegrityError:  # another run did this day first
+    except IntegrityError as exc:
+        raced = StorageSample.objects.filter(day=day).exists()
+        _not_written(f"the backup storage of {day}", raced, exc)
         return 0
     return len(samples)
 

@@ -4,11 +4,14 @@ asleep, backup storage once a day, and a sandbox whose stats fail skipped alone.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
 import time_machine
+from django.contrib.auth import get_user_model
+from django.db import connection
 
 from billing.models import Plan
 from metering import sampling, tasks
@@ -243,3 +246,47 @@ def test_it_meters_an_interval_once_when_two_runs_race(
     assert UsageSample.objects.count() == 1
     usage = day_of(sandbox.owner)
     assert (usage.cpu_ms, usage.memory_byte_seconds) == (9000, GIB * 60)
+
+
+def test_it_logs_an_interval_it_could_not_write(
+    fake: FakeBackend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with time_machine.travel(T0 - timedelta(minutes=5), tick=False):
+        first, second = make_running("one@example.com"), make_running("two@example.com")
+    read = fake.stats
+    interval = datetime(2026, 11, 10, 12, 0, tzinfo=UTC)
+
+    def another_run_wrote_it(*args: Any, **kwargs: Any) -> Any:
+        if not UsageSample.objects.exists():
+            UsageSample.objects.create(
+                sandbox=first, user=first.owner, interval_start=interval, seconds=60,
+                cpu_counter=0, cpu_ms=0, memory_bytes=0,
+            )  # fmt: skip
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(fake, "stats", another_run_wrote_it)
+    caplog.set_level(logging.INFO, logger="metering.sampling")
+    assert sampling.meter_interval(T0) == 0
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "metering: another run metered the interval at 2026-11-10T12:00:00+00:00 first")
+    ]
+    caplog.clear()
+
+    def owner_gone(*args: Any, **kwargs: Any) -> Any:
+        get_user_model().objects.filter(pk=second.owner_id).delete()
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(fake, "stats", owner_gone)
+    with connection.cursor() as cursor:  # as at the commit the test's transaction never makes
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    assert sampling.meter_interval(T0 + timedelta(seconds=60)) == 0
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert (
+        caplog.records[0]
+        .getMessage()
+        .startswith(
+            "metering: the interval at 2026-11-10T12:01:00+00:00 was not written (a later run "
+            "tries again): "
+        )
+    )
+    assert not UsageSample.objects.filter(interval_start=interval + timedelta(seconds=60)).exists()
