@@ -385,11 +385,19 @@ class Day:
 
 @dataclass(frozen=True)
 class UserMonth:
+    """One user's month. ``cost`` prices the month's whole usage (as the staff table does);
+    each day's cost prices that day's alone, rounded to 0.0001 USD on its own, so the days
+    can add up (``days_total``) to a few ten-thousandths more or less than the month."""
+
     month: Month
     days: list[Day]
     usage: Usage
     cost: Cost
     plan: Plan
+
+    @property
+    def days_total(self) -> Decimal:
+        return sum((d.cost.total for d in self.days), start=ZERO)
 
 
 def user_month(user: Any, month: Month) -> UserMonth:

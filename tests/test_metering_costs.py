@@ -383,3 +383,15 @@ def test_it_keeps_the_plan_filter_whole_in_the_month_links(client: Client, staff
     assert "?month=2026-09&amp;plan=x%26o%3D-margin" in links
     assert "?month=2026-11&amp;plan=x%26o%3D-margin" in links
     assert "plan=x&amp;o=" not in links
+
+
+def test_it_tells_the_user_when_the_days_add_up_to_other_than_the_month(
+    seeded_month: SeededMonth, client: Client, month_end: None
+) -> None:
+    client.force_login(seeded_month.bob)
+    page = client.get(reverse("usage")).content.decode()
+    # 20 days of 0.0072 (compute), 30 of 0.0005 (storage), 0.10 of model calls: 0.2590;
+    # the month's 720 CPU-s and 240 GB-hours priced at once: 0.2592.
+    assert 'id="usage-days-total">$0.2590<' in page and 'id="usage-cost">$0.2592<' in page
+    client.force_login(seeded_month.dave)  # his only cost is one call: the days add up
+    assert "usage-days-total" not in client.get(reverse("usage")).content.decode()
