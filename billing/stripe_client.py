@@ -41,24 +41,27 @@ def is_configured() -> bool:
     return bool(settings.STRIPE_SECRET_KEY)
 
 
-# A webhook reads the subscription back while it holds the account's row lock: never wait long.
+# A user waits on these calls (customer, Checkout, portal): one retry, a generous timeout.
 TIMEOUT_SECONDS = 20
+# A subscription is read back while the account's row is locked (a webhook, a reconcile):
+# short, and never retried: Stripe sends a failed webhook again, and the beat runs again.
+LOCKED_READ_TIMEOUT_SECONDS = 5
 
 
-@lru_cache(maxsize=4)
-def _client_for(api_key: str, api_base: str) -> stripe.StripeClient:
+@lru_cache(maxsize=8)
+def _client_for(api_key: str, api_base: str, timeout: float, retries: int) -> stripe.StripeClient:
     return stripe.StripeClient(
         api_key,
         base_addresses={"api": api_base},
-        max_network_retries=1,
-        http_client=stripe.RequestsClient(timeout=TIMEOUT_SECONDS),
+        max_network_retries=retries,
+        http_client=stripe.RequestsClient(timeout=timeout),
     )
 
 
-def _client() -> stripe.StripeClient:
+def _client(*, timeout: float = TIMEOUT_SECONDS, retries: int = 1) -> stripe.StripeClient:
     if not is_configured():
         raise BillingNotConfigured("Billing is not set up on this site.")
-    return _client_for(settings.STRIPE_SECRET_KEY, settings.STRIPE_API_BASE)
+    return _client_for(settings.STRIPE_SECRET_KEY, settings.STRIPE_API_BASE, timeout, retries)
 
 
 def _unavailable(action: str, exc: stripe.StripeError) -> BillingUnavailable:
@@ -126,9 +129,11 @@ def create_portal_session(*, customer_id: str, return_url: str) -> str:
 
 
 def get_subscription(subscription_id: str) -> dict[str, Any]:
-    """Return Stripe's current view of a subscription (as JSON), whatever the events said."""
+    """Return Stripe's current view of a subscription (as JSON), whatever the events said.
+    Made under a row lock: one try of at most LOCKED_READ_TIMEOUT_SECONDS."""
     try:
-        subscription = _client().v1.subscriptions.retrieve(subscription_id)
+        client = _client(timeout=LOCKED_READ_TIMEOUT_SECONDS, retries=0)
+        subscription = client.v1.subscriptions.retrieve(subscription_id)
     except stripe.StripeError as exc:
         raise _unavailable("read a subscription", exc) from exc
     return subscription.to_dict()

@@ -8,6 +8,7 @@ through Django's test client. Agents run on the in-memory fake sandbox backend.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -535,6 +536,42 @@ def test_it_is_not_fooled_by_events_out_of_order(
     stripe_api.take()
     account = account_of(user)
     assert account.plan.slug == "pro" and account.stripe_subscription_id == subscription_2
+
+
+def test_it_reads_stripe_back_once_and_briefly_while_it_holds_the_account_lock(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    monkeypatch: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """The read happens under the account's row lock: one try, a short timeout, and a 503 so
+    Stripe sends the event again later."""
+    from billing import stripe_client
+
+    user = make_user("briefly@example.com")
+    subscription_id = checkout(client, stripe_api, user)
+    [completed] = stripe_api.take("checkout.session.completed")
+    path = f"/v1/subscriptions/{subscription_id}"
+
+    def reads() -> list[Any]:
+        return [r for r in stripe_api.requests if r[1] == path]
+
+    stripe_api.failing[path] = 1
+    assert deliver(client, [completed]) == [503]
+    assert len(reads()) == 1  # not retried
+    assert account_of(user).plan.slug == "free" and not StripeEvent.objects.exists()
+
+    assert stripe_client.LOCKED_READ_TIMEOUT_SECONDS <= 5
+    monkeypatch.setattr(stripe_client, "LOCKED_READ_TIMEOUT_SECONDS", 0.2)
+    stripe_api.slow[path] = 0.8
+    started = time.monotonic()
+    assert deliver(client, [completed]) == [503]
+    assert time.monotonic() - started < 0.7 and len(reads()) == 2
+
+    stripe_api.slow.clear()
+    post_all(client, [stripe_api.resend(completed.event["id"])], django_capture_on_commit_callbacks)
+    assert account_of(user).plan.slug == "pro"
 
 
 def test_it_acknowledges_event_types_it_does_not_act_on(

@@ -24,6 +24,9 @@ t=<unix time>,v1=<HMAC-SHA256(secret, "<t>.<payload>")>`` (the SDK's own signing
 ``webhook_url`` set they are POSTed there (after the page's action, before its redirect);
 without it they wait in ``outbox`` for the test to deliver (``take()``).
 
+Faults: ``failing[path] = n`` answers the next n requests to ``path`` with Stripe's 500;
+``slow[path] = seconds`` answers them that late.
+
 Test controls, standing in for time passing and banks answering at Stripe: ``create_price``,
 ``pay`` (what the Pay button does), ``cancel_at_period_end`` (the portal's button),
 ``end_period`` (the period ends: a cancelling subscription is deleted, another renews),
@@ -67,13 +70,20 @@ class Delivery:
 
 class StripeError(Exception):
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind
 
     def response(self) -> web.Response:
-        error: dict[str, Any] = {"type": "invalid_request_error", "message": self.message}
+        error: dict[str, Any] = {"type": self.kind, "message": self.message}
         if self.param:
             error["param"] = self.param
         if self.code:
@@ -139,6 +149,9 @@ class FakeStripe:
             self.outbox: list[Delivery] = []
             self.delivered: list[tuple[Delivery, int]] = []
             self.requests: list[tuple[str, str, dict[str, Any]]] = []
+            # Faults for the next requests to a path: answered 500, or answered late (seconds).
+            self.failing: dict[str, int] = {}
+            self.slow: dict[str, float] = {}
             self._idempotent: dict[str, tuple[int, Any]] = {}
 
     @property
@@ -249,6 +262,15 @@ class FakeStripe:
             key = request.headers.get("Idempotency-Key")
             with self._lock:
                 self.requests.append((request.method, request.path, params))
+                delay = self.slow.get(request.path, 0.0)
+                fail = self.failing.get(request.path, 0)
+                if fail:
+                    self.failing[request.path] = fail - 1
+            if delay:
+                await asyncio.sleep(delay)
+            if fail:
+                raise StripeError(500, "An unknown error occurred (planted).", kind="api_error")
+            with self._lock:
                 if key and key in self._idempotent:
                     status, replay = self._idempotent[key]
                     return web.json_response(replay, status=status, headers=_request_id())
