@@ -445,6 +445,27 @@ def test_it_refuses_a_bad_signature_and_changes_nothing(
     assert account_of(user).plan.slug == "pro"
 
 
+def test_it_refuses_a_webhook_signed_longer_ago_than_the_sdks_tolerance(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """A replayed delivery: genuine, but signed more than 300 s ago."""
+    import stripe
+
+    user = make_user("replayed@example.com")
+    checkout(client, stripe_api, user)
+    [completed] = stripe_api.take("checkout.session.completed")
+    assert stripe.Webhook.DEFAULT_TOLERANCE == 300
+    with time_machine.travel(timezone.now() + timedelta(seconds=301), tick=False):
+        assert deliver(client, [completed]) == [400]
+    assert account_of(user).plan.slug == "free" and not StripeEvent.objects.exists()
+    with time_machine.travel(timezone.now() + timedelta(seconds=290), tick=False):
+        assert deliver(client, [completed]) == [200]  # within the tolerance
+    assert account_of(user).plan.slug == "pro"
+
+
 def test_it_refuses_every_webhook_without_a_webhook_secret(
     client: Any, stripe_api: FakeStripe, pro_price: str, settings: Any
 ) -> None:

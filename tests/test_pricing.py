@@ -263,6 +263,49 @@ def test_it_creates_one_stripe_customer_per_user_even_when_asked_twice(
     assert len(stripe_api.customers) == 2
 
 
+def test_it_refuses_upgrade_and_manage_billing_posts_without_a_csrf_token(
+    stripe_api: FakeStripe, alice: Any
+) -> None:
+    from django.test import Client
+
+    from billing import stripe_client
+
+    sell_plan(stripe_api, "pro")
+    customer_id = stripe_client.create_customer(alice.email, alice.pk)
+    Account.objects.filter(user=alice).update(stripe_customer_id=customer_id)
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    before = len(stripe_api.requests)
+    assert client.post("/billing/upgrade/", {"plan": "pro"}).status_code == 403
+    assert client.post("/billing/manage/").status_code == 403
+    assert len(stripe_api.requests) == before  # nothing reached Stripe
+
+    client.get("/pricing/")  # the page sets the CSRF cookie; its forms carry the token
+    token = client.cookies["csrftoken"].value
+    response = client.post("/billing/upgrade/", {"plan": "pro", "csrfmiddlewaretoken": token})
+    assert response.status_code == 302 and response["Location"].startswith(stripe_api.url)
+
+
+def test_it_shows_payment_pending_to_a_user_back_from_checkout_before_the_webhook(
+    client: Any, stripe_api: FakeStripe, alice: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    from tests.fixtures.stripe import deliver
+
+    sell_plan(stripe_api, "pro")
+    client.force_login(alice)
+    response = client.post("/billing/upgrade/", {"plan": "pro"})
+    stripe_api.pay(response["Location"].rsplit("/", 1)[1])
+    back = client.get("/dashboard/?checkout=success").content.decode()
+    assert 'id="billing-pending"' in back
+    assert "Your plan changes as soon as Stripe confirms the payment" in back
+    assert 'id="billing-pending"' not in client.get("/dashboard/").content.decode()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert set(deliver(client, stripe_api.take())) == {200}
+    back = client.get("/dashboard/?checkout=success").content.decode()
+    assert 'id="billing-pending"' not in back and '<span id="plan-name">Pro</span>' in back
+
+
 def test_it_refuses_plans_that_are_not_for_sale(
     client: Any, stripe_api: FakeStripe, alice: Any
 ) -> None:
