@@ -1,9 +1,10 @@
 """Mail about a user's plan and payments, from templates under templates/billing/email/.
 
 ``send_billing_mail(user, kind, context)`` renders ``<kind>_subject.txt`` and ``<kind>.txt``
-with the context plus ``user`` and ``site_url``. Kinds: payment_failed, plan_dropped,
-plan_ended, upgraded, cancel_scheduled. A mail that cannot be sent is logged (without its
-content) and never undoes the change it reports.
+with the context plus ``user``, ``site_url`` and ``default_plan`` (the plan a dropped account
+moves to). Kinds: payment_failed, plan_dropped, plan_ended, upgraded, cancel_scheduled. A mail
+that cannot be rendered or sent is logged (without its content), never raises, and never
+undoes the change it reports.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from django.conf import settings
 from django.core.mail import send_mail
 from django.template.loader import render_to_string
 
+from billing.models import default_plan
+
 log = logging.getLogger(__name__)
 
 KINDS = frozenset({"payment_failed", "plan_dropped", "plan_ended", "upgraded", "cancel_scheduled"})
@@ -25,10 +28,15 @@ def send_billing_mail(user: Any, kind: str, context: dict[str, Any]) -> None:
         raise ValueError(f"unknown billing mail {kind!r}")
     if not user.email:
         return
-    context = {**context, "user": user, "site_url": settings.SITE_URL}
-    subject = render_to_string(f"billing/email/{kind}_subject.txt", context).strip()
-    body = render_to_string(f"billing/email/{kind}.txt", context)
-    try:
+    try:  # a template or a send that fails must not stop the caller (a beat task's loop)
+        context = {
+            **context,
+            "user": user,
+            "site_url": settings.SITE_URL,
+            "default_plan": default_plan(),
+        }
+        subject = render_to_string(f"billing/email/{kind}_subject.txt", context).strip()
+        body = render_to_string(f"billing/email/{kind}.txt", context)
         send_mail(
             f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}{subject}",
             body,

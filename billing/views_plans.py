@@ -13,7 +13,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from billing import pricing, stripe_client, subscriptions
-from billing.models import Plan
+from billing.models import Plan, default_plan
 
 NOT_SET_UP = "Billing is not set up on this site yet: plans can only be changed by staff."
 
@@ -89,6 +89,7 @@ def billing_context(request: HttpRequest) -> dict[str, object]:
     return {
         "account": account,
         "in_grace": account.in_grace(timezone.now()),
+        "default_plan": default_plan(),
         "billing_ready": stripe_client.is_configured(),
         "checkout_done": request.GET.get("checkout") == "success",
     }

@@ -378,6 +378,46 @@ def test_it_reads_back_subscriptions_whose_webhooks_were_lost(
     assert reconcile_subscriptions() == 0
 
 
+def test_it_logs_a_mail_whose_template_fails_and_goes_on(caplog: Any) -> None:
+    """A template error must not abort the beat's loop over accounts (end_expired_grace)."""
+    from billing.mail import send_billing_mail
+
+    class Broken:
+        @property
+        def name(self) -> str:
+            raise RuntimeError("no name")
+
+    user = make_user("brokenmail@example.com")
+    send_billing_mail(user, "upgraded", {"plan": Broken()})
+    assert mail.outbox == []
+    assert "could not send the upgraded mail" in caplog.text
+    send_billing_mail(user, "upgraded", {"plan": Plan.objects.get(slug="pro")})
+    assert [m.subject for m in mail.outbox] == ["[Hermit] Welcome to Pro"]
+
+
+def test_it_names_the_default_plan_where_a_dropped_account_goes(
+    client: Any, stripe_api: FakeStripe, pro_price: str, django_capture_on_commit_callbacks: Any
+) -> None:
+    Plan.objects.filter(slug="free").update(name="Basic")
+    user = make_user("basic@example.com")
+    subscription_id = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    mail.outbox.clear()
+    stripe_api.fail_payment(subscription_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    [failed_mail] = mail.outbox
+    assert "your plan moves to Basic" in failed_mail.body and "Free" not in failed_mail.body
+    grace = client.get("/dashboard/").content.decode()
+    assert "or your plan moves to Basic then" in grace
+
+    stripe_api.pay_invoice(stripe_api.fail_payment(subscription_id))
+    stripe_api.cancel_at_period_end(subscription_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    assert "then your plan moves to Basic" in mail.outbox[-1].body
+    dashboard = client.get("/dashboard/").content.decode()
+    assert "then your plan moves to Basic." in dashboard and "moves to Free" not in dashboard
+
+
 def test_it_ends_the_grace_period_when_the_payment_goes_through(
     client: Any,
     stripe_api: FakeStripe,
