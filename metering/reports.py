@@ -1,8 +1,10 @@
 """Monthly usage and cost, read from DailyUsage (sandboxes) and UsageRecord (model calls).
 
 Reports aggregate by query: the daily roll-up keeps a month of one user to 31 rows, so the staff
-table is two GROUP BY queries whatever the fleet's size, and the model figures are the AI
-gateway's own records, summed where they are (never copied). Months and days are UTC.
+table is the same few queries (GROUP BY usage and model calls, the plan history, the users)
+whatever the fleet's size, and the model figures are the AI gateway's own records, summed where
+they are (never copied). The queries are plain ORM ones, so they run on SQLite (the default
+database) as on PostgreSQL. Months and days are UTC; a month is one of the years 2000-9998.
 
 - :func:`cost_rows`: one row per user who used anything in the month or earned revenue in it
   (the warm pool's own account is left out and reported apart, see :func:`fleet`). Revenue is
