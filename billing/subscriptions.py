@@ -21,7 +21,7 @@ Contract:
   and applies it as an event would (a no-op when nothing changed), so a lost
   ``customer.subscription.deleted`` cannot keep a paid plan forever.
 - Users are mailed (after commit) when a payment fails, when the plan is dropped or ends, when
-  they are upgraded, and when a cancellation is scheduled.
+  they move to a plan that costs more, and when a cancellation is scheduled.
 """
 
 from __future__ import annotations
@@ -341,7 +341,8 @@ def _sync(
             stripe_event_id=event_id,
         )
         if change is not None and status in PAID_UP:
-            mails.add("upgraded", plan=target)
+            if target.price_monthly > old.price_monthly:  # a cheaper plan is no upgrade
+                mails.add("upgraded", plan=target)
         elif change is not None:
             mails.add("plan_ended", old_plan=old, plan=target)
     mails.send_on_commit(account.user)

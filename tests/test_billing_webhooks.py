@@ -685,6 +685,24 @@ def test_it_follows_a_plan_change_made_in_the_portal_and_keeps_unknown_prices_ou
         )
     post_all(client, [delivery], django_capture_on_commit_callbacks)
     assert account_of(user).plan == team
+    welcomes = ["[Hermit] Welcome to Pro", "[Hermit] Welcome to Team"]
+    assert [m.subject for m in mail.outbox] == welcomes
+
+    # Back to the cheaper pro: followed, but no "welcome" (it is no upgrade).
+    with stripe_api._lock:
+        item["price"] = stripe_api.prices[pro_price]
+        delivery = stripe_api._event(
+            "customer.subscription.updated", stripe_api.subscriptions[subscription_id]
+        )
+    post_all(client, [delivery], django_capture_on_commit_callbacks)
+    assert account_of(user).plan.slug == "pro" and len(mail.outbox) == 2
+    with stripe_api._lock:
+        item["price"] = stripe_api.prices[team_price]
+        delivery = stripe_api._event(
+            "customer.subscription.updated", stripe_api.subscriptions[subscription_id]
+        )
+    post_all(client, [delivery], django_capture_on_commit_callbacks)
+    assert account_of(user).plan == team
 
     unknown = stripe_api.create_price(999, "Unlisted")
     with stripe_api._lock:
