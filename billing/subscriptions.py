@@ -122,6 +122,11 @@ def account_for(user: Any) -> Account:
     return account
 
 
+def current_account(user: Any) -> Account | None:
+    """Return the user's account if it exists, creating nothing (for pages read with GET)."""
+    return Account.objects.select_related("plan").filter(user=user).first()
+
+
 def for_sale(plan: Plan) -> bool:
     return plan.public and bool(plan.stripe_price_id) and plan.is_paid
 

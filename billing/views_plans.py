@@ -20,7 +20,9 @@ NOT_SET_UP = "Billing is not set up on this site yet: plans can only be changed 
 
 def pricing_page(request: HttpRequest) -> HttpResponse:
     """Every public plan, side by side, with an upgrade button where one can be bought."""
-    account = subscriptions.account_for(request.user) if request.user.is_authenticated else None
+    signed_in = request.user.is_authenticated
+    account = subscriptions.current_account(request.user) if signed_in else None  # no write
+    current_plan = account.plan if account is not None else default_plan() if signed_in else None
     plans = [
         (facts, subscriptions.for_sale(facts.plan))
         for facts in map(pricing.describe, pricing.public_plans())
@@ -28,6 +30,7 @@ def pricing_page(request: HttpRequest) -> HttpResponse:
     context = {
         "plans": plans,
         "account": account,
+        "current_plan_id": current_plan.pk if current_plan is not None else None,
         "billing_ready": stripe_client.is_configured(),
         "subscribed": account is not None and subscriptions.has_live_subscription(account),
         "cancelled": request.GET.get("checkout") == "cancelled",

@@ -69,6 +69,14 @@ def test_it_lists_the_public_plans_from_their_rows_to_anyone(client: Any) -> Non
     assert page.index('id="plan-free"') < page.index('id="plan-pro"') < page.index('id="plan-team"')
 
 
+def test_it_shows_the_pricing_page_without_writing_an_account(client: Any, alice: Any) -> None:
+    Account.objects.filter(user=alice).delete()
+    client.force_login(alice)
+    page = client.get("/pricing/").content.decode()
+    assert 'class="card plan current" id="plan-free"' in page  # the default plan is theirs
+    assert not Account.objects.filter(user=alice).exists()
+
+
 def test_it_links_the_pricing_page_from_home_and_the_dashboard(client: Any, alice: Any) -> None:
     assert 'href="/pricing/"' in client.get("/").content.decode()
     client.force_login(alice)
