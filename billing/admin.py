@@ -1,3 +1,13 @@
+"""Billing in the Django admin: plans, accounts, and the records of plan changes and Stripe
+events.
+
+Contract: staff edit plans, and move a user who has no live Stripe subscription to another
+plan (through :func:`billing.subscriptions.change_plan`, recorded as a PlanChange naming
+them); a subscriber's plan is changed in Stripe, and the form says so. Stripe's side of an
+account (customer, subscription, status, period, grace) is shown read-only: only Stripe's
+events write it. PlanChange and StripeEvent rows are never edited here.
+"""
+
 from __future__ import annotations
 
 from typing import Any

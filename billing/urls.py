@@ -1,3 +1,8 @@
+"""Billing's URLs under /billing/: Upgrade (to Stripe Checkout) and Manage billing (to the
+Stripe customer portal), both POST-only and CSRF-checked, and Stripe's webhook, which is
+CSRF-exempt and authenticated by its signature instead (billing.views_stripe). The pricing
+page is /pricing/ (portal.urls)."""
+
 from __future__ import annotations
 
 from django.urls import path

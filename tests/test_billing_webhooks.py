@@ -516,7 +516,7 @@ def test_it_refuses_every_webhook_without_a_webhook_secret(
     assert account_of(user).plan.slug == "free" and not StripeEvent.objects.exists()
 
 
-def test_a_cancel_in_the_portal_keeps_pro_until_the_period_ends_then_free(
+def test_it_keeps_pro_after_a_cancel_in_the_portal_until_the_period_ends_then_free(
     client: Any,
     stripe_api: FakeStripe,
     pro_price: str,
@@ -756,7 +756,7 @@ def test_it_runs_the_reconcile_task_on_the_beat_schedule(settings: Any) -> None:
     assert entry["task"] == reconcile_subscriptions.name
 
 
-def test_the_grace_task_is_on_the_beat_schedule(settings: Any) -> None:
+def test_it_runs_the_grace_task_on_the_beat_schedule(settings: Any) -> None:
     from portal.celery import app
 
     entry = settings.CELERY_BEAT_SCHEDULE["end-billing-grace"]

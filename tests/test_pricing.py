@@ -104,7 +104,7 @@ def test_it_says_billing_is_not_set_up_without_stripe_keys(
     assert Account.objects.get(user=alice).plan.slug == "free"
 
 
-def test_staff_change_a_plan_in_the_admin_and_it_is_recorded(
+def test_it_lets_staff_change_a_plan_in_the_admin_and_records_it(
     client: Any, staff: Any, alice: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
     account = Account.objects.get(user=alice)
@@ -186,7 +186,7 @@ def test_it_refuses_a_staff_plan_change_for_a_user_who_pays_through_stripe(
     assert PlanChange.objects.get().source == PlanChange.Source.STAFF
 
 
-def test_the_sdk_creates_a_customer_and_a_checkout_session_at_the_fake(
+def test_it_creates_a_customer_and_a_checkout_session_through_the_sdk(
     client: Any, stripe_api: FakeStripe, alice: Any
 ) -> None:
     price_id = sell_plan(stripe_api, "pro")
@@ -326,7 +326,7 @@ def test_it_refuses_plans_that_are_not_for_sale(
     assert stripe_api.requests == []
 
 
-def test_stripe_errors_are_shown_plainly_and_keys_never_logged(
+def test_it_shows_stripe_errors_plainly_and_never_logs_keys(
     client: Any, stripe_api: FakeStripe, alice: Any, settings: Any, caplog: Any
 ) -> None:
     sell_plan(stripe_api, "pro")
@@ -343,7 +343,7 @@ def test_stripe_errors_are_shown_plainly_and_keys_never_logged(
     assert Account.objects.get(user=alice).stripe_customer_id == ""
 
 
-def test_manage_billing_needs_a_billing_account(
+def test_it_opens_manage_billing_only_for_a_billing_account(
     client: Any, stripe_api: FakeStripe, alice: Any
 ) -> None:
     client.force_login(alice)
