@@ -135,6 +135,15 @@ class Account(models.Model):
         help_text="A payment failed: the plan drops to the default one at this time unless paid.",
     )
 
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["stripe_customer_id"],
+                condition=~models.Q(stripe_customer_id=""),
+                name="account_unique_stripe_customer",
+            )
+        ]
+
     def __str__(self) -> str:
         return f"{self.user} on {self.plan}"
 

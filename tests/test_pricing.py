@@ -314,6 +314,16 @@ def test_it_shows_payment_pending_to_a_user_back_from_checkout_before_the_webhoo
     assert 'id="billing-pending"' not in back and '<span id="plan-name">Pro</span>' in back
 
 
+def test_it_keeps_one_stripe_customer_to_one_account(alice: Any, bob: Any) -> None:
+    from django.db import IntegrityError, transaction
+
+    Account.objects.filter(user=alice).update(stripe_customer_id="cus_shared")
+    assert Account.objects.filter(stripe_customer_id="").count() >= 1  # many without one
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Account.objects.filter(user=bob).update(stripe_customer_id="cus_shared")
+    assert Account.objects.get(user=bob).stripe_customer_id == ""
+
+
 def test_it_refuses_plans_that_are_not_for_sale(
     client: Any, stripe_api: FakeStripe, alice: Any
 ) -> None:
