@@ -3,7 +3,9 @@
 Before a sandbox dozes or sleeps, the portal reads its next due job through the gateway
 (``cron.status``) and stores it; beat (``schedule.wake_due``) wakes it HERMIT_JOB_WAKE_LEAD
 before, and the idle policy (``schedule.holds_awake``) lets it sleep again once the job ran.
-The end-to-end test runs a real gateway, a real cron job calling the (fake) model, and real time.
+The end-to-end tests run a real gateway, a real cron job calling the (fake) model, and real time.
+They use the session's shared pooled gateway (``alice@chat.test``: no cold boot of their own)
+and leave it running and thawed, as they found it, whatever happens.
 """
 
 from __future__ import annotations
@@ -200,6 +202,22 @@ def test_from_ms_reads_only_real_timestamps() -> None:
 
 # -- end to end: a real gateway, a real job, real time ----------------------------------------
 
+POOLED = "alice@chat.test"  # pooled for other suites too: no gateway start of its own
+
+
+def back_to_running(sandbox: Sandbox) -> None:
+    """Leave the shared gateway as the next test expects it: running and not frozen (a dozing
+    one is thawed; an asleep one is woken, from its checkpoint)."""
+    sandbox.refresh_from_db()
+    if sandbox.state == State.DOZING:
+        from sandboxes import sleep
+
+        sleep.thaw(sandbox)
+    elif sandbox.state != State.RUNNING:
+        for _ in actions.wake_sandbox(sandbox):
+            pass
+    sandbox.refresh_from_db()
+
 
 def finished_runs(sandbox: Sandbox, job_id: str) -> list[dict[str, Any]]:
     entries = gateway(sandbox, "cron.runs", {"id": job_id}).get("entries") or []
@@ -283,9 +301,11 @@ def test_a_dozing_agent_is_thawed_for_its_job(
     from sandboxes import sleep
 
     settings.HERMIT_JOB_WAKE_LEAD = lead = 10  # a thaw takes milliseconds
-    sandbox = sandbox_for("owner@cron-wake.test")
+    sandbox = sandbox_for(POOLED)
     marker = f"cron-probe-{uuid.uuid4().hex[:12]}"
-    due = (timezone.now() + timedelta(seconds=40)).replace(microsecond=0)
+    # Due 35 s ahead: the job is added and the agent dozes within a second or two, and it
+    # then dozes for the 20 s asserted below before it is thawed, the lead (10 s) ahead.
+    due = (timezone.now() + timedelta(seconds=35)).replace(microsecond=0)
     job_id = str(add_job(sandbox, due, f"Scheduled check {marker}: reply with one word.")["id"])
     try:
         assert sleep.doze(sandbox)
@@ -299,9 +319,7 @@ def test_a_dozing_agent_is_thawed_for_its_job(
         assert woken_at - queued_at < 2, "a thaw is quick"
         assert_ran_on_time(sandbox, model_server, marker, job_id, due)
     finally:
-        sandbox.refresh_from_db()
-        if sandbox.state == State.DOZING:  # never leave the shared gateway frozen
-            sleep.thaw(sandbox)
+        back_to_running(sandbox)  # never leave the shared gateway frozen
         if sandbox.state == State.RUNNING:
             gateway(sandbox, "cron.remove", {"id": job_id})
 
@@ -315,7 +333,7 @@ def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
     # the lead (default 90 s) must leave room for that re-check before the job is due.
     settings.HERMIT_JOB_WAKE_LEAD = lead = 75
     settings.HERMIT_JOB_START_GRACE = grace = 5
-    sandbox = sandbox_for("owner@cron-wake.test")
+    sandbox = sandbox_for(POOLED)
     marker = f"cron-probe-{uuid.uuid4().hex[:12]}"
     # The job's model call takes 10 s: long enough to see it running.
     model_server.script(reply="Done with the scheduled check.", first_byte_delay=10)
@@ -356,6 +374,9 @@ def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
         # The read-only connects above used the sandbox's own device key: the webchat still
         # connects with it and its usual scopes.
         chat_scopes_still_work(sandbox)
+    except BaseException:
+        back_to_running(sandbox)  # never leave the shared gateway asleep or frozen
+        raise
     finally:
         sandbox.refresh_from_db()
         if sandbox.state == State.RUNNING:
@@ -365,10 +386,12 @@ def test_a_sleeping_agent_is_woken_for_its_job_and_sleeps_again(
     from sandboxes import sleep
 
     later = timezone.now() + timedelta(seconds=settings.HERMIT_DOZE_AFTER + 30)
-    assert sleep.sleep_idle(later)["dozed"] == 1
-    sandbox.refresh_from_db()
-    assert sandbox.state == State.DOZING
-    assert sandbox.next_job_at == following
-    near = following is not None and following <= later + timedelta(seconds=lead)
-    assert (sandbox in schedule.due_for_wake(later)) == near
-    actions.sleep_sandbox(sandbox)  # free its memory (the pool starts it again when needed)
+    try:
+        assert sleep.sleep_idle(later)["dozed"] == 1
+        sandbox.refresh_from_db()
+        assert sandbox.state == State.DOZING
+        assert sandbox.next_job_at == following
+        near = following is not None and following <= later + timedelta(seconds=lead)
+        assert (sandbox in schedule.due_for_wake(later)) == near
+    finally:
+        back_to_running(sandbox)  # the shared gateway goes on serving the tests after this one
