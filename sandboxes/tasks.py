@@ -101,12 +101,17 @@ def apply_plan(sandbox_id: int) -> None:
     (memory, CPU, processes, internet) is restarted with the new plan's, through the restart
     action (its progress shows in the chat): a thaw would keep the old cgroup and network. An
     agent whose new plan never sleeps is woken. An asleep agent gets the new limits when it
-    next starts (a cold boot or a restore both build the spec from the plan)."""
+    next starts (a cold boot or a restore both build the spec from the plan); a start under
+    way is followed to its end first, since it may have read the old plan."""
     sandbox = _get(sandbox_id)
     if sandbox is None:
         return
     plan = plan_for(sandbox.owner)
     with contextlib.suppress(actions.TransitionRefused, BackendError):
+        if sandbox.state == State.STARTING:  # it may have read the old plan: follow it to its end
+            for _ in actions.wake_sandbox(sandbox, actor=actions.Actor.SYSTEM):
+                pass
+            sandbox.refresh_from_db()
         if sandbox.state in (State.RUNNING, State.DOZING) and not actions.started_with(
             sandbox, plan.limits()
         ):

@@ -217,6 +217,48 @@ def test_it_leaves_an_agent_whose_limits_did_not_change_running_and_an_asleep_on
     assert limits_of(sandbox) == bigger.limits()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_it_restarts_an_agent_whose_start_read_the_plan_before_it_changed(
+    fake: FakeBackend,
+) -> None:
+    """The plan changes while the agent is starting with the old plan's limits: the plan's
+    task follows the start to its end, then restarts it with the new limits."""
+    import threading
+
+    from django.db import connection
+
+    from billing.subscriptions import change_plan
+
+    pro = Plan.objects.get(slug="pro")
+    sandbox = dozing_agent("midstart@example.com")
+    actions.stop_sandbox(sandbox, to=State.SLEEPING)
+    starting = actions.start_sandbox(sandbox)
+    step = next(starting)
+    while not sandbox.backend_state:  # until the backend has the spec (free's) and boots
+        step = next(starting)
+    assert step.percent < 100 and Sandbox.objects.get(pk=sandbox.pk).state == State.STARTING
+
+    def upgrade() -> None:
+        try:
+            change_plan(account_of(sandbox.owner), pro, source=PlanChange.Source.STAFF)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=upgrade)
+    thread.start()  # its apply_plan (eager) follows the start this thread finishes
+    deadline = time.monotonic() + 10
+    while not PlanChange.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the task has seen the start under way (it would have given up before)
+    assert Sandbox.objects.get(pk=sandbox.pk).state == State.STARTING
+    for _ in starting:
+        pass
+    thread.join(30)
+    assert not thread.is_alive()
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING and limits_of(sandbox) == pro.limits()
+
+
 def test_it_applies_the_same_event_once(
     client: Any,
     stripe_api: FakeStripe,
