@@ -100,9 +100,10 @@ def apply_plan(sandbox_id: int) -> None:
     """A plan change takes effect at once. A running or dozing agent started with other limits
     (memory, CPU, processes, internet) is restarted with the new plan's, through the restart
     action (its progress shows in the chat): a thaw would keep the old cgroup and network. An
-    agent whose new plan never sleeps is woken. An asleep agent gets the new limits when it
-    next starts (a cold boot or a restore both build the spec from the plan); a start under
-    way is followed to its end first, since it may have read the old plan."""
+    agent whose new plan never sleeps is woken. An asleep agent's checkpoint is dropped, so it
+    boots cold with the new plan's spec: a restore would bring back the old plan's memory use
+    and network setup (the local backend keeps the run dir's resolv.conf). A start under way
+    is followed to its end first, since it may have read the old plan."""
     sandbox = _get(sandbox_id)
     if sandbox is None:
         return
@@ -118,7 +119,10 @@ def apply_plan(sandbox_id: int) -> None:
             record_event(sandbox, "plan", f"Restarting your agent with the {plan.name} plan")
             for _ in actions.restart_sandbox(sandbox, keep_activity=True):
                 pass
-        elif plan.sleeps_after() is None and sandbox.state in (State.DOZING, State.SLEEPING):
+            return
+        if sandbox.state == State.SLEEPING:
+            sleep.drop_checkpoint(sandbox, f"moved to the {plan.name} plan; it starts afresh")
+        if plan.sleeps_after() is None and sandbox.state in (State.DOZING, State.SLEEPING):
             for _ in actions.wake_sandbox(sandbox, actor=actions.Actor.SYSTEM):
                 pass
 

@@ -25,7 +25,7 @@ from billing.tasks import end_expired_grace
 from sandboxes import actions, sleep, tasks
 from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend
-from sandboxes.models import RuntimeImage, Sandbox
+from sandboxes.models import Checkpoint, RuntimeImage, Sandbox
 from tests.factories import make_user
 from tests.fakes.stripe_api import Delivery, FakeStripe
 from tests.fixtures.stripe import WEBHOOK_PATH, deliver, sell_plan
@@ -190,8 +190,8 @@ def test_it_leaves_an_agent_whose_limits_did_not_change_running_and_an_asleep_on
     fake: FakeBackend, django_capture_on_commit_callbacks: Any
 ) -> None:
     """Only a change of limits restarts a gateway; an asleep agent on a plan that sleeps stays
-    asleep, and starts with the new plan's limits when it next wakes (here from its
-    checkpoint)."""
+    asleep, and boots cold with the new plan's limits when it next wakes: its checkpoint (the
+    old plan's memory and network setup) is dropped."""
     from billing.subscriptions import change_plan
 
     free = Plan.objects.get(slug="free")
@@ -210,10 +210,10 @@ def test_it_leaves_an_agent_whose_limits_did_not_change_running_and_an_asleep_on
     with django_capture_on_commit_callbacks(execute=True):
         change_plan(account, bigger, source=PlanChange.Source.STAFF)
     sandbox.refresh_from_db()
-    assert sandbox.state == State.SLEEPING
+    assert sandbox.state == State.SLEEPING and not Checkpoint.objects.filter(sandbox=sandbox)
     for _ in actions.wake_sandbox(sandbox):
         pass
-    assert sandbox.backend_state.get("restored") is True
+    assert "restored" not in sandbox.backend_state  # a cold boot
     assert limits_of(sandbox) == bigger.limits()
 
 
