@@ -346,6 +346,8 @@ ACCOUNT_RATE_LIMITS = {
     "confirm_email": "1/3m/key",
     "reset_password": "20/m/ip,5/m/key",
 }
+# Tells an inactive user signing in why (a pending deletion's dates): sandboxes.signin.
+ACCOUNT_ADAPTER = "sandboxes.signin.AccountAdapter"
 MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
 MFA_TOTP_ISSUER = "Hermit"
 LOGIN_REDIRECT_URL = "dashboard"
