@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import ViewportSize, sync_playwright
 
 from sandboxes.backends.fake import FakeBackend
 from tests.factories import PASSWORD
@@ -18,7 +18,7 @@ from tests.fixtures.live import Server
 from tests.fixtures.metering import MONTH, seed_month
 
 pytestmark = pytest.mark.django_db(transaction=True)
-PHONE = {"width": 390, "height": 844}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 PAGES = ["/dashboard/", f"/usage/?month={MONTH}", "/usage/", "/pricing/", "/account/delete/",
          "/settings/keys/"]  # fmt: skip
 WIDTH = "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
