@@ -2,7 +2,9 @@
 
 ``send_billing_mail(user, kind, context)`` renders ``<kind>_subject.txt`` and ``<kind>.txt``
 with the context plus ``user``, ``site_url`` and ``default_plan`` (the plan a dropped account
-moves to). Kinds: payment_failed, plan_dropped, plan_ended, upgraded, cancel_scheduled. A mail
+moves to). Kinds: payment_failed, plan_dropped, plan_ended, upgraded, cancel_scheduled,
+duplicate_cancelled (a second subscription was cancelled), subscription_cancelled (the account
+is being deleted). A mail
 that cannot be rendered or sent is logged (without its content), never raises, and never
 undoes the change it reports.
 """
@@ -20,7 +22,17 @@ from billing.models import default_plan
 
 log = logging.getLogger(__name__)
 
-KINDS = frozenset({"payment_failed", "plan_dropped", "plan_ended", "upgraded", "cancel_scheduled"})
+KINDS = frozenset(
+    {
+        "payment_failed",
+        "plan_dropped",
+        "plan_ended",
+        "upgraded",
+        "cancel_scheduled",
+        "duplicate_cancelled",
+        "subscription_cancelled",
+    }
+)
 
 
 def send_billing_mail(user: Any, kind: str, context: dict[str, Any]) -> None:

@@ -134,6 +134,17 @@ class Account(models.Model):
         blank=True,
         help_text="A payment failed: the plan drops to the default one at this time unless paid.",
     )
+    checkout_session_id = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="The Stripe Checkout Session last opened; an older one is expired at Stripe.",
+    )
+    cancel_requested_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="The account is being deleted: its Stripe subscriptions are cancelled (retried "
+        "by the reconcile task until Stripe confirms).",
+    )
 
     class Meta:
         constraints = [
@@ -158,6 +169,7 @@ class PlanChange(models.Model):
         STRIPE = "stripe", "Stripe"
         STAFF = "staff", "Staff"
         GRACE = "grace", "Grace period ended"
+        DELETION = "deletion", "Account deleted"
 
     account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="plan_changes")
     from_plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="+")

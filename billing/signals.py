@@ -1,17 +1,30 @@
-"""Every new user starts on the default plan."""
+"""Every new user starts on the default plan; a user whose account deletion is requested
+(``sandboxes.accounts.deletion_requested``) has their Stripe subscription cancelled at once,
+by a task queued once the deletion commits (and retried by the reconcile task)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
 from billing.models import Account, default_plan
+from sandboxes.accounts import deletion_requested
 
 
 @receiver(post_save, sender=settings.AUTH_USER_MODEL)
 def create_account(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
     if created and not kwargs.get("raw"):  # not while loading fixtures
         Account.objects.get_or_create(user=instance, defaults={"plan": default_plan()})
+
+
+@receiver(deletion_requested)
+def cancel_subscription_on_deletion(sender: Any, user: Any, **kwargs: Any) -> None:
+    from billing import subscriptions, tasks
+
+    account_id = subscriptions.request_cancel_for_deletion(user)
+    if account_id is not None:
+        transaction.on_commit(lambda: tasks.cancel_subscriptions.delay(account_id))

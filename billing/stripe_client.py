@@ -93,9 +93,10 @@ def create_checkout_session(
     plan_slug: str,
     success_url: str,
     cancel_url: str,
-) -> str:
-    """Open a Checkout Session for a subscription to one price; return the URL to send the user
-    to. The session names the user (client_reference_id and metadata) and the plan."""
+) -> tuple[str, str]:
+    """Open a Checkout Session for a subscription to one price; return its id and the URL to
+    send the user to. The session names the user (client_reference_id and metadata) and the
+    plan."""
     metadata = {"hermit_user_id": str(user_id), "hermit_plan": plan_slug}
     try:
         session = _client().v1.checkout.sessions.create(
@@ -114,7 +115,35 @@ def create_checkout_session(
         raise _unavailable("open a checkout session", exc) from exc
     if not session.url:
         raise BillingUnavailable("Stripe returned a checkout session without a URL")
-    return str(session.url)
+    return str(session.id), str(session.url)
+
+
+def expire_checkout_session(session_id: str) -> bool:
+    """Expire an open Checkout Session, so it can no longer be paid; return False if it was
+    not open any more (paid, or expired already): Stripe refuses those."""
+    try:
+        _client().v1.checkout.sessions.expire(session_id)
+    except stripe.InvalidRequestError as exc:
+        if exc.http_status in (400, 404):
+            return False
+        raise _unavailable("expire a checkout session", exc) from exc
+    except stripe.StripeError as exc:
+        raise _unavailable("expire a checkout session", exc) from exc
+    return True
+
+
+def cancel_subscription(subscription_id: str) -> dict[str, Any]:
+    """Cancel a subscription at once (no proration credit, no final invoice); return it as
+    JSON. A refund of what was paid is staff's to issue in Stripe. One try, briefly: it may be
+    made under the account's row lock."""
+    try:
+        client = _client(timeout=LOCKED_READ_TIMEOUT_SECONDS, retries=0)
+        subscription = client.v1.subscriptions.cancel(
+            subscription_id, {"invoice_now": False, "prorate": False}
+        )
+    except stripe.StripeError as exc:
+        raise _unavailable("cancel a subscription", exc) from exc
+    return subscription.to_dict()
 
 
 def create_portal_session(*, customer_id: str, return_url: str) -> str:

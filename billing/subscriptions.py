@@ -12,6 +12,13 @@ Contract:
   subscription changed and reads the subscription's current state from Stripe under the
   account's row lock, so events that arrive late, twice or out of order cannot roll an account
   back. News of an older subscription than the account's own is ignored unless that one is live.
+- Two Checkouts (two tabs): opening one expires the account's previous open session at
+  Stripe, so only the newest can be paid; and a second live subscription the webhook brings
+  while the account's own is still live at Stripe is cancelled there at once (no proration, no
+  final invoice: a refund is staff's to issue in Stripe), logged at warning and mailed.
+- A deletion of the account (``sandboxes.accounts.deletion_requested``) marks it, and
+  :func:`cancel_for_deletion` cancels its live subscriptions at Stripe at once, recorded as a
+  PlanChange to the default plan; until Stripe confirms, the reconcile task retries.
 - A subscription Stripe reports ``past_due`` on a paid plan starts a grace period
   (``HERMIT_BILLING_GRACE_DAYS``) if none runs, whichever event brought the news; an active
   subscription ends it. :func:`end_grace` drops an account whose grace has run out to the
@@ -157,7 +164,7 @@ def start_checkout(user: Any, plan: Plan, *, success_url: str, cancel_url: str) 
         for subscription in stripe_client.list_subscriptions(customer_id)
     ):
         raise AlreadySubscribed(ALREADY_SUBSCRIBED)
-    return stripe_client.create_checkout_session(
+    session_id, url = stripe_client.create_checkout_session(
         customer_id=customer_id,
         price_id=plan.stripe_price_id,
         user_id=account.user_id,
@@ -165,6 +172,27 @@ def start_checkout(user: Any, plan: Plan, *, success_url: str, cancel_url: str) 
         success_url=success_url,
         cancel_url=cancel_url,
     )
+    _expire_older_checkout(account, session_id)
+    return url
+
+
+def _expire_older_checkout(account: Account, session_id: str) -> None:
+    """Remember ``session_id`` as the account's open Checkout and expire the one it replaces,
+    so only the newest can be paid (two tabs, two sessions). The swap is made under the row
+    lock, so of two at once each expires the one it replaced. A session Stripe cannot expire
+    now is logged: the webhook cancels a second subscription should it be paid."""
+    with transaction.atomic():
+        locked = Account.objects.select_for_update().get(pk=account.pk)
+        older = locked.checkout_session_id
+        locked.checkout_session_id = session_id
+        locked.save(update_fields=["checkout_session_id"])
+    account.checkout_session_id = session_id
+    if not older or older == session_id:
+        return
+    try:
+        stripe_client.expire_checkout_session(older)
+    except stripe_client.BillingUnavailable as exc:
+        log.warning("account %s: older checkout session not expired: %s", account.pk, exc)
 
 
 def ensure_customer(account: Account) -> str:
@@ -303,6 +331,9 @@ def _sync(
         and status not in LIVE
     ):
         return  # news of an older subscription, which no longer decides the plan
+    if _is_second_live(account, subscription_id, status):
+        _cancel_second(account, subscription_id, event_type=event_type)
+        return
     now = timezone.now()
     mails = _Mails()
     was_cancelling = account.cancel_at_period_end
@@ -350,6 +381,35 @@ def _sync(
                 mails.add("upgraded", plan=target)
         elif change is not None:
             mails.add("plan_ended", old_plan=old, plan=target)
+    mails.send_on_commit(account.user)
+
+
+def _is_second_live(account: Account, subscription_id: str, status: str) -> bool:
+    """Whether ``subscription_id`` is a second live subscription of a customer whose account
+    already has a different one that Stripe still has live (two Checkouts paid)."""
+    tracked = account.stripe_subscription_id
+    if not tracked or subscription_id == tracked or status not in LIVE:
+        return False
+    if account.subscription_status not in LIVE:
+        return False
+    return str(stripe_client.get_subscription(tracked).get("status") or "") in LIVE
+
+
+def _cancel_second(account: Account, subscription_id: str, *, event_type: str) -> None:
+    """Cancel the second subscription at Stripe at once (the account keeps its own), log it
+    for staff, who refund it in Stripe, and mail the user. Raises BillingUnavailable if Stripe
+    cannot cancel it: nothing is recorded, and Stripe sends the event again."""
+    stripe_client.cancel_subscription(subscription_id)
+    log.warning(
+        "account %s: second live subscription %s cancelled at Stripe (%s); kept %s; "
+        "its payment is to be refunded in Stripe",
+        account.pk,
+        subscription_id,
+        event_type,
+        account.stripe_subscription_id,
+    )
+    mails = _Mails()
+    mails.add("duplicate_cancelled", plan=account.plan)
     mails.send_on_commit(account.user)
 
 
@@ -434,3 +494,81 @@ def accounts_out_of_grace(now: datetime | None = None) -> list[int]:
     """Return the ids of accounts whose grace period has run out."""
     now = now or timezone.now()
     return list(Account.objects.filter(grace_until__lte=now).values_list("pk", flat=True))
+
+
+# --- Account deletion -------------------------------------------------------------------------
+
+
+def request_cancel_for_deletion(user: Any) -> int | None:
+    """Mark the account of a user whose deletion was requested, if it has a Stripe customer,
+    as to be cancelled at Stripe; return its id (None: nothing to cancel). Made in the
+    deletion's transaction, so the mark is kept even if Stripe is down right now."""
+    account = current_account(user)
+    if account is None or not account.stripe_customer_id:
+        return None
+    Account.objects.filter(pk=account.pk, cancel_requested_at__isnull=True).update(
+        cancel_requested_at=timezone.now()
+    )
+    return account.pk
+
+
+def accounts_to_cancel() -> list[int]:
+    """Return the ids of accounts being deleted whose subscriptions Stripe has not cancelled
+    yet."""
+    return list(
+        Account.objects.filter(cancel_requested_at__isnull=False).values_list("pk", flat=True)
+    )
+
+
+def cancel_for_deletion(account_id: int) -> bool:
+    """Cancel at once, at Stripe, every subscription of a deleted account's customer that is
+    live or being paid; record it (a PlanChange to the default plan) and mail the user. Return
+    True if this call finished the job (False: not marked, or done already).
+
+    Raises BillingUnavailable if Stripe cannot be reached: the mark stays, and the reconcile
+    task tries again until Stripe has cancelled them."""
+    account = (
+        Account.objects.select_related("plan", "user")
+        .filter(pk=account_id, cancel_requested_at__isnull=False)
+        .first()
+    )
+    if account is None:
+        return False
+    cancelled = [
+        stripe_client.cancel_subscription(_id(subscription.get("id")))
+        for subscription in stripe_client.list_subscriptions(account.stripe_customer_id)
+        if subscription.get("status") in BLOCKS_CHECKOUT
+    ]
+    with transaction.atomic():
+        claimed = Account.objects.filter(pk=account_id, cancel_requested_at__isnull=False).update(
+            cancel_requested_at=None
+        )
+        if not claimed:
+            return False
+        if not cancelled:
+            return True
+        account = (
+            Account.objects.select_for_update().select_related("plan", "user").get(pk=account_id)
+        )
+        old = account.plan
+        ids = ", ".join(_id(subscription.get("id")) for subscription in cancelled)
+        if account.stripe_subscription_id in ids.split(", "):
+            account.subscription_status = "canceled"
+            account.cancel_at_period_end = False
+            account.grace_until = None
+            account.save(
+                update_fields=["subscription_status", "cancel_at_period_end", "grace_until"]
+            )
+        change_plan(
+            account,
+            default_plan(),
+            source=PlanChange.Source.DELETION,
+            reason=f"Account deleted: subscription {ids} cancelled at Stripe",
+        )
+        log.info(
+            "account %s: subscription %s cancelled at Stripe (account deleted)", account_id, ids
+        )
+        mails = _Mails()
+        mails.add("subscription_cancelled", plan=old if old.is_paid else account.plan)
+        mails.send_on_commit(account.user)
+    return True

@@ -29,6 +29,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.dispatch import Signal
 from django.utils import timezone
 
 from sandboxes import sleep
@@ -91,6 +92,12 @@ def unsuspend_user(user: Any, *, by: Any) -> bool:
     return True
 
 
+# Sent (inside request_deletion's transaction) when a deletion is first requested, with
+# ``user`` and ``by``: other apps end what the user can no longer manage (billing cancels the
+# Stripe subscription) without sandboxes importing them.
+deletion_requested = Signal()
+
+
 def grace() -> timedelta:
     return timedelta(days=settings.HERMIT_DELETE_GRACE_DAYS)
 
@@ -120,6 +127,7 @@ def request_deletion(user: Any, *, by: Any) -> AccountDeletion:
     when = f"{deletion.purge_after:%Y-%m-%d %H:%M} UTC"
     message = f"Account deletion requested by {who}; its data goes after {when}"
     _queue_stops(_record(user, "deletion-requested", message, by))
+    deletion_requested.send(sender=AccountDeletion, user=user, by=by)
     if deletion.purge_after <= now:
         from sandboxes import tasks
 

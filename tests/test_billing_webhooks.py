@@ -20,6 +20,7 @@ import time_machine
 from django.core import mail
 from django.utils import timezone
 
+from billing import stripe_client
 from billing.models import Account, Plan, PlanChange, StripeEvent
 from billing.tasks import end_expired_grace
 from sandboxes import actions, sleep, tasks
@@ -807,3 +808,77 @@ def test_it_runs_the_grace_task_on_the_beat_schedule(settings: Any) -> None:
         plan=Plan.objects.get(slug="pro"), grace_until=timezone.now() - timedelta(minutes=1)
     )
     assert app.tasks[entry["task"]].apply().get() == 1
+
+
+def test_it_cancels_a_second_subscription_paid_from_another_tab_and_mails_the_user(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    fake: FakeBackend,
+    django_capture_on_commit_callbacks: Any,
+    caplog: Any,
+) -> None:
+    """Two tabs open Checkout; Stripe cannot expire the first when the second opens (the
+    Stripe call fails), so both get paid: the webhook cancels the second at once."""
+    user = dozing_agent("twotabs@example.com").owner
+    client.force_login(user)
+    first = client.post("/billing/upgrade/", {"plan": "pro"})["Location"].rsplit("/", 1)[1]
+    stripe_api.failing[f"/v1/checkout/sessions/{first}/expire"] = 2  # the SDK retries once
+    second = client.post("/billing/upgrade/", {"plan": "pro"})["Location"].rsplit("/", 1)[1]
+    assert stripe_api.sessions[first]["status"] == "open"  # not expired: both can be paid
+    kept = stripe_api.pay(first)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    mail.outbox.clear()
+
+    with caplog.at_level("WARNING", logger="billing.subscriptions"):
+        extra = stripe_api.pay(second)
+        post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+
+    assert stripe_api.subscriptions[extra]["status"] == "canceled"
+    assert stripe_api.subscriptions[kept]["status"] == "active"
+    [cancel] = [p for m, path, p in stripe_api.requests if m == "DELETE"]
+    assert cancel == {"invoice_now": "false", "prorate": "false"}
+    account = account_of(user)
+    assert (account.plan.slug, account.stripe_subscription_id) == ("pro", kept)
+    assert account.subscription_status == "active"
+    assert PlanChange.objects.filter(account=account).count() == 1
+    [record] = [r for r in caplog.records if extra in r.getMessage()]
+    assert record.levelname == "WARNING" and kept in record.getMessage()
+    assert stripe_api.api_key not in caplog.text
+    assert [m.subject for m in mail.outbox] == [
+        "[Hermit] Your second Pro subscription was cancelled"
+    ]
+    assert "refund" in mail.outbox[0].body
+
+    # Its deletion event, and any replay, change nothing more.
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    assert len(mail.outbox) == 1 and account_of(user).stripe_subscription_id == kept
+
+
+def test_it_takes_a_new_subscription_when_the_tracked_one_has_ended_at_stripe(
+    client: Any,
+    stripe_api: FakeStripe,
+    pro_price: str,
+    fake: FakeBackend,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """The old subscription's end never reached Hermit: a new one is no duplicate."""
+    user = dozing_agent("renewed@example.com").owner
+    old = checkout(client, stripe_api, user)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    stripe_api.subscriptions[old]["status"] = "canceled"  # its webhook was lost
+    account = account_of(user)
+    assert account.subscription_status == "active"  # what Hermit still believes
+    session_id, _ = stripe_client.create_checkout_session(
+        customer_id=account.stripe_customer_id,
+        price_id=pro_price,
+        user_id=user.pk,
+        plan_slug="pro",
+        success_url="http://testserver/dashboard/",
+        cancel_url="http://testserver/pricing/",
+    )
+    new = stripe_api.pay(session_id)
+    post_all(client, stripe_api.take(), django_capture_on_commit_callbacks)
+    assert stripe_api.subscriptions[new]["status"] == "active"
+    assert account_of(user).stripe_subscription_id == new
+    assert not [p for m, path, p in stripe_api.requests if m == "DELETE"]

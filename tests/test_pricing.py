@@ -375,3 +375,38 @@ def test_it_describes_plans_in_words() -> None:
     plan = Plan(backup_interval=None, backup_keep_last=0, backup_keep_daily=0)
     assert pricing.backups(plan) == "When it sleeps or stops"
     assert make_user("words@example.com").account.plan.sleep_policy == "sleeps when idle"
+
+
+def test_it_expires_the_older_checkout_session_so_only_the_newest_can_be_paid(
+    client: Any, stripe_api: FakeStripe, alice: Any
+) -> None:
+    """Upgrade pressed in two tabs: the first tab's Checkout can no longer be paid."""
+    import httpx
+
+    sell_plan(stripe_api, "pro")
+    client.force_login(alice)
+    first = client.post("/billing/upgrade/", {"plan": "pro"})["Location"]
+    second = client.post("/billing/upgrade/", {"plan": "pro"})["Location"]
+    first_id, second_id = first.rsplit("/", 1)[1], second.rsplit("/", 1)[1]
+    assert first_id != second_id
+    assert ("POST", f"/v1/checkout/sessions/{first_id}/expire", {}) in stripe_api.requests
+    assert stripe_api.sessions[first_id]["status"] == "expired"
+    assert Account.objects.get(user=alice).checkout_session_id == second_id
+
+    page = httpx.get(first)
+    assert page.status_code == 410 and 'id="pay"' not in page.text
+    paid = httpx.post(first, follow_redirects=False)
+    assert paid.status_code == 410 and not stripe_api.subscriptions
+    with pytest.raises(ValueError):
+        stripe_api.pay(first_id)
+
+    assert 'id="pay"' in httpx.get(second).text
+    stripe_api.pay(second_id)
+    assert len(stripe_api.subscriptions) == 1
+
+    # A session that is no longer open (paid) is not expired again: Stripe refuses that.
+    Account.objects.filter(user=alice).update(checkout_session_id=second_id)
+    from billing import stripe_client
+
+    assert stripe_client.expire_checkout_session(second_id) is False
+    assert stripe_api.sessions[second_id]["status"] == "complete"

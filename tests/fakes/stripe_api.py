@@ -12,9 +12,14 @@ real stripe SDK talks to once ``api_base`` points at it:
   Checkout page, ``GET /c/pay/{id}``, whose "Pay" button (``POST /c/pay/{id}``) creates the
   subscription and its paid invoice, sends the webhooks, and redirects to ``success_url``
   (``{CHECKOUT_SESSION_ID}`` filled in). ``GET /v1/checkout/sessions/{id}``.
+  ``POST /v1/checkout/sessions/{id}/expire``: an open session is expired (its page and
+  ``pay`` refuse it from then on, as Stripe's do); any other is refused with a 400.
+  ``checkout.session.expired`` waits in ``outbox``.
 - ``GET /v1/subscriptions/{id}`` (API 2026-10-28: the period lives on the subscription item),
   ``GET /v1/subscriptions`` (a list object, by ``customer`` and ``status``, paged by
-  ``limit`` and ``starting_after``).
+  ``limit`` and ``starting_after``). ``DELETE /v1/subscriptions/{id}`` cancels at once
+  (``invoice_now``, ``prorate`` recorded in ``requests``); ``customer.subscription.deleted``
+  waits in ``outbox`` (an API call's events are queued, never POSTed from inside it).
 - ``POST /v1/billing_portal/sessions``: its ``url`` is a fake portal page,
   ``GET /p/session/{id}``, offering "Cancel plan" (``POST /p/session/{id}/cancel``): the
   subscription is set to cancel at period end and ``customer.subscription.updated`` is sent.
@@ -208,8 +213,10 @@ class FakeStripe:
             ("GET", "/v1/customers/{id}", self.api_get("customers")),
             ("POST", "/v1/checkout/sessions", self.api_create_session),
             ("GET", "/v1/checkout/sessions/{id}", self.api_get("sessions")),
+            ("POST", "/v1/checkout/sessions/{id}/expire", self.api_expire_session),
             ("GET", "/v1/subscriptions", self.api_list_subscriptions),
             ("GET", "/v1/subscriptions/{id}", self.api_get("subscriptions")),
+            ("DELETE", "/v1/subscriptions/{id}", self.api_cancel_subscription),
             ("POST", "/v1/billing_portal/sessions", self.api_create_portal_session),
         ]
         for method, path, handler in api:
@@ -428,6 +435,62 @@ class FakeStripe:
         self.sessions[session_id] = session
         return self._public(session)
 
+    def api_expire_session(self, request: web.Request, params: dict[str, Any]) -> dict[str, Any]:
+        """Expire an open session (it can no longer be paid) and send
+        ``checkout.session.expired``; a session that is not open is refused, as Stripe does."""
+        session_id = request.match_info["id"]
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise StripeError(
+                404,
+                f"No such checkout.session: '{session_id}'",
+                param="session",
+                code="resource_missing",
+            )
+        if session["status"] != "open":
+            raise StripeError(
+                400,
+                f'Only Checkout Sessions with a status in ["open"] can be expired. This '
+                f'Checkout Session has a status of "{session["status"]}".',
+            )
+        session.update(status="expired", url=None)
+        self.outbox.append(self._event("checkout.session.expired", self._public(session)))
+        return self._public(session)
+
+    def api_cancel_subscription(
+        self, request: web.Request, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Cancel a subscription at once (``invoice_now``, ``prorate`` are recorded in
+        ``requests``) and send ``customer.subscription.deleted``; an already canceled one is
+        refused."""
+        subscription_id = request.match_info["id"]
+        sub = self.subscriptions.get(subscription_id)
+        if sub is None:
+            raise StripeError(
+                404,
+                f"No such subscription: '{subscription_id}'",
+                param="id",
+                code="resource_missing",
+            )
+        if sub["status"] == "canceled":
+            raise StripeError(
+                400,
+                "A canceled subscription can only update its cancellation_details and metadata.",
+            )
+        now = int(time.time())
+        sub.update(
+            status="canceled",
+            ended_at=now,
+            canceled_at=now,
+            cancellation_details={
+                "comment": None,
+                "feedback": None,
+                "reason": "cancellation_requested",
+            },
+        )
+        self.outbox.append(self._event("customer.subscription.deleted", sub))
+        return self._public(sub)
+
     def api_create_portal_session(
         self, request: web.Request, params: dict[str, Any]
     ) -> dict[str, Any]:
@@ -457,6 +520,8 @@ class FakeStripe:
         session = self.sessions.get(request.match_info["id"])
         if session is None:
             return web.Response(status=404, text="No such checkout session")
+        if session["status"] != "open":
+            return self._session_gone(session)
         price = self.prices[session["_price"]]
         email = self.customers.get(session["customer"] or "", {}).get("email") or ""
         page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>Checkout</title>
@@ -476,12 +541,23 @@ border:0;border-radius:6px;padding:12px;width:100%;font-size:1rem;cursor:pointer
         session_id = request.match_info["id"]
         if session_id not in self.sessions:
             return web.Response(status=404, text="No such checkout session")
+        if self.sessions[session_id]["status"] != "open":
+            return self._session_gone(self.sessions[session_id])
         deliveries = self._pay(session_id)
         await asyncio.get_running_loop().run_in_executor(None, self._send, deliveries)
         url = str(self.sessions[session_id]["success_url"]).replace(
             "{CHECKOUT_SESSION_ID}", session_id
         )
         raise web.HTTPSeeOther(url)
+
+    @staticmethod
+    def _session_gone(session: dict[str, Any]) -> web.Response:
+        """Stripe's hosted page for a session that is expired or already paid: no Pay button."""
+        state = "expired" if session["status"] == "expired" else "already paid"
+        page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>Checkout</title>
+</head><body><main><h1 id="gone">This checkout session is {state}</h1>
+<p>Return to the site and start again.</p></main></body></html>"""
+        return web.Response(status=410, text=page, content_type="text/html")
 
     async def portal_page(self, request: web.Request) -> web.Response:
         session = self.portal_sessions.get(request.match_info["id"])
@@ -521,7 +597,12 @@ border:0;border-radius:6px;padding:12px;width:100%;font-size:1rem;cursor:pointer
 
     # --- what happens at Stripe ------------------------------------------------------------
     def pay(self, session_id: str) -> str:
-        """Pay a Checkout Session, as its Pay button does; return the new subscription's id."""
+        """Pay a Checkout Session, as its Pay button does; return the new subscription's id.
+        Raises ValueError for a session that is not open (expired, or paid): its page refuses."""
+        if self.sessions[session_id]["status"] != "open":
+            raise ValueError(
+                f"checkout session {session_id} is {self.sessions[session_id]['status']}"
+            )
         self._send(self._pay(session_id))
         return str(self.sessions[session_id]["subscription"])
 

@@ -1,0 +1,133 @@
+"""Deleting an account cancels its Stripe subscription at once, and keeps trying until Stripe
+has: the user can no longer sign in to cancel it. The real stripe SDK talks to the local fake
+Stripe API; agents are on the in-memory fake backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import pytest
+from django.core import mail
+from django.template.loader import render_to_string
+from django.test import Client
+from django.urls import reverse
+
+from billing.models import Account, PlanChange
+from billing.tasks import reconcile_subscriptions
+from sandboxes import accounts, tasks
+from sandboxes.models import Sandbox
+from tests.factories import PASSWORD, make_user
+from tests.fakes.stripe_api import FakeStripe
+from tests.fixtures.stripe import deliver, sell_plan
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def eager(settings: Any) -> Iterator[None]:
+    """Tasks run inline; the agents' stops are left out (tests/test_suspend_delete.py)."""
+    from portal.celery import app
+
+    settings.SANDBOX_BACKEND = "fake"
+    settings.HERMIT_DELETE_GRACE_DAYS = 14
+    was = app.conf.task_always_eager
+    app.conf.task_always_eager = True
+    with mock.patch.object(tasks.stop_sandbox, "delay"):
+        yield
+    app.conf.task_always_eager = was
+
+
+def subscribed(client: Client, stripe_api: FakeStripe, email: str, capture: Any) -> Any:
+    """A user on Pro through Stripe, every webhook applied."""
+    sell_plan(stripe_api, "pro")
+    user = make_user(email)
+    Sandbox.objects.filter(owner=user).update(backend="fake")
+    client.force_login(user)
+    session_id = client.post("/billing/upgrade/", {"plan": "pro"})["Location"].rsplit("/", 1)[1]
+    stripe_api.pay(session_id)
+    with capture(execute=True):
+        assert set(deliver(client, stripe_api.take())) == {200}
+    assert Account.objects.get(user=user).plan.slug == "pro"
+    mail.outbox.clear()
+    return user
+
+
+def test_it_cancels_the_subscription_at_stripe_when_the_user_deletes_their_account(
+    client: Client,
+    stripe_api: FakeStripe,
+    eager: None,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    user = subscribed(client, stripe_api, "leaving@example.com", django_capture_on_commit_callbacks)
+    [subscription_id] = stripe_api.subscriptions
+    notice = render_to_string("billing/_deletion_notice.html", {"user": user})
+    assert "Your Pro subscription is cancelled at once" in notice
+    assert render_to_string("billing/_deletion_notice.html", {"user": make_user("b@x.test")}) == (
+        "\n"
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(reverse("account-delete"), {"password": PASSWORD})
+
+    assert stripe_api.subscriptions[subscription_id]["status"] == "canceled"
+    [cancel] = [(path, p) for m, path, p in stripe_api.requests if m == "DELETE"]
+    assert cancel == (
+        f"/v1/subscriptions/{subscription_id}",
+        {"invoice_now": "false", "prorate": "false"},
+    )
+    account = Account.objects.select_related("plan").get(user=user)
+    assert account.plan.slug == "free" and account.cancel_requested_at is None
+    assert account.subscription_status == "canceled"
+    change = PlanChange.objects.filter(account=account).first()
+    assert change is not None and change.source == PlanChange.Source.DELETION
+    assert subscription_id in change.reason
+    assert [m.subject for m in mail.outbox] == ["[Hermit] Your Pro subscription was cancelled"]
+
+    # Stripe's deletion event that follows changes nothing more; neither does a second run.
+    with django_capture_on_commit_callbacks(execute=True):
+        assert deliver(client, stripe_api.take()) == [200]
+    assert reconcile_subscriptions() == 0
+    assert PlanChange.objects.filter(account=account).count() == 2 and len(mail.outbox) == 1
+
+
+def test_it_retries_the_cancellation_from_the_reconcile_task_until_stripe_answers(
+    client: Client,
+    stripe_api: FakeStripe,
+    eager: None,
+    staff: Any,
+    django_capture_on_commit_callbacks: Any,
+    caplog: Any,
+) -> None:
+    user = subscribed(
+        client, stripe_api, "staffgone@example.com", django_capture_on_commit_callbacks
+    )
+    [subscription_id] = stripe_api.subscriptions
+    stripe_api.failing["/v1/subscriptions"] = 4  # Stripe is down: the task and a first retry
+
+    with django_capture_on_commit_callbacks(execute=True):
+        accounts.request_deletion(user, by=staff)
+    assert stripe_api.subscriptions[subscription_id]["status"] == "active"
+    assert Account.objects.get(user=user).cancel_requested_at is not None
+    assert "deleted, subscription not cancelled yet" in caplog.text
+
+    assert reconcile_subscriptions() == 0  # still down
+    assert Account.objects.get(user=user).cancel_requested_at is not None
+    assert stripe_api.subscriptions[subscription_id]["status"] == "active"
+
+    assert reconcile_subscriptions() == 1
+    assert stripe_api.subscriptions[subscription_id]["status"] == "canceled"
+    account = Account.objects.select_related("plan").get(user=user)
+    assert account.cancel_requested_at is None and account.plan.slug == "free"
+    assert reconcile_subscriptions() == 0
+
+
+def test_it_has_nothing_to_cancel_for_a_user_who_never_paid(
+    stripe_api: FakeStripe, eager: None, django_capture_on_commit_callbacks: Any
+) -> None:
+    user = make_user("free@example.com")
+    with django_capture_on_commit_callbacks(execute=True):
+        accounts.request_deletion(user, by=user)
+    assert Account.objects.get(user=user).cancel_requested_at is None
+    assert not stripe_api.requests and not mail.outbox
