@@ -1,6 +1,6 @@
 """In Chromium at a phone's size (390 x 844): no signed-in page is wider than the viewport (the
 top bar wraps), and the usage charts scroll inside their own box at a size whose day labels can
-be read. Screenshot: var/test-artifacts/mobile-dashboard.png (and mobile-usage.png)."""
+be read; the delete buttons are red (class danger). Screenshot: var/test-artifacts/mobile-dashboard.png (and mobile-usage.png)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 PHONE: ViewportSize = {"width": 390, "height": 844}
 PAGES = ["/dashboard/", f"/usage/?month={MONTH}", "/usage/", "/pricing/", "/account/delete/",
          "/settings/keys/"]  # fmt: skip
+DANGER = {"/dashboard/": "#delete-account-link", "/account/delete/": "#delete-account-submit"}
+BACKGROUND = "e => getComputedStyle(e).backgroundColor"
+RED = "rgb(217, 45, 32)"
 WIDTH = "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
 # The chart's box, and the rendered height of a day label under the bars, in CSS pixels.
 CHART = """() => {
@@ -55,6 +58,8 @@ def test_it_fits_every_signed_in_page_in_a_phones_width(
             for link in ("Dashboard", "Usage", "Pricing", "Admin", "Log out"):
                 box = nav.get_by_text(link, exact=True).bounding_box()
                 assert box is not None and box["x"] + box["width"] <= PHONE["width"], (path, link)
+            if path in DANGER:  # destructive buttons are red (hermit.css .danger)
+                assert page.locator(DANGER[path]).evaluate(BACKGROUND) == RED, path
             if path in shots:
                 page.screenshot(path=str(ARTIFACTS / shots[path]), full_page=True)
             if path.startswith("/usage/?"):
