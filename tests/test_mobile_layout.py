@@ -1,6 +1,7 @@
 """In Chromium at a phone's size (390 x 844): no signed-in page is wider than the viewport (the
 top bar wraps), and the usage charts scroll inside their own box at a size whose day labels can
-be read; the delete buttons are red (class danger). Screenshot: var/test-artifacts/mobile-dashboard.png (and mobile-usage.png)."""
+be read; the delete buttons are red (class danger).
+Screenshots: var/test-artifacts/mobile-dashboard.png and mobile-usage.png."""
 
 from __future__ import annotations
 
