@@ -5,7 +5,8 @@ Contract: staff edit plans, and move a user who has no live Stripe subscription 
 plan (through :func:`billing.subscriptions.change_plan`, recorded as a PlanChange naming
 them); a subscriber's plan is changed in Stripe, and the form says so. Stripe's side of an
 account (customer, subscription, status, period, grace) is shown read-only: only Stripe's
-events write it. PlanChange and StripeEvent rows are never edited here.
+events write it. PlanChange and StripeEvent rows are never edited here. An account is never
+deleted here, its user never reassigned, and its plan is never blank.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class AccountAdminForm(forms.ModelForm[Account]):
         model = Account
         fields = "__all__"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "plan" in self.fields:  # every account is on a plan: no blank choice
+            plan_field = self.fields["plan"]
+            assert isinstance(plan_field, forms.ModelChoiceField)
+            plan_field.empty_label = None
+            plan_field.required = True
+
     def clean_plan(self) -> Plan:
         plan: Plan = self.cleaned_data["plan"]
         account = self.instance
@@ -98,6 +107,16 @@ class AccountAdmin(admin.ModelAdmin[Account]):
         "grace_until",
     )
     inlines = [PlanChangeInline]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        """An account belongs to its user for good: the user is shown, not reassigned."""
+        fields = tuple(super().get_readonly_fields(request, obj))
+        return ("user", *fields) if obj is not None else fields
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Never deleted here: that would erase its plan changes and its Stripe customer link
+        (an account goes with its user, through the account deletion)."""
+        return False
 
     def save_model(
         self, request: HttpRequest, obj: Account, form: ModelForm[Account], change: bool

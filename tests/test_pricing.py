@@ -410,3 +410,40 @@ def test_it_expires_the_older_checkout_session_so_only_the_newest_can_be_paid(
 
     assert stripe_client.expire_checkout_session(second_id) is False
     assert stripe_api.sessions[second_id]["status"] == "complete"
+
+
+def test_it_never_deletes_an_account_or_reassigns_its_user_in_the_admin(
+    client: Any, staff: Any, alice: Any, bob: Any
+) -> None:
+    account = Account.objects.get(user=alice)
+    staff.is_superuser = True  # even a superuser may not
+    staff.save()
+    client.force_login(staff)
+    url = f"/admin/billing/account/{account.pk}/change/"
+    page = client.get(url).content.decode()
+    assert f"/admin/billing/account/{account.pk}/delete/" not in page
+    assert 'name="user"' not in page  # shown, not editable
+    assert '<option value="">---------</option>' not in page.split('name="plan"')[1][:2000]
+    assert client.get(f"/admin/billing/account/{account.pk}/delete/").status_code == 403
+    changelist = client.get("/admin/billing/account/").content.decode()
+    assert 'value="delete_selected"' not in changelist
+    response = client.post(
+        "/admin/billing/account/",
+        {"action": "delete_selected", "_selected_action": [account.pk], "post": "yes"},
+    )
+    assert Account.objects.filter(pk=account.pk).exists()
+
+    form = {
+        "user": bob.pk,
+        "plan": "",
+        "plan_changes-TOTAL_FORMS": "0",
+        "plan_changes-INITIAL_FORMS": "0",
+        "plan_changes-MIN_NUM_FORMS": "0",
+        "plan_changes-MAX_NUM_FORMS": "1000",
+    }
+    response = client.post(url, form)
+    assert response.status_code == 200 and "This field is required." in response.content.decode()
+    form["plan"] = str(Plan.objects.get(slug="pro").pk)
+    assert client.post(url, form).status_code == 302
+    account.refresh_from_db()
+    assert account.user == alice and account.plan.slug == "pro"
