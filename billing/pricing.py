@@ -1,7 +1,8 @@
 """What the pricing page says about each public plan, in words (no side effects).
 
 :func:`public_plans` returns the plans staff marked public, cheapest first; :func:`describe`
-turns one plan into the lines the page shows: price, sleep policy, limits and backups.
+turns one plan into the lines the page shows: price, sleep policy, limits and backups. Only
+what is enforced is listed (``Plan.max_sandboxes`` is not: every user has one agent).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ def describe(plan: Plan) -> PlanFacts:
             ("Memory", memory(plan.memory_mb)),
             ("CPU", cpu(plan.cpu_millis)),
             ("Internet", "Yes" if plan.internet else "No (model calls only)"),
-            ("Agents", str(plan.max_sandboxes)),
             ("Backups", backups(plan)),
         ],
     )

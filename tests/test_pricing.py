@@ -447,3 +447,37 @@ def test_it_never_deletes_an_account_or_reassigns_its_user_in_the_admin(
     assert client.post(url, form).status_code == 302
     account.refresh_from_db()
     assert account.user == alice and account.plan.slug == "pro"
+
+
+def test_it_does_not_advertise_a_number_of_agents_it_does_not_enforce(client: Any) -> None:
+    Plan.objects.filter(slug="pro").update(max_sandboxes=3)
+    page = client.get("/pricing/").content.decode()
+    plans = page.split('id="plans"')[1]
+    assert 'id="plan-pro"' in plans
+    assert "Agents" not in plans and "<dd>3</dd>" not in plans
+    labels = [label for label, _ in pricing.describe(Plan.objects.get(slug="pro")).facts]
+    assert "Agents" not in labels and "Memory" in labels
+
+
+def test_it_shows_the_scheduled_move_to_free_after_a_cancellation(client: Any, alice: Any) -> None:
+    import datetime as dt
+
+    ends = dt.datetime(2027, 1, 5, 12, tzinfo=dt.UTC)
+    Account.objects.filter(user=alice).update(
+        plan=Plan.objects.get(slug="pro"),
+        stripe_customer_id="cus_cancelling",
+        stripe_subscription_id="sub_cancelling",
+        subscription_status="active",
+        cancel_at_period_end=True,
+        current_period_end=ends,
+    )
+    client.force_login(alice)
+    page = client.get("/pricing/").content.decode()
+    free_card = page.split('id="plan-free"')[1].split("</section>")[0]
+    assert "Your subscription is cancelled: your plan moves to Free on 5 January 2027." in free_card
+    assert "Cancel your subscription under Manage billing" not in page
+
+    Account.objects.filter(user=alice).update(cancel_at_period_end=False)
+    page = client.get("/pricing/").content.decode()
+    assert "Cancel your subscription under Manage billing to return to Free" in page
+    assert "your plan moves to Free on" not in page
