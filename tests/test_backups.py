@@ -1,11 +1,14 @@
 """Backups and restores of a real OpenClaw agent in a real sandbox, with real restic.
 
-One pooled sandbox serves every test here: the chat tests' one (``alice@chat.test``), so this
-module starts no gateway of its own; each test leaves it running (and re-pooled, since a restore
-restarts it). A cold boot costs ~15 s, so only the tests that must swap data in boot:
-restore-on-start, a point-in-time restore, a roll-back, and the planted-symlink restore. Only
-the first test's backup sets its repository up with ``restic init`` (~3 s); the others start
-with a copy of an initialised empty one (``initialized_repository``).
+One pooled sandbox serves every test here that needs a live agent: the chat tests' one
+(``alice@chat.test``), so this module starts no gateway of its own; each test leaves it running
+(and re-pooled, since a restore restarts it). A cold boot costs ~15 s, so only the tests that
+must swap data in boot: restore-on-start, a point-in-time restore, a roll-back, and the
+planted-symlink restore. Retention and the lease between two backups are about the repository,
+not the agent: they back up a stopped sandbox's data dir written by hand (``data_sandbox``),
+with the same real restic. Only the first test's backup sets its repository up with
+``restic init`` (~3 s); the others start with a copy of an initialised empty one
+(``initialized_repository``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from sandboxes.backends import cgroups
 from sandboxes.backups import actions, restic
 from sandboxes.models import BackupRepository, Sandbox, SandboxEvent, Snapshot
 from tests.fakes.model_server import FakeModelServer
-from tests.fixtures.backups import history, sh, tell
+from tests.fixtures.backups import backup_plan, history, sh, tell, write_files
 from tests.fixtures.live import ROOT, server_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -295,28 +298,27 @@ def wait_for(
         time.sleep(every)
 
 
-def test_retention_keeps_exactly_what_the_plan_says(
-    agent: Sandbox, initialized_repository: Callable[[Sandbox], Any]
-) -> None:
-    initialized_repository(agent)
-    set_retention(backup_keep_last=2, backup_keep_daily=0, backup_keep_weekly=0)
+def test_retention_keeps_exactly_what_the_plan_says(data_sandbox: Callable[..., Sandbox]) -> None:
+    sandbox = data_sandbox("retention@backups.test", repository=True)
+    plan = backup_plan(sandbox.owner, backup_keep_last=2, backup_keep_daily=0, backup_keep_weekly=0)
     made = []
     for n in range(4):
-        write(agent, "count.txt", str(n))
-        snapshot = actions.backup_sandbox(agent, trigger="schedule")
+        write_files(sandbox.data_dir, {"state/workspace/count.txt": str(n)})
+        snapshot = actions.backup_sandbox(sandbox, trigger="schedule")
         assert snapshot is not None
         made.append(snapshot.restic_id)
-    in_repo = [s.id for s in restic.snapshots(repository(agent))]
+    in_repo = [s.id for s in restic.snapshots(repository(sandbox))]
     assert in_repo == made[-2:]
-    assert sorted(agent.snapshots.values_list("restic_id", flat=True)) == sorted(made[-2:])
-    assert agent.events.filter(message="Retention removed 1 old snapshot(s)").count() == 2
+    assert sorted(sandbox.snapshots.values_list("restic_id", flat=True)) == sorted(made[-2:])
+    assert sandbox.events.filter(message="Retention removed 1 old snapshot(s)").count() == 2
 
-    set_retention(backup_keep_last=0, backup_keep_daily=7)  # one a day: these share a day
-    write(agent, "count.txt", "last")
-    last = actions.backup_sandbox(agent, trigger="schedule")
+    # One a day: these share a day.
+    Plan.objects.filter(pk=plan.pk).update(backup_keep_last=0, backup_keep_daily=7)
+    write_files(sandbox.data_dir, {"state/workspace/count.txt": "last"})
+    last = actions.backup_sandbox(sandbox, trigger="schedule")
     assert last is not None
-    assert [s.id for s in restic.snapshots(repository(agent))] == [last.restic_id]
-    assert list(agent.snapshots.values_list("restic_id", flat=True)) == [last.restic_id]
+    assert [s.id for s in restic.snapshots(repository(sandbox))] == [last.restic_id]
+    assert list(sandbox.snapshots.values_list("restic_id", flat=True)) == [last.restic_id]
 
 
 def test_a_restore_whose_agent_never_answers_rolls_back(
@@ -342,11 +344,9 @@ def test_a_restore_whose_agent_never_answers_rolls_back(
     assert history(agent) is not None
 
 
-def test_two_backups_at_once_the_second_is_busy(
-    agent: Sandbox, initialized_repository: Callable[[Sandbox], Any]
-) -> None:
-    initialized_repository(agent)
-    write(agent, "race.txt", secrets.token_hex(8))
+def test_two_backups_at_once_the_second_is_busy(data_sandbox: Callable[..., Sandbox]) -> None:
+    agent = data_sandbox("race@backups.test", repository=True)
+    write_files(agent.data_dir, {"state/workspace/race.txt": secrets.token_hex(8)})
     first_started, second_done = threading.Event(), threading.Event()
     results: list[Any] = []
 
