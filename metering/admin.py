@@ -2,9 +2,11 @@
 
 The "Usage and cost" entry of the admin index opens it (it is DailyUsage's changelist, replaced
 by this table). Query string: ``month=YYYY-MM`` (default: this month), ``plan=<slug>``, and
-``o=<column>`` or ``o=-<column>`` to sort (columns: metering.reports.SORT_KEYS). ``csv/`` with
-the same query string downloads the same rows. Beside the table: the month's cost per
-always-on user and per user of a plan that sleeps, and the warm pool's own cost.
+``o=<column>`` or ``o=-<column>`` to sort (columns: metering.reports.SORT_KEYS). A plan that
+does not exist is not applied: the table says so and shows all plans. ``csv/`` with the same
+query string downloads the same rows (or answers 400 for a plan that does not exist). Beside
+the table: the month's cost per always-on user and per user of a plan that sleeps, and the warm
+pool's own cost.
 
 Only staff with ``metering.view_costs`` (superusers have it) see it; the rows are read-only.
 
@@ -119,47 +121,58 @@ class CostTableAdmin(admin.ModelAdmin[DailyUsage]):
         csv_view = self.admin_site.admin_view(self.csv_view)
         return [path("csv/", csv_view, name="metering_dailyusage_csv"), *super().get_urls()]
 
-    def _rows(self, request: HttpRequest) -> tuple[Month, list[CostRow], list[CostRow], str, str]:
-        """Return the month, every row of it, the rows shown (plan filter, order), the plan
-        filter and the order. Raise ValueError on a bad month."""
+    def _rows(
+        self, request: HttpRequest, plan: str
+    ) -> tuple[Month, list[CostRow], list[CostRow], str]:
+        """Return the month, every row of it, the rows shown (of ``plan``'s slug if given, in
+        order) and the order. Raise ValueError on a bad month."""
         if not may_view_costs(request):
             raise PermissionDenied
         month = month_from(request)
-        plan = request.GET.get("plan", "")
         order = request.GET.get("o", "user")
         everyone = cost_rows(month, timezone.now())
         shown = [r for r in everyone if not plan or r.plan_slug == plan]
-        return month, everyone, sort_rows(shown, order), plan, order
+        return month, everyone, sort_rows(shown, order), order
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
+        plan, unknown_plan = _plan_filter(request)
         try:
-            month, everyone, rows, plan, order = self._rows(request)
+            month, everyone, rows, order = self._rows(request, plan)
         except ValueError as exc:
             return bad_request(exc)
+        query = request.GET.copy()
+        if unknown_plan:
+            del query["plan"]
+        plans = Plan.objects.order_by("price_monthly", "name")
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
             "title": f"Usage and cost, {month.label}",
             "month": month,
             "this_month": Month.of(timezone.now()),
-            "plans": Plan.objects.order_by("price_monthly", "name"),
-            "plan": plan,
+            "plans": plans,
+            "plan": plan or unknown_plan,  # as asked: the month links keep it
+            "plan_name": next((p.name for p in plans if p.slug == plan), ""),
+            "unknown_plan": unknown_plan,
             "columns": _headers(request, order),
             "rows": [(row, figures(row)) for row in rows],
             "total": figures(
                 total_row(rows, f"Total, {len(rows)} user{'s' if len(rows) != 1 else ''}")
             ),
             "fleet": fleet(month, everyone),
-            "query": request.GET.urlencode(),
+            "query": query.urlencode(),
             **(extra_context or {}),
         }
         return TemplateResponse(request, "admin/metering/costs.html", context)
 
     def csv_view(self, request: HttpRequest) -> HttpResponse:
+        plan, unknown_plan = _plan_filter(request)
         try:
-            month, _, rows, _, _ = self._rows(request)
+            if unknown_plan:
+                raise ValueError(f"There is no plan {unknown_plan!r}.")
+            month, _, rows, _ = self._rows(request, plan)
         except ValueError as exc:
             return bad_request(exc)
         response = HttpResponse(content_type="text/csv; charset=utf-8")
@@ -168,6 +181,15 @@ class CostTableAdmin(admin.ModelAdmin[DailyUsage]):
         writer.writerow(CSV_HEADER)
         writer.writerows(csv_cells(row) for row in rows)
         return response
+
+
+def _plan_filter(request: HttpRequest) -> tuple[str, str]:
+    """Return the plan filter to apply (an existing plan's slug, or "" for all plans) and the
+    slug asked for if no plan has it (else "")."""
+    asked = request.GET.get("plan", "")
+    if not asked or Plan.objects.filter(slug=asked).exists():
+        return asked, ""
+    return "", asked
 
 
 def _headers(request: HttpRequest, order: str) -> list[dict[str, str]]:

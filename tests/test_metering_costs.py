@@ -395,3 +395,28 @@ def test_it_tells_the_user_when_the_days_add_up_to_other_than_the_month(
     assert 'id="usage-days-total">$0.2590<' in page and 'id="usage-cost">$0.2592<' in page
     client.force_login(seeded_month.dave)  # his only cost is one call: the days add up
     assert "usage-days-total" not in client.get(reverse("usage")).content.decode()
+
+
+def test_it_says_a_plan_filter_names_no_plan_and_shows_all_plans(
+    seeded_month: SeededMonth, client: Client, staff: Any, month_end: None
+) -> None:
+    client.force_login(staff)
+    response = client.get(reverse(TABLE), {"month": MONTH, "plan": "nope"})
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "There is no plan “nope”, so the table shows all plans." in page
+    assert [cells[0] for _, cells in response.context["rows"]] == [r[0] for r in EXPECTED_ROWS]
+    assert "plan=nope" not in response.context["query"]  # nor in the CSV link
+    assert '<option value="" selected' not in page and "selected>" not in page  # "All plans"
+    csv_response = client.get(reverse(CSV), {"month": MONTH, "plan": "nope"})
+    assert csv_response.status_code == 400
+    assert csv_response.content.decode() == "There is no plan 'nope'."
+
+
+def test_it_names_the_plan_when_a_filtered_month_has_no_usage(
+    seeded_month: SeededMonth, client: Client, staff: Any, month_end: None
+) -> None:
+    client.force_login(staff)
+    page = client.get(reverse(TABLE), {"month": "2026-09", "plan": "pro"}).content.decode()
+    assert "No usage on the Pro plan in September 2026." in page
+    assert "cost-plan-unknown" not in page
