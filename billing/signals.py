@@ -1,6 +1,7 @@
 """Every new user starts on the default plan; a user whose account deletion is requested
 (``sandboxes.accounts.deletion_requested``) has their Stripe subscription cancelled at once,
-by a task queued once the deletion commits (and retried by the reconcile task)."""
+by a task queued once the deletion commits (and retried by the reconcile task, and once more
+as the purge deletes the account's row)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models.signals import post_save
+from django.db.models.signals import post_save, pre_delete
 from django.dispatch import receiver
 
 from billing.models import Account, default_plan
@@ -28,3 +29,10 @@ def cancel_subscription_on_deletion(sender: Any, user: Any, **kwargs: Any) -> No
     account_id = subscriptions.request_cancel_for_deletion(user)
     if account_id is not None:
         transaction.on_commit(lambda: tasks.cancel_subscriptions.delay(account_id))
+
+
+@receiver(pre_delete, sender=Account)
+def cancel_subscription_before_purge(sender: Any, instance: Account, **kwargs: Any) -> None:
+    from billing import subscriptions
+
+    subscriptions.cancel_before_purge(instance)

@@ -18,7 +18,9 @@ Contract:
   final invoice: a refund is staff's to issue in Stripe), logged at warning and mailed.
 - A deletion of the account (``sandboxes.accounts.deletion_requested``) marks it, and
   :func:`cancel_for_deletion` cancels its live subscriptions at Stripe at once, recorded as a
-  PlanChange to the default plan; until Stripe confirms, the reconcile task retries.
+  PlanChange to the default plan; until Stripe confirms, the reconcile task retries. Should
+  the account's row be purged first, :func:`cancel_before_purge` tries once more, and logs at
+  error level for staff if Stripe still cannot be reached.
 - A subscription Stripe reports ``past_due`` on a paid plan starts a grace period
   (``HERMIT_BILLING_GRACE_DAYS``) if none runs, whichever event brought the news; an active
   subscription ends it. :func:`end_grace` drops an account whose grace has run out to the
@@ -520,6 +522,37 @@ def accounts_to_cancel() -> list[int]:
     )
 
 
+def cancel_all_at_stripe(customer_id: str) -> list[dict[str, Any]]:
+    """Cancel at once every subscription of the customer that is live or being paid; return
+    them as Stripe left them. Raises BillingUnavailable (some may be cancelled already)."""
+    return [
+        stripe_client.cancel_subscription(_id(subscription.get("id")))
+        for subscription in stripe_client.list_subscriptions(customer_id)
+        if subscription.get("status") in BLOCKS_CHECKOUT
+    ]
+
+
+def cancel_before_purge(account: Account) -> None:
+    """The last chance, as a deleted account's row goes (its user is purged) while its
+    cancellation is still pending: cancel at Stripe, or log at error level for staff to cancel
+    the customer's subscriptions by hand. Records nothing (the rows are being deleted)."""
+    if account.cancel_requested_at is None or not account.stripe_customer_id:
+        return
+    try:
+        cancelled = cancel_all_at_stripe(account.stripe_customer_id)
+    except stripe_client.BillingUnavailable as exc:
+        log.error(
+            "account %s purged, but Stripe customer %s's subscriptions could not be "
+            "cancelled: cancel them in Stripe (%s)",
+            account.pk,
+            account.stripe_customer_id,
+            exc,
+        )
+        return
+    ids = ", ".join(_id(subscription.get("id")) for subscription in cancelled) or "none live"
+    log.warning("account %s purged: subscriptions cancelled at Stripe: %s", account.pk, ids)
+
+
 def cancel_for_deletion(account_id: int) -> bool:
     """Cancel at once, at Stripe, every subscription of a deleted account's customer that is
     live or being paid; record it (a PlanChange to the default plan) and mail the user. Return
@@ -534,11 +567,7 @@ def cancel_for_deletion(account_id: int) -> bool:
     )
     if account is None:
         return False
-    cancelled = [
-        stripe_client.cancel_subscription(_id(subscription.get("id")))
-        for subscription in stripe_client.list_subscriptions(account.stripe_customer_id)
-        if subscription.get("status") in BLOCKS_CHECKOUT
-    ]
+    cancelled = cancel_all_at_stripe(account.stripe_customer_id)
     with transaction.atomic():
         claimed = Account.objects.filter(pk=account_id, cancel_requested_at__isnull=False).update(
             cancel_requested_at=None

@@ -9,6 +9,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core import mail
 from django.template.loader import render_to_string
 from django.test import Client
@@ -131,3 +132,46 @@ def test_it_has_nothing_to_cancel_for_a_user_who_never_paid(
         accounts.request_deletion(user, by=user)
     assert Account.objects.get(user=user).cancel_requested_at is None
     assert not stripe_api.requests and not mail.outbox
+
+
+def purge_at_once(user: Any, settings: Any, capture: Any) -> None:
+    """Delete with no grace period: the purge runs right after the cancellation task."""
+    settings.HERMIT_DELETE_GRACE_DAYS = 0
+    with capture(execute=True):
+        accounts.request_deletion(user, by=user)
+    assert not get_user_model().objects.filter(pk=user.pk).exists()
+
+
+def test_it_cancels_once_more_as_the_purge_removes_the_account(
+    client: Client,
+    stripe_api: FakeStripe,
+    eager: None,
+    settings: Any,
+    django_capture_on_commit_callbacks: Any,
+    caplog: Any,
+) -> None:
+    user = subscribed(client, stripe_api, "purged@example.com", django_capture_on_commit_callbacks)
+    [subscription_id] = stripe_api.subscriptions
+    stripe_api.failing["/v1/subscriptions"] = 2  # the task's try (and its retry) fails
+    purge_at_once(user, settings, django_capture_on_commit_callbacks)
+    assert stripe_api.subscriptions[subscription_id]["status"] == "canceled"
+    assert f"subscriptions cancelled at Stripe: {subscription_id}" in caplog.text
+
+
+def test_it_logs_an_error_for_staff_if_the_purge_cannot_cancel_either(
+    client: Client,
+    stripe_api: FakeStripe,
+    eager: None,
+    settings: Any,
+    django_capture_on_commit_callbacks: Any,
+    caplog: Any,
+) -> None:
+    user = subscribed(client, stripe_api, "stuck@example.com", django_capture_on_commit_callbacks)
+    [subscription_id] = stripe_api.subscriptions
+    customer_id = Account.objects.get(user=user).stripe_customer_id
+    stripe_api.failing["/v1/subscriptions"] = 4
+    purge_at_once(user, settings, django_capture_on_commit_callbacks)
+    assert stripe_api.subscriptions[subscription_id]["status"] == "active"
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert customer_id in error.getMessage() and "cancel them in Stripe" in error.getMessage()
+    assert stripe_api.api_key not in caplog.text
