@@ -21,7 +21,7 @@ from tests.fixtures.metering import MONTH, seed_month
 pytestmark = pytest.mark.django_db(transaction=True)
 PHONE: ViewportSize = {"width": 390, "height": 844}
 PAGES = ["/dashboard/", f"/usage/?month={MONTH}", "/usage/", "/pricing/", "/account/delete/",
-         "/settings/keys/"]  # fmt: skip
+         "/settings/keys/", "/accounts/2fa/", "/chat/"]  # fmt: skip
 DANGER = {"/dashboard/": "#delete-account-link", "/account/delete/": "#delete-account-submit"}
 BACKGROUND = "e => getComputedStyle(e).backgroundColor"
 RED = "rgb(217, 45, 32)"
