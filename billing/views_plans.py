@@ -74,23 +74,30 @@ def manage_billing(request: HttpRequest) -> HttpResponse:
         messages.error(request, NOT_SET_UP)
         return redirect("dashboard")
     except (subscriptions.NoBillingAccount, stripe_client.BillingUnavailable) as exc:
-        messages.error(request, _user_message(exc))
+        messages.error(request, _user_message(exc, charging=False))
         return redirect("dashboard")
     return HttpResponseRedirect(url)
 
 
-def _user_message(exc: Exception) -> str:
+def _user_message(exc: Exception, *, charging: bool = True) -> str:
+    """What the user is told; "Nothing was charged" only where a charge could have begun."""
     if isinstance(exc, stripe_client.BillingUnavailable):
-        return "Stripe could not be reached just now. Nothing was charged; please try again."
+        if charging:
+            return "Stripe could not be reached just now. Nothing was charged; please try again."
+        return "Stripe could not be reached just now; please try again in a moment."
     return str(exc)
 
 
 def billing_context(request: HttpRequest) -> dict[str, object]:
     """What the dashboard's plan card shows about billing: the account (grace, cancellation),
-    whether Stripe is set up, and whether the user just came back from Checkout."""
+    the plan's memory and CPU as the pricing page words them, whether Stripe is set up, and
+    whether the user just came back from Checkout."""
     account = subscriptions.account_for(request.user)
     return {
         "account": account,
+        # The plan's limits in the pricing page's words ("1.5 GB", "1 core").
+        "plan_memory": pricing.memory(account.plan.memory_mb),
+        "plan_cpu": pricing.cpu(account.plan.cpu_millis),
         "in_grace": account.in_grace(timezone.now()),
         "default_plan": default_plan(),
         "billing_ready": stripe_client.is_configured(),

@@ -481,3 +481,54 @@ def test_it_shows_the_scheduled_move_to_free_after_a_cancellation(client: Any, a
     page = client.get("/pricing/").content.decode()
     assert "Cancel your subscription under Manage billing to return to Free" in page
     assert "your plan moves to Free on" not in page
+
+
+def test_it_links_plans_quietly_from_the_dashboard_when_billing_is_not_set_up(
+    client: Any, alice: Any, settings: Any
+) -> None:
+    settings.STRIPE_SECRET_KEY = ""
+    client.force_login(alice)
+    dashboard = client.get("/dashboard/").content.decode()
+    assert 'id="upgrade-link"' not in dashboard
+    assert '<a id="plans-link" href="/pricing/">Plans and prices</a>' in dashboard
+    settings.STRIPE_SECRET_KEY = "sk_test_configured"
+    assert 'id="upgrade-link"' in client.get("/dashboard/").content.decode()
+
+
+def test_it_confirms_the_plan_to_a_user_back_from_checkout_after_the_webhook(
+    client: Any, stripe_api: FakeStripe, alice: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    from tests.fixtures.stripe import deliver
+
+    sell_plan(stripe_api, "pro")
+    client.force_login(alice)
+    response = client.post("/billing/upgrade/", {"plan": "pro"})
+    stripe_api.pay(response["Location"].rsplit("/", 1)[1])
+    with django_capture_on_commit_callbacks(execute=True):
+        assert set(deliver(client, stripe_api.take())) == {200}
+    back = client.get("/dashboard/?checkout=success").content.decode()
+    assert "You're on Pro." in back and 'id="billing-pending"' not in back
+    assert 'id="billing-confirmed"' not in client.get("/dashboard/").content.decode()
+
+
+def test_it_does_not_say_nothing_was_charged_when_manage_billing_fails(
+    client: Any, stripe_api: FakeStripe, alice: Any
+) -> None:
+    Account.objects.filter(user=alice).update(stripe_customer_id="cus_unknown")
+    client.force_login(alice)
+    page = client.post("/billing/manage/", follow=True).content.decode()
+    assert "Stripe could not be reached just now; please try again in a moment." in page
+    assert "Nothing was charged" not in page
+
+
+def test_it_words_the_plans_memory_and_cpu_alike_on_the_dashboard_and_pricing_page(
+    client: Any, alice: Any
+) -> None:
+    Plan.objects.filter(slug="free").update(memory_mb=1536, cpu_millis=500)
+    client.force_login(alice)
+    dashboard = client.get("/dashboard/").content.decode()
+    assert '<dd id="plan-memory">1.5 GB</dd>' in dashboard
+    assert '<dd id="plan-cpu">0.5 core</dd>' in dashboard
+    assert "MB</dd>" not in dashboard and "core(s)" not in dashboard
+    free = client.get("/pricing/").content.decode().split('id="plan-free"')[1]
+    assert "<dd>1.5 GB</dd>" in free and "<dd>0.5 core</dd>" in free
