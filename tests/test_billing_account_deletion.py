@@ -63,8 +63,9 @@ def test_it_cancels_the_subscription_at_stripe_when_the_user_deletes_their_accou
 ) -> None:
     user = subscribed(client, stripe_api, "leaving@example.com", django_capture_on_commit_callbacks)
     [subscription_id] = stripe_api.subscriptions
-    notice = render_to_string("billing/_deletion_notice.html", {"user": user})
-    assert "Your Pro subscription is cancelled at once" in notice
+    page = client.get(reverse("account-delete")).content.decode()
+    assert 'id="subscription-cancel-notice"' in page
+    assert "Your Pro subscription is cancelled at once" in page
     assert render_to_string("billing/_deletion_notice.html", {"user": make_user("b@x.test")}) == (
         "\n"
     )
@@ -175,3 +176,15 @@ def test_it_logs_an_error_for_staff_if_the_purge_cannot_cancel_either(
     [error] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert customer_id in error.getMessage() and "cancel them in Stripe" in error.getMessage()
     assert stripe_api.api_key not in caplog.text
+
+
+def test_it_tells_staff_whose_subscription_a_deletion_cancels(alice: Any, bob: Any) -> None:
+    Account.objects.filter(user=alice).update(
+        stripe_customer_id="cus_alice",
+        stripe_subscription_id="sub_alice",
+        subscription_status="active",
+    )
+    notice = render_to_string("billing/_staff_deletion_notice.html", {"users": [alice, bob]})
+    assert "Their Stripe subscriptions are cancelled at once (alice@" in notice
+    assert "bob@" not in notice and "issue any refund in Stripe" in notice
+    assert render_to_string("billing/_staff_deletion_notice.html", {"users": [bob]}).strip() == ""
