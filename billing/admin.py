@@ -105,6 +105,8 @@ class AccountAdmin(admin.ModelAdmin[Account]):
         "current_period_end",
         "cancel_at_period_end",
         "grace_until",
+        "checkout_session_id",
+        "cancel_requested_at",
     )
     inlines = [PlanChangeInline]
 

@@ -423,6 +423,7 @@ def test_it_never_deletes_an_account_or_reassigns_its_user_in_the_admin(
     page = client.get(url).content.decode()
     assert f"/admin/billing/account/{account.pk}/delete/" not in page
     assert 'name="user"' not in page  # shown, not editable
+    assert 'name="checkout_session_id"' not in page and 'name="cancel_requested_at' not in page
     assert '<option value="">---------</option>' not in page.split('name="plan"')[1][:2000]
     assert client.get(f"/admin/billing/account/{account.pk}/delete/").status_code == 403
     changelist = client.get("/admin/billing/account/").content.decode()
