@@ -188,3 +188,25 @@ def test_it_tells_staff_whose_subscription_a_deletion_cancels(alice: Any, bob: A
     assert "Their Stripe subscriptions are cancelled at once (alice@" in notice
     assert "bob@" not in notice and "issue any refund in Stripe" in notice
     assert render_to_string("billing/_staff_deletion_notice.html", {"users": [bob]}).strip() == ""
+
+
+def test_it_names_the_subscriptions_on_the_staff_delete_confirmation(
+    client: Client, staff: Any, alice: Any, bob: Any
+) -> None:
+    Account.objects.filter(user=alice).update(
+        stripe_customer_id="cus_alice",
+        stripe_subscription_id="sub_alice",
+        subscription_status="active",
+    )
+    client.force_login(staff)
+    page = client.post(
+        reverse("admin:auth_user_changelist"),
+        {"action": "delete_account", "_selected_action": [alice.pk, bob.pk]},
+    ).content.decode()
+    assert 'id="account-action-form"' in page
+    assert 'id="subscription-cancel-notice"' in page and "(alice@" in page
+    suspend = client.post(
+        reverse("admin:auth_user_changelist"),
+        {"action": "suspend", "_selected_action": [alice.pk]},
+    ).content.decode()
+    assert 'id="subscription-cancel-notice"' not in suspend
