@@ -230,8 +230,8 @@ def test_it_restarts_an_agent_whose_start_read_the_plan_before_it_changed(
 
     from billing.subscriptions import change_plan
 
+    sandbox = dozing_agent("midstart@example.com")  # its sign-up recreates flushed plans
     pro = Plan.objects.get(slug="pro")
-    sandbox = dozing_agent("midstart@example.com")
     actions.stop_sandbox(sandbox, to=State.SLEEPING)
     starting = actions.start_sandbox(sandbox)
     step = next(starting)
