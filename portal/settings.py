@@ -374,6 +374,9 @@ if not HERMIT_ENCRYPTION_KEYS:
 
 # Sandboxes
 SANDBOX_BACKEND = env("SANDBOX_BACKEND", "local")
+if SANDBOX_BACKEND == "fake" and not DEBUG:
+    # The in-memory backend runs `exec` as a plain host process: tests only, never production.
+    raise ValueError("SANDBOX_BACKEND=fake is for tests only and needs DEBUG=True")
 HERMIT_OPENCLAW_VERSION = env("HERMIT_OPENCLAW_VERSION", "2026.9.6")
 HERMIT_NODE_VERSION = env("HERMIT_NODE_VERSION", "24.21.0")
 HERMIT_BWRAP = env("HERMIT_BWRAP", "bwrap")

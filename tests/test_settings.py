@@ -181,3 +181,11 @@ def test_the_debug_page_shows_no_passwords(rf: RequestFactory, settings: Any) ->
         assert password not in page
         assert "hermit:********************@db.internal" in page  # the rest is still shown
         assert "DATABASE_URL" in page
+
+
+def test_the_in_memory_backend_is_refused_in_production(tmp_path: Path) -> None:
+    """SANDBOX_BACKEND=fake runs `exec` as a host process: settings refuse it without DEBUG."""
+    result = _manage("check", **_production(tmp_path), SANDBOX_BACKEND="fake")
+    assert result.returncode != 0
+    assert "SANDBOX_BACKEND=fake is for tests only" in result.stderr
+    assert _manage("check", **_production(tmp_path)).returncode == 0
