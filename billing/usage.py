@@ -60,3 +60,13 @@ def month_usage(user: Any, now: datetime | None = None) -> dict[str, Any]:
         "period_start": start,
         "resets_at": next_month_start(now),
     }
+
+
+def usage_line(user: Any) -> str:
+    """This month's model use of ``user`` in one line, for staff pages."""
+    usage = month_usage(user)
+    return (
+        f"{usage['tokens']:,} tokens ({usage['input_tokens']:,} in, "
+        f"{usage['output_tokens']:,} out) · USD {usage['cost']:.4f} · "
+        f"{usage['requests']:,} calls · {usage['byok_tokens']:,} tokens on their own keys"
+    )

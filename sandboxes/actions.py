@@ -35,11 +35,11 @@ from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
-from billing.models import plan_for
-from sandboxes import bootqueue, runtime, sleep
+from sandboxes import ai_keys, bootqueue, runtime, sleep
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, Progress, SandboxSpec
 from sandboxes.events import broadcast_progress, record_event
+from sandboxes.limits import SandboxLimits, limits_for
 from sandboxes.models import BackupRepository, RuntimeImage, Sandbox, SandboxEvent
 
 log = logging.getLogger(__name__)
@@ -228,13 +228,26 @@ def provision_sandbox(sandbox: Sandbox) -> None:
         pass
 
 
-def _spec(sandbox: Sandbox) -> SandboxSpec:
-    """Build what the backend needs from the database: plan limits, runtime, environment."""
+def prepare_cold_boot(sandbox: Sandbox) -> str:
+    """The side effects a cold boot needs before its spec is built, as a step of its own: the
+    data dir's directories (made as root through ``safefs``), and a fresh AI-gateway credential
+    for this start (only its hash is stored; the previous one stops working at once). Return
+    the credential's plaintext, which only the gateway's environment (or a warm-pool gateway's
+    config) holds."""
+    from sandboxes.openclaw import config
+
+    config.prepare_data_dir(sandbox.data_dir)
+    return ai_keys.mint_key(sandbox)
+
+
+def start_spec(
+    sandbox: Sandbox, limits: SandboxLimits, image: RuntimeImage, ai_key: str
+) -> SandboxSpec:
+    """The spec to boot the sandbox: a value computed from the row, the owner's ``limits``,
+    the runtime and the credential minted by :func:`prepare_cold_boot`. Writes nothing."""
     from sandboxes.openclaw import setup
 
-    plan = plan_for(sandbox.owner)
-    image = sandbox.runtime or runtime.current_image()
-    return setup.build_spec(sandbox, plan, image)
+    return setup.build_spec(sandbox, limits, image, ai_key=ai_key)
 
 
 def start_sandbox(
@@ -348,7 +361,7 @@ def _restore_checkpoint(sandbox: Sandbox, image: RuntimeImage) -> Generator[Prog
     found = sleep.take_checkpoint(sandbox, image)
     if found is None:
         return False
-    limits = plan_for(sandbox.owner).limits()  # read before the spec: see started_with()
+    limits = limits_for(sandbox.owner).resources()  # read before the spec: see started_with()
     try:
         yield from _run_backend(sandbox, sleep.restore_steps(sandbox, found, image), limits=limits)
     except BackendError as exc:
@@ -372,9 +385,10 @@ def _cold_boot(sandbox: Sandbox, image: RuntimeImage) -> Iterator[Progress]:
     shown = [0]  # the bar never goes back on a retry
     for attempt in range(1, attempts + 1):
         try:
-            limits = plan_for(sandbox.owner).limits()  # read before the spec: see started_with()
-            start = get_backend(sandbox.backend).start(_spec(sandbox))
-            yield from _run_backend(sandbox, start, shown, limits=limits)
+            limits = limits_for(sandbox.owner)  # read before the spec: see started_with()
+            spec = start_spec(sandbox, limits, image, prepare_cold_boot(sandbox))
+            start = get_backend(sandbox.backend).start(spec)
+            yield from _run_backend(sandbox, start, shown, limits=limits.resources())
             return
         except BackendError as exc:
             if attempt == attempts:
@@ -510,7 +524,7 @@ def restart_sandbox(
 
 def started_with(sandbox: Sandbox, limits: tuple[int, int, int, bool]) -> bool:
     """Return True if the sandbox's gateway (running or dozing) was started with ``limits``
-    (a plan's :meth:`~billing.models.Plan.limits`), as recorded in its backend state by the
+    (:meth:`~sandboxes.limits.SandboxLimits.resources`), as recorded in its backend state by the
     start or restore. A thaw keeps a gateway's cgroup and network, so one started with other
     limits keeps them until it is restarted. A start reads the plan before it builds the spec,
     so a plan changed meanwhile shows here as a difference, never as a match."""
@@ -705,7 +719,7 @@ def reconcile_sandbox(sandbox: Sandbox) -> str:
         return repaired
     if not owner_is_active(sandbox) or suspension_notice(sandbox):
         return _reconcile_inactive_owner(sandbox, backend)
-    always_on = plan_for(sandbox.owner).sleeps_after() is None
+    always_on = limits_for(sandbox.owner).sleeps_after() is None
     if always_on and sandbox.state in (State.SLEEPING, State.DOZING):
         record_event(sandbox, "reconciled", "Always-on plan: waking the agent")
         for _ in wake_sandbox(sandbox, actor=Actor.SYSTEM):

@@ -6,8 +6,8 @@ or sites where verification is not mandatory), so no one is left "provisioning" 
 asks again for a sandbox whose provisioning task was lost. See
 :func:`sandboxes.actions.request_provisioning` for who may have one and how often it is asked.
 
-A plan change applies at once: an agent whose new plan never sleeps is woken (and from then on
-never dozes); one moved to a plan that sleeps sleeps on that plan's schedule.
+A change of an owner's limits (their plan) is applied through
+:func:`sandboxes.limits.limits_changed`, which the app that owns plans calls.
 
 A deleted sandbox (or user) takes its backups with it: its repository is purged, and its
 exports' archives deleted, once the deletion has committed.
@@ -23,10 +23,9 @@ from allauth.account.signals import email_confirmed
 from django.conf import settings
 from django.contrib.auth.signals import user_logged_in
 from django.db import transaction
-from django.db.models.signals import post_delete, post_save, pre_save
+from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from billing.models import Account
 from sandboxes import actions
 from sandboxes.models import BackupRepository, Export
 
@@ -94,21 +93,3 @@ def _delete_export(storage: Any, name: str) -> None:
         storage.export_storage().delete(name)
     except Exception:
         log.warning("could not delete an export archive")
-
-
-@receiver(pre_save, sender=Account)
-def remember_plan(sender: Any, instance: Account, **kwargs: Any) -> None:
-    if instance.pk and not kwargs.get("raw"):
-        old = Account.objects.filter(pk=instance.pk).values_list("plan_id", flat=True).first()
-        instance._hermit_old_plan_id = old  # type: ignore[attr-defined]
-
-
-@receiver(post_save, sender=Account)
-def apply_plan_change(sender: Any, instance: Account, created: bool, **kwargs: Any) -> None:
-    old = getattr(instance, "_hermit_old_plan_id", None)
-    if created or kwargs.get("raw") or old is None or old == instance.plan_id:
-        return
-    from sandboxes.tasks import apply_plan
-
-    for sandbox_id in instance.user.sandboxes.values_list("pk", flat=True):
-        transaction.on_commit(partial(_queue, apply_plan, sandbox_id))

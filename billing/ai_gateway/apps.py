@@ -15,6 +15,10 @@ class AiGatewayConfig(AppConfig):
 
         from billing import models as billing_models
         from billing.ai_gateway import credentials, models, upstreams
+        from billing.usage import usage_line
+        from sandboxes import ai_keys
+
+        ai_keys.register(mint=credentials.rotate_credential, usage=usage_line)
 
         for model in (models.Upstream, models.ModelRoute, models.Price):
             for name, signal in (("save", post_save), ("delete", post_delete)):

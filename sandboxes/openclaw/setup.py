@@ -1,8 +1,11 @@
 """Turn a Sandbox row into a backend SandboxSpec: config file, environment, limits.
 
-Runs as root, before every start, on a data dir the sandbox controls. It writes nothing there:
-the rendered config travels in the spec (``SandboxSpec.files``) and the backend mounts it
-read-only outside the data dir; the data dir's directories are made through ``safefs``.
+Building a spec only computes a value: it writes nothing and mints nothing, so it may be
+called any number of times. The side effects a start needs come first, as explicit steps of the
+start (``sandboxes.actions``): the data dir's directories are made through ``safefs``
+(``config.prepare_data_dir``) and a fresh AI-gateway credential is minted
+(``sandboxes.ai_keys.mint_key``); its plaintext is passed in here. The rendered config travels
+in the spec (``SandboxSpec.files``) and the backend mounts it read-only outside the data dir.
 """
 
 from __future__ import annotations
@@ -13,26 +16,23 @@ from typing import Any
 
 from django.conf import settings
 
-from billing.models import Plan
 from sandboxes.backends.base import SandboxSpec
+from sandboxes.limits import Resources
 from sandboxes.models import RuntimeImage, Sandbox
 from sandboxes.openclaw import config
 
 
-def build_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec:
-    """Return the spec to start the sandbox, with its OpenClaw config (no secrets in it).
-
-    Makes the data dir's directories. Mints a fresh AI-gateway credential for this start: only
-    its hash is stored, and the plaintext lives only in the gateway's environment. A warm-pool
-    gateway (sandboxes.pool) has its secrets in its config instead, so that they can be
-    replaced while it runs when it is given to a user (see ``config``).
+def build_spec(
+    sandbox: Sandbox, limits: Resources, image: RuntimeImage, *, ai_key: str
+) -> SandboxSpec:
+    """Return the spec to start the sandbox with ``limits`` on ``image``, its OpenClaw config
+    (no secrets in it) and ``ai_key``, the AI-gateway credential minted for this start, in its
+    environment. A warm-pool gateway (sandboxes.pool) has its secrets in its config instead,
+    so that they can be replaced while it runs when it is given to a user (see ``config``).
     """
-    from billing.ai_gateway.credentials import rotate_credential
     from sandboxes.pool import is_pooled
 
     data_dir = sandbox.data_dir
-    config.prepare_data_dir(data_dir)
-    ai_key = rotate_credential(sandbox)
     if is_pooled(sandbox):
         text = config_text(sandbox, gateway_token=sandbox.gateway_token, ai_key=ai_key)
         env = config.sandbox_env(
@@ -46,16 +46,16 @@ def build_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec
             ai_key=ai_key,
             config_file=config.CONFIG_PATH,
         )
-    return _spec(sandbox, plan, Path(image.path), env, {config.CONFIG_PATH: text})
+    return _spec(sandbox, limits, Path(image.path), env, {config.CONFIG_PATH: text})
 
 
-def restore_spec(sandbox: Sandbox, plan: Plan, image: RuntimeImage) -> SandboxSpec:
+def restore_spec(sandbox: Sandbox, limits: Resources, image: RuntimeImage) -> SandboxSpec:
     """Return the spec to restore the sandbox from a checkpoint: its limits, runtime and the
     read-only files' places. No secret is minted and nothing is written: the restored gateway
     keeps the environment it was checkpointed with, and its files (the config, with a warm-pool
     gateway's secrets in it) are the ones still in its run dir; ``files`` only names where
     they are mounted."""
-    return _spec(sandbox, plan, Path(image.path), {}, {config.CONFIG_PATH: ""})
+    return _spec(sandbox, limits, Path(image.path), {}, {config.CONFIG_PATH: ""})
 
 
 def config_text(sandbox: Sandbox, *, gateway_token: str, ai_key: str) -> str:
@@ -83,7 +83,7 @@ def dreaming_schedule(sandbox_id: int) -> str:
 
 def _spec(
     sandbox: Sandbox,
-    plan: Plan | None,
+    limits: Resources | None,
     runtime_dir: Path,
     env: dict[str, str],
     files: dict[str, str] | None = None,
@@ -94,10 +94,10 @@ def _spec(
         data_dir=sandbox.data_dir,
         runtime_dir=runtime_dir,
         env=env,
-        memory_mb=plan.memory_mb if plan else 0,
-        cpu_millis=plan.cpu_millis if plan else 0,
-        pids_max=plan.pids_max if plan else 0,
-        internet=plan.internet if plan else False,
+        memory_mb=limits.memory_mb if limits else 0,
+        cpu_millis=limits.cpu_millis if limits else 0,
+        pids_max=limits.pids_max if limits else 0,
+        internet=limits.internet if limits else False,
         ai_gateway_port=settings.HERMIT_AI_GATEWAY_PORT,
         files=files or {},
     )
