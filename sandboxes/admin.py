@@ -1,9 +1,12 @@
 """Staff views: every sandbox, runtime image and event, with actions that are recorded.
 
 A sandbox's page shows its state, owner, plan, host and runtime; its memory, CPU, processes
-and last log lines read from the backend now (sandboxes.staff.look_inside: bounded in time,
-secrets redacted); its last activity and snapshot, this month's tokens and cost, and its
-events. The list shows, per sandbox, the latest staff request and what has happened since.
+and last log lines read from the backend now by the privileged worker on the sandbox's host
+(sandboxes.tasks_host.look_inside, around sandboxes.staff.look_inside: bounded in time,
+secrets redacted; the page says so if the host does not answer), and its paired devices
+(read and approved or revoked through that worker too); its last activity and snapshot, this
+month's tokens and cost, and its events. The list shows, per sandbox, the latest staff request
+and what has happened since.
 
 Actions need a permission beyond viewing: start, stop, restart, sleep, wake and "Move to
 runtime version…" need ``sandboxes.operate_sandbox``; "Back up now" needs
@@ -38,14 +41,16 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from sandboxes import bootqueue, runtime, staff, tasks
+from sandboxes import bootqueue, runtime, staff, tasks, tasks_host
 from sandboxes.admin_users import register_user_admins
+from sandboxes.backends.base import ProcessInfo
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, RuntimeImage, Sandbox, SandboxEvent, Snapshot
 from sandboxes.openclaw import devices
 
 EVENTS_DAYS = 7
+INSIDE_WAIT = 2.0  # seconds the page waits for the host's worker beyond its own read deadline
 BACKUP_KINDS = (
     "backup",
     "restore",
@@ -198,6 +203,22 @@ def _bytes(value: int | None) -> str:
     return "-" if value is None else filesizeformat(value)
 
 
+def _look_inside(sandbox: Sandbox) -> staff.Inside:
+    """What the worker on the sandbox's host reads inside it (tasks_host.look_inside, bounded
+    there by staff.LOOK_TIMEOUT); the page waits INSIDE_WAIT s more for the queue, then says
+    the host could not report."""
+    if sandbox.state not in staff.UP or not sandbox.backend_state:  # nothing to ask the host
+        return staff.Inside(problem=f"Not running ({sandbox.state}): nothing to measure.")
+    token = tasks_host.new_token()
+    tasks_host.look_inside.delay(sandbox.pk, token)
+    reply = tasks_host.wait_reply(token, staff.LOOK_TIMEOUT + INSIDE_WAIT)
+    if reply is None:
+        waited = staff.LOOK_TIMEOUT + INSIDE_WAIT
+        return staff.Inside(problem=f"The sandbox's host could not report within {waited:g} s.")
+    processes = [ProcessInfo(**p) for p in reply.pop("processes", [])]
+    return staff.Inside(**reply, processes=processes)
+
+
 OVERVIEW = (
     "state",
     "owner_link",
@@ -310,7 +331,7 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
         """Read the backend once per page (the three fields below share it)."""
         found = getattr(obj, "_hermit_inside", None)
         if found is None:
-            found = staff.look_inside(obj)
+            found = _look_inside(obj)
             obj._hermit_inside = found  # type: ignore[attr-defined]
         return found
 
@@ -328,7 +349,7 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
         if not obj.pk:
             return "-"
         try:
-            found = devices.list_devices(obj)
+            found = devices.ask_list(obj)
         except devices.DeviceError as exc:
             return str(exc)
         context = {
@@ -370,10 +391,10 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
         target = request.POST.get("request_id" if verb == "approve" else "device_id", "")[:200]
         try:
             if verb == "approve":
-                device = devices.approve(sandbox, target)
+                device = devices.ask_approve(sandbox, target)
                 what = f"Staff approved device {device.device_id[:12]}… ({device.client})"
             else:
-                devices.revoke(sandbox, target)
+                devices.ask_revoke(sandbox, target)
                 what = f"Staff revoked device {target[:12]}…"
         except devices.DeviceError as exc:
             messages.error(request, str(exc))

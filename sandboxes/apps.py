@@ -6,7 +6,8 @@ class SandboxesConfig(AppConfig):
     name = "sandboxes"
 
     def ready(self) -> None:
-        from sandboxes import signals  # noqa: F401
+        # tasks_host: its tasks (Celery's autodiscovery imports only tasks.py)
+        from sandboxes import signals, tasks_host  # noqa: F401
         from sandboxes.roles import sync_after_migrate
 
         post_migrate.connect(sync_after_migrate, dispatch_uid="hermit-staff-groups")

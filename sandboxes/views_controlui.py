@@ -6,16 +6,19 @@ the embedded default another host name and port, ``http://localhost:8002``), whi
 :mod:`portal.middleware` gives only the Control UI's URLs (``portal.urls_controlui``), only its
 own cookie, and the containment headers below; the portal's origin has no Control UI route.
 
-1. ``/sandbox/control-ui/`` (portal origin, Django login): wakes the user's sandbox and answers
-   a page that POSTs a one-time ticket (:mod:`sandboxes.controlui_auth`) to the Control UI
-   origin. The ticket travels in a POST body, not a URL (logs, Referer).
+1. ``/sandbox/control-ui/`` (portal origin, Django login): has the privileged worker on the
+   sandbox's host wake the user's sandbox (sandboxes.tasks_host.wake; this process is
+   unprivileged and never calls the backend), waits for it, and answers a page that POSTs a
+   one-time ticket (:mod:`sandboxes.controlui_auth`) to the Control UI origin. The ticket
+   travels in a POST body, not a URL (logs, Referer).
 2. ``/_hermit/enter`` (Control UI origin): takes a ticket only from a POST whose Origin is the
    portal's, so no other site can log a browser into someone else's Control UI. It sets the
    Control UI cookie and sends the browser to ``/#token=...``: the gateway token travels in the
    URL fragment (never in a request line, a log or a Referer) and only to the sandbox's owner,
    so the UI connects and its browser device is paired without anyone touching a CLI.
 3. Every other path (Control UI origin) is an HTTP proxy (httpx, streaming) to the gateway's
-   own HTTP server, at the same path (the gateway serves its UI at its root).
+   own HTTP server, at the same path (the gateway serves its UI at its root). A dozing agent
+   is thawed by the worker first (sandboxes.tasks_host.thaw).
    :class:`sandboxes.consumers.controlui.ControlUIConsumer` relays the WebSocket.
 
 Only requests the Control UI makes itself reach the gateway (the proxy adds the gateway's
@@ -66,13 +69,15 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from sandboxes import actions, controlui_auth, sleep
+from sandboxes import actions, controlui_auth, tasks_host
 from sandboxes.access import get_sandbox_for_user
 from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
 from sandboxes.origins import control_ui_origin, origin_of, portal_origins
 
 ENTER_PATH = "_hermit/enter"
+WAKE_TIMEOUT = 180.0  # how long opening the UI waits for the worker to wake the agent
+THAW_TIMEOUT = 10.0  # how long a request waits for the worker to thaw a doze
 REQUEST_HEADERS = frozenset(
     {
         "accept",
@@ -167,11 +172,14 @@ def _plain(text: str, status: int) -> HttpResponse:
 def open_control_ui(request: HttpRequest) -> HttpResponse:
     """Wake the user's sandbox if needed and hand its owner a ticket to the Control UI origin."""
     sandbox = get_sandbox_for_user(request.user)
-    try:
-        for _ in actions.wake_sandbox(sandbox, actor_user=request.user):
-            pass
-    except BackendError as exc:
-        return _plain(f"Your agent could not start: {exc}", 503)
+    if sandbox.state != Sandbox.State.RUNNING:
+        token = tasks_host.new_token()
+        tasks_host.wake.delay(sandbox.pk, request.user.pk, token)
+        reply = tasks_host.wait_reply(token, WAKE_TIMEOUT, poll=0.2)
+        if reply is None:
+            return _plain("Your agent's host did not answer in time. Try again shortly.", 503)
+        if not reply.get("ok"):
+            return _plain(str(reply.get("message")), 503)
     actions.record_activity(sandbox)
     response = render(
         request,
@@ -265,7 +273,11 @@ async def proxy(request: HttpRequest, path: str) -> HttpResponseBase:
             )
         return HttpResponseForbidden("Open the Control UI from your dashboard.")
     if sandbox.state == Sandbox.State.DOZING:  # paused in place: thawing takes milliseconds
-        await sync_to_async(sleep.thaw)(sandbox, actor_user=request.user)
+        token = tasks_host.new_token()
+        await sync_to_async(tasks_host.thaw.delay, thread_sensitive=False)(
+            sandbox.pk, request.user.pk, token
+        )
+        await tasks_host.await_reply(token, THAW_TIMEOUT, poll=0.02)
         await sync_to_async(sandbox.refresh_from_db)()
     if sandbox.state != Sandbox.State.RUNNING:
         return _plain("Your agent is not running. Open it again from the dashboard.", 503)

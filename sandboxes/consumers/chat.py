@@ -40,10 +40,19 @@ Server → browser:
   ``bad_frame``, ``too_large``, ``rate_limited``) or a message could not be delivered
   (``send_failed``, with the message ``id``). The session stays open.
 
-Crashes: when the connection drops, every reconnect attempt first asks the backend whether the
-gateway still runs (:func:`sandboxes.actions.mark_crashed`); a dead one is marked failed and
-woken at once, so recovery does not wait for reconcile. Several tabs on the same sandbox race
-through conditional UPDATEs: one restarts it, the others follow that start.
+Wakes run in the privileged worker on the sandbox's host, never here (this process is
+unprivileged): the consumer queues :func:`sandboxes.tasks_host.wake` and follows it, showing the
+sandbox's own progress events (its channel-layer group, sandboxes.events; with the in-process
+layer of the embedded default, read from the database every second) as ``waking`` statuses,
+until the task's reply (sent to this consumer's channel, and kept in the cache) says running or
+why not. No reply and no progress for :data:`WAKE_TIMEOUT` seconds fails the chat with a
+sentence saying so. A doze is thawed the same way (:func:`sandboxes.tasks_host.thaw`).
+
+Crashes: when the connection drops, every reconnect attempt first has the worker ask the
+backend whether the gateway still runs (the wake task's ``check_crash``, through
+:func:`sandboxes.actions.mark_crashed`); a dead one is marked failed and woken at once, so
+recovery does not wait for reconcile. Several tabs on the same sandbox race through conditional
+UPDATEs: one restarts it, the others follow that start.
 
 Limits: frames over :data:`MAX_FRAME_CHARS` and more than the token-bucket rates are answered
 with an error frame and ignored. Every frame in either direction counts as activity for the
@@ -64,11 +73,15 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.db import connection
+from channels.layers import InMemoryChannelLayer
+from django.http import Http404
 
-from sandboxes import actions, chat_sessions, sleep
+from sandboxes import actions, chat_sessions, sleep, tasks_host
+from sandboxes.access import aget_sandbox_for_user
 from sandboxes.backends.base import BackendError
 from sandboxes.consumers.base import admit
+from sandboxes.consumers.progress import events_after, latest_event_id
+from sandboxes.events import group_name
 from sandboxes.models import Sandbox
 from sandboxes.openclaw.protocol import (
     CONNECTED_EVENT,
@@ -86,6 +99,9 @@ MAX_FRAME_CHARS = 64 * 1024
 MAX_MESSAGE_CHARS = 32 * 1024
 SEND_TIMEOUT = 90.0  # how long a message waits for a restarting gateway before failing
 READY_TIMEOUT = 180.0  # how long a send waits for the first connection (wake + connect)
+WAKE_TIMEOUT = 120.0  # how long a wake may go without progress or reply before the chat fails
+THAW_TIMEOUT = 10.0  # how long a frame waits for a doze to be thawed (milliseconds, normally)
+WAKE_POLL = 1.0  # the cache (and, with the in-process layer, the events) are read this often
 ACTIVITY_INTERVAL = 30.0
 HISTORY_LIMIT = 200
 SESSION_KEY = "main"
@@ -177,19 +193,13 @@ def history_entries(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [entry for m in messages if isinstance(m, dict) and (entry := history_entry(m))]
 
 
-def _mark_crashed(sandbox: Sandbox) -> bool:
-    """actions.mark_crashed in a pool thread (it may wait seconds for the backend)."""
-    try:
-        return actions.mark_crashed(sandbox)
-    finally:
-        connection.close()  # a pool thread: do not keep its connection open
-
-
 class ChatConsumer(AsyncWebsocketConsumer):
     """One browser tab's chat session with the user's own agent."""
 
     sandbox: Sandbox
     client: GatewayClient | None = None
+    wake_token: str | None = None  # the wake this tab follows, if any
+    wake_shown = False  # whether that wake's progress was shown
 
     async def connect(self) -> None:
         sandbox = await admit(self)
@@ -198,6 +208,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.sandbox = sandbox
         self.user = self.scope["user"]
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.wake_heard = 0.0
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.ready = asyncio.Event()
         self.failed: str | None = None
@@ -249,7 +261,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         A frame from the gateway proves it is not frozen, so it skips that lookup: it sat on the
         relay's hot path, a thread hop per streamed delta (bench/chat_relay.py)."""
         if not from_gateway and await sleep.ais_dozing(self.sandbox.pk):
-            await database_sync_to_async(sleep.wake_if_dozing)(self.sandbox, actor_user=self.user)
+            await self._thaw()
         now = time.monotonic()
         if now - self.last_activity < ACTIVITY_INTERVAL:
             return
@@ -257,45 +269,121 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(actions.record_activity)(self.sandbox)
 
     # --- the gateway side ------------------------------------------------------------------
+    async def _thaw(self) -> None:
+        """Have the worker thaw the dozing sandbox; wait for it (this runs in the dispatch of a
+        browser frame, so the reply is read from the cache, not this consumer's channel)."""
+        token = tasks_host.new_token()
+        user_id = getattr(self.user, "pk", None)
+        await database_sync_to_async(tasks_host.thaw.delay, thread_sensitive=False)(
+            self.sandbox.pk, user_id, token
+        )
+        if await tasks_host.await_reply(token, THAW_TIMEOUT, poll=0.02) is None:
+            log.warning("chat for sandbox %s: no thaw within %ss", self.sandbox.pk, THAW_TIMEOUT)
+
     async def _gateway_url(self) -> str:
         """Wake the sandbox if needed (streaming progress) and return its gateway's URL.
 
-        On a reconnect (the gateway went away), a gateway the backend finds dead is marked
-        crashed and woken now, rather than at the next reconcile.
+        On a reconnect (the gateway went away), the worker checks the gateway first: a dead one
+        is marked crashed and woken now, rather than at the next reconcile.
         """
-        await database_sync_to_async(self.sandbox.refresh_from_db)()
+        await self._refresh()
         reconnecting = self.client is not None and self.client.hello is not None
-        if reconnecting and self.sandbox.state == Sandbox.State.RUNNING:
-            await database_sync_to_async(_mark_crashed, thread_sensitive=False)(self.sandbox)
-        if self.sandbox.state != Sandbox.State.RUNNING:
-            await self._wake()
+        if reconnecting or self.sandbox.state != Sandbox.State.RUNNING:
+            await self._wake(check_crash=reconnecting)
+            await self._refresh()
         try:
             host, port = await database_sync_to_async(actions.gateway_endpoint)(self.sandbox)
         except BackendError as exc:  # e.g. stopped meanwhile: try again (and wake) shortly
             raise GatewayUnavailable(str(exc)) from exc
         return f"ws://{host}:{port}"
 
-    async def _wake(self) -> None:
-        loop = asyncio.get_running_loop()
-        progress: asyncio.Queue[Any] = asyncio.Queue()
-
-        def run() -> None:
-            try:
-                for step in actions.wake_sandbox(self.sandbox, actor_user=self.user):
-                    loop.call_soon_threadsafe(progress.put_nowait, step)
-            finally:
-                connection.close()  # a pool thread: do not keep its connection open
-
-        await self._status("waking", "Waking your agent…", 0)
-        waker = asyncio.ensure_future(database_sync_to_async(run, thread_sensitive=False)())
-        waker.add_done_callback(lambda _: progress.put_nowait(None))
-        while (step := await progress.get()) is not None:
-            await self._status("waking", step.message, step.percent)
+    async def _refresh(self) -> None:
+        """Re-read the sandbox (a wake may have adopted another row: follow the user's)."""
         try:
-            await waker
-        except BackendError as exc:
-            raise GatewayError("WAKE_FAILED", f"Your agent could not start: {exc}") from exc
-        await self._status("connecting", "Connecting to your agent…")
+            await database_sync_to_async(self.sandbox.refresh_from_db)()
+        except Sandbox.DoesNotExist:
+            try:
+                self.sandbox = await aget_sandbox_for_user(self.user)
+            except Http404:
+                raise GatewayError("NO_SANDBOX", "Your agent no longer exists.") from None
+
+    async def _wake(self, *, check_crash: bool = False) -> None:
+        """Queue a wake on the sandbox's host and follow it to its reply (module docstring).
+        Raise GatewayError if it failed or went quiet for WAKE_TIMEOUT seconds."""
+        loop = asyncio.get_running_loop()
+        token = tasks_host.new_token()
+        reply_to: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.replies[token] = reply_to
+        group = group_name(self.sandbox.pk)
+        await self.channel_layer.group_add(group, self.channel_name)
+        shown = not check_crash  # a check of a live gateway shows nothing
+        if shown:
+            await self._status("waking", "Waking your agent…", 0)
+        self.wake_token, self.wake_heard = token, loop.time()
+        try:
+            last_event = await latest_event_id(self.sandbox.pk)
+            await database_sync_to_async(tasks_host.wake.delay, thread_sensitive=False)(
+                self.sandbox.pk,
+                getattr(self.user, "pk", None),
+                token,
+                self.channel_name,
+                check_crash,
+            )
+            reply = await self._follow_wake(token, reply_to, last_event)
+        finally:
+            self.wake_token = None
+            self.replies.pop(token, None)
+            await self.channel_layer.group_discard(group, self.channel_name)
+        if not reply.get("ok"):
+            raise GatewayError(
+                "WAKE_FAILED", str(reply.get("message") or "Your agent could not start.")
+            )
+        if shown or self.wake_shown:
+            await self._status("connecting", "Connecting to your agent…")
+
+    async def _follow_wake(
+        self, token: str, reply_to: asyncio.Future[dict[str, Any]], last_event: int
+    ) -> dict[str, Any]:
+        """Wait for the wake's reply: from this consumer's channel, else from the cache; with
+        the in-process layer, show progress from the database meanwhile."""
+        loop = asyncio.get_running_loop()
+        self.wake_shown = False
+        polling = isinstance(self.channel_layer, InMemoryChannelLayer)
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(reply_to), WAKE_POLL)
+            except TimeoutError:
+                pass
+            found = await database_sync_to_async(tasks_host.take_reply, thread_sensitive=False)(
+                token
+            )
+            if found is not None:
+                return found
+            if polling:
+                for event in await events_after(self.sandbox.pk, last_event):
+                    last_event = event["id"]
+                    await self.sandbox_event(event)
+            if loop.time() - self.wake_heard > WAKE_TIMEOUT:
+                raise GatewayError(
+                    "WAKE_TIMEOUT",
+                    "Your agent's host did not answer in time. Reload the page to try again.",
+                )
+
+    async def sandbox_event(self, event: dict[str, Any]) -> None:
+        """A progress event of the sandbox (its channel-layer group): while a wake is followed,
+        shown as a ``waking`` status."""
+        if self.wake_token is None:
+            return
+        self.wake_heard = asyncio.get_running_loop().time()
+        if event.get("progress") is not None:
+            self.wake_shown = True
+            await self._status("waking", str(event.get("message") or ""), event["progress"])
+
+    async def host_reply(self, event: dict[str, Any]) -> None:
+        """A task's reply sent to this consumer's channel (sandboxes.tasks_host)."""
+        future = self.replies.get(str(event.get("token")))
+        if future is not None and not future.done():
+            future.set_result(event.get("reply") or {})
 
     async def _run_gateway(self) -> None:
         try:

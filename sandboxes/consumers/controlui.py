@@ -27,7 +27,7 @@ from django.http import parse_cookie
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from sandboxes import actions, controlui_auth, sleep
+from sandboxes import actions, controlui_auth, sleep, tasks_host
 from sandboxes.backends.base import BackendError
 from sandboxes.consumers.base import (
     CLOSE_FOREIGN_ORIGIN,
@@ -35,7 +35,7 @@ from sandboxes.consumers.base import (
     header,
     origin_allowed,
 )
-from sandboxes.consumers.chat import ACTIVITY_INTERVAL
+from sandboxes.consumers.chat import ACTIVITY_INTERVAL, THAW_TIMEOUT
 from sandboxes.models import Sandbox
 from sandboxes.origins import control_ui_origin, portal_origin
 
@@ -125,8 +125,12 @@ class ControlUIConsumer(AsyncWebsocketConsumer):
                 await self.pump
 
     async def _touch(self) -> None:
-        if await sleep.ais_dozing(self.sandbox.pk):
-            await database_sync_to_async(sleep.wake_if_dozing)(self.sandbox)
+        if await sleep.ais_dozing(self.sandbox.pk):  # the worker thaws it (tasks_host.thaw)
+            token = tasks_host.new_token()
+            await database_sync_to_async(tasks_host.thaw.delay, thread_sensitive=False)(
+                self.sandbox.pk, None, token
+            )
+            await tasks_host.await_reply(token, THAW_TIMEOUT, poll=0.02)
         now = time.monotonic()
         if now - self.last_activity >= ACTIVITY_INTERVAL:
             self.last_activity = now

@@ -36,7 +36,7 @@ class ProgressConsumer(AsyncJsonWebsocketConsumer):
         self.group = group_name(sandbox.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         if isinstance(self.channel_layer, InMemoryChannelLayer):
-            last = await _latest_id(sandbox.pk)  # before accepting: nothing slips between
+            last = await latest_event_id(sandbox.pk)  # before accepting: nothing slips between
             self.poller = asyncio.create_task(self._poll(sandbox.pk, last))
         await self.accept()
 
@@ -54,18 +54,18 @@ class ProgressConsumer(AsyncJsonWebsocketConsumer):
     async def _poll(self, sandbox_id: int, last: int) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            for payload in await _events_after(sandbox_id, last):
+            for payload in await events_after(sandbox_id, last):
                 last = payload["id"]
                 await self.send_json({**payload, "type": "event"})
 
 
 @database_sync_to_async
-def _latest_id(sandbox_id: int) -> int:
+def latest_event_id(sandbox_id: int) -> int:
     event = SandboxEvent.objects.filter(sandbox_id=sandbox_id).order_by("-id").first()
     return event.pk if event else 0
 
 
 @database_sync_to_async
-def _events_after(sandbox_id: int, last_id: int) -> list[dict[str, Any]]:
+def events_after(sandbox_id: int, last_id: int) -> list[dict[str, Any]]:
     events = SandboxEvent.objects.filter(sandbox_id=sandbox_id, id__gt=last_id).order_by("id")
     return [event_payload(e) for e in events[:50]]

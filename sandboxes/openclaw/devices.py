@@ -15,6 +15,10 @@ chat uses, sandboxes.consumers.chat.device_identity_for), with the shared gatewa
 ``operator.pairing`` and ``operator.admin`` scopes, and closes it. Every failure (the sandbox
 is not running, the gateway refuses or does not answer within TIMEOUT) raises DeviceError
 with a sentence for staff; no secret (token, key) is ever in it.
+
+These calls run in the privileged worker on the sandbox's host (sandboxes.tasks_host
+``device_call``); the admin, an unprivileged web process, uses :func:`ask`, which queues that
+task and waits for its reply (ASK_TIMEOUT), raising DeviceError if none comes.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from sandboxes.openclaw.protocol import (
 )
 
 TIMEOUT = 5.0
+ASK_TIMEOUT = 3 * TIMEOUT  # a connect and a request, plus the queue
 SCOPES = ("operator.read", "operator.write", "operator.pairing", "operator.admin")
 
 
@@ -167,3 +172,66 @@ def approve(sandbox: Sandbox, request_id: str) -> PairedDevice:
 def revoke(sandbox: Sandbox, device_id: str, role: str = "operator") -> None:
     """Revoke the device's token for ``role``."""
     call(sandbox, "device.token.revoke", {"deviceId": device_id, "role": role})
+
+
+# -- from the web process, through the worker -------------------------------------------------
+
+
+def _datetime(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) and value else None
+
+
+def pending_from(data: dict[str, Any]) -> PendingDevice:
+    """A PendingDevice back from its JSON form (dataclasses.asdict, datetimes as ISO text)."""
+    return PendingDevice(
+        **{**data, "scopes": tuple(data["scopes"]), "requested_at": _datetime(data["requested_at"])}
+    )
+
+
+def paired_from(data: dict[str, Any]) -> PairedDevice:
+    """A PairedDevice back from its JSON form (see :func:`pending_from`)."""
+    return PairedDevice(
+        **{
+            **data,
+            "roles": tuple(data["roles"]),
+            "scopes": tuple(data["scopes"]),
+            "active_roles": tuple(data["active_roles"]),
+            "approved_at": _datetime(data["approved_at"]),
+            "last_seen_at": _datetime(data["last_seen_at"]),
+        }
+    )
+
+
+def ask(sandbox: Sandbox, verb: str, target: str = "", timeout: float = ASK_TIMEOUT) -> Any:
+    """Run ``list``, ``approve`` or ``revoke`` in the worker on the sandbox's host and return
+    its JSON result; raise DeviceError with the worker's sentence, or if it did not answer."""
+    from sandboxes import tasks_host
+
+    token = tasks_host.new_token()
+    tasks_host.device_call.delay(sandbox.pk, token, verb, target)
+    reply = tasks_host.wait_reply(token, timeout)
+    if reply is None:
+        raise DeviceError(f"The sandbox's host could not report within {timeout:g} s.")
+    if not reply.get("ok"):
+        raise DeviceError(str(reply.get("error") or "The device request failed."))
+    return reply.get("result")
+
+
+def ask_list(sandbox: Sandbox) -> Devices:
+    """:func:`list_devices`, through the worker (see :func:`ask`)."""
+    if sandbox.state != Sandbox.State.RUNNING:  # no need to ask: say so at once
+        raise DeviceError(f"The agent is {sandbox.state}: devices are read from its gateway.")
+    found = ask(sandbox, "list")
+    return Devices(
+        [pending_from(p) for p in found["pending"]], [paired_from(p) for p in found["paired"]]
+    )
+
+
+def ask_approve(sandbox: Sandbox, request_id: str) -> PairedDevice:
+    """:func:`approve`, through the worker (see :func:`ask`)."""
+    return paired_from(ask(sandbox, "approve", request_id))
+
+
+def ask_revoke(sandbox: Sandbox, device_id: str) -> None:
+    """:func:`revoke`, through the worker (see :func:`ask`)."""
+    ask(sandbox, "revoke", device_id)
