@@ -3,7 +3,7 @@ retry), and again only after the sandbox recovered; crashes are not failed start
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,9 @@ from django.core import mail
 from django.utils import timezone
 
 from sandboxes import actions, alerts
-from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import tasks as backup_tasks
-from sandboxes.models import BackupRepository, RuntimeImage, Sandbox
+from sandboxes.models import BackupRepository, Sandbox
 from tests.factories import make_user
 from tests.fixtures.backups import write_files
 
@@ -32,22 +31,8 @@ def _admins(settings: Any) -> None:
 
 
 @pytest.fixture
-def fake(settings: Any, tmp_path: Path) -> Iterator[FakeBackend]:
-    backend = get_backend("fake")
-    assert isinstance(backend, FakeBackend)
-    backend.reset()
-    settings.SANDBOX_BACKEND = "fake"
-    (tmp_path / "runtime").mkdir()
-    image = RuntimeImage.objects.create(
-        openclaw_version="test",
-        node_version="test",
-        path=str(tmp_path / "runtime"),
-        status=RuntimeImage.Status.READY,
-        is_current=True,
-    )
-    RuntimeImage.objects.exclude(pk=image.pk).update(is_current=False)
-    yield backend
-    backend.reset()
+def fake(fake_backend: FakeBackend) -> FakeBackend:
+    return fake_backend
 
 
 def running(email: str) -> Sandbox:

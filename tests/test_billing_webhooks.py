@@ -11,7 +11,6 @@ import json
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,9 +23,8 @@ from billing import stripe_client
 from billing.models import Account, Plan, PlanChange, StripeEvent
 from billing.tasks import end_expired_grace
 from sandboxes import actions, sleep, tasks
-from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend
-from sandboxes.models import Checkpoint, RuntimeImage, Sandbox
+from sandboxes.models import Checkpoint, Sandbox
 from tests.factories import make_user
 from tests.fakes.stripe_api import Delivery, FakeStripe
 from tests.fixtures.stripe import WEBHOOK_PATH, deliver, sell_plan
@@ -36,28 +34,14 @@ State = Sandbox.State
 
 
 @pytest.fixture
-def fake(settings: Any, tmp_path: Path) -> Iterator[FakeBackend]:
+def fake(fake_backend: FakeBackend) -> Iterator[FakeBackend]:
     """The in-memory sandbox backend, with plan changes' tasks run inline."""
     from portal.celery import app
 
-    backend = get_backend("fake")
-    assert isinstance(backend, FakeBackend)
-    backend.reset()
-    settings.SANDBOX_BACKEND = "fake"
-    (tmp_path / "runtime").mkdir()
-    image = RuntimeImage.objects.create(
-        openclaw_version="test",
-        node_version="test",
-        path=str(tmp_path / "runtime"),
-        status=RuntimeImage.Status.READY,
-        is_current=True,
-    )
-    RuntimeImage.objects.exclude(pk=image.pk).update(is_current=False)
     eager = app.conf.task_always_eager
     app.conf.task_always_eager = True
-    yield backend
+    yield fake_backend
     app.conf.task_always_eager = eager
-    backend.reset()
 
 
 def dozing_agent(email: str) -> Sandbox:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,8 @@ from billing.models import Account, Plan
 from portal import metrics
 from portal.asgi import application
 from sandboxes import actions, chat_sessions, sleep
-from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend
-from sandboxes.models import RuntimeImage, Sandbox, SandboxEvent, Suspension
+from sandboxes.models import Sandbox, SandboxEvent, Suspension
 from tests.factories import make_user
 from tests.fixtures.chat import session_cookie
 
@@ -77,22 +75,8 @@ def _token(settings: Any) -> None:
 
 
 @pytest.fixture
-def fake(settings: Any, tmp_path: Path) -> Iterator[FakeBackend]:
-    backend = get_backend("fake")
-    assert isinstance(backend, FakeBackend)
-    backend.reset()
-    settings.SANDBOX_BACKEND = "fake"
-    (tmp_path / "runtime").mkdir()
-    image = RuntimeImage.objects.create(
-        openclaw_version="test",
-        node_version="test",
-        path=str(tmp_path / "runtime"),
-        status=RuntimeImage.Status.READY,
-        is_current=True,
-    )
-    RuntimeImage.objects.exclude(pk=image.pk).update(is_current=False)
-    yield backend
-    backend.reset()
+def fake(fake_backend: FakeBackend) -> FakeBackend:
+    return fake_backend
 
 
 def sandbox_of(email: str, state: str = State.STOPPED, plan: str = "free") -> Sandbox:

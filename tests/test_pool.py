@@ -37,7 +37,7 @@ from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.backends.local import FILES_NAME
 from sandboxes.events import group_name
-from sandboxes.models import RuntimeImage, Sandbox
+from sandboxes.models import Sandbox
 from sandboxes.openclaw.protocol import DeviceIdentity, GatewayConnection, GatewayError
 from tests.factories import make_user
 from tests.fixtures.backups import history, tell
@@ -224,26 +224,12 @@ def test_a_confirmed_sign_up_gets_the_warm_gateway_in_a_second(
 
 
 @pytest.fixture
-def fake_pool(transactional_db: None, settings: Any, tmp_path: Path) -> Iterator[FakeBackend]:
+def fake_pool(transactional_db: None, fake_backend: FakeBackend, settings: Any) -> FakeBackend:
     """Pool size 1 on the in-memory backend: sign-ups' sandboxes and pooled gateways alike are
     the fake's, on a current runtime image of their own."""
-    backend = get_backend("fake")
-    assert isinstance(backend, FakeBackend)
-    backend.reset()
-    settings.SANDBOX_BACKEND = "fake"
     settings.HERMIT_WARM_POOL_SIZE = 1
     settings.HERMIT_AUTO_PROVISION = True
-    (tmp_path / "runtime").mkdir()
-    image = RuntimeImage.objects.create(
-        openclaw_version="test",
-        node_version="test",
-        path=str(tmp_path / "runtime"),
-        status=RuntimeImage.Status.READY,
-        is_current=True,
-    )
-    RuntimeImage.objects.exclude(pk=image.pk).update(is_current=False)
-    yield backend
-    backend.reset()
+    return fake_backend
 
 
 def _fake_user(email: str) -> Any:

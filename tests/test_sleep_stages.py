@@ -7,7 +7,6 @@ cover the portal's policy and bookkeeping, where a fake sandbox is enough and co
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from django.utils import timezone
 
 from billing.models import Account, Plan
 from sandboxes import actions, sleep, tasks
-from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.models import Checkpoint, RuntimeImage, Sandbox
 from tests.factories import make_user
@@ -28,23 +26,9 @@ State = Sandbox.State
 
 
 @pytest.fixture
-def fake(settings: Any, tmp_path: Path) -> Iterator[FakeBackend]:
-    backend = get_backend("fake")
-    assert isinstance(backend, FakeBackend)
-    backend.reset()
-    settings.SANDBOX_BACKEND = "fake"
+def fake(fake_backend: FakeBackend, settings: Any) -> FakeBackend:
     settings.HERMIT_DOZE_AFTER = 60
-    (tmp_path / "runtime").mkdir()
-    image = RuntimeImage.objects.create(
-        openclaw_version="test",
-        node_version="test",
-        path=str(tmp_path / "runtime"),
-        status=RuntimeImage.Status.READY,
-        is_current=True,
-    )
-    RuntimeImage.objects.exclude(pk=image.pk).update(is_current=False)
-    yield backend
-    backend.reset()
+    return fake_backend
 
 
 def running(email: str, plan: str = "free") -> Sandbox:

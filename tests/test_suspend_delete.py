@@ -4,9 +4,7 @@ a real gateway)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -19,10 +17,9 @@ from django.utils import timezone
 
 from billing.ai_gateway import credentials, proxy
 from sandboxes import actions, tasks
-from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import tasks as backup_tasks
-from sandboxes.models import AccountDeletion, BackupRepository, RuntimeImage, Sandbox, Suspension
+from sandboxes.models import AccountDeletion, BackupRepository, Sandbox, Suspension
 from tests.factories import PASSWORD, make_user
 
 pytestmark = pytest.mark.django_db
@@ -31,20 +28,9 @@ USERS = "admin:auth_user_changelist"
 
 
 @pytest.fixture
-def fake(settings: Any, tmp_path: Path) -> Iterator[FakeBackend]:
-    backend = get_backend("fake")
-    assert isinstance(backend, FakeBackend)
-    backend.reset()
-    settings.SANDBOX_BACKEND = "fake"
+def fake(fake_backend: FakeBackend, settings: Any) -> FakeBackend:
     settings.HERMIT_DELETE_GRACE_DAYS = 14
-    (tmp_path / "runtime").mkdir()
-    RuntimeImage.objects.update(is_current=False)
-    RuntimeImage.objects.create(
-        openclaw_version="test", node_version="test", path=str(tmp_path / "runtime"),
-        status=RuntimeImage.Status.READY, is_current=True,
-    )  # fmt: skip
-    yield backend
-    backend.reset()
+    return fake_backend
 
 
 def running(email: str) -> Sandbox:
