@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 from datetime import timedelta
 from email.utils import getaddresses
 from pathlib import Path
@@ -272,6 +273,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER", "False")
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
+# A sandbox's tasks go to its host's queue (sandboxes.hosts.route_task).
+CELERY_TASK_ROUTES = ["sandboxes.hosts.route_task"]
 HERMIT_RECONCILE_INTERVAL = envint("HERMIT_RECONCILE_INTERVAL", "30")
 # Seconds between scans for sandboxes whose plan's backup interval has passed.
 HERMIT_BACKUP_SCAN_INTERVAL = envint("HERMIT_BACKUP_SCAN_INTERVAL", "300")
@@ -320,6 +323,10 @@ CELERY_BEAT_SCHEDULE = {
     "meter-usage": {  # twice an interval: a late beat never skips one (metering.sampling)
         "task": "metering.tasks.meter_usage",
         "schedule": timedelta(seconds=HERMIT_METERING_INTERVAL / 2),
+    },
+    "check-hosts": {  # lost hosts, and moves off draining ones (sandboxes.tasks)
+        "task": "sandboxes.tasks.check_hosts",
+        "schedule": timedelta(seconds=30),
     },
     "purge-deleted-accounts": {
         "task": "sandboxes.tasks.purge_deleted_accounts",
@@ -431,8 +438,22 @@ HERMIT_WARM_POOL_SIZE = envint("HERMIT_WARM_POOL_SIZE", "1")
 # place shown. A start is judged too slow by the CPU time its gateway got, not wall time alone.
 HERMIT_MAX_CONCURRENT_BOOTS = envint("HERMIT_MAX_CONCURRENT_BOOTS", str(os.cpu_count() or 1))
 HERMIT_START_CPU_SECONDS = envint("HERMIT_START_CPU_SECONDS", "60")
-# This host's name for its boot slots (default: the machine's hostname).
-HERMIT_HOST_NAME = env("HERMIT_HOST_NAME", "")
+# This host's name: its SandboxHost row, its Celery queue host.<name> and its boot slots
+# (default: the machine's hostname). Each sandbox host sets its own, with its own data dir.
+HERMIT_HOST_NAME = env("HERMIT_HOST_NAME") or socket.gethostname()
+# Sandbox hosts (sandboxes.hosts). HERMIT_HOST_WORKER=False makes a worker that takes only the
+# default queue and does not heartbeat (one that cannot run sandboxes). HERMIT_HOST_ADDRESS is
+# where the portal reaches this host's gateways; HERMIT_HOST_RAM_MB overrides its MemTotal;
+# HERMIT_HOST_MAX_SANDBOXES caps the sandboxes placed on it (0: no cap); a host with less than
+# HERMIT_HOST_MIN_FREE_MB available takes no new sandbox. A worker heartbeats every
+# HERMIT_HOST_HEARTBEAT_INTERVAL seconds; a host silent for HERMIT_HOST_LOST_AFTER is lost.
+HERMIT_HOST_WORKER = envbool("HERMIT_HOST_WORKER", "True")
+HERMIT_HOST_ADDRESS = env("HERMIT_HOST_ADDRESS", "127.0.0.1")
+HERMIT_HOST_RAM_MB = envint("HERMIT_HOST_RAM_MB", "0")
+HERMIT_HOST_MAX_SANDBOXES = envint("HERMIT_HOST_MAX_SANDBOXES", "200")
+HERMIT_HOST_MIN_FREE_MB = envint("HERMIT_HOST_MIN_FREE_MB", "1024")
+HERMIT_HOST_HEARTBEAT_INTERVAL = envint("HERMIT_HOST_HEARTBEAT_INTERVAL", "15")
+HERMIT_HOST_LOST_AFTER = envint("HERMIT_HOST_LOST_AFTER", "90")
 # A deleted account's agent data, backups and secrets are removed this many days after the
 # deletion (by its owner or staff); until then staff can cancel it. 0 removes them at once.
 HERMIT_DELETE_GRACE_DAYS = envint("HERMIT_DELETE_GRACE_DAYS", "14")

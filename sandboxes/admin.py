@@ -41,6 +41,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+import sandboxes.admin_hosts  # noqa: F401 (registers the sandbox hosts' admin)
 from sandboxes import bootqueue, runtime, staff, tasks, tasks_host
 from sandboxes.admin_users import register_user_admins
 from sandboxes.backends.base import ProcessInfo

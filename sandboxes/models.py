@@ -41,6 +41,49 @@ class RuntimeImage(models.Model):
         return f"openclaw {self.openclaw_version} / node {self.node_version}"
 
 
+class SandboxHost(models.Model):
+    """A machine that runs sandboxes: its privileged Celery worker consumes the host's own
+    queue (``host.<name>``), runs every task of the sandboxes placed on it, and heartbeats
+    this row (sandboxes.hosts). Staff drain a host to empty it; one that stops heartbeating is
+    marked lost and its sandboxes are restored elsewhere from their backups."""
+
+    class State(models.TextChoices):
+        ACTIVE = "active"  # takes new sandboxes
+        DRAINING = "draining"  # takes none; its sandboxes move away as they sleep
+        LOST = "lost"  # missed its heartbeats; its sandboxes were moved away
+
+    name = models.CharField(max_length=200, unique=True)
+    address = models.CharField(
+        max_length=200, blank=True, help_text="Where the portal reaches this host's gateways."
+    )
+    state = models.CharField(max_length=10, choices=State.choices, default=State.ACTIVE)
+    capacity_ram_mb = models.PositiveIntegerField(
+        default=0, help_text="The host's RAM in MB (its MemTotal, or HERMIT_HOST_RAM_MB)."
+    )
+    capacity_sandboxes = models.PositiveIntegerField(
+        default=0, help_text="At most this many sandboxes are placed on it (0: no limit)."
+    )
+    free_ram_mb = models.PositiveIntegerField(
+        null=True, blank=True, help_text="MemAvailable at the last heartbeat."
+    )
+    awake_sandboxes = models.PositiveIntegerField(
+        default=0, help_text="Sandboxes awake on it at the last heartbeat."
+    )
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def heartbeat_age(self, now: datetime) -> timedelta | None:
+        """How long ago it last heartbeated, or None if it never did."""
+        return None if self.last_heartbeat is None else now - self.last_heartbeat
+
+
 class Sandbox(models.Model):
     """One user's isolated, persistent OpenClaw gateway."""
 
@@ -62,6 +105,19 @@ class Sandbox(models.Model):
     state = models.CharField(max_length=20, choices=State.choices, default=State.PROVISIONING)
     backend = models.CharField(max_length=20, default="local")
     backend_state = models.JSONField(default=dict, blank=True)
+    host = models.ForeignKey(
+        SandboxHost,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="sandboxes",
+        help_text="The machine it runs on; its tasks go to that host's queue.",
+    )
+    claimed_until = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="A per-sandbox reconcile or sleep pass holds it until then (sandboxes.tasks).",
+    )
     runtime = models.ForeignKey(
         RuntimeImage, null=True, blank=True, on_delete=models.PROTECT, related_name="sandboxes"
     )
@@ -280,6 +336,7 @@ class Snapshot(models.Model):
         SLEEP = "sleep"
         STOP = "stop"
         PRE_RESTORE = "pre-restore"
+        MOVE = "move"  # before it moves to another host (sandboxes.relocation)
 
     sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="snapshots")
     restic_id = models.CharField(max_length=64)

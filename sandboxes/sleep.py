@@ -33,10 +33,11 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from billing.models import Plan, plan_for
-from sandboxes import actions
+from sandboxes import actions, hosts, passes, relocation
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, CheckpointImage, Progress, SandboxSpec
 from sandboxes.events import record_event
@@ -263,6 +264,7 @@ def hibernate(
         record_event(sandbox, "sleep", f"Stopped instead of hibernating: {why_not}")
     actions.transition(sandbox, State.SLEEPING, message=done, backend_state={})
     actions.queue_backup(sandbox, "sleep")
+    relocation.queue_move_if_draining(sandbox)  # its host drains: it moves now it sleeps
     enforce_checkpoint_budget()
     return "checkpointed" if image else "stopped"
 
@@ -406,61 +408,86 @@ def _holds_awake(sandbox: Sandbox, now: datetime) -> bool:
     return schedule.holds_awake(sandbox, now)
 
 
-def sleep_idle(now: datetime | None = None) -> dict[str, int]:
-    """One pass of the sleep policy (beat runs it often); return counts of what it did.
-
-    Idle running sandboxes doze, idle dozing ones hibernate, a dozing one on a plan that no
-    longer sleeps wakes, and under memory pressure or past HERMIT_MAX_DOZING the longest-idle
-    dozing ones hibernate early. Then checkpoints are kept within their budget.
-    """
-    now = now or timezone.now()
-    counts = {"dozed": 0, "hibernated": 0, "woke": 0, "pressure": 0, "swept": 0}
+def candidates() -> QuerySet[Sandbox]:
+    """The sandboxes the sleep policy looks at: awake (running or dozing), not the warm pool's,
+    longest idle first."""
     from sandboxes.pool import POOL_USERNAME
 
-    awake = (
+    return (
         Sandbox.objects.select_related("owner")
         .filter(state__in=[State.RUNNING, State.DOZING])
         .exclude(owner__username=POOL_USERNAME)  # the warm pool stays warm
+        .order_by("last_activity_at")
     )
-    rows = list(awake.order_by("last_activity_at"))
-    active = last_active(rows)
-    for sandbox in rows:
-        plan = plan_for(sandbox.owner)
-        sleep_after = plan.sleeps_after()
-        if sleep_after is None:
-            if sandbox.state == State.DOZING and thaw(sandbox):
-                counts["woke"] += 1
-            continue
-        if _holds_awake(sandbox, now):
-            continue
-        idle = now - active[sandbox.pk]
-        doze_idle = doze_after(plan)
-        if idle >= sleep_after:
-            if hibernate(sandbox, message="Idle: hibernating", idle_since=now - sleep_after):
-                counts["hibernated"] += 1
-        elif (
-            sandbox.state == State.RUNNING
-            and doze_idle is not None
-            and idle >= doze_idle
-            and doze(sandbox, idle_since=now - doze_idle)
-        ):
-            counts["dozed"] += 1
-    counts["pressure"] = relieve_pressure()
+
+
+def sleep_idle(now: datetime | None = None) -> dict[str, int]:
+    """One pass of the sleep policy over this machine's sandboxes, in this process (beat fans
+    it out instead: sandboxes.tasks); return counts of what it did.
+
+    Idle running sandboxes doze, idle dozing ones hibernate, a dozing one on a plan that no
+    longer sleeps wakes (:func:`apply_policy`, each sandbox claimed for it), then the host's
+    upkeep (:func:`host_upkeep`): under memory pressure or past HERMIT_MAX_DOZING the
+    longest-idle dozing ones hibernate early, and checkpoints are kept within their budget.
+    """
+    now = now or timezone.now()
+    counts = {"dozed": 0, "hibernated": 0, "woke": 0}
+    for pk in hosts.on_this_host(candidates()).values_list("pk", flat=True):
+        with passes.claimed(pk) as mine:
+            sandbox = Sandbox.objects.select_related("owner").filter(pk=pk).first()
+            if not mine or sandbox is None:
+                continue
+            outcome = apply_policy(sandbox, now)
+        if outcome in counts:
+            counts[outcome] += 1
+    return {**counts, **host_upkeep(now)}
+
+
+def apply_policy(sandbox: Sandbox, now: datetime) -> str:
+    """Apply the sleep policy to one awake sandbox at ``now``; return what was done:
+    ``dozed``, ``hibernated``, ``woke`` (a dozing one whose plan no longer sleeps) or ``""``.
+    The caller holds the sandbox's claim (sandboxes.passes)."""
+    if sandbox.state not in (State.RUNNING, State.DOZING):
+        return ""
+    plan = plan_for(sandbox.owner)
+    sleep_after = plan.sleeps_after()
+    if sleep_after is None:
+        return "woke" if sandbox.state == State.DOZING and thaw(sandbox) else ""
+    if _holds_awake(sandbox, now):
+        return ""
+    idle = now - last_active([sandbox])[sandbox.pk]
+    doze_idle = doze_after(plan)
+    if idle >= sleep_after:
+        done = hibernate(sandbox, message="Idle: hibernating", idle_since=now - sleep_after)
+        return "hibernated" if done else ""
+    if (
+        sandbox.state == State.RUNNING
+        and doze_idle is not None
+        and idle >= doze_idle
+        and doze(sandbox, idle_since=now - doze_idle)
+    ):
+        return "dozed"
+    return ""
+
+
+def host_upkeep(now: datetime | None = None) -> dict[str, int]:
+    """This host's share of the sleep policy, after its sandboxes' passes: hibernate early
+    under pressure, keep checkpoints within their budget, sweep orphaned images. Return counts
+    (``pressure``, ``swept``)."""
+    now = now or timezone.now()
+    pressure = relieve_pressure()
     enforce_checkpoint_budget(now)
-    counts["swept"] = sweep_orphan_images(now)
-    return counts
+    return {"pressure": pressure, "swept": sweep_orphan_images(now)}
 
 
 def relieve_pressure() -> int:
     """Hibernate the longest-idle dozing sandboxes while more than HERMIT_MAX_DOZING doze or
-    the host has less than HERMIT_DOZE_MIN_AVAILABLE_MB available; return how many."""
+    the host has less than HERMIT_DOZE_MIN_AVAILABLE_MB available; return how many. Only this
+    host's sandboxes count: memory is per host."""
     done = 0
-    for sandbox in (
-        Sandbox.objects.select_related("owner")
-        .filter(state=State.DOZING)
-        .order_by("last_activity_at")
-    ):
-        dozing = Sandbox.objects.filter(state=State.DOZING).count()
+    here = hosts.on_this_host(Sandbox.objects.filter(state=State.DOZING))
+    for sandbox in here.select_related("owner").order_by("last_activity_at"):
+        dozing = hosts.on_this_host(Sandbox.objects.filter(state=State.DOZING)).count()
         low = available_memory_mb() < settings.HERMIT_DOZE_MIN_AVAILABLE_MB
         if dozing <= settings.HERMIT_MAX_DOZING and not low:
             break

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from datetime import datetime
 from functools import partial
 from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from billing.models import plan_for
-from sandboxes import actions, pool, schedule, sleep  # noqa: F401 (pool: its tasks)
+from sandboxes import actions, hosts, passes, pool, relocation, schedule, sleep  # noqa: F401
 from sandboxes.backends.base import BackendError
 from sandboxes.events import record_event
-from sandboxes.models import Sandbox
+from sandboxes.models import Sandbox, SandboxHost
 
 log = logging.getLogger(__name__)
 State = Sandbox.State
@@ -25,20 +27,49 @@ def _get(sandbox_id: int) -> Sandbox | None:
     return Sandbox.objects.select_related("owner").filter(pk=sandbox_id).first()
 
 
-@shared_task(acks_late=True)
-def provision_sandbox(sandbox_id: int) -> None:
-    """Bring a new sandbox up. Does nothing if it is gone or no longer provisioning."""
+@shared_task(bind=True, acks_late=True)
+def provision_sandbox(self: Task, sandbox_id: int) -> None:
+    """Bring a new sandbox up. Does nothing if it is gone or no longer provisioning.
+
+    A sandbox not placed yet (queued before hosts, or by a path that did not place it) is
+    placed first; if that puts it on another host, the task is sent on to that host's queue."""
     sandbox = _get(sandbox_id)
     if sandbox is None or sandbox.state != State.PROVISIONING:
         return
+    if sandbox.host_id is None:
+        if not _placed(sandbox):
+            return
+        if not self.request.is_eager and not hosts.is_here(sandbox):
+            provision_sandbox.delay(sandbox.pk)  # routed to its host now
+            return
     with contextlib.suppress(actions.TransitionRefused):  # another worker claimed it
         actions.provision_sandbox(sandbox)
 
 
+def _placed(sandbox: Sandbox) -> bool:
+    """Place the sandbox on a host (sandboxes.hosts.place); return False, with an event the
+    dashboard shows, if no host has room."""
+    try:
+        hosts.place(sandbox)
+    except hosts.NoRoom as exc:
+        log.warning("sandbox %s: %s", sandbox.pk, exc)
+        record_event(
+            sandbox,
+            "placement",
+            "Every machine is full right now, so your agent cannot start yet; it is tried "
+            "again in a few minutes.",
+        )
+        return False
+    return True
+
+
 def request_provisioning(sandbox: Sandbox, *, actor_user: Any = None) -> bool:
     """Enqueue the sandbox's first start once the current transaction commits, if
-    :func:`sandboxes.actions.request_provisioning` says so. Return True if it was enqueued."""
+    :func:`sandboxes.actions.request_provisioning` says so and a host has room for it (it is
+    placed first, so the task goes to that host's queue). Return True if it was enqueued."""
     if not actions.request_provisioning(sandbox, actor_user=actor_user):
+        return False
+    if not _placed(sandbox):
         return False
     transaction.on_commit(partial(provision_sandbox.delay, sandbox.pk))
     return True
@@ -67,26 +98,106 @@ def stop_sandbox(sandbox_id: int) -> None:
         actions.stop_sandbox(sandbox)
 
 
-@shared_task(acks_late=True)
-def reconcile_sandboxes() -> dict[str, int]:
-    """Repair every sandbox whose backend disagrees with the database. Return counts."""
-    counts: dict[str, int] = {}
-    for sandbox in Sandbox.objects.select_related("owner").exclude(state=State.PROVISIONING):
+# -- reconcile and sleep: fanned out, one task per sandbox on its host's queue -----------------
+
+
+def _fan_out(task: Any, ids: list[int], expires: float) -> dict[str, int]:
+    """Queue ``task`` once per sandbox (each routed to its sandbox's host queue); a message
+    still queued after ``expires`` seconds is dropped (the next beat sends a fresh one)."""
+    queued = 0
+    for pk in ids:
         try:
-            outcome = actions.reconcile_sandbox(sandbox)
-        except actions.TransitionRefused:
-            outcome = "raced"
+            task.apply_async((pk,), expires=expires)
         except Exception:
-            log.exception("reconcile failed for sandbox %s", sandbox.pk)
-            outcome = "error"
-        counts[outcome] = counts.get(outcome, 0) + 1
+            log.exception("could not queue %s for sandbox %s", task.name, pk)
+            continue
+        queued += 1
+    return {"queued": queued}
+
+
+def _reconcile_ids() -> list[int]:
+    awake = Sandbox.objects.exclude(state=State.PROVISIONING)
+    return list(awake.order_by("pk").values_list("pk", flat=True))
+
+
+@shared_task(bind=True, acks_late=True)
+def reconcile_sandboxes(self: Task) -> dict[str, int]:
+    """Repair every sandbox whose backend disagrees with the database.
+
+    Run by a worker (beat): queue :func:`reconcile_one` for each sandbox on its host's queue;
+    return ``{"queued": n}``. Called directly (tests, a shell): reconcile this machine's
+    sandboxes here, one claimed at a time, and return counts of the outcomes."""
+    if not self.request.called_directly:
+        return _fan_out(reconcile_one, _reconcile_ids(), settings.HERMIT_RECONCILE_INTERVAL)
+    counts: dict[str, int] = {}
+    here = hosts.on_this_host(Sandbox.objects.exclude(state=State.PROVISIONING))
+    for pk in here.order_by("pk").values_list("pk", flat=True):
+        passes.tally(counts, reconcile_one(pk))
     return counts
 
 
 @shared_task(acks_late=True)
-def sleep_idle_sandboxes() -> dict[str, int]:
-    """One pass of the sleep policy: idle agents doze, then hibernate (see sandboxes.sleep)."""
+def reconcile_one(sandbox_id: int) -> str:
+    """Reconcile one sandbox (sandboxes.actions.reconcile_sandbox) under its claim; return the
+    outcome, ``claimed`` if another pass holds it, ``gone`` if it no longer exists."""
+    with passes.claimed(sandbox_id) as mine:
+        if not mine:
+            return passes.BUSY if Sandbox.objects.filter(pk=sandbox_id).exists() else "gone"
+        sandbox = _get(sandbox_id)
+        if sandbox is None or sandbox.state == State.PROVISIONING:
+            return "gone" if sandbox is None else "pending"
+        try:
+            return actions.reconcile_sandbox(sandbox)
+        except actions.TransitionRefused:
+            return "raced"
+        except Exception:
+            log.exception("reconcile failed for sandbox %s", sandbox_id)
+            return "error"
+
+
+@shared_task(bind=True, acks_late=True)
+def sleep_idle_sandboxes(self: Task) -> dict[str, int]:
+    """One pass of the sleep policy: idle agents doze, then hibernate (see sandboxes.sleep).
+
+    Run by a worker (beat): queue :func:`sleep_one` for each awake sandbox on its host's queue,
+    then :func:`sleep_upkeep` on each live host's; return ``{"queued": n, "hosts": m}``.
+    Called directly: the whole pass over this machine's sandboxes, here (sleep.sleep_idle)."""
+    if not self.request.called_directly:
+        return _fan_out_sleep()
     return sleep.sleep_idle()
+
+
+SLEEP_INTERVAL = 15  # the beat schedule's: a fanned-out message older than that is dropped
+
+
+def _fan_out_sleep() -> dict[str, int]:
+    ids = list(sleep.candidates().values_list("pk", flat=True))
+    counts = _fan_out(sleep_one, ids, SLEEP_INTERVAL)
+    now = timezone.now().isoformat()
+    live = hosts.live_hosts()
+    for host in live:
+        sleep_upkeep.apply_async((now,), queue=hosts.queue_for(host.name), expires=SLEEP_INTERVAL)
+    return {**counts, "hosts": len(live)}
+
+
+@shared_task(acks_late=True)
+def sleep_one(sandbox_id: int, now: str | None = None) -> str:
+    """The sleep policy for one sandbox (sleep.apply_policy) under its claim; return what it
+    did (``dozed``, ``hibernated``, ``woke``, ``""``), or ``claimed`` / ``gone``."""
+    moment = datetime.fromisoformat(now) if now else timezone.now()
+    with passes.claimed(sandbox_id) as mine:
+        sandbox = _get(sandbox_id)
+        if sandbox is None:
+            return "gone"
+        if not mine:
+            return passes.BUSY
+        return sleep.apply_policy(sandbox, moment)
+
+
+@shared_task(acks_late=True)
+def sleep_upkeep(now: str | None = None) -> dict[str, int]:
+    """A host's share of the sleep pass (sleep.host_upkeep), on that host's queue."""
+    return sleep.host_upkeep(datetime.fromisoformat(now) if now else None)
 
 
 @shared_task(acks_late=True)
@@ -222,3 +333,38 @@ def purge_deleted_accounts() -> int:
         except Exception:
             log.exception("purging deleted account %s failed", pk)
     return done
+
+
+# -- sandbox hosts (sandboxes.hosts, sandboxes.relocation) -------------------------------------
+
+
+@shared_task(acks_late=True)
+def move_off_host(sandbox_id: int) -> str:
+    """Move an idle sandbox off its draining host (on that host's queue, where its data is);
+    return the outcome (sandboxes.relocation.move_idle)."""
+    sandbox = _get(sandbox_id)
+    if sandbox is None:
+        return "gone"
+    with passes.claimed(sandbox_id) as mine:
+        if not mine:
+            return passes.BUSY
+        return relocation.move_idle(sandbox)
+
+
+@shared_task(acks_late=True)
+def check_hosts() -> dict[str, int]:
+    """Beat: mark hosts that missed their heartbeats lost and move their sandboxes to other
+    hosts; queue the moves of draining hosts' idle sandboxes. Return counts."""
+    counts = {"lost": len(relocation.mark_lost()), "relocated": 0, "no-room": 0, "moves": 0}
+    for host in SandboxHost.objects.filter(state=SandboxHost.State.LOST).distinct():
+        done = relocation.relocate_lost(host)
+        counts["relocated"] += done["moved"]
+        counts["no-room"] += done["no-room"]
+    for host in SandboxHost.objects.filter(state=SandboxHost.State.DRAINING):
+        counts["moves"] += queue_moves(host)
+    return counts
+
+
+def queue_moves(host: SandboxHost) -> int:
+    """Queue the move of every idle sandbox of a draining host; return how many."""
+    return _fan_out(move_off_host, relocation.movable(host), 60)["queued"]
