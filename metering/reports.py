@@ -33,7 +33,7 @@ from django.contrib.auth import get_user_model
 from django.db.models import Count, Exists, F, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce, TruncDate
 
-from billing.ai_gateway.models import UsageRecord
+from ai_gateway.models import UsageRecord
 from billing.models import Account, Plan, PlanChange, default_plan
 from metering.models import DailyUsage
 from metering.pricing import ZERO, Cost, Usage, cost, rates, revenue, usd

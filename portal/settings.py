@@ -163,7 +163,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "portal",
     "billing",
-    "billing.ai_gateway",
+    "ai_gateway",  # above billing and sandboxes; neither imports it
     "metering",  # usage and cost; listed before sandboxes, whose post_migrate wants its perms
     "sandboxes",
 ]

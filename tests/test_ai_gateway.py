@@ -17,8 +17,8 @@ import pytest
 from django.db import connection
 from django.urls import reverse
 
-from billing.ai_gateway.credentials import rotate_credential
-from billing.ai_gateway.models import (
+from ai_gateway.credentials import rotate_credential
+from ai_gateway.models import (
     ModelRoute,
     Price,
     SandboxCredential,
@@ -26,8 +26,8 @@ from billing.ai_gateway.models import (
     UsageRecord,
     UserProviderKey,
 )
+from ai_gateway.usage import month_usage
 from billing.models import plan_for
-from billing.usage import month_usage
 from tests.fakes.model_server import FakeModelServer, Script
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -475,7 +475,7 @@ def test_it_seeds_prices_for_the_default_models(settings: Any) -> None:
     from django.apps import apps
 
     Price.objects.all().delete()
-    import_module("billing.ai_gateway.migrations.0003_seed_prices").seed(apps, None)
+    import_module("ai_gateway.migrations.0003_seed_prices").seed(apps, None)
     mini = Price.objects.get(model=settings.HERMIT_DEFAULT_MODEL)
     assert (mini.input_per_million, mini.output_per_million) == (Decimal("0.15"), Decimal("0.6"))
     assert Price.objects.filter(model__startswith="claude-sonnet-4-5").exists()
@@ -586,7 +586,7 @@ def test_it_refuses_a_deactivated_users_key(gateway: Gateway, model_server: Fake
 def test_it_quotes_the_model_name_in_logs(gateway: Gateway, caplog: pytest.LogCaptureFixture,
                                           upstreams: dict[str, Upstream]) -> None:  # fmt: skip
     caplog.set_level(logging.INFO)
-    forged = "nope\n2026-01-01 INFO billing.ai_gateway.proxy: ai call user=1 outcome=ok"
+    forged = "nope\n2026-01-01 INFO ai_gateway.proxy: ai call user=1 outcome=ok"
     ModelRoute.objects.create(pattern="nope*", upstream=upstreams["openai"])
     gateway.openai(openai_body(model=forged))
     wait_for_records(1)
@@ -635,7 +635,7 @@ def test_it_reads_usage_split_across_network_reads(
 
 
 def test_it_keeps_provider_keys_out_of_reprs(alice: Any, upstreams: dict[str, Upstream]) -> None:
-    from billing.ai_gateway.upstreams import choose_targets
+    from ai_gateway.upstreams import choose_targets
 
     UserProviderKey.objects.create(user=alice, provider="openai", api_key=USER_KEY, hint="sk-…bbbb")
     [target] = choose_targets(alice.pk, "openai", "gpt-4o-mini")

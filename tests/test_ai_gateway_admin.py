@@ -11,8 +11,8 @@ from django.contrib import admin
 from django.test import Client
 from django.urls import reverse
 
-from billing.ai_gateway.credentials import rotate_credential
-from billing.ai_gateway.models import (
+from ai_gateway.credentials import rotate_credential
+from ai_gateway.models import (
     ModelRoute,
     Price,
     SandboxCredential,

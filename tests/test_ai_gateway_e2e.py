@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from billing.ai_gateway.models import Price, UsageRecord
-from billing.usage import month_usage
+from ai_gateway.models import Price, UsageRecord
+from ai_gateway.usage import month_usage
 from sandboxes import actions
 from sandboxes.consumers.chat import device_identity_for
 from sandboxes.models import Sandbox

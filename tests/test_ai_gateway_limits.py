@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import time_machine
 
-from billing.ai_gateway import limits
-from billing.ai_gateway.limits import Amount, Limits
+from ai_gateway import limits
+from ai_gateway.limits import Amount, Limits
 from billing.models import plan_for
 from tests.fakes.model_server import FakeModelServer
 from tests.test_ai_gateway import Gateway, gateway, openai_body, upstreams, wait_for_records

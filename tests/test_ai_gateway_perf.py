@@ -20,10 +20,10 @@ from django.db import IntegrityError
 from django.db.backends.signals import connection_created
 from django.utils import timezone
 
-from billing.ai_gateway import credentials, proxy, usage_writer
-from billing.ai_gateway.credentials import rotate_credential
-from billing.ai_gateway.models import SandboxCredential, Upstream, UsageRecord, UserProviderKey
-from billing.ai_gateway.upstreams import routing_table
+from ai_gateway import credentials, proxy, usage_writer
+from ai_gateway.credentials import rotate_credential
+from ai_gateway.models import SandboxCredential, Upstream, UsageRecord, UserProviderKey
+from ai_gateway.upstreams import routing_table
 from billing.models import plan_for
 from tests.fakes.model_server import FakeModelServer
 from tests.test_ai_gateway import (

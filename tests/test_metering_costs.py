@@ -20,7 +20,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from billing.ai_gateway.models import UsageRecord
+from ai_gateway.models import UsageRecord
 from billing.models import Account, Plan, PlanChange
 from metering import pricing
 from metering.admin import figures

@@ -15,8 +15,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from billing.ai_gateway.credentials import authenticate, hash_key
-from billing.ai_gateway.models import SandboxCredential
+from ai_gateway.credentials import authenticate, hash_key
+from ai_gateway.models import SandboxCredential
 from billing.models import Account, Plan
 from sandboxes import actions
 from sandboxes.limits import SandboxLimits, limits_for

@@ -1,15 +1,8 @@
-"""The gateway's routes, relative to its mount point (``/ai/`` in both URLconfs)."""
+"""Moved to ``ai_gateway.urls`` (see billing/ai_gateway/__init__.py)."""
 
-from __future__ import annotations
+import sys
 
-from django.urls import path
+import ai_gateway.urls
+from ai_gateway.urls import *  # noqa: F403  (the names, for type checkers)
 
-from billing.ai_gateway import views
-
-app_name = "ai_gateway"
-
-urlpatterns = [
-    path("v1/chat/completions", views.chat_completions, name="chat-completions"),
-    path("v1/messages", views.messages, name="messages"),
-    path("v1/models", views.models, name="models"),
-]
+sys.modules[__name__] = ai_gateway.urls

@@ -15,10 +15,10 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from billing.ai_gateway import db, proxy
-from billing.ai_gateway.errors import error_response
-from billing.ai_gateway.models import Api
-from billing.ai_gateway.upstreams import listed_models
+from ai_gateway import db, proxy
+from ai_gateway.errors import error_response
+from ai_gateway.models import Api
+from ai_gateway.upstreams import listed_models
 
 MODEL_CREATED = 1_735_689_600  # 2025-01-01: a stable "created" for listed models
 

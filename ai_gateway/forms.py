@@ -1,11 +1,11 @@
-"""Forms users fill in about billing: their own provider keys (BYOK)."""
+"""Forms users fill in about the AI gateway: their own provider keys (BYOK)."""
 
 from __future__ import annotations
 
 from django import forms
 
-from billing.ai_gateway.models import Provider
-from billing.ai_gateway.upstreams import check_user_key
+from ai_gateway.models import Provider
+from ai_gateway.upstreams import check_user_key
 
 
 class ProviderKeyForm(forms.Form):

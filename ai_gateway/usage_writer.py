@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from django.db import transaction
 
-from billing.ai_gateway import db, limits
-from billing.ai_gateway.limits import Amount, Ticket, to_micros
-from billing.ai_gateway.models import UsageRecord
+from ai_gateway import db, limits
+from ai_gateway.limits import Amount, Ticket, to_micros
+from ai_gateway.models import UsageRecord
 
 log = logging.getLogger(__name__)
 

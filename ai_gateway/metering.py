@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from billing.ai_gateway.models import Api
+from ai_gateway.models import Api
 
 _INTERESTING = re.compile(rb'"usage"\s*:\s*\{|"error"')
 _USAGE_KEY = re.compile(rb'[,{]\s*"usage"\s*:\s*(?=\{)')

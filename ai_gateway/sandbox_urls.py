@@ -4,4 +4,4 @@ from __future__ import annotations
 
 from django.urls import include, path
 
-urlpatterns = [path("ai/", include("billing.ai_gateway.urls"))]
+urlpatterns = [path("ai/", include("ai_gateway.urls"))]

@@ -11,7 +11,7 @@ import math
 
 from django.http import JsonResponse
 
-from billing.ai_gateway.models import Api
+from ai_gateway.models import Api
 
 
 class Kind(enum.Enum):

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 from django.conf import settings
 
-from billing.ai_gateway.models import Api, ModelRoute, Price, Provider, Upstream, UserProviderKey
+from ai_gateway.models import Api, ModelRoute, Price, Provider, Upstream, UserProviderKey
 
 GLOB_CHARS = set("*?[")
 TABLE_TTL = 30.0  # seconds; saves in this process invalidate at once (see apps.ready)

@@ -11,7 +11,7 @@ from django import forms
 from django.contrib import admin
 from django.http import HttpRequest
 
-from billing.ai_gateway.models import (
+from ai_gateway.models import (
     ModelRoute,
     Price,
     SandboxCredential,

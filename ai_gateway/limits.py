@@ -39,7 +39,7 @@ from django.db.models import BigIntegerField, Case, F, IntegerField, Q, Sum, Val
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
-from billing.ai_gateway.models import SpendCounter, UsageRecord
+from ai_gateway.models import SpendCounter, UsageRecord
 
 WINDOW_SECONDS = 60.0
 USED_TTL_SECONDS = 40 * 24 * 3600  # a month's used amounts outlive the month in Redis
@@ -333,7 +333,7 @@ def _keys(user_id: int, month: date) -> list[str]:
 async def admit_redis(user_id: int, limits: Limits, reserve: Amount,
                       now: datetime | None = None) -> Verdict:  # fmt: skip
     """Admit one call with one Lua script on Redis (two when the month's usage is not loaded)."""
-    from billing.ai_gateway import db
+    from ai_gateway import db
 
     now = now or timezone.now()
     stamp = time.time()

@@ -4,7 +4,7 @@ from django.apps import AppConfig
 class AiGatewayConfig(AppConfig):
     """The metered model-API proxy every sandbox's model calls go through."""
 
-    name = "billing.ai_gateway"
+    name = "ai_gateway"
     label = "ai_gateway"
     verbose_name = "AI gateway"
     default_auto_field = "django.db.models.BigAutoField"
@@ -13,9 +13,9 @@ class AiGatewayConfig(AppConfig):
         from django.contrib.auth import get_user_model
         from django.db.models.signals import post_delete, post_save
 
+        from ai_gateway import credentials, models, upstreams
+        from ai_gateway.usage import usage_line
         from billing import models as billing_models
-        from billing.ai_gateway import credentials, models, upstreams
-        from billing.usage import usage_line
         from sandboxes import ai_keys
 
         ai_keys.register(mint=credentials.rotate_credential, usage=usage_line)
