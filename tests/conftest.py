@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.netns import host_namespace  # noqa: F401  (a fixture: a second machine)
+
 pytest_plugins = sorted(
     f"tests.fixtures.{p.stem}"
     for p in (Path(__file__).parent / "fixtures").glob("*.py")
