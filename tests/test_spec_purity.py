@@ -8,6 +8,7 @@ the spec as a value (``sandboxes.limits``), from the provider billing registers.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from django.test.utils import CaptureQueriesContext
 from ai_gateway.credentials import authenticate, hash_key
 from ai_gateway.models import SandboxCredential
 from billing.models import Account, Plan
-from sandboxes import actions
+from sandboxes import actions, sleep
 from sandboxes.limits import SandboxLimits, limits_for
 from sandboxes.models import RuntimeImage, Sandbox
 from sandboxes.openclaw import config
@@ -115,3 +116,61 @@ def test_a_plan_change_tells_sandboxes_their_owners_limits_changed(
     with django_capture_on_commit_callbacks() as callbacks:
         account.save()  # the same plan: nothing to apply
     assert callbacks == []
+
+
+def calls_up_from_sandboxes(run: Any) -> list[tuple[str, str]]:
+    """Run ``run()`` and return each (caller, callee) where code in sandboxes called a function
+    of billing or the AI gateway, both as ``module.function``, in order."""
+    seen: list[tuple[str, str]] = []
+
+    def app(frame: Any) -> str:
+        return str(frame.f_globals.get("__name__", "")).split(".")[0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        caller = frame.f_back
+        if event != "call" or caller is None or app(caller) != "sandboxes":
+            return
+        if app(frame) in ("billing", "ai_gateway"):
+            seen.append(
+                (
+                    f"{caller.f_globals['__name__']}.{caller.f_code.co_name}",
+                    f"{frame.f_globals['__name__']}.{frame.f_code.co_name}",
+                )
+            )
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def test_a_wake_goes_down_the_layers_and_up_only_through_registered_hooks(
+    fake_backend: Any,
+) -> None:
+    """A chat's wake (``tasks_host.wake`` → ``actions.wake_sandbox`` → the backend) reaches
+    billing and the AI gateway only through the functions they registered with sandboxes: the
+    owner's limits (``sandboxes.limits``) and a fresh credential (``sandboxes.ai_keys``)."""
+    from sandboxes import tasks_host
+
+    user = make_user("wake-layers@example.com")
+    sandbox = Sandbox.objects.get(owner=user)
+    actions.provision_sandbox(sandbox)
+    sandbox.refresh_from_db()
+    actions.stop_sandbox(sandbox)
+    assert sandbox.state == Sandbox.State.STOPPED
+
+    edges = calls_up_from_sandboxes(lambda: tasks_host.wake(sandbox.pk, user.pk, "t-cold"))
+    sandbox.refresh_from_db()
+    assert sandbox.state == Sandbox.State.RUNNING, sandbox.error_message
+    assert edges == [
+        ("sandboxes.limits.limits_for", "billing.limits.sandbox_limits"),
+        ("sandboxes.ai_keys.mint_key", "ai_gateway.credentials.rotate_credential"),
+    ]
+    assert SandboxCredential.objects.filter(sandbox=sandbox).exists()
+
+    assert sleep.doze(sandbox)  # a thaw calls nothing above sandboxes
+    edges = calls_up_from_sandboxes(lambda: tasks_host.wake(sandbox.pk, user.pk, "t-thaw"))
+    sandbox.refresh_from_db()
+    assert sandbox.state == Sandbox.State.RUNNING and edges == []
