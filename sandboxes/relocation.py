@@ -32,7 +32,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from sandboxes import actions, hosts
+from sandboxes import actions, bootqueue, hosts
 from sandboxes.backends import safefs
 from sandboxes.events import record_event
 from sandboxes.models import Checkpoint, Sandbox, SandboxHost, Snapshot
@@ -236,6 +236,7 @@ def _relocate(sandbox: Sandbox, lost: SandboxHost, target: SandboxHost) -> bool:
         return False
     sandbox.host = target
     Checkpoint.objects.filter(sandbox=sandbox).delete()  # the image is on the lost host's disk
+    bootqueue.release(sandbox)  # a boot slot on the lost host, or its place in that line
     record_event(sandbox, "moved", _lost_message(sandbox))
     if sandbox.state == State.PROVISIONING:
         from sandboxes import tasks

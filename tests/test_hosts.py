@@ -22,7 +22,7 @@ from portal.celery import _consume_host_queue, app
 from sandboxes import actions, hosts, sleep, tasks
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import actions as backups
-from sandboxes.models import Checkpoint, Sandbox, SandboxEvent, SandboxHost, Snapshot
+from sandboxes.models import BootSlot, Checkpoint, Sandbox, SandboxEvent, SandboxHost, Snapshot
 from tests.factories import make_user
 from tests.fixtures.live import Server
 
@@ -377,6 +377,9 @@ def test_a_lost_hosts_agents_come_back_elsewhere_from_their_latest_snapshot(
     fresh = on_host(Sandbox.objects.get(owner=make_user("fresh@example.com")), host2)
     Sandbox.objects.filter(pk=fresh.pk).update(state=State.SLEEPING, backend="fake")
     Checkpoint.objects.create(sandbox=fresh, location="/host-2/ckpt", identity="x")
+    BootSlot.objects.create(
+        host="host-2", number=0, sandbox=saved, lease_until=timezone.now() + timedelta(hours=1)
+    )
 
     counts = tasks.check_hosts()
     assert counts["lost"] == 1 and counts["relocated"] == 2
@@ -388,6 +391,7 @@ def test_a_lost_hosts_agents_come_back_elsewhere_from_their_latest_snapshot(
     assert (saved.host, fresh.host) == (host1, host1)
     assert saved.state == State.SLEEPING and saved.backend_state == {}
     assert not Checkpoint.objects.filter(sandbox=fresh).exists()
+    assert not BootSlot.objects.filter(sandbox=saved).exists()  # host 2's slot is let go
     assert messages(saved)[-1] == (
         "The machine your agent ran on stopped answering, so it was moved to another one. It "
         f"comes back from its backup of {snapshot.taken_at:%Y-%m-%d %H:%M} UTC when it next "
