@@ -454,6 +454,14 @@ HERMIT_HOST_MAX_SANDBOXES = envint("HERMIT_HOST_MAX_SANDBOXES", "200")
 HERMIT_HOST_MIN_FREE_MB = envint("HERMIT_HOST_MIN_FREE_MB", "1024")
 HERMIT_HOST_HEARTBEAT_INTERVAL = envint("HERMIT_HOST_HEARTBEAT_INTERVAL", "15")
 HERMIT_HOST_LOST_AFTER = envint("HERMIT_HOST_LOST_AFTER", "90")
+# The portal reaches a gateway on another host through that host's edge (hostedge: uvicorn on
+# HERMIT_HOST_ADDRESS:HERMIT_HOST_EDGE_PORT), with tokens that live HERMIT_HOST_LINK_TTL
+# seconds, signed by HERMIT_HOST_LINK_SECRET: a secret of 32 characters or more shared by the
+# portal and every host (comma-separated, newest first, to rotate; derived from SECRET_KEY when
+# DEBUG and unset). A single machine needs none (sandboxes.hostlink).
+HERMIT_HOST_LINK_SECRET = envlist("HERMIT_HOST_LINK_SECRET")
+HERMIT_HOST_LINK_TTL = envint("HERMIT_HOST_LINK_TTL", "30")
+HERMIT_HOST_EDGE_PORT = envint("HERMIT_HOST_EDGE_PORT", "8003")
 # A deleted account's agent data, backups and secrets are removed this many days after the
 # deletion (by its owner or staff); until then staff can cancel it. 0 removes them at once.
 HERMIT_DELETE_GRACE_DAYS = envint("HERMIT_DELETE_GRACE_DAYS", "14")
