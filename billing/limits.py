@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from billing.models import Plan, plan_for
+from billing.models import Plan, default_plan, plan_for
 from sandboxes.limits import SandboxLimits
+from sandboxes.pool import POOL_USERNAME
 
 
 def limits_of(plan: Plan) -> SandboxLimits:
@@ -30,5 +31,8 @@ def limits_of(plan: Plan) -> SandboxLimits:
 
 def sandbox_limits(user: Any) -> SandboxLimits:
     """Return the limits of ``user``'s plan (creating their account on the default plan if
-    they have none yet)."""
+    they have none yet). The warm pool's gateways (``sandboxes.pool``) run with the default
+    plan's, what a new account gets, whatever the pool's own account says."""
+    if user.username == POOL_USERNAME:
+        return limits_of(default_plan())
     return limits_of(plan_for(user))

@@ -174,3 +174,14 @@ def test_a_wake_goes_down_the_layers_and_up_only_through_registered_hooks(
     edges = calls_up_from_sandboxes(lambda: tasks_host.wake(sandbox.pk, user.pk, "t-thaw"))
     sandbox.refresh_from_db()
     assert sandbox.state == Sandbox.State.RUNNING and edges == []
+
+
+def test_the_warm_pool_runs_with_the_limits_a_new_account_gets() -> None:
+    from billing.limits import limits_of
+    from billing.models import default_plan
+    from sandboxes.pool import pool_user
+
+    owner = pool_user()
+    Account.objects.filter(user=owner).update(plan=Plan.objects.get(slug="pro"))
+    assert limits_for(owner) == limits_of(default_plan())
+    assert limits_for(owner).plan_name == "Free"
