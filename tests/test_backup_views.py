@@ -31,6 +31,7 @@ from django.utils import timezone
 
 from portal.asgi import application
 from sandboxes import actions as sandbox_actions
+from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.backups.storage import export_storage
 from sandboxes.events import record_event
@@ -577,20 +578,24 @@ def test_it_links_to_a_presigned_s3_url_that_serves_the_archive(
     assert client.get(url).status_code == 404
 
 
-RESTORE_EMAIL = "alice@chat.test"  # pooled for other suites too: no gateway start of its own
+RESTORE_EMAIL = "alice@restore.test"
 
 
 @pytest.fixture
-def agent(sandbox_for: Callable[..., Sandbox], sandbox_pool: Any) -> Iterator[Sandbox]:
-    """A pooled, running sandbox with a real gateway; re-pooled as the test leaves it (a restore
-    restarts it)."""
-    sandbox = sandbox_for(RESTORE_EMAIL)
-    yield sandbox
+def agent(fake_backend: FakeBackend) -> Iterator[Sandbox]:
+    """A running sandbox on the in-memory backend, its data dir on disk: what the restore view
+    streams and does (states, steps, the swap of the data, the pre-restore snapshot) is the
+    portal's and restic's, both real here. A real agent restored and answering again is
+    proven in tests/test_backups.py; this one starts no gateway (a cold boot, ~10 s)."""
+    user = make_user(RESTORE_EMAIL)
+    sandbox = Sandbox.objects.select_related("owner").get(owner=user)
+    Sandbox.objects.filter(pk=sandbox.pk).update(backend="fake")
     sandbox.refresh_from_db()
-    if sandbox.state != State.RUNNING:
-        for _ in sandbox_actions.wake_sandbox(sandbox, actor=SandboxEvent.Actor.SYSTEM):
-            pass
-    sandbox_pool.snapshot(RESTORE_EMAIL)
+    sandbox_actions.provision_sandbox(sandbox)
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING and sandbox.data_dir.is_dir(), sandbox.error_message
+    yield sandbox
+    shutil.rmtree(sandbox.data_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -612,7 +617,8 @@ async def test_it_restores_after_the_confirmation_with_live_progress(
     """The owner backs up, changes a file, confirms a restore of that backup: the progress
     socket streams the restore's steps, the agent runs again on the old file, and the state
     it had is listed as a "Before a restore" snapshot. (Its repository is set up already: the
-    first backup's restic init is in test_it_backs_up_lists_and_serves_the_download...)"""
+    first backup's restic init is in test_it_backs_up_lists_and_serves_the_download...) The
+    agent runs on the in-memory backend, backed up with its pause as a real one is."""
     await asyncio.to_thread(initialized_repository, agent)
     owner = await get_user_model().objects.aget(pk=agent.owner_id)
     notes = agent.data_dir / NOTES
