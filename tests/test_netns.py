@@ -60,7 +60,7 @@ def test_it_reaches_postgresql_and_redis_from_inside(
          "SELECT current_database(), inet_client_addr()"]
     )  # fmt: skip
     assert psql.returncode == 0, psql.stderr
-    assert psql.stdout.strip() == f"{database}|127.0.0.1"  # the forwarder's peer
+    assert psql.stdout.strip() == f"{database}|127.0.0.1", psql  # the forwarder's peer
 
     client = (
         "import sys, psycopg, redis\n"
@@ -74,18 +74,19 @@ def test_it_reaches_postgresql_and_redis_from_inside(
     dsn = ns.database_url(f"postgresql://postgres@127.0.0.1:5432/{database}")
     result = ns.run([sys.executable, "-c", client, dsn, ns.redis_url(_redis_url()), key])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["42", "True"]
+    assert result.stdout.split() == ["42", "True"], result
     import redis
 
     here = redis.Redis.from_url(_redis_url())
     assert here.get(key) == b"from inside"
     here.delete(key)
-    assert ns.forwarder is not None and ns.forwarder.connections >= 3
+    assert ns.forwarder is not None
+    assert ns.forwarder.connections >= 3, (ns.forwarder.connections, ns.forwarder.refused)
 
     # The namespace's own loopback is its own: the root namespace's services are not on it.
     connect = "import socket; socket.create_connection(('127.0.0.1', 5432), 2)"
     direct = ns.run([sys.executable, "-c", connect])
-    assert direct.returncode != 0 and "ConnectionRefusedError" in direct.stderr
+    assert direct.returncode != 0 and "ConnectionRefusedError" in direct.stderr, direct
 
 
 def test_it_runs_a_celery_worker_inside_that_takes_a_task_sent_from_here(
