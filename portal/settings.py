@@ -258,8 +258,8 @@ else:
     }
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "default": {  # a file cache that root's worker and the web user both read
+            "BACKEND": "portal.lib.cache.SharedFileBasedCache",
             "LOCATION": str(HERMIT_DATA_DIR / "cache"),
         }
     }
