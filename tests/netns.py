@@ -15,6 +15,11 @@ and a veth pair, whose processes reach the root namespace's PostgreSQL and Redis
   the namespace's own address as a peer: nothing but 127.0.0.1 and the namespace ever gets test
   traffic, and nothing routes to 10.213.<n>.0/24 from outside (this machine does not forward).
 
+``share_loopback(port)`` makes ``127.0.0.1:port`` inside the namespace lead to the same port on
+this machine's loopback (a relay process inside, ``python -m tests.netns``, to the forwarder):
+for services whose 127.0.0.1 URL the namespace reads from the shared database, such as the fake
+model server's upstream URL.
+
 ``popen(argv)`` runs a command inside the namespace (``ip netns exec``) in a session of its
 own and returns its Popen. Leaving the block (even on an exception) ends every process started
 there and any other process still in the namespace, stops the forwarder, deletes the veth pair
@@ -32,6 +37,7 @@ import ipaddress
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -62,13 +68,16 @@ def _subnet_in_use(n: int) -> bool:
 
 
 class Forwarder:
-    """TCP forwarding from ``listen_host:port`` to ``127.0.0.1:port`` for each port, on an
+    """TCP forwarding from ``listen_host:port`` to ``target_host:port`` for each port, on an
     event loop in a thread of its own; peers other than ``peer`` are refused."""
 
-    def __init__(self, listen_host: str, peer: str, ports: Sequence[int]) -> None:
+    def __init__(
+        self, listen_host: str, peer: str, ports: Sequence[int], target_host: str = "127.0.0.1"
+    ) -> None:
         self.listen_host = listen_host
         self.peer = peer
         self.ports = tuple(ports)
+        self.target_host = target_host
         self.connections = 0  # accepted, for tests
         self.refused = 0
         self._loop = asyncio.new_event_loop()
@@ -78,14 +87,18 @@ class Forwarder:
 
     def start(self) -> None:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(timeout=10)
-
-    async def _listen(self) -> None:
         for port in self.ports:
-            server = await asyncio.start_server(
-                lambda r, w, port=port: self._serve(r, w, port), self.listen_host, port
-            )
-            self._servers.append(server)
+            self.add(port)
+
+    def add(self, port: int) -> None:
+        """Forward one more port."""
+        asyncio.run_coroutine_threadsafe(self._listen(port), self._loop).result(timeout=10)
+
+    async def _listen(self, port: int) -> None:
+        server = await asyncio.start_server(
+            lambda r, w: self._serve(r, w, port), self.listen_host, port
+        )
+        self._servers.append(server)
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int
@@ -96,7 +109,7 @@ class Forwarder:
             writer.close()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, port)
         except OSError:
             writer.close()
             return
@@ -267,6 +280,21 @@ class HostNamespace:
             **kwargs,
         )
 
+    def share_loopback(self, port: int, timeout: float = 30) -> None:
+        """Make ``127.0.0.1:port`` inside the namespace lead to ``127.0.0.1:port`` here, for a
+        service whose address the namespace reads from the shared database (a model server's
+        URL, say): a relay inside the namespace to the forwarder, which takes the port too."""
+        assert self.forwarder is not None
+        self.forwarder.add(port)
+        relay = [sys.executable, "-m", "tests.netns", str(port), self.host_address]
+        proc = self.popen(relay, cwd=Path(__file__).resolve().parents[1])
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
+        deadline = time.monotonic() + timeout
+        while self.run([sys.executable, "-c", probe]).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the relay of port {port} in {self.name} did not start")
+            time.sleep(0.2)
+
     def pids(self) -> list[int]:
         """The processes in the namespace now."""
         out = _ip("netns", "pids", self.name, check=False).stdout
@@ -323,3 +351,16 @@ def host_namespace() -> Iterator[HostNamespace]:
     PostgreSQL and Redis at ``host_address`` (see tests.netns)."""
     with HostNamespace() as ns:
         yield ns
+
+
+def _relay_main(port: int, target: str) -> None:
+    """Inside a namespace: forward 127.0.0.1:port to target:port until killed."""
+    forwarder = Forwarder("127.0.0.1", "127.0.0.1", [port], target_host=target)
+    forwarder.start()
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    forwarder.stop()
+
+
+if __name__ == "__main__":  # python -m tests.netns PORT TARGET (see share_loopback)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    _relay_main(int(sys.argv[1]), sys.argv[2])

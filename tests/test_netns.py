@@ -19,6 +19,7 @@ from django.db import connection
 from portal.celery import app
 from sandboxes.hosts import queue_for
 from sandboxes.models import SandboxHost
+from tests.fakes.gateway_double import GatewayDouble
 from tests.fixtures.live import ROOT, server_env
 from tests.fixtures.live import test_database_url as served_database_url
 from tests.netns import HostNamespace, _alive
@@ -127,6 +128,17 @@ def test_it_runs_a_celery_worker_inside_that_takes_a_task_sent_from_here(
     assert registered.address == ns.address
     assert registered.last_heartbeat is not None
     assert ns.forwarder is not None and ns.forwarder.refused == 0
+
+
+def test_it_shares_a_port_of_this_machines_loopback(host_namespace: HostNamespace) -> None:
+    ns = host_namespace
+    with GatewayDouble() as server:  # any HTTP server on this machine's 127.0.0.1
+        ns.share_loopback(server.port)
+        url = f"http://127.0.0.1:{server.port}/x"
+        fetch = f"import urllib.request as u; print(u.urlopen({url!r}).status)"
+        result = ns.run([sys.executable, "-c", fetch])
+        assert result.returncode == 0 and result.stdout.strip() == "200", result
+        assert server.last["path"] == "/x"
 
 
 def test_it_leaves_nothing_behind_even_after_a_failure() -> None:
