@@ -306,6 +306,13 @@ async def _refuse_handshake(scope: Scope, send: Send, exc: Refused) -> None:
         await send({"type": "websocket.close", "code": 4000 + exc.status})
 
 
+def _sendable(code: int) -> int:
+    """``code`` if a close frame may carry it (RFC 6455 section 7.4), else 1000."""
+    if code in (1004, 1005, 1006, 1015) or not (1000 <= code <= 1014 or 3000 <= code <= 4999):
+        return 1000
+    return code
+
+
 async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> None:
     """Frames both ways until either side closes; then close the other with its code."""
 
@@ -326,8 +333,7 @@ async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> No
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
-                code = int(message.get("code") or 1000)
-                await upstream.close(code=code if code not in (1005, 1006) else 1000)
+                await upstream.close(code=_sendable(int(message.get("code") or 1000)))
                 break
             if message["type"] != "websocket.receive":
                 continue
