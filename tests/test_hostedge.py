@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +136,24 @@ def test_it_builds_the_url_of_a_sandbox_on_another_host(
     sandbox.host = here
     assert not hostlink.is_remote(sandbox)
     assert not hostlink.is_remote(Sandbox(owner=sandbox.owner, host=None))
+
+
+def test_it_does_not_start_without_a_secret(sandbox_dirs: dict[str, str]) -> None:
+    from cryptography.fernet import Fernet
+
+    env = server_env(
+        **sandbox_dirs,
+        DEBUG="False",
+        SECRET_KEY="a-production-secret-key-for-this-test-only",
+        HERMIT_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        SITE_URL="https://portal.example",
+        HERMIT_CONTROL_UI_URL="https://ui.example.net",
+        HERMIT_HOST_LINK_SECRET="",
+    )
+    argv = [sys.executable, "-m", "hostedge", "--host", "127.0.0.1", "--port", str(free_port())]
+    run = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "HERMIT_HOST_LINK_SECRET (or _FILE) must be set" in run.stderr + run.stdout
 
 
 # -- the edge on this machine ------------------------------------------------------------------
