@@ -51,7 +51,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -426,7 +426,7 @@ def _backup(
     )
     if retention:
         report.tick("Applying the plan's retention", 95)
-        _apply_retention(sandbox, repo)
+        _apply_retention(sandbox, repo, summary.listed or None)
     pause = f", paused {snapshot.pause_ms} ms" if snapshot.pause_ms is not None else ""
     report.event(
         f"Backed up snapshot {snapshot.short_id}: {summary.total_files} files, "
@@ -442,10 +442,15 @@ def apply_retention(sandbox: Sandbox) -> list[str]:
         return _apply_retention(sandbox, repo)
 
 
-def _apply_retention(sandbox: Sandbox, repo: restic.Repo) -> list[str]:
+def _apply_retention(
+    sandbox: Sandbox, repo: restic.Repo, listed: Sequence[restic.SnapshotInfo] | None = None
+) -> list[str]:
     """Apply the plan's policy, except to the latest PRE_RESTORE_KEEP pre-restore snapshots,
     which are kept whatever the plan (a restore's confirmation promises the user can come back
-    to the data it replaced); older pre-restore ones are forgotten."""
+    to the data it replaced); older pre-restore ones are forgotten.
+
+    ``listed``: the repository's snapshots, as the backup just made left them (see
+    ``restic.forget``); without it restic lists them."""
     plan = plan_for(sandbox.owner)
     removed = unlocked(
         repo,
@@ -455,7 +460,10 @@ def _apply_retention(sandbox: Sandbox, repo: restic.Repo) -> list[str]:
         keep_weekly=0,
         tags=[PRE_RESTORE_TAG],
         prune=False,
+        listed=listed,
     )
+    if listed is not None:
+        listed = [s for s in listed if s.id not in removed]
     removed += unlocked(
         repo,
         restic.forget,
@@ -463,6 +471,7 @@ def _apply_retention(sandbox: Sandbox, repo: restic.Repo) -> list[str]:
         keep_daily=plan.backup_keep_daily,
         keep_weekly=plan.backup_keep_weekly,
         keep_tags=[PRE_RESTORE_TAG],
+        listed=listed,
     )
     if removed:
         Snapshot.objects.filter(sandbox=sandbox, restic_id__in=removed).delete()

@@ -96,6 +96,17 @@ class Repo:
 
 
 @dataclass(frozen=True)
+class SnapshotInfo:
+    id: str
+    short_id: str
+    time: datetime  # aware UTC
+    tags: list[str]
+    paths: list[str]
+    host: str = ""
+    parent: str | None = None
+
+
+@dataclass(frozen=True)
 class BackupSummary:
     snapshot_id: str  # restic's full id
     time: datetime  # aware UTC, the snapshot's own time
@@ -108,17 +119,9 @@ class BackupSummary:
     seconds: float
     errors: int = 0  # files restic could not read (the snapshot was still made)
     pause_seconds: float = 0.0  # how long ``pause`` held (0 without one)
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    id: str
-    short_id: str
-    time: datetime  # aware UTC
-    tags: list[str]
-    paths: list[str]
-    host: str = ""
-    parent: str | None = None
+    # The repository's snapshots once this one was made and first passes forgotten, oldest
+    # first (as ``snapshots`` lists them): retention can start from it without listing again.
+    listed: tuple[SnapshotInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,10 +196,11 @@ def backup(
     _check_source(source)
     if PREPASS_TAG in tags:
         raise ValueError(f"{PREPASS_TAG} is reserved for the first pass of a two-pass backup")
-    if pause is None:
-        return _backup_pass(repo, source, tags, host, excludes, parent, on_progress, None)
-    if not two_pass:
-        return _backup_pass(repo, source, tags, host, excludes, parent, on_progress, pause)
+    if pause is None or not two_pass:
+        made = _backup_pass(
+            repo, source, tags, host, excludes, parent, on_progress, pause, find=False
+        )
+        return _settle(repo, made)
     started = time.monotonic()
     first = _backup_pass(
         repo,
@@ -209,17 +213,20 @@ def backup(
         None,
         find=False,
     )
-    second = _backup_pass(
+    second = _settle(
         repo,
-        source,
-        tags,
-        host,
-        excludes,
-        first.snapshot_id,
-        _scaled(on_progress, 90, 100),
-        pause,
+        _backup_pass(
+            repo,
+            source,
+            tags,
+            host,
+            excludes,
+            first.snapshot_id,
+            _scaled(on_progress, 90, 100),
+            pause,
+            find=False,
+        ),
     )
-    _forget_prepasses(repo)
     # Counted against ``parent`` over both passes; a file both passes saw change counts once
     # at most as far as the totals tell.
     new = min(first.files_new + second.files_new, second.total_files)
@@ -446,6 +453,23 @@ def _forget_prepasses(repo: Repo) -> None:
         _run(repo, ["forget", *ids], write=True)
 
 
+def _settle(repo: Repo, made: BackupSummary) -> BackupSummary:
+    """After a backup run: list the repository once, for the new snapshot's full id and time
+    and the list retention starts from, and forget every first-pass snapshot (this backup's,
+    and any a killed run left behind)."""
+    out = _run(repo, ["snapshots", "--json"])
+    found = [_snapshot_info(item) for item in json.loads(_last_json(out) or "[]")]
+    prepasses = [s.id for s in found if PREPASS_TAG in s.tags]
+    # restic 0.14's summary gives the short id, later ones the full id: a prefix either way.
+    matches = [s for s in found if s.id.startswith(made.snapshot_id)]
+    if len(matches) != 1 or PREPASS_TAG in matches[0].tags:
+        raise ResticError(f"restic made snapshot {made.snapshot_id} but does not list it.")
+    if prepasses:
+        _run(repo, ["forget", *prepasses], write=True)
+    listed = sorted((s for s in found if PREPASS_TAG not in s.tags), key=lambda s: s.time)
+    return replace(made, snapshot_id=matches[0].id, time=matches[0].time, listed=tuple(listed))
+
+
 def snapshots(repo: Repo, ids: Iterable[str] = ()) -> list[SnapshotInfo]:
     """Return the repository's snapshots (or those of ``ids``), oldest first.
 
@@ -465,18 +489,32 @@ def forget(
     prune: bool = True,
     keep_tags: Iterable[str] = (),
     tags: Iterable[str] = (),
+    listed: Iterable[SnapshotInfo] | None = None,
 ) -> list[str]:
     """Remove the snapshots the policy does not keep; return their ids.
 
     The policy covers the whole repository (whatever a snapshot's host or tags), days and weeks
     in UTC. At least the newest snapshot is always kept. With ``prune`` the data no snapshot
-    uses any more is deleted too. A snapshot holding any of ``keep_tags`` is kept too (restic
-    ``--keep-tag``); with ``tags`` only the snapshots holding one of them are considered at all
-    (restic ``--tag``), the others are neither counted nor removed.
+    uses any more is deleted too (in the same restic run, and only when a snapshot was
+    removed). A snapshot holding any of ``keep_tags`` is kept too (restic ``--keep-tag``);
+    with ``tags`` only the snapshots holding one of them are considered at all (restic
+    ``--tag``), the others are neither counted nor removed.
+
+    ``listed``: the repository's snapshots as they are now, first passes already forgotten
+    (``BackupSummary.listed``, less what an earlier ``forget`` removed). With it restic is not
+    asked to list them again, nor run at all when no more of them are considered than
+    ``keep_last`` keeps, or than one (the newest, which every rule keeps): then nothing can be
+    removed.
     """
     if max(keep_last, keep_daily, keep_weekly) <= 0:
         keep_last = 1
-    _forget_prepasses(repo)  # a killed two-pass backup's first pass counts for nothing
+    if listed is None:
+        _forget_prepasses(repo)  # a killed two-pass backup's first pass counts for nothing
+    else:
+        wanted = set(tags)
+        considered = [s for s in listed if not wanted or wanted.intersection(s.tags)]
+        if len(considered) <= max(keep_last, 1):  # every rule keeps the newest
+            return []
     args = ["forget", "--json", "--group-by", ""]
     for tag in keep_tags:
         args += ["--keep-tag", tag]
@@ -489,15 +527,10 @@ def forget(
     ):
         if value > 0:
             args += [flag, str(value)]
+    if prune:
+        args.append("--prune")  # restic prunes only if the policy removed a snapshot
     out = _run(repo, args, write=True)
-    removed = [
-        str(item["id"])
-        for group in json.loads(_last_json(out) or "[]")
-        for item in group["remove"] or []
-    ]
-    if removed and prune:
-        _run(repo, ["prune"], write=True)
-    return removed
+    return [str(item["id"]) for group in _json_list(out) for item in group["remove"] or []]
 
 
 def restore(
@@ -940,6 +973,18 @@ def _last_json(out: str) -> str:
     """restic prints some plain text before its JSON; return the last JSON line."""
     lines = [line for line in out.splitlines() if line.startswith(("[", "{"))]
     return lines[-1] if lines else ""
+
+
+def _json_list(out: str) -> list[Any]:
+    """The last line of ``out`` that is a JSON list (``forget --prune`` prints the prune's
+    text, progress lines such as ``[0:00] 100.00%`` among it, after its JSON)."""
+    for line in reversed(out.splitlines()):
+        if line.startswith("["):
+            with contextlib.suppress(ValueError):
+                value = json.loads(line)
+                if isinstance(value, list):
+                    return value
+    return []
 
 
 def _backup_progress(status: dict[str, Any]) -> tuple[float, str]:
