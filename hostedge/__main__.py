@@ -1,7 +1,8 @@
 """Run this host's edge: ``python -m hostedge [--host ADDRESS] [--port PORT]``.
 
-Listens on HERMIT_HOST_ADDRESS:HERMIT_HOST_EDGE_PORT unless told otherwise, with uvicorn's
-access log off: a request line carries its token.
+Listens on HERMIT_HOST_ADDRESS:HERMIT_HOST_EDGE_PORT unless told otherwise, with TLS when
+HERMIT_HOST_EDGE_TLS_CERT and _KEY are set, and with uvicorn's access log off: a request line
+carries its token.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def main() -> None:
         lifespan="on",
         log_config=None,  # Django's LOGGING (secrets redacted), set up by django.setup()
         timeout_graceful_shutdown=10,
+        # TLS when both are set (settings refuse one without the other)
+        ssl_certfile=settings.HERMIT_HOST_EDGE_TLS_CERT or None,
+        ssl_keyfile=settings.HERMIT_HOST_EDGE_TLS_KEY or None,
     )
 
 

@@ -462,6 +462,14 @@ HERMIT_HOST_LOST_AFTER = envint("HERMIT_HOST_LOST_AFTER", "90")
 HERMIT_HOST_LINK_SECRET = envlist("HERMIT_HOST_LINK_SECRET")
 HERMIT_HOST_LINK_TTL = envint("HERMIT_HOST_LINK_TTL", "30")
 HERMIT_HOST_EDGE_PORT = envint("HERMIT_HOST_EDGE_PORT", "8003")
+# TLS on that link, unless the portal and the hosts share a private network: each edge serves
+# HERMIT_HOST_EDGE_TLS_CERT and _KEY (PEM files) and the portal, with HERMIT_HOST_EDGE_TLS=True,
+# connects with wss:// and https://, trusting the system's CAs (or those in SSL_CERT_FILE).
+HERMIT_HOST_EDGE_TLS = envbool("HERMIT_HOST_EDGE_TLS", "False")
+HERMIT_HOST_EDGE_TLS_CERT = env("HERMIT_HOST_EDGE_TLS_CERT")
+HERMIT_HOST_EDGE_TLS_KEY = env("HERMIT_HOST_EDGE_TLS_KEY")
+if bool(HERMIT_HOST_EDGE_TLS_CERT) != bool(HERMIT_HOST_EDGE_TLS_KEY):
+    raise ValueError("HERMIT_HOST_EDGE_TLS_CERT and HERMIT_HOST_EDGE_TLS_KEY go together")
 # A deleted account's agent data, backups and secrets are removed this many days after the
 # deletion (by its owner or staff); until then staff can cancel it. 0 removes them at once.
 HERMIT_DELETE_GRACE_DAYS = envint("HERMIT_DELETE_GRACE_DAYS", "14")

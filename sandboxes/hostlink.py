@@ -7,8 +7,9 @@ Contract:
 * **Who uses it.** A sandbox whose host is this machine (or that has no host yet) is reached
   as before, at the backend's endpoint on 127.0.0.1; :func:`is_remote` says when to come here
   instead, and :func:`gateway_url` builds the URL (``ws://`` for the chat and the Control UI's
-  socket, ``http://`` for the Control UI's pages): ``<scheme>://<host address>:<edge
-  port>/sandboxes/<id><path>?edge_token=<token>``. The host's address is its
+  socket, ``http://`` for the Control UI's pages; ``wss://`` and ``https://`` with
+  HERMIT_HOST_EDGE_TLS): ``<scheme>://<host address>:<edge port>/sandboxes/<id><path>
+  ?edge_token=<token>``. The host's address is its
   ``SandboxHost.address``; a port in it (``10.0.0.2:9003``) overrides HERMIT_HOST_EDGE_PORT.
 * **The token** is ``v1.<sandbox id>.<expiry>.<nonce>.<mac>``: the MAC is HMAC-SHA256 under
   HERMIT_HOST_LINK_SECRET over the host's name, the sandbox id, the expiry (Unix seconds, now +
@@ -150,7 +151,8 @@ def edge_base(host: SandboxHost, scheme: str = "ws") -> str:
 
 def gateway_url(sandbox: Sandbox, path: str = "/", *, scheme: str = "ws", query: str = "") -> str:
     """The signed URL of ``path`` on the gateway of ``sandbox`` (on another host) through that
-    host's edge; ``query`` (already encoded) is passed on to the gateway. Queries the sandbox's
+    host's edge; ``query`` (already encoded) is passed on to the gateway; ``scheme`` is ws or
+    http, made wss or https with HERMIT_HOST_EDGE_TLS. Queries the sandbox's
     host (a database read: call it from sync code or through sync_to_async)."""
     if sandbox.host_id is None:
         raise ValueError(f"sandbox {sandbox.pk} has no host: reach it on this machine")
@@ -158,6 +160,8 @@ def gateway_url(sandbox: Sandbox, path: str = "/", *, scheme: str = "ws", query:
     if not path.startswith("/"):
         raise ValueError(f"path must start with /: {path!r}")
     token = urlencode({QUERY_PARAMETER: sign(host.name, sandbox.pk)})
+    if settings.HERMIT_HOST_EDGE_TLS:
+        scheme = {"ws": "wss", "http": "https"}.get(scheme, scheme)
     return f"{edge_base(host, scheme)}/sandboxes/{sandbox.pk}{path}?{token}" + (
         f"&{query}" if query else ""
     )

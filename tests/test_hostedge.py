@@ -21,7 +21,7 @@ import pytest
 import websockets
 from asgiref.sync import async_to_sync
 from django.core.exceptions import ImproperlyConfigured
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from portal.lib.redact import redact
 from sandboxes import hostlink
@@ -342,6 +342,87 @@ def test_it_relays_to_a_real_openclaw_gateway(
         assert isinstance(payload.get("messages"), list)
     finally:  # the pool keeps the row: it must not point at this test's host
         Sandbox.objects.filter(pk=sandbox.pk).update(host=None)
+
+
+def _self_signed(directory: Path, address: str) -> tuple[Path, Path]:
+    """A certificate for ``address`` (its own CA, so a client can trust it alone) and its key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hermit test edge")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "edge.pem", directory / "edge.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_it_serves_the_link_over_tls(
+    edge: Edge,
+    start_server: Callable[..., Server],
+    transactional_db: None,
+    link_secret: str,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    cert, key = _self_signed(tmp_path, "127.0.0.1")
+    port = free_port()
+    server = start_server(
+        [sys.executable, "-m", "hostedge", "--host", "127.0.0.1", "--port", str(port)],
+        name="edge-tls",
+        HERMIT_HOST_NAME="edge-tls",
+        HERMIT_HOST_LINK_SECRET=SECRET,
+        HERMIT_HOST_EDGE_TLS_CERT=str(cert),
+        HERMIT_HOST_EDGE_TLS_KEY=str(key),
+    )
+    try:
+        wait_for_port(port, proc=server.proc)
+        host = SandboxHost.objects.create(name="edge-tls", address=f"127.0.0.1:{port}")
+        sandbox = _sandbox("alice@example.com", host, edge.double_port)
+        settings.HERMIT_HOST_EDGE_TLS = True
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client's default context trusts it
+        url = hostlink.gateway_url(sandbox)
+        assert url.startswith(f"wss://127.0.0.1:{port}/")
+        hello, states = async_to_sync(chat_through)(url, "token", DeviceIdentity.generate())
+        assert hello.server_version == "fake" and states[-1] == "final"
+
+        plain = hostlink.gateway_url(sandbox).replace("wss://", "ws://", 1)
+
+        async def without_tls() -> None:
+            await websockets.connect(plain, open_timeout=5)
+
+        with pytest.raises((InvalidHandshake, OSError, EOFError)):  # no plain-text handshake
+            async_to_sync(without_tls)()
+    finally:
+        server.stop()
 
 
 # -- the edge on a second host (a network namespace) -------------------------------------------
