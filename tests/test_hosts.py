@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from channels.db import database_sync_to_async
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
@@ -123,6 +124,18 @@ def test_it_routes_every_sandbox_task_to_its_hosts_queue(alice: Any, settings: A
     assert hosts.route_task(tasks.stop_sandbox.name, (10**9,), {}, {}) is None  # gone
     explicit = app.amqp.router.route({"queue": "elsewhere"}, tasks.stop_sandbox.name, (1,), {})
     assert explicit["queue"].name == "elsewhere"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_router_answers_in_async_code_too() -> None:
+    """A consumer that queues a sandbox's task from its event loop gets it routed (Django
+    refuses queries on that thread: the router asks from another)."""
+    far = await database_sync_to_async(make_host)("async-host")
+    user = await database_sync_to_async(make_user)("async@example.com")
+    sandbox = await Sandbox.objects.aget(owner=user)
+    await Sandbox.objects.filter(pk=sandbox.pk).aupdate(host=far)
+    route = hosts.route_task(tasks.wake_sandbox.name, (sandbox.pk,), {}, {})
+    assert route == {"queue": hosts.queue_for("async-host")}
 
 
 def test_a_host_worker_adds_its_own_queue_to_what_it_consumes(settings: Any) -> None:
