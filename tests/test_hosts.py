@@ -93,7 +93,7 @@ def test_it_routes_every_sandbox_task_to_its_hosts_queue(alice: Any, settings: A
     sandbox = on_host(Sandbox.objects.get(owner=alice), far)
     queue = hosts.queue_for("far-host")
     assert queue == f"{app.conf.task_default_queue}.host.far-host"  # this run's own namespace
-    scoped = [
+    scoped: list[Any] = [
         tasks.provision_sandbox,
         tasks.start_sandbox,
         tasks.stop_sandbox,
