@@ -76,8 +76,8 @@ def model_and_gateway() -> Iterator[Any]:
     Yields the fake model server."""
     from django.conf import settings
 
-    from billing.ai_gateway.asgi import application
-    from billing.ai_gateway.models import ModelRoute, Upstream
+    from ai_gateway.asgi import application
+    from ai_gateway.models import ModelRoute, Upstream
     from billing.models import Plan, ensure_standard_plans
     from sandboxes import runtime
     from tests.fakes.model_server import FakeModelServer
@@ -104,7 +104,7 @@ def model_and_gateway() -> Iterator[Any]:
     finally:
         gateway.stop()
         model.stop()
-        from billing.ai_gateway import db
+        from ai_gateway import db
 
         db.close_all()
 

@@ -6,7 +6,7 @@ Prints, for OpenAI-style streaming chat completions:
 - throughput at 50 concurrent streams (streams/s and chunks/s), direct vs gateway, their waves
   taking turns so that both see the same load from the rest of the machine.
 
-The gateway runs as in production: ``uvicorn billing.ai_gateway.asgi:application`` (or
+The gateway runs as in production: ``uvicorn ai_gateway.asgi:application`` (or
 ``--server daphne``) in its own process, on a throwaway SQLite database, or with
 ``DATABASE_URL`` (or ``--database-url``) on a throwaway database created next to the one named
 (and dropped afterwards); with Redis when ``REDIS_URL`` (or ``--redis-url``) is set. The fake
@@ -65,8 +65,8 @@ def setup_database(env: dict[str, str], upstream_base: str) -> str:
 import django; django.setup()
 from django.contrib.auth import get_user_model
 from billing.models import plan_for
-from billing.ai_gateway.models import Upstream
-from billing.ai_gateway.credentials import rotate_credential
+from ai_gateway.models import Upstream
+from ai_gateway.credentials import rotate_credential
 from sandboxes.actions import create_sandbox
 user = get_user_model().objects.create_user(username="bench", email="bench@example.com")
 plan = plan_for(user); plan.requests_per_minute = 0; plan.monthly_token_quota = 0
@@ -147,10 +147,10 @@ async def concurrent(targets: dict[str, tuple[str, str]], streams: int,
 
 SERVERS = {
     "daphne": lambda port: [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                            "billing.ai_gateway.asgi:application"],
+                            "ai_gateway.asgi:application"],
     "uvicorn": lambda port: [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "warning", "--no-access-log", "--lifespan", "on",
-                             "billing.ai_gateway.asgi:application"],
+                             "ai_gateway.asgi:application"],
 }  # fmt: skip
 
 

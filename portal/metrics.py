@@ -150,7 +150,7 @@ def backup_durations(since: datetime) -> Durations:
 
 
 def ai_gateway(since: datetime) -> Iterator[Metric]:
-    from billing.ai_gateway.models import Upstream, UsageRecord
+    from ai_gateway.models import Upstream, UsageRecord
 
     rows = (
         UsageRecord.objects.filter(created_at__gte=since)

@@ -3,7 +3,8 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 
-from billing import views_keys, views_plans
+from ai_gateway import views_keys
+from billing import views_plans
 from portal import views
 from portal.views_metrics import metrics_view
 from sandboxes import views_account, views_chat, views_controlui
@@ -18,7 +19,7 @@ urlpatterns = [
     path("account/delete/", views_account.delete_account, name="account-delete"),
     path("accounts/", include("allauth.urls")),
     path("admin/", admin.site.urls),
-    path("ai/", include("billing.ai_gateway.urls")),
+    path("ai/", include("ai_gateway.urls")),
     path("settings/keys/", views_keys.provider_keys, name="provider-keys"),
     path("usage/", include("metering.urls")),
     path("pricing/", views_plans.pricing_page, name="pricing"),

@@ -43,7 +43,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 def _usage(request: HttpRequest) -> dict[str, object] | None:
     try:
-        from billing.usage import month_usage
+        from ai_gateway.usage import month_usage
     except ImportError:
         return None
     return month_usage(request.user)

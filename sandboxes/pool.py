@@ -45,11 +45,12 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from billing.models import Account, default_plan, plan_for
 from sandboxes import runtime
+from sandboxes.ai_keys import mint_key
 from sandboxes.backends import get_backend, safefs
 from sandboxes.backends.base import BackendError
 from sandboxes.events import event_payload, group_name, record_event
+from sandboxes.limits import limits_for
 from sandboxes.models import Sandbox, SandboxEvent
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,6 @@ def pool_user() -> Any:
             user.set_unusable_password()
             user.save(update_fields=["password"])
             Sandbox.objects.filter(owner=user).delete()  # the one every new account gets
-            Account.objects.get_or_create(user=user, defaults={"plan": default_plan()})
     return user
 
 
@@ -175,7 +175,6 @@ def _claim(sandbox: Sandbox) -> tuple[Sandbox, int, str, str] | None:
     """In one transaction, make a running pool row the user's sandbox in place of ``sandbox``
     (see the module docstring). Return (the row, the old row's pk, its new gateway token, its
     new AI key), or None if there is no fitting one (nothing changed)."""
-    from billing.ai_gateway.credentials import rotate_credential
     from sandboxes import actions
 
     owner_id = pool_user_id()
@@ -192,8 +191,8 @@ def _claim(sandbox: Sandbox) -> tuple[Sandbox, int, str, str] | None:
             raise _Gone
         if mine.state != State.PROVISIONING or not actions.owner_is_active(mine):
             return None
-        pool_plan = plan_for(get_user_model().objects.get(pk=owner_id))
-        if plan_for(mine.owner).limits() != pool_plan.limits():
+        pool_limits = limits_for(get_user_model().objects.get(pk=owner_id))
+        if limits_for(mine.owner).resources() != pool_limits.resources():
             return None
         try:
             image = runtime.current_image()
@@ -213,7 +212,7 @@ def _claim(sandbox: Sandbox) -> tuple[Sandbox, int, str, str] | None:
         old_pk, name, created_at, owner = mine.pk, mine.name, mine.created_at, mine.owner
         mine.delete()
         token = secrets.token_urlsafe(32)
-        ai_key = rotate_credential(pooled)  # the pool's credential stops working here
+        ai_key = mint_key(pooled)  # the pool's credential stops working here
         now = timezone.now()
         Sandbox.objects.filter(pk=pooled.pk).update(
             owner=owner,
@@ -377,7 +376,6 @@ def _new_places() -> list[Sandbox]:
     user = pool_user()
     with transaction.atomic():
         get_user_model().objects.select_for_update().filter(pk=user.pk).first()
-        Account.objects.filter(user=user).update(plan=default_plan())
         have = Sandbox.objects.filter(owner=user, state__in=USABLE_STATES).count()
         return [
             Sandbox.objects.create(

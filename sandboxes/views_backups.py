@@ -37,9 +37,9 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from billing.models import plan_for
 from sandboxes.access import get_export_for_user, get_sandbox_for_user, get_snapshot_for_user
 from sandboxes.events import record_event
+from sandboxes.limits import limits_for
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
 
 COOLDOWN = timedelta(minutes=1)  # between two presses of one button by one user
@@ -167,7 +167,7 @@ def backup_context(sandbox: Sandbox, user: Any, now: datetime | None = None) -> 
         SnapshotRow(s, TRIGGER_LABELS.get(s.trigger, s.trigger)) for s in sandbox.snapshots.all()
     ]
     return {
-        "backup_schedule": _every(plan_for(sandbox.owner).backup_interval),
+        "backup_schedule": _every(limits_for(sandbox.owner).backup_interval),
         "snapshots": rows,
         "latest_export": _export_view(latest, now, export_pending) if latest else None,
         "backup_busy": busy,

@@ -18,7 +18,7 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from billing.ai_gateway.models import UsageRecord
+from ai_gateway.models import UsageRecord
 from sandboxes import actions, bootqueue, tasks
 from sandboxes.backends import get_backend
 from sandboxes.backends.fake import FakeBackend

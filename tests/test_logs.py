@@ -22,7 +22,7 @@ from django.http import HttpRequest, HttpResponse
 from django.test import Client
 from django.urls import path
 
-from billing.ai_gateway.credentials import KEY_PREFIX
+from ai_gateway.credentials import KEY_PREFIX
 from portal.lib.logs import RedactFilter, logging_config
 from portal.lib.redact import MASK
 

@@ -20,7 +20,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from billing.ai_gateway.models import Api, Upstream, UsageRecord
+from ai_gateway.models import Api, Upstream, UsageRecord
 from billing.models import Account, Plan
 from portal import metrics
 from portal.asgi import application

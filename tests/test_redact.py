@@ -6,7 +6,7 @@ import secrets
 
 import pytest
 
-from billing.ai_gateway.credentials import KEY_PREFIX
+from ai_gateway.credentials import KEY_PREFIX
 from portal.lib.redact import MASK, redact
 
 
@@ -157,7 +157,7 @@ def test_it_masks_secrets_inside_a_traceback_text() -> None:
     key = "sk-ant-api03-" + _alnum(60)
     text = (
         "Traceback (most recent call last):\n"
-        '  File "billing/ai_gateway/proxy.py", line 10, in forward\n'
+        '  File "ai_gateway/proxy.py", line 10, in forward\n'
         "    raise ValueError(f'bad key {key}')\n"
         f"ValueError: bad key {key}\n"
     )

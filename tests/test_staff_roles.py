@@ -12,7 +12,7 @@ from django.contrib.auth.models import Group
 from django.test import Client
 from django.urls import reverse
 
-from billing.ai_gateway.models import Upstream
+from ai_gateway.models import Upstream
 from billing.models import Plan
 from sandboxes import tasks
 from sandboxes.backups import tasks as backup_tasks

@@ -15,7 +15,7 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from billing.ai_gateway import credentials, proxy
+from ai_gateway import credentials, proxy
 from sandboxes import actions, tasks
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import tasks as backup_tasks

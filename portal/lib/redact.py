@@ -5,7 +5,7 @@ Contract: ``redact(text)`` returns ``text`` with every secret it recognises repl
 prefix such as ``sk-ant-`` or ``hmk_``). It is idempotent (redacting twice changes nothing
 more) and never raises. What it recognises:
 
-- Hermit's own: AI sandbox credentials (``hmk_…``, billing.ai_gateway.credentials.KEY_PREFIX),
+- Hermit's own: AI sandbox credentials (``hmk_…``, ai_gateway.credentials.KEY_PREFIX),
   and gateway tokens, device keys and restic passwords, which carry no prefix: they are
   ``secrets.token_urlsafe`` strings, caught by the high-entropy rule below and by their names;
 - provider keys: OpenAI (``sk-…``, ``sk-proj-…``), Anthropic (``sk-ant-…``), OpenRouter

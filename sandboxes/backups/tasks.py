@@ -19,10 +19,10 @@ from django.contrib.auth import get_user_model
 from django.db.models import Q
 from django.utils import timezone
 
-from billing.models import plan_for
 from sandboxes import alerts
 from sandboxes.backups import actions, restic, storage
 from sandboxes.events import record_event
+from sandboxes.limits import limits_for
 from sandboxes.models import BackupRepository, Sandbox, Snapshot
 from sandboxes.pool import POOL_USERNAME
 
@@ -101,7 +101,7 @@ def _failed(sandbox: Sandbox, kind: str, reason: str, user: Any) -> None:
 def is_due(sandbox: Sandbox, now: datetime) -> bool:
     """Return True if the sandbox's plan schedules backups and its interval has passed since
     the last attempt (a backup, a skip because nothing changed, or a failure)."""
-    interval = plan_for(sandbox.owner).backup_interval
+    interval = limits_for(sandbox.owner).backup_interval
     if interval is None or sandbox.state not in SCHEDULED_STATES:
         return False
     row = BackupRepository.objects.filter(sandbox=sandbox).first()
