@@ -21,9 +21,16 @@ for services whose 127.0.0.1 URL the namespace reads from the shared database, s
 model server's upstream URL.
 
 ``popen(argv)`` runs a command inside the namespace (``ip netns exec``) in a session of its
-own and returns its Popen. Leaving the block (even on an exception) ends every process started
-there and any other process still in the namespace, stops the forwarder, deletes the veth pair
-and the namespace; :meth:`HostNamespace.leftovers` says what, if anything, is still there.
+own and returns its Popen. ``ip netns exec`` mounts the namespace's own sysfs on /sys, which
+hides this machine's cgroup hierarchy (/sys/fs/cgroup); ``popen(argv, host_mounts=True)``
+enters the network namespace only (``nsenter --net``), keeping this machine's mounts, as a
+sandbox host's worker needs (its sandboxes' cgroups are under /sys/fs/cgroup).
+
+Leaving the block (even on an exception) ends every process started there and any other
+process still in the namespace, stops the forwarder, deletes the veth pair and the namespace;
+:meth:`HostNamespace.leftovers` says what, if anything, is still there. (A sandbox started
+there runs in a network namespace of its own, pasta's: the caller stops it, through its
+cgroups.)
 
 The pytest fixture ``host_namespace`` (registered in tests/conftest.py) yields one, torn down
 after the test.
@@ -241,6 +248,12 @@ class HostNamespace:
         if self.name:
             _ip("netns", "del", self.name, check=False)
 
+    def route_default(self) -> None:
+        """Give the namespace a default route, through the root namespace's side of the veth
+        pair, as a machine has one: pasta (each sandbox's network) will not start without a
+        routable interface. Nothing goes further: this machine does not forward."""
+        _ip("-n", self.name, "route", "replace", "default", "via", self.host_address)
+
     # -- processes --------------------------------------------------------------------------
 
     def popen(
@@ -249,17 +262,21 @@ class HostNamespace:
         *,
         env: Mapping[str, str] | None = None,
         log: Path | None = None,
+        host_mounts: bool = False,
         **kwargs: Any,
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside the namespace, in a session of its own; its output goes to
-        ``log`` if given (else wherever ``kwargs`` say). It is ended when the block ends."""
+        ``log`` if given (else wherever ``kwargs`` say). It is ended when the block ends.
+        With ``host_mounts``, only the network namespace is entered (see the module
+        docstring): this machine's /sys, and so its cgroups, stay visible."""
         if log is not None:
             out = log.open("wb")
             self._logs.append(out)
             kwargs.setdefault("stdout", out)
             kwargs.setdefault("stderr", subprocess.STDOUT)
+        enter = ["nsenter", f"--net=/run/netns/{self.name}", "--"] if host_mounts else None
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, *argv],
+            [*(enter or ["ip", "netns", "exec", self.name]), *argv],
             env=dict(env) if env is not None else None,
             start_new_session=True,
             **kwargs,
