@@ -5,7 +5,8 @@ rather than through the handlers Celery would put on the root logger.
 
 A sandbox host's worker (HERMIT_HOST_WORKER, the default) also consumes its host's own queue
 (sandboxes.hosts.queue_for) and heartbeats its SandboxHost row (:class:`HostHeartbeat`), so
-``celery -A portal worker`` needs no extra flags.
+``celery -A portal worker`` needs no extra flags. A sandbox's task that reaches a worker of
+another host is sent on to its own host's queue (:class:`HostTask`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,34 @@ import os
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.contrib.django.task import DjangoTask
 from celery.signals import celeryd_after_setup, setup_logging
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 log = logging.getLogger(__name__)
 
-app = Celery("portal")
+
+class HostTask(DjangoTask):
+    """Every task's base: a sandbox's task that a worker of another host received (the sandbox
+    moved after the task was queued) is sent on to its host's queue instead of run there.
+    Direct calls and eager runs are never forwarded."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if not (request.called_directly or request.is_eager) and self._elsewhere(args, kwargs):
+            self.apply_async(args, kwargs)
+            return "forwarded"
+        return super().__call__(*args, **kwargs)
+
+    def _elsewhere(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        from sandboxes import hosts
+
+        host = hosts.host_for_task(self, args, kwargs)
+        return host is not None and host != hosts.local_name()
+
+
+app = Celery("portal", task_cls=HostTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 

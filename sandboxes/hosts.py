@@ -6,6 +6,8 @@ Contract:
   default queue (portal.celery adds it at worker start). :func:`route_task`, the Celery router,
   sends every task whose first parameter is ``sandbox_id`` to the queue of that sandbox's host;
   tasks with no sandbox, and those of a sandbox with no host yet, go to the default queue. A
+  worker that receives a sandbox's task after the sandbox moved sends it on to its new host
+  (portal.celery.HostTask). A
   deployment that names its default queue (HERMIT_CELERY_QUEUE) gets its host queues under that
   name (``<queue>.host.<name>``), so two portals, or two test runs, sharing one Redis never take
   each other's tasks.
@@ -112,6 +114,17 @@ def _host_of_closing(sandbox_id: int) -> str | None:
         connection.close()
 
 
+def host_for_task(task: Any, args: Any, kwargs: Any) -> str | None:
+    """The name of the host whose queue ``task`` with these arguments belongs on: its
+    sandbox's host, or None (no sandbox, no host yet, or gone)."""
+    if not _is_sandbox_task(task):
+        return None
+    sandbox_id = args[0] if args else (kwargs or {}).get("sandbox_id")
+    if not isinstance(sandbox_id, int):
+        return None
+    return host_name_of(sandbox_id)
+
+
 def route_task(
     name: str,
     args: Any,
@@ -129,12 +142,9 @@ def route_task(
         from portal.celery import app
 
         task = app.tasks.get(name)
-    if task is None or not _is_sandbox_task(task):
+    if task is None:
         return None
-    sandbox_id = args[0] if args else (kwargs or {}).get("sandbox_id")
-    if not isinstance(sandbox_id, int):
-        return None
-    host = host_name_of(sandbox_id)
+    host = host_for_task(task, args, kwargs)
     return {"queue": queue_for(host)} if host else None
 
 

@@ -32,8 +32,8 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db.models import Q
 
-from billing.models import plan_for
 from sandboxes.backends.base import BackendError
+from sandboxes.limits import limits_for
 from sandboxes.models import Sandbox, SandboxEvent
 from sandboxes.openclaw import cron
 
@@ -68,7 +68,7 @@ def due_for_wake(now: datetime) -> list[Sandbox]:
         .filter(Q(restart_after__isnull=True) | Q(restart_after__lte=now))
         .order_by("next_job_at")
     )
-    return [s for s in candidates if plan_for(s.owner).sleeps_after() is not None]
+    return [s for s in candidates if limits_for(s.owner).sleeps_after() is not None]
 
 
 def wake_due(now: datetime) -> int:

@@ -36,11 +36,11 @@ from django.core.cache import cache
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from billing.models import Plan, plan_for
 from sandboxes import actions, hosts, passes, relocation
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, CheckpointImage, Progress, SandboxSpec
 from sandboxes.events import record_event
+from sandboxes.limits import SandboxLimits, limits_for
 from sandboxes.models import Checkpoint, RuntimeImage, Sandbox, SandboxEvent
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,9 @@ def last_active(sandboxes: list[Sandbox]) -> dict[int, datetime]:
     return latest
 
 
-def doze_after(plan: Plan) -> timedelta | None:
-    """Idle time after which a sandbox on ``plan`` dozes, or None if it never sleeps."""
-    sleep_after = plan.sleeps_after()
+def doze_after(limits: SandboxLimits) -> timedelta | None:
+    """Idle time after which a sandbox with these limits dozes, or None if it never sleeps."""
+    sleep_after = limits.sleeps_after()
     if sleep_after is None:
         return None
     return min(timedelta(seconds=settings.HERMIT_DOZE_AFTER), sleep_after)
@@ -324,7 +324,7 @@ def restore_spec(sandbox: Sandbox, image: RuntimeImage) -> SandboxSpec:
     gateway keeps the environment it was started with)."""
     from sandboxes.openclaw import setup
 
-    return setup.restore_spec(sandbox, plan_for(sandbox.owner), image)
+    return setup.restore_spec(sandbox, limits_for(sandbox.owner), image)
 
 
 def restore_steps(sandbox: Sandbox, found: Checkpoint, image: RuntimeImage) -> Iterator[Progress]:
@@ -449,14 +449,14 @@ def apply_policy(sandbox: Sandbox, now: datetime) -> str:
     The caller holds the sandbox's claim (sandboxes.passes)."""
     if sandbox.state not in (State.RUNNING, State.DOZING):
         return ""
-    plan = plan_for(sandbox.owner)
-    sleep_after = plan.sleeps_after()
+    limits = limits_for(sandbox.owner)
+    sleep_after = limits.sleeps_after()
     if sleep_after is None:
         return "woke" if sandbox.state == State.DOZING and thaw(sandbox) else ""
     if _holds_awake(sandbox, now):
         return ""
     idle = now - last_active([sandbox])[sandbox.pk]
-    doze_idle = doze_after(plan)
+    doze_idle = doze_after(limits)
     if idle >= sleep_after:
         done = hibernate(sandbox, message="Idle: hibernating", idle_since=now - sleep_after)
         return "hibernated" if done else ""

@@ -13,10 +13,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from billing.models import plan_for
 from sandboxes import actions, hosts, passes, pool, relocation, schedule, sleep  # noqa: F401
 from sandboxes.backends.base import BackendError
 from sandboxes.events import record_event
+from sandboxes.limits import limits_for
 from sandboxes.models import Sandbox, SandboxHost
 
 log = logging.getLogger(__name__)
@@ -218,22 +218,23 @@ def apply_plan(sandbox_id: int) -> None:
     sandbox = _get(sandbox_id)
     if sandbox is None:
         return
-    plan = plan_for(sandbox.owner)
+    limits = limits_for(sandbox.owner)
     with contextlib.suppress(actions.TransitionRefused, BackendError):
         if sandbox.state == State.STARTING:  # it may have read the old plan: follow it to its end
             for _ in actions.wake_sandbox(sandbox, actor=actions.Actor.SYSTEM):
                 pass
             sandbox.refresh_from_db()
         if sandbox.state in (State.RUNNING, State.DOZING) and not actions.started_with(
-            sandbox, plan.limits()
+            sandbox, limits.resources()
         ):
-            record_event(sandbox, "plan", f"Restarting your agent with the {plan.name} plan")
+            record_event(sandbox, "plan", f"Restarting your agent with the {limits.plan_name} plan")
             for _ in actions.restart_sandbox(sandbox, keep_activity=True):
                 pass
             return
         if sandbox.state == State.SLEEPING:
-            sleep.drop_checkpoint(sandbox, f"moved to the {plan.name} plan; it starts afresh")
-        if plan.sleeps_after() is None and sandbox.state in (State.DOZING, State.SLEEPING):
+            why = f"moved to the {limits.plan_name} plan; it starts afresh"
+            sleep.drop_checkpoint(sandbox, why)
+        if limits.sleeps_after() is None and sandbox.state in (State.DOZING, State.SLEEPING):
             for _ in actions.wake_sandbox(sandbox, actor=actions.Actor.SYSTEM):
                 pass
 

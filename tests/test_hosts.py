@@ -195,6 +195,9 @@ def test_a_real_worker_heartbeats_and_takes_its_hosts_sandbox_tasks(
         Sandbox.objects.filter(pk=elsewhere.pk).update(state=State.STOPPED, host=nowhere)
 
         tasks.sleep_sandbox.delay(elsewhere.pk)  # on a queue no worker of this run consumes
+        # Sent to this worker's queue by mistake (as if the sandbox moved after it was queued):
+        # the worker sends it on to the sandbox's own host instead of running it.
+        tasks.sleep_sandbox.apply_async((elsewhere.pk,), queue=hosts.queue_for(name))
         tasks.sleep_sandbox.delay(sandbox.pk)
         done = SandboxEvent.objects.filter(sandbox=sandbox, kind="staff-result")
         _wait(done.exists, 60, "the host's task never ran", worker)
@@ -206,8 +209,8 @@ def test_a_real_worker_heartbeats_and_takes_its_hosts_sandbox_tasks(
             app.connection_for_write() as conn,
             conn.SimpleQueue(hosts.queue_for(nowhere.name)) as q,
         ):
-            assert q.qsize() == 1  # still waiting for its own host
-            q.clear()
+            _wait(lambda: q.qsize() == 2, 30, "the misrouted task was not sent on", worker)
+            q.clear()  # both wait for their own host
         first = host.last_heartbeat
         assert first is not None
         _wait(  # the worker's timer beats again
