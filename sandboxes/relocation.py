@@ -18,6 +18,10 @@ image on the old host's disk) never moves: it is dropped.
   gets an event saying from which snapshot it will come back (changes since may be lost), or
   that it had none and starts fresh. Always-on ones are started again by reconcile.
 
+Every host must reach the backups (S3, or HERMIT_BACKUP_DIR on storage every host mounts at
+the same path): a drain refuses to move a sandbox whose backups are on its host's own disk
+(:func:`backups_shared`), and a lost host's sandboxes can only come back if they are not.
+
 Every step is a conditional update on the sandbox's host (and state), so a pass that runs
 twice, or two passes at once, move each sandbox once.
 """
@@ -63,14 +67,23 @@ def movable(host: SandboxHost) -> list[int]:
     )
 
 
+def backups_shared() -> bool:
+    """Whether every host reaches the backups: S3, or HERMIT_BACKUP_DIR set (to storage every
+    host mounts at that path). The default, inside the host's own data dir, is not."""
+    from sandboxes.backups import storage
+
+    return storage.s3_mode() or bool(settings.HERMIT_BACKUP_DIR)
+
+
 def move_idle(sandbox: Sandbox) -> str:
     """Move an idle sandbox off its draining host; return the outcome.
 
     ``moved``; ``not-draining`` (its host is active or lost: nothing to do); ``not-idle``
     (awake: it moves after its next sleep); ``no-room`` (no other host has room: tried again on
-    the next pass); ``backup-failed`` or ``busy`` (another backup or restore holds it: tried
-    again); ``raced`` (it changed meanwhile); ``failed`` (its local data could not be removed:
-    it stays, and its event says why).
+    the next pass); ``backups-local`` (the backups are on this host's disk, which no other
+    host reads: see :func:`backups_shared`); ``backup-failed`` or ``busy`` (another backup or
+    restore holds it: tried again); ``raced`` (it changed meanwhile); ``failed`` (its local
+    data could not be removed: it stays, and its event says why).
     """
     from sandboxes.backups import actions as backups
     from sandboxes.backups.storage import StorageError
@@ -81,6 +94,9 @@ def move_idle(sandbox: Sandbox) -> str:
         return "not-draining"
     if sandbox.state not in IDLE or sandbox.backend_state:
         return "not-idle"
+    if not backups_shared():
+        log.warning("sandbox %s: not moved: its backups are on this host's disk", sandbox.pk)
+        return "backups-local"
     try:
         target = hosts.choose(exclude=host)
     except hosts.NoRoom:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from io import StringIO
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -287,8 +288,10 @@ def test_a_fresh_install_places_on_this_machine(alice: Any, settings: Any) -> No
 
 
 @pytest.fixture
-def two_hosts(settings: Any) -> tuple[SandboxHost, SandboxHost]:
+def two_hosts(settings: Any, tmp_path: Path) -> tuple[SandboxHost, SandboxHost]:
+    """Hosts 1 (this process) and 2, whose backups both reach (HERMIT_BACKUP_DIR)."""
     settings.HERMIT_HOST_NAME = "host-1"
+    settings.HERMIT_BACKUP_DIR = str(tmp_path / "shared-backups")
     SandboxHost.objects.all().delete()
     return make_host("host-1", free=9000), make_host("host-2", free=4000)
 
@@ -364,6 +367,23 @@ def test_a_drain_with_nowhere_to_go_leaves_the_agent_where_it_is(
     assert tasks.move_off_host(sandbox.pk) == "no-room"
     sandbox.refresh_from_db()
     assert sandbox.host == host2 and sandbox.data_dir.exists()
+
+
+@pytest.mark.django_db
+def test_a_drain_never_moves_an_agent_whose_backups_only_its_host_can_read(
+    fake_backend: FakeBackend,
+    data_sandbox: Callable[..., Sandbox],
+    two_hosts: tuple[SandboxHost, SandboxHost],
+    settings: Any,
+) -> None:
+    _, host2 = two_hosts
+    settings.HERMIT_BACKUP_DIR = ""  # the default: inside host 2's own data dir
+    sandbox = on_host(data_sandbox("local@example.com", state="sleeping"), host2)
+    hosts.set_state("host-2", HostState.DRAINING)
+    assert tasks.move_off_host(sandbox.pk) == "backups-local"
+    sandbox.refresh_from_db()
+    assert sandbox.host == host2 and sandbox.data_dir.exists()
+    assert not Snapshot.objects.filter(sandbox=sandbox).exists()
 
 
 # -- lost hosts --------------------------------------------------------------------------------
