@@ -3,10 +3,12 @@
 One pooled sandbox serves every test here that needs a live agent: the chat tests' one
 (``alice@chat.test``), so this module starts no gateway of its own; each test leaves it running
 (and re-pooled, since a restore restarts it). A cold boot costs ~15 s, so only the tests that
-must swap data in boot: restore-on-start, a point-in-time restore, a roll-back, and the
-planted-symlink restore. Retention and the lease between two backups are about the repository,
-not the agent: they back up a stopped sandbox's data dir written by hand (``data_sandbox``),
-with the same real restic. Only the first test's backup sets its repository up with
+must swap data in under a live agent boot: restore-on-start, a point-in-time restore and a
+roll-back. The planted-symlink backup and restore is about what restic and the swap do with
+the files: it runs on the in-memory backend (``fake_agent``: running, paused while restic reads,
+no gateway). Retention and the lease between two backups are about the repository, not the
+agent: they back up a stopped sandbox's data dir written by hand (``data_sandbox``), with the
+same real restic. Only the first test's backup sets its repository up with
 ``restic init`` (~3 s); the others start with a copy of an initialised empty one
 (``initialized_repository``).
 """
@@ -37,8 +39,10 @@ from django.utils import timezone
 from billing.models import Plan
 from sandboxes import actions as sandbox_actions
 from sandboxes.backends import cgroups
+from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import actions, restic
 from sandboxes.models import BackupRepository, Sandbox, SandboxEvent, Snapshot
+from tests.factories import make_user
 from tests.fakes.model_server import FakeModelServer
 from tests.fixtures.backups import backup_plan, history, sh, tell, write_files
 from tests.fixtures.live import ROOT, server_env
@@ -60,6 +64,22 @@ def agent(
         for _ in sandbox_actions.wake_sandbox(sandbox, actor=SandboxEvent.Actor.SYSTEM):
             pass
     sandbox_pool.snapshot(EMAIL)
+
+
+@pytest.fixture
+def fake_agent(fake_backend: FakeBackend) -> Iterator[Sandbox]:
+    """A running sandbox on the in-memory backend, its data dir on disk (``exec`` runs there
+    as a host process): backups pause it and restores swap its data and start it as a real
+    one's, with no gateway to cold boot."""
+    user = make_user("symlinks@backups.test")
+    sandbox = Sandbox.objects.select_related("owner").get(owner=user)
+    Sandbox.objects.filter(pk=sandbox.pk).update(backend="fake")
+    sandbox.refresh_from_db()
+    sandbox_actions.provision_sandbox(sandbox)
+    sandbox.refresh_from_db()
+    assert sandbox.state == State.RUNNING and sandbox.data_dir.is_dir(), sandbox.error_message
+    yield sandbox
+    shutil.rmtree(sandbox.data_dir, ignore_errors=True)
 
 
 def workspace(sandbox: Sandbox) -> Path:
@@ -378,8 +398,9 @@ def test_two_backups_at_once_the_second_is_busy(data_sandbox: Callable[..., Sand
 
 
 def test_a_planted_symlink_cannot_make_backup_or_restore_reach_outside(
-    agent: Sandbox, tmp_path: Path, initialized_repository: Callable[[Sandbox], Any]
+    fake_agent: Sandbox, tmp_path: Path, initialized_repository: Callable[[Sandbox], Any]
 ) -> None:
+    agent = fake_agent
     initialized_repository(agent)
     secret = tmp_path / "host-secret.txt"
     secret.write_text(f"HOST SECRET {secrets.token_hex(8)}")
