@@ -89,6 +89,9 @@ def portal(
     wait_for_port(ui_port, proc=daphne.proc)
     worker = start_server("celery", name="worker-root", **env)
     yield Portal(url, ui, daphne, ai_gateway, worker)
+    # now, not at the session's end: this worker must not take later tests' tasks
+    for server in (worker, daphne, ai_gateway):
+        server.stop()
 
 
 def ids(pid: int) -> dict[str, list[int]]:
