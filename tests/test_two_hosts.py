@@ -52,7 +52,7 @@ from tests.netns import HostNamespace
 
 SECRET = "two-hosts-link-secret-".ljust(40, "x")
 HEARTBEAT = 1  # seconds, on both hosts
-LOST_AFTER = 4  # seconds without a heartbeat before a host is lost
+LOST_AFTER = 8  # seconds without a heartbeat before a host is lost
 BOOT = 240  # seconds a cold boot (with a restore) may take on 2 busy cores
 State = Sandbox.State
 HostState = SandboxHost.State
