@@ -1,6 +1,7 @@
 """Suspending and deleting a user, end to end, on a real OpenClaw gateway in a real sandbox
 (the session's pooled one, tests/fixtures/sandboxes.py): staff act in the admin, the queued
-Celery tasks run, and the gateway, the AI gateway and the chat consumer all follow."""
+Celery tasks run, and the gateway, the AI gateway and the chat consumer all follow. The suspend
+and delete tests stop that gateway for good, so they run at the end of the session."""
 
 from __future__ import annotations
 
@@ -122,6 +123,7 @@ def test_it_approves_and_revokes_a_paired_device(
     assert async_to_sync(ask_to_pair)(sandbox, phone) not in ("", request_id)  # pairs again
 
 
+@pytest.mark.spends_pooled_gateway
 def test_it_suspends_a_user_on_a_real_gateway(
     alice_sandbox: Sandbox, staff: Any, client: Client, ai_gateway_server: Any
 ) -> None:
@@ -156,6 +158,7 @@ def test_it_suspends_a_user_on_a_real_gateway(
     assert (event.actor, event.actor_user) == ("staff", staff)
 
 
+@pytest.mark.spends_pooled_gateway
 def test_it_deletes_an_account_on_a_real_gateway(
     alice_sandbox: Sandbox, staff: Any, client: Client, ai_gateway_server: Any, settings: Any
 ) -> None:
