@@ -15,20 +15,24 @@ data dir, cgroups and sandbox uids, sharing PostgreSQL, Redis and the backup loc
 Real parts throughout: gateways in bubblewrap + pasta, real workers, real restic; only the
 model is the fake server. Four cold boots in all (two per test), about 12 CPU-s each.
 
-The chat goes through :func:`gateway_url_for`: the portal's own path to a gateway (the backend's
-endpoint here, :func:`sandboxes.hostlink.gateway_url` on another host). Once the chat consumer
-reaches remote gateways through hostlink itself, the chat helpers can go through it instead.
+On host 2 the chat goes through :func:`say`, over :func:`gateway_url_for`: the portal's path to
+a gateway on another host (:func:`sandboxes.hostlink.gateway_url`, through its edge), with the
+portal's device key. The chat consumer does not reach remote gateways yet; once it does, those
+calls become :func:`say_through_portal`, the user's own path (the chat consumer through the
+ASGI router), which is what the test uses on host 1 after each move.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +40,10 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
 from django.core.management import call_command
 
+from portal.asgi import application
 from sandboxes import actions, hostlink, hosts, tasks
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.consumers.chat import device_identity_for, message_text
@@ -45,6 +51,7 @@ from sandboxes.models import Sandbox, SandboxEvent, SandboxHost, Snapshot
 from sandboxes.openclaw.protocol import DeviceIdentity, GatewayClient
 from tests.factories import make_user
 from tests.fakes.model_server import FakeModelServer
+from tests.fixtures.chat import session_cookie
 from tests.fixtures.live import ROOT, Server, ai_gateway_app, server_env
 from tests.fixtures.live import test_database_url as served_database_url
 from tests.fixtures.runtime import remove_cgroup_parent
@@ -54,8 +61,10 @@ SECRET = "two-hosts-link-secret-".ljust(40, "x")
 HEARTBEAT = 1  # seconds, on both hosts
 LOST_AFTER = 8  # seconds without a heartbeat before a host is lost
 BOOT = 240  # seconds a cold boot (with a restore) may take on 2 busy cores
+ORIGIN = b"http://testserver"
 State = Sandbox.State
 HostState = SandboxHost.State
+Frame = dict[str, Any]
 
 
 @dataclass
@@ -254,14 +263,40 @@ def say(sandbox: Sandbox, text: str, timeout: float = 120) -> str:
     return asyncio.run(_say(sandbox, device_identity_for(sandbox), text, timeout))
 
 
-async def _history(sandbox: Sandbox, identity: DeviceIdentity) -> list[str]:
-    async with _client(sandbox, identity) as client:
-        return [message_text(m) for m in await client.chat_history()]
+async def _portal_chat(cookie: str, text: str, timeout: float) -> tuple[list[Frame], str]:
+    comm = WebsocketCommunicator(
+        application,
+        "/ws/chat/",
+        headers=[(b"origin", ORIGIN), (b"host", b"testserver"), (b"cookie", cookie.encode())],
+    )
+    connected, code = await comm.connect(timeout=10)
+    assert connected, code
+    try:
+        shown = await _frames_until(comm, "history", timeout)
+        await comm.send_to(
+            text_data=json.dumps({"type": "send", "id": uuid.uuid4().hex, "text": text})
+        )
+        final = (await _frames_until(comm, "final", timeout))[-1]
+        return shown[-1]["messages"], final["text"]
+    finally:
+        await comm.disconnect()
 
 
-def history(sandbox: Sandbox) -> list[str]:
-    """The texts of the agent's main session (chat.history), oldest first."""
-    return asyncio.run(_history(sandbox, device_identity_for(sandbox)))
+async def _frames_until(comm: WebsocketCommunicator, kind: str, timeout: float) -> list[Frame]:
+    frames: list[Frame] = []
+    async with asyncio.timeout(timeout):
+        while not frames or frames[-1].get("type") != kind:
+            frames.append(json.loads(await comm.receive_from(timeout=timeout)))
+            assert frames[-1].get("type") != "error", frames
+    return frames
+
+
+def say_through_portal(sandbox: Sandbox, text: str, timeout: float = 120) -> tuple[list[str], str]:
+    """Open the owner's chat in the portal (the chat consumer, through the ASGI router), as
+    the browser does; return the conversation it shows first, and the reply to ``text``."""
+    cookie = session_cookie(sandbox.owner)
+    messages, reply = asyncio.run(_portal_chat(cookie, text, timeout))
+    return [m["text"] for m in messages], reply
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -363,11 +398,13 @@ def test_a_user_placed_on_host_2_chats_there_and_a_drain_moves_the_agent_with_it
         drained = time.monotonic()
 
         wake_on_host_1(both, sandbox)
-        said = history(sandbox)
-        assert "Remember this: my cat is called Ada." in said, said
-        assert "Noted: your cat is called Ada." in said, said
         model_server.script(reply="Still here, on another machine.", chunks=1)
-        assert say(sandbox, "Are you still there?") == "Still here, on another machine."
+        shown, reply = say_through_portal(sandbox, "Are you still there?")
+        assert shown[:2] == [
+            "Remember this: my cat is called Ada.",
+            "Noted: your cat is called Ada.",
+        ]
+        assert reply == "Still here, on another machine."
         print(
             f"\ntwo hosts: boot on host 2 and chat {booted - started:.1f}s, "
             f"drain move {drained - booted:.1f}s, "
@@ -417,9 +454,11 @@ def test_a_lost_host_2s_agent_comes_back_on_host_1_from_its_latest_snapshot(
         lost = time.monotonic()
 
         wake_on_host_1(both, sandbox)
-        said = history(sandbox)
+        model_server.script(reply="Welcome back.", chunks=1)
+        said, reply = say_through_portal(sandbox, "Hello again.")
         assert "Remember this: my dog is called Rex." in said, said
         assert "And my fish is called Nemo." not in said, said  # said after the snapshot
+        assert reply == "Welcome back."
         print(
             f"\ntwo hosts: boot on host 2, chat and backup {booted - started:.1f}s, "
             f"lost and relocated {lost - booted:.1f}s, "
