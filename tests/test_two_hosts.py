@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.core.management import call_command
+from django.utils import timezone
 
 from portal.asgi import application
 from sandboxes import actions, hostlink, hosts, tasks
@@ -345,6 +347,15 @@ def wake_on_host_1(setup: TwoHosts, sandbox: Sandbox) -> None:
     assert not hostlink.is_remote(sandbox)
 
 
+def timeline(sandbox: Sandbox, since: float) -> str:
+    """The sandbox's events from ``since`` (a time.monotonic() reading) on, each with its
+    offset in seconds: where the time of a move and a wake goes."""
+    start = timezone.now() - timedelta(seconds=time.monotonic() - since)
+    rows = SandboxEvent.objects.filter(sandbox=sandbox, created_at__gte=start).order_by("pk")
+    lines = [f"{(e.created_at - start).total_seconds():6.1f}s {e.kind}: {e.message}" for e in rows]
+    return "\n".join(["", *lines])
+
+
 def stop_here(sandbox: Sandbox) -> None:
     """Stop an agent left running on host 1 (the database is emptied after the test)."""
     sandbox.refresh_from_db()
@@ -405,6 +416,9 @@ def test_a_user_placed_on_host_2_chats_there_and_a_drain_moves_the_agent_with_it
             "Noted: your cat is called Ada.",
         ]
         assert reply == "Still here, on another machine."
+        calls = both.host2_output("ai-gateway")  # this one went through host 1's AI gateway
+        assert calls.count(f"ai call user={sandbox.owner_id} sandbox={sandbox.pk} ") == 1, calls
+        print(timeline(sandbox, since=booted))
         print(
             f"\ntwo hosts: boot on host 2 and chat {booted - started:.1f}s, "
             f"drain move {drained - booted:.1f}s, "
@@ -459,6 +473,7 @@ def test_a_lost_host_2s_agent_comes_back_on_host_1_from_its_latest_snapshot(
         assert "Remember this: my dog is called Rex." in said, said
         assert "And my fish is called Nemo." not in said, said  # said after the snapshot
         assert reply == "Welcome back."
+        print(timeline(sandbox, since=booted))
         print(
             f"\ntwo hosts: boot on host 2, chat and backup {booted - started:.1f}s, "
             f"lost and relocated {lost - booted:.1f}s, "
