@@ -45,7 +45,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from sandboxes import runtime
+from sandboxes import hosts, runtime
 from sandboxes.ai_keys import mint_key
 from sandboxes.backends import get_backend, safefs
 from sandboxes.backends.base import BackendError
@@ -198,12 +198,12 @@ def _claim(sandbox: Sandbox) -> tuple[Sandbox, int, str, str] | None:
             image = runtime.current_image()
         except runtime.RuntimeMissing:
             return None
-        pooled = (
-            Sandbox.objects.select_for_update(skip_locked=True)
-            .filter(owner_id=owner_id, state=State.RUNNING, runtime=image, backend=mine.backend)
-            .order_by("started_at", "pk")
-            .first()
+        candidates = Sandbox.objects.select_for_update(skip_locked=True).filter(
+            owner_id=owner_id, state=State.RUNNING, runtime=image, backend=mine.backend
         )
+        if mine.host_id is not None:  # placed: only a gateway already running on that host
+            candidates = candidates.filter(host_id=mine.host_id)
+        pooled = candidates.order_by("started_at", "pk").first()
         if pooled is None:
             return None
         # The pool row's own history is nobody's; the user's comes with them.
@@ -374,6 +374,7 @@ def _new_places() -> list[Sandbox]:
     if size <= 0:
         return []
     user = pool_user()
+    host = hosts.local_host()  # pooled gateways start on this machine
     with transaction.atomic():
         get_user_model().objects.select_for_update().filter(pk=user.pk).first()
         have = Sandbox.objects.filter(owner=user, state__in=USABLE_STATES).count()
@@ -383,6 +384,7 @@ def _new_places() -> list[Sandbox]:
                 name=f"{NAME_PREFIX}{secrets.token_hex(6)}",
                 gateway_token=secrets.token_urlsafe(32),
                 backend=settings.SANDBOX_BACKEND,
+                host=host,
             )
             for _ in range(size - have)
         ]

@@ -203,7 +203,9 @@ def test_it_retries_a_failed_always_on_sandbox_after_a_pause(
 ) -> None:
     sandbox = sandbox_for("pro@agents.test", plan="pro")
     get_backend(sandbox.backend).stop(actions.spec_for(sandbox), sandbox.backend_state)
-    Sandbox.objects.filter(pk=sandbox.pk).update(state=State.FAILED)
+    # Just failed (a queryset update leaves updated_at alone, and the pooled gateway may have
+    # started longer ago than the pause on a busy machine).
+    Sandbox.objects.filter(pk=sandbox.pk).update(state=State.FAILED, updated_at=timezone.now())
     sandbox.refresh_from_db()
     assert actions.reconcile_sandbox(sandbox) != "retried"  # just failed: not yet
     Sandbox.objects.filter(pk=sandbox.pk).update(

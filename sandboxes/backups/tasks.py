@@ -13,12 +13,13 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import Task, shared_task
+from celery import shared_task
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import Q
 from django.utils import timezone
 
+from portal.celery import HostTask
 from sandboxes import alerts
 from sandboxes.backups import actions, restic, storage
 from sandboxes.events import record_event
@@ -55,9 +56,10 @@ def _refused(sandbox: Sandbox, kind: str, reason: str, user: Any) -> None:
     record_event(sandbox, kind, f"Not started: {reason}", actor=actor, actor_user=user)
 
 
-class RequestedTask(Task):
-    """A task asked for by a person: every message carries ``requested_at`` (when it was
-    sent, aware UTC, ISO 8601), so the task can refuse a request that has grown stale.
+class RequestedTask(HostTask):
+    """A task asked for by a person (sent on to its sandbox's host like every task): every
+    message carries ``requested_at`` (when it was sent, aware UTC, ISO 8601), so the task can
+    refuse a request that has grown stale.
 
     Tasks are acknowledged late (a killed worker's task is run again), and Redis hands an
     unacknowledged message out again only after its visibility timeout (an hour): a restore
