@@ -6,14 +6,19 @@ data dir, cgroups and sandbox uids, sharing PostgreSQL, Redis and the backup loc
   OpenClaw gateway in a real sandbox, started by host 2's worker) and chats: the fake model's
   reply comes through host 2's own AI gateway, reached by the portal through host 2's edge.
 * ``manage.py hosts drain <host 2>`` moves that agent to host 1 at its next sleep (a backup on
-  host 2, a restore on host 1 at its next start), with its memory: what the user said before
-  is in the gateway's history there.
+  host 2, a restore on host 1 at its next start), with its memory: the chat the portal shows
+  there starts with what the user said on host 2, and the next reply comes through host 1's
+  AI gateway.
 * Killing host 2 (its worker and its sandboxes) and missing its heartbeats marks it lost; its
   user's agent comes back on host 1 from its latest snapshot, and an event says what may be
   lost: what was said after that snapshot is gone.
 
 Real parts throughout: gateways in bubblewrap + pasta, real workers, real restic; only the
 model is the fake server. Four cold boots in all (two per test), about 12 CPU-s each.
+
+Host 2's worker enters the namespace's network only (``host_mounts``: ``ip netns exec`` would
+hide /sys/fs/cgroup), and the namespace has a default route (pasta does not start on a machine
+without a routable interface, even for a sandbox without internet).
 
 On host 2 the chat goes through :func:`say`, over :func:`gateway_url_for`: the portal's path to
 a gateway on another host (:func:`sandboxes.hostlink.gateway_url`, through its edge), with the
