@@ -299,6 +299,8 @@ def start_sandbox(
         message="Starting your agent",
         progress=5,
         error_message="",
+        # Not moved to another host since it was read (a drain or a lost host reassigns it).
+        guard={"host_id": sandbox.host_id},
     )
     try:
         wait_for_backup(sandbox)

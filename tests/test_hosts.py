@@ -514,3 +514,22 @@ def test_staff_see_hosts_in_the_admin_and_cannot_add_or_delete_them(
     )
     host2.refresh_from_db()
     assert host2.state == HostState.DRAINING
+
+
+@pytest.mark.django_db
+def test_a_start_read_before_a_move_does_not_start_the_agent_on_its_old_host(
+    fake_backend: FakeBackend, two_hosts: tuple[SandboxHost, SandboxHost]
+) -> None:
+    host1, host2 = two_hosts
+    sandbox = on_host(running("raced@example.com"), host2)
+    actions.stop_sandbox(sandbox)
+    sandbox.refresh_from_db()
+    stale = Sandbox.objects.select_related("owner").get(pk=sandbox.pk)  # a wake read it here
+    fake_backend.calls.clear()
+    on_host(sandbox, host1)  # ... and a drain moved it before the wake claimed it
+    with pytest.raises(actions.TransitionRefused):
+        for _ in actions.start_sandbox(stale):
+            pass
+    sandbox.refresh_from_db()
+    assert (sandbox.state, sandbox.host) == (State.STOPPED, host1)
+    assert not any(method in ("start", "restore") for method, _ in fake_backend.calls)
