@@ -310,14 +310,15 @@ def say_through_portal(sandbox: Sandbox, text: str, timeout: float = 120) -> tup
 
 
 def sign_up_on_host_2(setup: TwoHosts, email: str, settings: Any) -> Sandbox:
-    """Sign ``email`` up while host 1 drains, so placement picks host 2; wait until their agent
-    runs there (booted by host 2's worker)."""
+    """Sign ``email`` up and in while host 1 drains, so placement picks host 2 (the sign-in
+    asks for the first start); wait until their agent runs there (booted by host 2's worker)."""
     call_command("hosts", "drain", setup.host1, stdout=io.StringIO())
     try:
         settings.HERMIT_AUTO_PROVISION = True
-        user = make_user(email)
+        user = make_user(email)  # a verified address, as after the confirmation link
+        session_cookie(user)  # signs in: sandboxes.signals queues the first start
         sandbox = Sandbox.objects.get(owner=user)
-        assert tasks.request_provisioning(sandbox, actor_user=user)
+        assert sandbox.events.filter(kind="queued").exists()
     finally:
         call_command("hosts", "undrain", setup.host1, stdout=io.StringIO())
     sandbox.refresh_from_db()
