@@ -69,7 +69,7 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from sandboxes import actions, controlui_auth, tasks_host
+from sandboxes import actions, controlui_auth, hostlink, tasks_host
 from sandboxes.access import get_sandbox_for_user
 from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
@@ -281,16 +281,26 @@ async def proxy(request: HttpRequest, path: str) -> HttpResponseBase:
         await sync_to_async(sandbox.refresh_from_db)()
     if sandbox.state != Sandbox.State.RUNNING:
         return _plain("Your agent is not running. Open it again from the dashboard.", 503)
+    query = request.GET.urlencode()
     try:
-        host, port = await sync_to_async(actions.gateway_endpoint)(sandbox)
+        if await sync_to_async(hostlink.is_remote)(sandbox):  # through its host's edge
+            url = await sync_to_async(hostlink.gateway_url)(
+                sandbox, target, scheme="http", query=query
+            )
+            query = ""  # already in the signed URL
+        else:
+            host, port = await sync_to_async(actions.gateway_endpoint)(sandbox)
+            url = f"http://{host}:{port}{target}"
     except BackendError:
         raise Http404("No running agent") from None
+    except ValueError:
+        return HttpResponseBadRequest("Bad path.")
     await sync_to_async(actions.record_activity)(sandbox)
     try:
         upstream = _http().build_request(
             request.method or "GET",
-            f"http://{host}:{port}{target}",
-            params=request.GET.urlencode() or None,
+            url,
+            params=query or None,
             headers=_request_headers(request, sandbox.gateway_token),
             content=request.body if request.method not in SAFE_METHODS else None,
         )

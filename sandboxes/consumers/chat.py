@@ -76,7 +76,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import InMemoryChannelLayer
 from django.http import Http404
 
-from sandboxes import actions, chat_sessions, sleep, tasks_host
+from sandboxes import actions, chat_sessions, hostlink, sleep, tasks_host
 from sandboxes.access import aget_sandbox_for_user
 from sandboxes.backends.base import BackendError
 from sandboxes.consumers.base import admit
@@ -292,6 +292,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._wake(check_crash=reconnecting)
             await self._refresh()
         try:
+            if await database_sync_to_async(hostlink.is_remote)(self.sandbox):
+                # On another host: through its edge, with a fresh single-use token each time.
+                return await database_sync_to_async(hostlink.gateway_url)(self.sandbox)
             host, port = await database_sync_to_async(actions.gateway_endpoint)(self.sandbox)
         except BackendError as exc:  # e.g. stopped meanwhile: try again (and wake) shortly
             raise GatewayUnavailable(str(exc)) from exc

@@ -27,7 +27,7 @@ from django.http import parse_cookie
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from sandboxes import actions, controlui_auth, sleep, tasks_host
+from sandboxes import actions, controlui_auth, hostlink, sleep, tasks_host
 from sandboxes.backends.base import BackendError
 from sandboxes.consumers.base import (
     CLOSE_FOREIGN_ORIGIN,
@@ -77,9 +77,13 @@ class ControlUIConsumer(AsyncWebsocketConsumer):
     async def _open_upstream(self) -> ClientConnection:
         if self.sandbox.state != Sandbox.State.RUNNING:
             raise BackendError("the agent is not running")
-        host, port = await database_sync_to_async(actions.gateway_endpoint)(self.sandbox)
+        if await database_sync_to_async(hostlink.is_remote)(self.sandbox):
+            url = await database_sync_to_async(hostlink.gateway_url)(self.sandbox, "/")
+        else:
+            host, port = await database_sync_to_async(actions.gateway_endpoint)(self.sandbox)
+            url = f"ws://{host}:{port}/"
         return await websockets.connect(
-            f"ws://{host}:{port}/",
+            url,
             origin=portal_origin(),  # type: ignore[arg-type]
             max_size=MAX_FRAME_BYTES,
             open_timeout=10,
