@@ -42,7 +42,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 import sandboxes.admin_hosts  # noqa: F401 (registers the sandbox hosts' admin)
-from sandboxes import bootqueue, runtime, staff, tasks, tasks_host
+from sandboxes import hosts, runtime, staff, tasks, tasks_host
 from sandboxes.admin_users import register_user_admins
 from sandboxes.backends.base import ProcessInfo
 from sandboxes.backups import tasks as backup_tasks
@@ -224,7 +224,7 @@ OVERVIEW = (
     "state",
     "owner_link",
     "plan",
-    "host",
+    "host_label",
     "runtime_version",
     "error_message",
     "started_at",
@@ -242,13 +242,14 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
         "__str__",
         "owner",
         "state",
+        "host",
         "runtime",
         "last_activity_at",
         "last_backup",
         "staff_action",
         "updated_at",
     )
-    list_filter = ("state", "backend", "runtime")
+    list_filter = ("state", "host", "backend", "runtime")
     search_fields = ("owner__email", "owner__username", "name")
     readonly_fields = (
         *OVERVIEW,
@@ -289,7 +290,7 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
     exclude = ("gateway_token", "device_private_key", "device_token")
     raw_id_fields = ("owner",)
     inlines = [SnapshotInline, SandboxEventInline]
-    list_select_related = ("owner", "runtime", "backup_repo")
+    list_select_related = ("owner", "host", "runtime", "backup_repo")
     actions = [
         "start",
         "stop",
@@ -417,8 +418,11 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
         return plan_for(obj.owner).name if obj.pk else "-"
 
     @admin.display(description="host")
-    def host(self, obj: Sandbox) -> str:
-        return f"{bootqueue.host_name()} ({obj.backend} backend)"
+    def host_label(self, obj: Sandbox) -> str:
+        """The sandbox host it is placed on (Sandbox.host; none recorded means this machine,
+        as sandboxes.hosts.is_here has it), and its backend."""
+        where = obj.host.name if obj.host is not None else hosts.local_name()
+        return f"{where} ({obj.backend} backend)"
 
     @admin.display(description="runtime version")
     def runtime_version(self, obj: Sandbox) -> str:
