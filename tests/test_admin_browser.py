@@ -28,7 +28,7 @@ STAFF_EMAIL = "ops@admin.test"
 
 
 def test_it_signs_staff_in_with_totp_and_approves_a_device(
-    sandbox_for: Callable[..., Sandbox], start_server: Callable[..., Server]
+    sandbox_for: Callable[..., Sandbox], start_server: Callable[..., Server], celery_queue: str
 ) -> None:
     sandbox = sandbox_for("alice@chat.test")
     staff = make_user(STAFF_EMAIL, is_staff=True, is_superuser=True)
@@ -36,7 +36,10 @@ def test_it_signs_staff_in_with_totp_and_approves_a_device(
     phone = DeviceIdentity.generate()
     request_id = async_to_sync(ask_to_pair)(sandbox, phone)
     assert request_id
-    server = start_server("daphne", HERMIT_AUTO_PROVISION="False")
+    # The page asks the worker on the sandbox's host for what runs inside and for its devices.
+    env = {"HERMIT_AUTO_PROVISION": "False", "HERMIT_CELERY_QUEUE": celery_queue}
+    server = start_server("daphne", **env)
+    start_server("celery", name="admin-worker", **env)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
