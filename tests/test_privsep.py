@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -147,6 +148,28 @@ def test_no_web_process_runs_as_root_and_the_worker_does(portal: Portal) -> None
 
 def as_web_user(*argv: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*as_user(WEB_USER), *argv], capture_output=True, cwd=ROOT)
+
+
+def test_the_web_user_can_serve_an_export_the_root_worker_wrote(
+    portal: Portal, sandbox_dirs: dict[str, str], settings: Any
+) -> None:
+    """Local export archives are written by root's worker and served by the portal."""
+    from django.core.files.base import ContentFile
+
+    from sandboxes.backups.storage import export_storage
+
+    settings.HERMIT_DATA_DIR = sandbox_dirs["HERMIT_DATA_DIR"]
+    storage = export_storage()
+    name = storage.save("privsep-check/export.tar.gz", ContentFile(b"archive bytes"))
+    path = Path(storage.path(name))
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        assert path.stat().st_uid == 0
+        served = as_web_user("cat", str(path))
+        assert served.returncode == 0 and served.stdout == b"archive bytes", served.stderr
+        assert as_web_user("touch", str(path.parent / "planted")).returncode != 0
+    finally:
+        storage.delete(name)
 
 
 # -- chat through the unprivileged daphne ------------------------------------------------------

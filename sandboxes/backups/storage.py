@@ -136,11 +136,14 @@ def export_storage() -> Storage:
         )
     path = Path(settings.HERMIT_DATA_DIR) / "exports"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Readable by the folder's group and no one else: bin/web-user makes the folder
+    # root:<web user> with the setgid bit, so the unprivileged portal can serve what the root
+    # worker writes; a folder made here stays root's alone (0700).
     return FileSystemStorage(
         location=path,
         base_url=None,
-        file_permissions_mode=0o600,
-        directory_permissions_mode=0o700,
+        file_permissions_mode=0o640,
+        directory_permissions_mode=0o2750,
     )
 
 
