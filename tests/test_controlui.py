@@ -210,7 +210,9 @@ def test_it_opens_the_control_ui_in_a_browser(
         assert page.url.startswith(ui + "/"), page.url  # its own origin, not the portal's
         assert sandbox.gateway_token not in page.url  # the UI drops the fragment once read
         assert page.evaluate("document.cookie") == ""  # no portal cookie; its own is HttpOnly
-        page.wait_for_timeout(2000)
+        # rendered, not its loading skeleton (which a busy machine shows for seconds)
+        page.get_by_text("Main Session").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "control-ui.png"))
         browser.close()
     assert (ARTIFACTS / "control-ui.png").stat().st_size > 10_000
