@@ -20,11 +20,9 @@ Host 2's worker enters the namespace's network only (``host_mounts``: ``ip netns
 hide /sys/fs/cgroup), and the namespace has a default route (pasta does not start on a machine
 without a routable interface, even for a sandbox without internet).
 
-On host 2 the chat goes through :func:`say`, over :func:`gateway_url_for`: the portal's path to
-a gateway on another host (:func:`sandboxes.hostlink.gateway_url`, through its edge), with the
-portal's device key. The chat consumer does not reach remote gateways yet; once it does, those
-calls become :func:`say_through_portal`, the user's own path (the chat consumer through the
-ASGI router), which is what the test uses on host 1 after each move.
+Every chat is the user's own: the portal's chat consumer through the ASGI router, in this
+process (the root namespace), which reaches a gateway on host 2 only through host 2's edge
+(:func:`sandboxes.hostlink.gateway_url`): that gateway listens on host 2's loopback alone.
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.core.management import call_command
 from django.utils import timezone
@@ -53,9 +50,7 @@ from django.utils import timezone
 from portal.asgi import application
 from sandboxes import actions, hostlink, hosts, tasks
 from sandboxes.backups import tasks as backup_tasks
-from sandboxes.consumers.chat import device_identity_for, message_text
 from sandboxes.models import Sandbox, SandboxEvent, SandboxHost, Snapshot
-from sandboxes.openclaw.protocol import DeviceIdentity, GatewayClient
 from tests.factories import make_user
 from tests.fakes.model_server import FakeModelServer
 from tests.fixtures.chat import session_cookie
@@ -231,43 +226,7 @@ def both(two_hosts: TwoHosts, transactional_db: None, sandbox_pool: Any, setting
     return two_hosts
 
 
-# -- the portal's path to a gateway, and chat through it ----------------------------------------
-
-
-def gateway_url_for(sandbox: Sandbox) -> str:
-    """The URL the portal opens to the sandbox's gateway: through the edge of the sandbox's
-    host when it is another host (a signed, single-use URL), else the backend's endpoint."""
-    sandbox.refresh_from_db()
-    if hostlink.is_remote(sandbox):
-        return hostlink.gateway_url(sandbox)
-    host, port = actions.gateway_endpoint(sandbox)
-    return f"ws://{host}:{port}"
-
-
-def _client(sandbox: Sandbox, identity: DeviceIdentity) -> GatewayClient:
-    async def url() -> str:  # signed afresh for each connect: a token opens one connection
-        return await sync_to_async(gateway_url_for)(sandbox)
-
-    return GatewayClient(url, token=sandbox.gateway_token, identity=identity, connect_timeout=60)
-
-
-async def _say(sandbox: Sandbox, identity: DeviceIdentity, text: str, timeout: float) -> str:
-    async with _client(sandbox, identity) as client:
-        started = await client.chat_send(text)
-        async with asyncio.timeout(timeout):
-            async for event in client.events():
-                payload = event.payload
-                if event.event != "chat" or payload.get("runId") != started["runId"]:
-                    continue
-                if payload.get("state") == "final":
-                    return message_text(payload.get("message"))
-                assert payload.get("state") not in ("error", "aborted"), payload
-    raise AssertionError("the chat ended without a final reply")
-
-
-def say(sandbox: Sandbox, text: str, timeout: float = 120) -> str:
-    """Send ``text`` to the agent as the portal would; return the agent's final reply."""
-    return asyncio.run(_say(sandbox, device_identity_for(sandbox), text, timeout))
+# -- chat as the user does: the portal's chat consumer -------------------------------------------
 
 
 async def _portal_chat(cookie: str, text: str, timeout: float) -> tuple[list[Frame], str]:
@@ -382,8 +341,8 @@ def test_a_user_placed_on_host_2_chats_there_and_a_drain_moves_the_agent_with_it
         assert (both.host2_data / "sandboxes" / str(sandbox.pk)).is_dir()  # host 2's disk
         model_server.script(reply="Noted: your cat is called Ada.", chunks=2)
         before = len(model_server.requests)
-        reply = say(sandbox, "Remember this: my cat is called Ada.")
-        assert reply == "Noted: your cat is called Ada."
+        shown, reply = say_through_portal(sandbox, "Remember this: my cat is called Ada.")
+        assert shown == [] and reply == "Noted: your cat is called Ada."
         assert len(model_server.requests) > before
         call = f"ai call user={sandbox.owner_id} sandbox={sandbox.pk} "
 
@@ -446,9 +405,8 @@ def test_a_lost_host_2s_agent_comes_back_on_host_1_from_its_latest_snapshot(
     sandbox = sign_up_on_host_2(both, "rex@two-hosts.test", settings)
     try:
         model_server.script(reply="Noted: your dog is called Rex.", chunks=1)
-        assert say(sandbox, "Remember this: my dog is called Rex.") == (
-            "Noted: your dog is called Rex."
-        )
+        _, reply = say_through_portal(sandbox, "Remember this: my dog is called Rex.")
+        assert reply == "Noted: your dog is called Rex."
         backup_tasks.backup_sandbox.delay(sandbox.pk, Snapshot.Trigger.USER)  # on host 2
         snapshot = _wait(
             lambda: Snapshot.objects.filter(sandbox=sandbox).first(),
@@ -456,7 +414,9 @@ def test_a_lost_host_2s_agent_comes_back_on_host_1_from_its_latest_snapshot(
             lambda: "no snapshot: " + events_and(both, sandbox),
         )
         model_server.script(reply="Noted: your fish is called Nemo.", chunks=1)
-        assert say(sandbox, "And my fish is called Nemo.") == "Noted: your fish is called Nemo."
+        shown, reply = say_through_portal(sandbox, "And my fish is called Nemo.")
+        assert shown[0] == "Remember this: my dog is called Rex."
+        assert reply == "Noted: your fish is called Nemo."
         booted = time.monotonic()
 
         # Host 2 dies: its worker, and with the machine its sandboxes.
