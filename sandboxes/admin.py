@@ -44,9 +44,11 @@ from django.utils.safestring import SafeString
 import sandboxes.admin_hosts  # noqa: F401 (registers the sandbox hosts' admin)
 from sandboxes import hosts, runtime, staff, tasks, tasks_host
 from sandboxes.admin_users import register_user_admins
+from sandboxes.ai_keys import usage_line
 from sandboxes.backends.base import ProcessInfo
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.events import record_event
+from sandboxes.limits import limits_for
 from sandboxes.models import BackupRepository, RuntimeImage, Sandbox, SandboxEvent, Snapshot
 from sandboxes.openclaw import devices
 
@@ -413,9 +415,7 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
 
     @admin.display(description="plan")
     def plan(self, obj: Sandbox) -> str:
-        from billing.models import plan_for
-
-        return plan_for(obj.owner).name if obj.pk else "-"
+        return limits_for(obj.owner).plan_name if obj.pk else "-"
 
     @admin.display(description="host")
     def host_label(self, obj: Sandbox) -> str:
@@ -439,25 +439,14 @@ class SandboxAdmin(admin.ModelAdmin[Sandbox]):
 
     @admin.display(description="this month's model use")
     def usage_this_month(self, obj: Sandbox) -> str:
-        from billing.usage import month_usage
-
-        if not obj.pk:
-            return "-"
-        usage = month_usage(obj.owner)
-        return (
-            f"{usage['tokens']:,} tokens ({usage['input_tokens']:,} in, "
-            f"{usage['output_tokens']:,} out) · USD {usage['cost']:.4f} · "
-            f"{usage['requests']:,} calls · {usage['byok_tokens']:,} tokens on their own keys"
-        )
+        return usage_line(obj.owner) if obj.pk else "-"
 
     @admin.display(description="memory, CPU, disk")
     def resources(self, obj: Sandbox) -> str:
-        from billing.models import plan_for
-
         inside = self._inside(obj)
         if inside.memory_bytes is None:
             return inside.problem
-        limit = inside.memory_limit_bytes or plan_for(obj.owner).memory_mb * 2**20
+        limit = inside.memory_limit_bytes or limits_for(obj.owner).memory_mb * 2**20
         return format_html(
             '<span id="sandbox-resources">Memory {} of {} · CPU {}% now ({} s in all) · '
             "disk {}</span>",

@@ -718,13 +718,18 @@ def test_local_storage_keeps_repositories_under_the_backup_dir(settings: Any) ->
         storage.delete_location(str(Path(settings.HERMIT_DATA_DIR)))
 
 
-def test_local_exports_are_root_only_files(settings: Any) -> None:
+def test_local_exports_are_root_files_only_the_folders_group_may_read(settings: Any) -> None:
+    """Root's worker writes them; the portal, running as the folder's group (bin/web-user makes
+    the folder root:<web user>, setgid), serves them; nobody else can read them."""
     store = storage.export_storage()
     name = store.save("sbx-7/export.tar", ContentFile(b"archive"))
     path = Path(store.path(name))
+    folder = Path(settings.HERMIT_DATA_DIR) / "exports"
     assert path.read_bytes() == b"archive"
-    assert path.is_relative_to(Path(settings.HERMIT_DATA_DIR) / "exports")
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.is_relative_to(folder)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert path.stat().st_uid == 0 and path.stat().st_gid == folder.stat().st_gid
+    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o007 == 0  # nothing for others
     store.delete(name)
 
 

@@ -62,12 +62,12 @@ from django.core.files import File
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
-from billing.models import plan_for
 from sandboxes import actions, alerts, sleep
 from sandboxes.backends import get_backend, safefs
 from sandboxes.backends.base import BackendError
 from sandboxes.backups import EXCLUDES, restic, storage
 from sandboxes.events import broadcast_progress, record_event
+from sandboxes.limits import limits_for
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
 
 log = logging.getLogger(__name__)
@@ -451,7 +451,7 @@ def _apply_retention(
 
     ``listed``: the repository's snapshots, as the backup just made left them (see
     ``restic.forget``); without it restic lists them."""
-    plan = plan_for(sandbox.owner)
+    plan = limits_for(sandbox.owner)
     removed = unlocked(
         repo,
         restic.forget,
