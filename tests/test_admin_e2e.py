@@ -20,7 +20,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
 
-from billing.ai_gateway.credentials import authenticate, rotate_credential
+from ai_gateway.credentials import authenticate, rotate_credential
 from portal.asgi import application
 from sandboxes import actions, tasks
 from sandboxes.backends import get_backend

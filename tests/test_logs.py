@@ -114,7 +114,7 @@ def test_it_keeps_secrets_out_of_messages_extras_and_tracebacks(
     configure_logs: Configure, leaks: dict[str, str], log_format: str
 ) -> None:
     out = configure_logs(log_format)
-    log = logging.getLogger("billing.ai_gateway.test")
+    log = logging.getLogger("ai_gateway.test")
     log.info("upstream key %s", leaks["provider key"])
     log.info("config", extra={"env": {"OPENCLAW_GATEWAY_TOKEN": leaks["gateway token"]}})
     log.info("headers %s", {"Cookie": f"sessionid={leaks['session cookie']}"})

@@ -81,7 +81,7 @@ _JWT = re.compile(rf"{_NOT_BEFORE}eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_
 # Known prefixes: the prefix (a public kind) is kept, the rest is masked.
 _PREFIXED = re.compile(
     _NOT_BEFORE + r"(?P<head>"
-    r"hmk_"  # Hermit's AI sandbox credential (billing.ai_gateway.credentials.KEY_PREFIX)
+    r"hmk_"  # Hermit's AI sandbox credential (ai_gateway.credentials.KEY_PREFIX)
     r"|sk-(?:ant-|proj-|or-|svcacct-|admin-)?"  # Anthropic, OpenAI, OpenRouter
     r"|(?:sk|rk)_(?:live|test)_|whsec_"  # Stripe secret and restricted keys, webhook secrets
     r"|gsk_|xai-|AIza"  # Groq, xAI, Google
