@@ -39,43 +39,48 @@ def test_it_signs_staff_in_with_totp_and_approves_a_device(
     # The page asks the worker on the sandbox's host for what runs inside and for its devices.
     env = {"HERMIT_AUTO_PROVISION": "False", "HERMIT_CELERY_QUEUE": celery_queue}
     server = start_server("daphne", **env)
-    start_server("celery", name="admin-worker", **env)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(server.url + "/admin/")
-        page.wait_for_url("**/accounts/login/**")
-        page.fill("input[name=login]", STAFF_EMAIL)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url("**/accounts/2fa/authenticate/**")
-        page.fill("input[name=code]", totp_now(secret))
-        page.click("button[type=submit]")
-        page.wait_for_url(server.url + "/admin/")
-        fleet = page.locator("#fleet")
-        assert "RAM in use by awake sandboxes" in fleet.inner_text()
-        assert page.locator("#fleet-chart").count() == 1
-        running = page.locator("a.fleet-state[data-state=running]")
-        assert running.inner_text().endswith("running")
-        page.screenshot(path=str(ARTIFACTS / "admin-fleet.png"), full_page=True)
+    worker = start_server("celery", name="admin-worker", **env)
+    try:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server.url + "/admin/")
+            page.wait_for_url("**/accounts/login/**")
+            page.fill("input[name=login]", STAFF_EMAIL)
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url("**/accounts/2fa/authenticate/**")
+            page.fill("input[name=code]", totp_now(secret))
+            page.click("button[type=submit]")
+            page.wait_for_url(server.url + "/admin/")
+            fleet = page.locator("#fleet")
+            assert "RAM in use by awake sandboxes" in fleet.inner_text()
+            assert page.locator("#fleet-chart").count() == 1
+            running = page.locator("a.fleet-state[data-state=running]")
+            assert running.inner_text().endswith("running")
+            page.screenshot(path=str(ARTIFACTS / "admin-fleet.png"), full_page=True)
 
-        running.click()  # the filtered list
-        page.wait_for_url("**/admin/sandboxes/sandbox/?state=running")
-        assert str(sandbox) in page.inner_text("#result_list")
-        page.goto(f"{server.url}/admin/sandboxes/sandbox/{sandbox.pk}/change/")
-        page.wait_for_selector("#sandbox-devices")
-        assert "openclaw" in page.locator("#sandbox-processes").inner_text()
-        page.screenshot(path=str(ARTIFACTS / "admin-sandbox.png"), full_page=True)
+            running.click()  # the filtered list
+            page.wait_for_url("**/admin/sandboxes/sandbox/?state=running")
+            assert str(sandbox) in page.inner_text("#result_list")
+            page.goto(f"{server.url}/admin/sandboxes/sandbox/{sandbox.pk}/change/")
+            page.wait_for_selector("#sandbox-devices")
+            assert "openclaw" in page.locator("#sandbox-processes").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "admin-sandbox.png"), full_page=True)
 
-        page.click(f"button.device-approve[value='{request_id}']")
-        page.wait_for_selector("ul.messagelist li.success")
-        assert f"Staff approved device {phone.device_id[:12]}" in page.inner_text("ul.messagelist")
-        paired = page.locator(f"#devices-paired tr[data-device='{phone.device_id}']")
-        assert paired.count() == 1 and "active" in paired.inner_text()
-        page.locator("#sandbox-devices").scroll_into_view_if_needed()
-        page.screenshot(path=str(ARTIFACTS / "admin-device-approved.png"), full_page=True)
-        browser.close()
+            page.click(f"button.device-approve[value='{request_id}']")
+            page.wait_for_selector("ul.messagelist li.success")
+            approved = f"Staff approved device {phone.device_id[:12]}"
+            assert approved in page.inner_text("ul.messagelist")
+            paired = page.locator(f"#devices-paired tr[data-device='{phone.device_id}']")
+            assert paired.count() == 1 and "active" in paired.inner_text()
+            page.locator("#sandbox-devices").scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "admin-device-approved.png"), full_page=True)
+            browser.close()
+    finally:
+        # Left running, the worker would take the tasks of later tests (it shares their queue).
+        worker.stop()
     event = sandbox.events.get(kind="device-approved")
     assert event.actor_user == staff
     assert phone.device_id in {d.device_id for d in devices.list_devices(sandbox).paired}
