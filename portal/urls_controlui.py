@@ -9,5 +9,8 @@ from sandboxes import views_controlui
 
 urlpatterns = [
     path(views_controlui.ENTER_PATH, views_controlui.enter, name="controlui-enter"),
-    re_path(r"^(?s:(?P<path>.*))$", views_controlui.proxy, name="controlui-proxy"),
+    # Any path, newlines included. A character class, not an inline (?s) flag: Django must be
+    # able to reverse every pattern of this urlconf (allauth's middleware reverses its login URL
+    # on every 404, and an inline flag made that a 500).
+    re_path(r"^(?P<path>[\s\S]*)$", views_controlui.proxy, name="controlui-proxy"),
 ]

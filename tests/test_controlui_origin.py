@@ -311,6 +311,10 @@ async def test_it_answers_bad_paths_cleanly(alice: Any, double: GatewayDouble) -
     response = await client.get("/a%3Fb%23c/d e")
     assert response.status_code == 200
     assert double.last["path"] == "/a%3Fb%23c/d%20e"
+    # the gateway's own 404 (e.g. no avatar yet) reaches the browser as a 404, not a 500
+    response = await client.get("/missing/api/users/gateway-owner/avatar")
+    assert response.status_code == 404
+    assert double.last["path"] == "/missing/api/users/gateway-owner/avatar"
 
 
 async def test_it_rechecks_the_owner_on_every_request(alice: Any, double: GatewayDouble) -> None:

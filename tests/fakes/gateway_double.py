@@ -90,6 +90,11 @@ class GatewayDouble:
                     }
                 )
                 path = self.path.split("?", 1)[0]
+                if path.startswith("/missing/"):  # the gateway has nothing there
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path == "/hostile.js" or path == "/sw.js":
                     payload, kind = HOSTILE_JS, "application/javascript"
                 else:
