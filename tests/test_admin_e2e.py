@@ -71,8 +71,10 @@ def alice_sandbox(sandbox_for: Callable[..., Sandbox]) -> Sandbox:
 
 
 def run_stops(delay: mock.MagicMock) -> None:
+    # The tasks run here, eagerly: their results are ready, so get() never waits (it must not
+    # refuse because of what an earlier test left in Celery's process-wide "inside a task" flag).
     for call in delay.call_args_list:
-        tasks.stop_sandbox.apply(args=call.args).get()
+        tasks.stop_sandbox.apply(args=call.args).get(disable_sync_subtasks=False)
 
 
 async def ask_to_pair(sandbox: Sandbox, identity: DeviceIdentity) -> str:
@@ -151,7 +153,7 @@ def test_it_suspends_a_user_on_a_real_gateway(
     assert status["state"] == "failed"
     assert "Your account is suspended" in status["message"]
     assert "Abuse report 42" in status["message"]
-    tasks.start_sandbox.apply(args=[sandbox.pk]).get()
+    tasks.start_sandbox.apply(args=[sandbox.pk]).get(disable_sync_subtasks=False)
     sandbox.refresh_from_db()
     assert sandbox.state == Sandbox.State.STOPPED
     event = sandbox.events.get(kind="suspended")
@@ -183,7 +185,7 @@ def test_it_deletes_an_account_on_a_real_gateway(
     assert model_call(ai_gateway_server, key).status_code == 403
 
     purge.assert_called_once_with(deletion.pk)
-    assert tasks.purge_account.apply(args=[deletion.pk]).get() is True
+    assert tasks.purge_account.apply(args=[deletion.pk]).get(disable_sync_subtasks=False) is True
     assert not data_dir.exists()
     assert not get_user_model().objects.filter(pk=alice.pk).exists()
     assert authenticate(key) is None
