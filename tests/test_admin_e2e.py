@@ -125,7 +125,6 @@ def test_it_approves_and_revokes_a_paired_device(
     assert async_to_sync(ask_to_pair)(sandbox, phone) not in ("", request_id)  # pairs again
 
 
-@pytest.mark.spends_pooled_gateway
 def test_it_suspends_a_user_on_a_real_gateway(
     alice_sandbox: Sandbox, staff: Any, client: Client, ai_gateway_server: Any
 ) -> None:
@@ -160,7 +159,6 @@ def test_it_suspends_a_user_on_a_real_gateway(
     assert (event.actor, event.actor_user) == ("staff", staff)
 
 
-@pytest.mark.spends_pooled_gateway
 def test_it_deletes_an_account_on_a_real_gateway(
     alice_sandbox: Sandbox, staff: Any, client: Client, ai_gateway_server: Any, settings: Any
 ) -> None:
