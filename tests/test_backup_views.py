@@ -30,13 +30,13 @@ from django.urls import reverse
 from django.utils import timezone
 
 from portal.asgi import application
-from sandboxes import actions as sandbox_actions
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.backups.storage import export_storage
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
 from tests.factories import make_user
+from tests.fixtures.backend import running_fake_sandbox
 from tests.fixtures.backups import sh, write_files
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -587,13 +587,7 @@ def agent(fake_backend: FakeBackend) -> Iterator[Sandbox]:
     streams and does (states, steps, the swap of the data, the pre-restore snapshot) is the
     portal's and restic's, both real here. A real agent restored and answering again is
     proven in tests/test_backups.py; this one starts no gateway (a cold boot, ~10 s)."""
-    user = make_user(RESTORE_EMAIL)
-    sandbox = Sandbox.objects.select_related("owner").get(owner=user)
-    Sandbox.objects.filter(pk=sandbox.pk).update(backend="fake")
-    sandbox.refresh_from_db()
-    sandbox_actions.provision_sandbox(sandbox)
-    sandbox.refresh_from_db()
-    assert sandbox.state == State.RUNNING and sandbox.data_dir.is_dir(), sandbox.error_message
+    sandbox = running_fake_sandbox(RESTORE_EMAIL)
     yield sandbox
     shutil.rmtree(sandbox.data_dir, ignore_errors=True)
 

@@ -42,8 +42,8 @@ from sandboxes.backends import cgroups
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import actions, restic
 from sandboxes.models import BackupRepository, Sandbox, SandboxEvent, Snapshot
-from tests.factories import make_user
 from tests.fakes.model_server import FakeModelServer
+from tests.fixtures.backend import running_fake_sandbox
 from tests.fixtures.backups import backup_plan, history, sh, tell, write_files
 from tests.fixtures.live import ROOT, server_env
 
@@ -71,13 +71,7 @@ def fake_agent(fake_backend: FakeBackend) -> Iterator[Sandbox]:
     """A running sandbox on the in-memory backend, its data dir on disk (``exec`` runs there
     as a host process): backups pause it and restores swap its data and start it as a real
     one's, with no gateway to cold boot."""
-    user = make_user("symlinks@backups.test")
-    sandbox = Sandbox.objects.select_related("owner").get(owner=user)
-    Sandbox.objects.filter(pk=sandbox.pk).update(backend="fake")
-    sandbox.refresh_from_db()
-    sandbox_actions.provision_sandbox(sandbox)
-    sandbox.refresh_from_db()
-    assert sandbox.state == State.RUNNING and sandbox.data_dir.is_dir(), sandbox.error_message
+    sandbox = running_fake_sandbox("symlinks@backups.test")
     yield sandbox
     shutil.rmtree(sandbox.data_dir, ignore_errors=True)
 
