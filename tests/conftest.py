@@ -19,19 +19,6 @@ pytest_plugins = sorted(
 )
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "spends_pooled_gateway: the test stops or deletes a pooled gateway for good (run last)",
-    )
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the tests that stop or delete a pooled gateway for good after all the others: the
-    next test to ask for that sandbox would have to cold boot it again (~10 s, ~12 CPU-s)."""
-    items.sort(key=lambda item: item.get_closest_marker("spends_pooled_gateway") is not None)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def celery_queue() -> str:
     """A Celery queue of this test run's own, so workers of other runs never take its tasks."""
