@@ -258,14 +258,26 @@ def sandbox_sh(backend: LocalBackend, g: Gateway, script: str, *args: str) -> st
     return result.stdout
 
 
-def kill_in_sandbox(backend: LocalBackend, g: Gateway, cmdline: bytes) -> None:
-    """SIGKILL the sandbox's processes whose command line is ``cmdline`` (NUL-separated)."""
+def sandbox_cmdlines(g: Gateway) -> dict[int, bytes]:
+    """The sandbox's live processes and their NUL-separated command lines. A process that exits
+    between the cgroup's listing and the read is left out: it is no longer there."""
+    found = {}
     for pid in cgroups.pids(g.state["cgroups"]):
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
-                os.kill(pid, 9)
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
+    return found
+
+
+def kill_in_sandbox(backend: LocalBackend, g: Gateway, cmdline: bytes) -> None:
+    """SIGKILL the sandbox's processes whose command line is ``cmdline`` (NUL-separated)."""
+    for pid, line in sandbox_cmdlines(g).items():
+        if line == cmdline:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                continue
 
 
 def test_it_refuses_to_save_a_sandbox_holding_deleted_files(
@@ -336,11 +348,7 @@ def test_a_background_command_left_by_exec_is_saved_and_restored_privately(
             assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o600), path
         wake(local_backend, g, image)
         local_backend.drop_checkpoint(image.location)
-        sleeping = [
-            pid
-            for pid in cgroups.pids(g.state["cgroups"])
-            if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"
-        ]
+        sleeping = [p for p, line in sandbox_cmdlines(g).items() if line == b"sleep\x001000\x00"]
         assert len(sleeping) == 1, "the background command was restored with the gateway"
     finally:
         kill_in_sandbox(local_backend, g, b"sleep\x001000\x00")
@@ -356,11 +364,7 @@ def test_a_timed_out_command_is_killed_with_what_it_left_behind(
         g.spec, g.state, ["sh", "-c", "sleep 1001 & sleep 1002 </dev/null >/dev/null 2>&1 &"], 2
     )
     assert result.timed_out
-    left = [
-        pid
-        for pid in cgroups.pids(g.state["cgroups"])
-        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\x00100")
-    ]
+    left = [pid for pid, line in sandbox_cmdlines(g).items() if line.startswith(b"sleep\x00100")]
     assert left == []
     assert readyz(g.state["host_port"]) == 200, "the gateway is not in that session"
 
