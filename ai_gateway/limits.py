@@ -21,12 +21,10 @@ user has started no call for HERMIT_AI_LEASE_SECONDS; a settlement never takes t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 import threading
 import time
-import weakref
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -40,6 +38,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from ai_gateway.models import SpendCounter, UsageRecord
+from portal.lib.cache import aredis
 
 WINDOW_SECONDS = 60.0
 USED_TTL_SECONDS = 40 * 24 * 3600  # a month's used amounts outlive the month in Redis
@@ -305,22 +304,14 @@ end
 return 0
 """
 
-_redis_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
-    weakref.WeakKeyDictionary()
-)
-
 
 def _redis() -> Any:
-    """Return a redis.asyncio client for the running loop (settings.REDIS_URL must be set)."""
-    import redis.asyncio as aioredis
-
-    loop = asyncio.get_running_loop()
-    client = _redis_clients.get(loop)
-    if client is None:
-        client = aioredis.from_url(settings.REDIS_URL)
-        client.admit = client.register_script(ADMIT)  # type: ignore[attr-defined]
-        client.settle = client.register_script(SETTLE)  # type: ignore[attr-defined]
-        _redis_clients[loop] = client
+    """Return the running loop's redis.asyncio client (settings.REDIS_URL must be set), with
+    this module's scripts registered on it."""
+    client = aredis()
+    if not hasattr(client, "admit"):
+        client.admit = client.register_script(ADMIT)
+        client.settle = client.register_script(SETTLE)
     return client
 
 

@@ -8,8 +8,11 @@ the gateway stamped it (``message.timestamp``), when the direct client got it an
 portal client got it. Prints latency p50/p99 direct vs relay, their ratio, and the added ms.
 
 Part 2, scale: levels of N concurrent chat sessions (default up to 1,000) through ONE daphne
-process, each sending one message a second; every reply streams 10 deltas 20 ms apart, so N
-sessions are 10 x N frames a second. A real OpenClaw gateway per session is out of reach (about
+process, each sending one message a second; every reply is 10 words from the model 20 ms
+apart, which the gateway sends as OpenClaw does: the first delta at once, then at most one
+delta every 75 ms with the words buffered since (OpenClaw's LIVE_TEXT_PACING_MS), so 4 delta
+frames and a final per reply, about 5 x N frames a second for N sessions.
+A real OpenClaw gateway per session is out of reach (about
 0.9 GB and 12 CPU-s each), so the gateway is a protocol-v4 double in a subprocess (challenge,
 connect, chat.send/history/abort, chat events as OpenClaw sends them), which also keeps
 OpenClaw's own CPU cost from hiding the portal's. Every session's sandbox row points at it with
@@ -78,6 +81,12 @@ def pct(values: list[float], p: float) -> float:
 # --- a fake protocol-v4 gateway (part 2) ---------------------------------------------------------
 
 
+# OpenClaw sends a run's chat deltas at most every 75 ms (LIVE_TEXT_PACING_MS in its
+# server-chat module), buffering the model's text in between; the double does the same.
+PACING = 0.075
+REPLY_WORDS, WORD_SPACING = 10, 0.02  # a reply: 10 words from the model, 20 ms apart
+
+
 async def fake_gateway(port: int, deltas: int, spacing: float) -> None:
     """Serve the v4 subset the portal uses: challenge, connect, chat.send/history/abort.
 
@@ -144,12 +153,17 @@ async def fake_gateway(port: int, deltas: int, spacing: float) -> None:
                 await ws.send(frame)
 
     async def stream(token: str, run: str) -> None:
-        text = ""
+        """The model's ``deltas`` words, ``spacing`` s apart, broadcast as OpenClaw paces them:
+        the first at once, then buffered words at most every PACING s, the rest before the
+        final. Each frame's ``deltaText`` starts with its send time (``@<epoch>``)."""
+        text, pending, sent_at = "", "", -PACING
         for seq in range(deltas):
             await asyncio.sleep(spacing)
-            piece = f"@{time.time():.6f} "
-            text += piece
-            await broadcast(token, chat_event(run, "delta", text, seq=seq, deltaText=piece))
+            pending += f"w{seq} "
+            if time.monotonic() - sent_at >= PACING or seq == deltas - 1:
+                piece, pending, sent_at = f"@{time.time():.6f} {pending}", "", time.monotonic()
+                text += piece
+                await broadcast(token, chat_event(run, "delta", text, seq=seq, deltaText=piece))
         await broadcast(token, chat_event(run, "final", "done"))
 
     async with websockets.serve(handler, "127.0.0.1", port, max_size=None, compression=None):
@@ -385,7 +399,7 @@ async def load_worker(cfg: dict[str, Any]) -> None:
     relay_ms: list[float] = []
     relay_seen: dict[str, float] = {}  # stamp of a watched session's frame -> when relayed
     direct_seen: dict[str, float] = {}
-    counts = {"sent": 0, "frames": 0, "errors": 0}
+    counts = {"sent": 0, "frames": 0, "words": 0, "errors": 0}
     seconds = float(cfg["seconds"])
     go = time.monotonic()
 
@@ -397,6 +411,7 @@ async def load_worker(cfg: dict[str, Any]) -> None:
             if kind == "delta":
                 counts["frames"] += 1
                 for tok in frame["delta"].split():
+                    counts["words"] += tok.startswith("w")
                     if tok.startswith("@"):
                         relay_ms.append((now - float(tok[1:])) * 1000)
                         if watched:
@@ -410,7 +425,7 @@ async def load_worker(cfg: dict[str, Any]) -> None:
             frame = json.loads(raw)
             payload = frame.get("payload") or {}
             if frame.get("event") == "chat" and payload.get("state") == "delta":
-                direct_seen[payload["deltaText"].strip()] = now
+                direct_seen[payload["deltaText"].split()[0]] = now
 
     async def send(ws: Any) -> None:
         await asyncio.sleep(secrets.randbelow(1000) / 1000)  # spread the senders over a second
@@ -521,12 +536,14 @@ def _drive(
     merged: dict[str, Any] = {"relay_ms": [], "added_ms": [], "connect_s": 0.0}
     outs = [proc.communicate(timeout=seconds + 120)[0] for proc in procs]
     merged["daphne_cpu_s"] = cpu_seconds(daphne) - cpu_before
-    for out in outs:
+    for proc, out in zip(procs, outs, strict=True):
+        if not out.strip():
+            raise RuntimeError(f"a load worker failed mid-level (exit {proc.returncode})")
         got = json.loads(out.strip().splitlines()[-1])
         merged["relay_ms"] += got["relay_ms"]
         merged["added_ms"] += got["added_ms"]
         merged["connect_s"] = max(merged["connect_s"], got["connect_s"])
-        for key in ("sent", "frames", "errors", "watched_frames", "refused"):
+        for key in ("sent", "frames", "words", "errors", "watched_frames", "refused"):
             merged[key] = merged.get(key, 0) + got[key]
     return merged
 
@@ -541,9 +558,12 @@ def capacity(
     all_levels: bool = False,
 ) -> dict[str, str]:
     print(
-        f"\nPart 2: sessions at 1 message/s through ONE daphne process, each reply 10 deltas "
-        f"20 ms apart from the fake gateway, {seconds:g} s per level; added = relay client's "
-        f"receipt minus a direct watcher's receipt of the same frame ({WATCHED} sessions watched)"
+        f"\nPart 2: sessions at 1 message/s through ONE daphne process, each reply "
+        f"{REPLY_WORDS} words {WORD_SPACING * 1000:g} ms apart from the model, sent by the fake "
+        f"gateway as OpenClaw paces its deltas (at most one per {PACING * 1000:g} ms), "
+        f"{seconds:g} s per level; delivered = the share of the words that reached the browsers; "
+        f"added = relay client's receipt minus a direct watcher's receipt of the same frame "
+        f"({WATCHED} sessions watched)"
     )
     print(
         f"  {'sessions':>8} {'load1':>6} {'connect':>8} {'frames/s':>9} {'delivered':>9}"
@@ -566,8 +586,8 @@ def capacity(
             failed_below = True
             continue
         relay, added = got["relay_ms"], got["added_ms"]
-        expected = got["sent"] * 10
-        delivered = got["frames"] / expected if expected else 0.0
+        expected = got["sent"] * REPLY_WORDS
+        delivered = got["words"] / expected if expected else 0.0
         if not added:
             print(f"  {n:>8} {load1:>6.2f}  no frame was relayed ({got['errors']} errors)")
             failed_below = True
@@ -651,11 +671,14 @@ def main() -> None:
     parser.add_argument(
         "--profile-daphne", metavar="PATH", help="write daphne's cProfile stats (main thread) here"
     )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the temporary folder with the servers' logs"
+    )
     parser.add_argument("--fake-gateway", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--load-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fake_gateway:
-        asyncio.run(fake_gateway(args.fake_gateway, deltas=10, spacing=0.02))
+        asyncio.run(fake_gateway(args.fake_gateway, deltas=REPLY_WORDS, spacing=WORD_SPACING))
         return
     if args.load_worker:
         asyncio.run(load_worker(json.loads(sys.stdin.readline())))
@@ -711,7 +734,10 @@ def main() -> None:
                 )
             )
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep_logs:
+            print(f"\nlogs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     end = os.getloadavg()
     result["load1_start"] = f"{load[0]:.2f}"
     result["load1_end"] = f"{end[0]:.2f}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.http import Http404
 
 from sandboxes.models import Export, Sandbox, Snapshot
@@ -47,4 +47,4 @@ def get_export_for_user(user: Any, export_id: int) -> Export:
 
 
 async def aget_sandbox_for_user(user: Any, name: str = "default") -> Sandbox:
-    return await sync_to_async(get_sandbox_for_user)(user, name)
+    return await database_sync_to_async(get_sandbox_for_user)(user, name)

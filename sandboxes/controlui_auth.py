@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core import signing
@@ -140,4 +140,4 @@ def sandbox_for_session(value: str | None) -> Sandbox | None:
     return sandbox_for_grant(grant_from_session(value))
 
 
-asandbox_for_session = sync_to_async(sandbox_for_session)
+asandbox_for_session = database_sync_to_async(sandbox_for_session)

@@ -35,7 +35,9 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db.models import QuerySet
 from django.utils import timezone
+from redis.exceptions import RedisError
 
+from portal.lib.cache import ahas_key
 from sandboxes import actions, hosts, passes, relocation
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, CheckpointImage, Progress, SandboxSpec
@@ -59,7 +61,14 @@ def is_dozing(sandbox_id: int) -> bool:
 
 
 async def ais_dozing(sandbox_id: int) -> bool:
-    return bool(await cache.aget(_hint_key(sandbox_id)))
+    """:func:`is_dozing` for the chat relay: the hint's presence, asked without a thread hop.
+    If the cache does not answer (Redis down, or this process too busy to get a connection in
+    time) the answer is no, with a warning: the session goes on, and its next frame asks again."""
+    try:
+        return await ahas_key(_hint_key(sandbox_id))
+    except (RedisError, OSError) as exc:
+        log.warning("cannot tell whether sandbox %s is dozing: %s", sandbox_id, exc)
+        return False
 
 
 def _model_call_key(sandbox_id: int) -> str:

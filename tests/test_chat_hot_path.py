@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.core.cache import caches
 
 from sandboxes import sleep
-from sandboxes.consumers.chat import ChatConsumer
+from sandboxes.consumers.chat import ChatConsumer, TokenBucket
 
 
 class Counted(ChatConsumer):
@@ -56,3 +57,70 @@ async def test_it_still_checks_for_a_doze_on_a_browser_frame(lookups: list[int])
     consumer.sandbox = FakeSandbox()  # type: ignore[assignment]
     await consumer._touch()
     assert lookups == [42]
+
+
+async def test_a_browser_frame_is_dispatched_without_a_thread_hop(
+    lookups: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Channels closes stale database connections in a worker thread before each message it
+    dispatches; the relay's sockets skip that (their database calls close them themselves)."""
+    import channels.consumer
+
+    hops: list[str] = []
+
+    async def aclose_old_connections() -> None:
+        hops.append("close_old_connections")
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", aclose_old_connections)
+    consumer = Counted()
+    consumer.sandbox = FakeSandbox()  # type: ignore[assignment]
+    consumer.frames = TokenBucket(capacity=30, rate=10)
+    await consumer.dispatch({"type": "websocket.receive", "text": '{"type": "ping"}'})
+    assert consumer.sent == [{"type": "pong"}]
+    assert lookups == [42], "the browser frame still asked whether the agent dozes"
+    assert hops == []
+
+
+def use_redis_cache(settings: Any, location: str) -> Any:
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": location,
+            "KEY_PREFIX": "hot-path-test",
+        }
+    }
+    return caches["default"]
+
+
+@pytest.fixture
+def redis_cache(settings: Any) -> Any:
+    cache = use_redis_cache(settings, settings.REDIS_URL or "redis://127.0.0.1:6379/0")
+    yield cache
+    cache.delete("hermit:dozing:7")
+
+
+async def test_the_dozing_hint_is_read_from_redis_without_a_thread(
+    redis_cache: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hint is asked with EXISTS from the event loop, not through Django's cache methods
+    (which run in a worker thread); it answers as the cache does."""
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(redis_cache.set)("hermit:dozing:7", 1, 60)
+
+    def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the cache's sync methods were used")
+
+    monkeypatch.setattr(redis_cache, "has_key", no_thread)
+    monkeypatch.setattr(redis_cache, "get", no_thread)
+    assert await sleep.ais_dozing(7) is True
+    assert await sleep.ais_dozing(8) is False
+
+
+async def test_a_cache_that_does_not_answer_does_not_end_the_session(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down: the frame is relayed as if the agent were awake, with a warning."""
+    use_redis_cache(settings, "redis://127.0.0.1:1/0")  # nothing listens on port 1
+    assert await sleep.ais_dozing(7) is False
+    assert "cannot tell whether sandbox 7 is dozing" in caplog.text

@@ -3,6 +3,8 @@
 Origins are compared whole (scheme, host and port: :mod:`sandboxes.origins`). The portal's
 sockets accept the portal's origins (``SITE_URL``, ``CSRF_TRUSTED_ORIGINS``) or the
 connection's own (its scheme and Host); a handshake without an Origin is refused.
+
+:class:`RelaySocket` is the base of the sockets that relay to a gateway (chat, Control UI).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import Http404
 
@@ -55,3 +58,18 @@ async def admit(consumer: AsyncWebsocketConsumer) -> Sandbox | None:
     except Http404:
         await consumer.close(code=CLOSE_NO_SANDBOX)
         return None
+
+
+class RelaySocket(AsyncWebsocketConsumer):
+    """A socket that relays frames: channels' dispatch without its per-message thread hop.
+
+    Channels closes stale database connections before every message it dispatches, in a worker
+    thread: a thread hop per browser frame, which on the chat relay cost as much CPU as relaying
+    a frame (bench/chat_relay.py). These consumers reach the database only through
+    ``database_sync_to_async``, which closes stale connections around every call itself."""
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)

@@ -72,14 +72,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import InMemoryChannelLayer
 from django.http import Http404
 
 from sandboxes import actions, chat_sessions, hostlink, sleep, tasks_host
 from sandboxes.access import aget_sandbox_for_user
 from sandboxes.backends.base import BackendError
-from sandboxes.consumers.base import admit
+from sandboxes.consumers.base import RelaySocket, admit
 from sandboxes.consumers.progress import events_after, latest_event_id
 from sandboxes.events import group_name
 from sandboxes.models import Sandbox
@@ -193,7 +192,7 @@ def history_entries(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [entry for m in messages if isinstance(m, dict) and (entry := history_entry(m))]
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+class ChatConsumer(RelaySocket):
     """One browser tab's chat session with the user's own agent."""
 
     sandbox: Sandbox

@@ -22,7 +22,6 @@ import time
 
 import websockets
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import parse_cookie
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -32,6 +31,7 @@ from sandboxes.backends.base import BackendError
 from sandboxes.consumers.base import (
     CLOSE_FOREIGN_ORIGIN,
     CLOSE_NOT_SIGNED_IN,
+    RelaySocket,
     header,
     origin_allowed,
 )
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 26 * 1024 * 1024  # the gateway's own maxPayload is 25 MiB
 
 
-class ControlUIConsumer(AsyncWebsocketConsumer):
+class ControlUIConsumer(RelaySocket):
     """One Control UI tab's WebSocket to its owner's gateway."""
 
     upstream: ClientConnection | None = None
