@@ -23,12 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def configure(run_id: str) -> Path:
-    """Point Django at a new throwaway data dir and migrate its database; return the dir."""
+def configure(run_id: str, redis_url: str = "") -> Path:
+    """Point Django at a new throwaway data dir and migrate its database; return the dir.
+    With ``redis_url``, Redis is the cache, broker and channel layer (as in production)."""
     from cryptography.fernet import Fernet
 
     for name in ("DATABASE_URL", "REDIS_URL"):
         os.environ.pop(name, None)  # SQLite, file cache and file broker in the temp dir
+    if redis_url:
+        os.environ["REDIS_URL"] = redis_url
     os.environ.update(
         {
             "DJANGO_SETTINGS_MODULE": "portal.settings",

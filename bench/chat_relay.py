@@ -625,8 +625,8 @@ def capacity(
         result["daphne_cpu_ms_per_frame"] = f"{per_frame:.2f}"
         print(
             f"  daphne spent {per_frame:.2f} CPU-ms per relayed frame (at the busiest level): one "
-            f"uncontended core would relay about {1000 / per_frame:.0f} frames/s, "
-            f"{100 / per_frame:.0f} sessions at 10 frames/s"
+            f"uncontended core would relay about {1000 / per_frame:.0f} frames/s (the cost "
+            f"of each session's own frames, its message, ack and final, is counted in)"
         )
     if "added_p99_ms_at_100" in result:
         print(
