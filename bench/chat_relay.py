@@ -713,7 +713,7 @@ def main() -> None:
             PYTHON,
             *profile,
             "-m",
-            "daphne",
+            "portal.daphne_uvloop",  # as bin/run starts it
             "-b",
             "127.0.0.1",
             "-p",

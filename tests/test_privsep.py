@@ -83,7 +83,7 @@ def portal(
         "CSRF_TRUSTED_ORIGINS": f"{settings.SITE_URL},{url}",
         "HERMIT_AUTO_PROVISION": "False",
     }
-    argv = ["-m", "daphne", "-e", f"tcp:port={portal_port}:interface=127.0.0.1"]
+    argv = ["-m", "portal.daphne_uvloop", "-e", f"tcp:port={portal_port}:interface=127.0.0.1"]
     argv += ["-e", f"tcp:port={ui_port}:interface=127.0.0.1", "portal.asgi:application"]
     daphne = start_server([sys.executable, *argv], name="daphne-web", user=WEB_USER, **env)
     wait_for_port(portal_port, proc=daphne.proc)
