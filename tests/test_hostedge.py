@@ -209,22 +209,24 @@ def edge_host(transactional_db: None, link_secret: str, edge: Edge) -> SandboxHo
 
 async def chat_through(
     url: str, token: str, identity: DeviceIdentity
-) -> tuple[HelloInfo, list[str]]:
-    """Connect to ``url`` as the portal does, send a chat message and return the hello and the
-    chat states that come back, up to the final one."""
+) -> tuple[HelloInfo, list[str], list[str]]:
+    """Connect to ``url`` as the portal does, send a chat message and return the hello, the
+    chat states that come back up to the final one, and the reply's words in the deltas."""
     conn = await GatewayConnection.open(url, token=token, identity=identity, timeout=15)
     try:
         params = {"sessionKey": "main", "message": "hello", "idempotencyKey": "edge-test-1"}
         sent = await conn.request("chat.send", params)
         assert sent["runId"] == "edge-test-1", sent
         states: list[str] = []
+        words: list[str] = []
         async with asyncio.timeout(15):
             async for event in conn.events():
                 if event.event == "chat":
                     states.append(event.payload["state"])
+                    words += [w for w in event.payload.get("deltaText", "").split() if w[0] != "@"]
                     if event.payload["state"] == "final":
                         break
-        return conn.hello, states
+        return conn.hello, states, words
     finally:
         await conn.close()
 
@@ -246,9 +248,12 @@ def refusal(url: str) -> tuple[int, str]:
 def test_it_relays_a_protocol_exchange_to_the_gateway(edge: Edge, edge_host: SandboxHost) -> None:
     sandbox = _sandbox("alice@example.com", edge_host, edge.double_port)
     url = hostlink.gateway_url(sandbox)
-    hello, states = async_to_sync(chat_through)(url, "token", DeviceIdentity.generate())
+    hello, states, words = async_to_sync(chat_through)(url, "token", DeviceIdentity.generate())
     assert hello.protocol == 4 and hello.server_version == "fake"
-    assert states == ["delta"] * 10 + ["final"]
+    # The double paces its deltas as OpenClaw does (at most one per 75 ms): some deltas, each
+    # word of the reply once and in order, then the final.
+    assert states[-1] == "final" and set(states[:-1]) == {"delta"}, states
+    assert words == [f"w{i}" for i in range(10)]
     token = parse_qs(urlsplit(url).query)["edge_token"][0]
     assert token not in edge.output()
 
@@ -411,7 +416,7 @@ def test_it_serves_the_link_over_tls(
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client's default context trusts it
         url = hostlink.gateway_url(sandbox)
         assert url.startswith(f"wss://127.0.0.1:{port}/")
-        hello, states = async_to_sync(chat_through)(url, "token", DeviceIdentity.generate())
+        hello, states, _words = async_to_sync(chat_through)(url, "token", DeviceIdentity.generate())
         assert hello.server_version == "fake" and states[-1] == "final"
 
         plain = hostlink.gateway_url(sandbox).replace("wss://", "ws://", 1)
@@ -476,7 +481,7 @@ def test_it_relays_from_this_machine_to_a_gateway_on_another_host(
     sandbox = _sandbox("alice@example.com", host, gateway_port)
     url = hostlink.gateway_url(sandbox)
     assert url.startswith(f"ws://{ns.address}:{edge_port}/sandboxes/{sandbox.pk}/?edge_token=")
-    hello, states = async_to_sync(chat_through)(url, "token", DeviceIdentity.generate())
+    hello, states, _words = async_to_sync(chat_through)(url, "token", DeviceIdentity.generate())
     assert hello.server_version == "fake" and states[-1] == "final"
 
     # The gateway itself is not on the network: only the edge is, and only with a token.

@@ -253,7 +253,7 @@ class GatewayConnection:
     """One authenticated WebSocket connection to a gateway.
 
     Use :meth:`open` to connect and complete the handshake; then :meth:`request` and
-    :meth:`events`. :meth:`close` is idempotent.
+    :meth:`events` (or :meth:`forward_events`). :meth:`close` is idempotent.
     """
 
     def __init__(self, ws: ClientConnection, hello: HelloInfo) -> None:
@@ -262,6 +262,7 @@ class GatewayConnection:
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._sink: Callable[[GatewayEvent], None] | None = None
         self._reader = asyncio.create_task(self._read_loop(), name="openclaw-reader")
         self.closed = asyncio.Event()
 
@@ -361,7 +362,7 @@ class GatewayConnection:
                         future.set_result(frame)
                 elif kind == "event":
                     seq = frame.get("seq")
-                    self._events.put_nowait(
+                    (self._sink or self._events.put_nowait)(
                         GatewayEvent(
                             event=str(frame.get("event")),
                             payload=frame.get("payload") or {},
@@ -381,7 +382,18 @@ class GatewayConnection:
             if not future.done():
                 future.set_exception(GatewayDisconnected())
         self._pending.clear()
-        self._events.put_nowait(_CLOSED)
+        if self._sink is None:
+            self._events.put_nowait(_CLOSED)
+
+    def forward_events(self, sink: Callable[[GatewayEvent], None]) -> None:
+        """From now on hand each event to ``sink`` as the reader gets it, with no queue and no
+        task in between (those already queued go first); :meth:`events` yields nothing more.
+        The end of the connection is :attr:`closed`. A relay saves a task switch a frame."""
+        while not self._events.empty():
+            item = self._events.get_nowait()
+            if item is not _CLOSED:
+                sink(item)
+        self._sink = sink
 
     async def request(
         self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float = 30.0
@@ -575,14 +587,13 @@ class GatewayClient:
                 {"serverVersion": conn.hello.server_version, "restarted": restarted},
             )
         )
+        conn.forward_events(self._events.put_nowait)  # its events follow, in order
 
     async def _supervise(self) -> None:
         while not self._closing:
             conn = self._conn
             assert conn is not None
-            pump = asyncio.create_task(self._pump(conn))
-            await conn.closed.wait()
-            await pump
+            await conn.closed.wait()  # its events were all forwarded before it closed
             self._connected.clear()
             if self._closing:
                 return
@@ -599,10 +610,6 @@ class GatewayClient:
                 await conn.close()
                 return
             self._attach(conn)
-
-    async def _pump(self, conn: GatewayConnection) -> None:
-        async for event in conn.events():
-            self._events.put_nowait(event)
 
     async def wait_connected(self, timeout: float) -> GatewayConnection:
         """Return the live connection, waiting up to ``timeout`` s for a reconnect."""
