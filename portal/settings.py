@@ -165,6 +165,7 @@ INSTALLED_APPS = [
     "billing",
     "ai_gateway",  # above billing and sandboxes; neither imports it
     "metering",  # usage and cost; listed before sandboxes, whose post_migrate wants its perms
+    "doorbell",  # messenger channels (Telegram); above sandboxes, which never import it
     "sandboxes",
 ]
 
@@ -299,6 +300,10 @@ CELERY_BEAT_SCHEDULE = {
     "fill-warm-pool": {
         "task": "sandboxes.pool.fill_pool",
         "schedule": timedelta(seconds=60),
+    },
+    "requeue-telegram": {  # updates whose delivery task was lost with a worker
+        "task": "doorbell.tasks.requeue_telegram",
+        "schedule": timedelta(seconds=30),
     },
     "wake-for-jobs": {
         "task": "sandboxes.tasks.wake_for_jobs",
@@ -479,6 +484,10 @@ HERMIT_START_RETRIES = envint("HERMIT_START_RETRIES", "1")
 # larger than this; one old copy is kept.
 HERMIT_GATEWAY_LOG_MAX_BYTES = envint("HERMIT_GATEWAY_LOG_MAX_BYTES", str(10 * 1024 * 1024))
 HERMIT_AI_GATEWAY_PORT = envint("HERMIT_AI_GATEWAY_PORT", "8001")
+# Telegram (doorbell): the Bot API root the portal and the egress relay call, and how old a
+# pending update is (seconds) before beat queues its delivery again.
+HERMIT_TELEGRAM_API_ROOT = env("HERMIT_TELEGRAM_API_ROOT", "https://api.telegram.org")
+HERMIT_TELEGRAM_REQUEUE_AFTER = envint("HERMIT_TELEGRAM_REQUEUE_AFTER", "60")
 HERMIT_DEFAULT_MODEL = env("HERMIT_DEFAULT_MODEL", "gpt-4o-mini")
 # The model ids sandboxes are offered (the AI gateway maps each to an upstream).
 HERMIT_SANDBOX_MODELS = envlist("HERMIT_SANDBOX_MODELS", HERMIT_DEFAULT_MODEL)

@@ -24,5 +24,6 @@ urlpatterns = [
     path("usage/", include("metering.urls")),
     path("pricing/", views_plans.pricing_page, name="pricing"),
     path("billing/", include("billing.urls")),
+    path("channels/", include("doorbell.urls")),
     path("metrics", metrics_view, name="metrics"),
 ]

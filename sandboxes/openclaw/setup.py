@@ -16,6 +16,7 @@ from typing import Any
 
 from django.conf import settings
 
+from sandboxes import channel_config
 from sandboxes.backends.base import SandboxSpec
 from sandboxes.limits import Resources
 from sandboxes.models import RuntimeImage, Sandbox
@@ -45,6 +46,7 @@ def build_spec(
             gateway_token=sandbox.gateway_token,
             ai_key=ai_key,
             config_file=config.CONFIG_PATH,
+            extra=channel_config.for_sandbox(sandbox).env,
         )
     return _spec(sandbox, limits, Path(image.path), env, {config.CONFIG_PATH: text})
 
@@ -66,7 +68,7 @@ def config_text(sandbox: Sandbox, *, gateway_token: str, ai_key: str) -> str:
 
 
 def _rendered(sandbox: Sandbox) -> dict[str, Any]:
-    return config.render_config(
+    rendered = config.render_config(
         data_dir=sandbox.data_dir,
         ai_gateway_port=settings.HERMIT_AI_GATEWAY_PORT,
         models=settings.HERMIT_SANDBOX_MODELS,
@@ -74,6 +76,11 @@ def _rendered(sandbox: Sandbox) -> dict[str, Any]:
         allowed_origins=[settings.SITE_URL],
         dreaming_schedule=dreaming_schedule(sandbox.pk),
     )
+    from sandboxes.pool import is_pooled
+
+    if not is_pooled(sandbox):  # a warm-pool gateway has no owner, so no channel yet
+        rendered.update(channel_config.for_sandbox(sandbox).config)
+    return rendered
 
 
 def dreaming_schedule(sandbox_id: int) -> str:
