@@ -190,7 +190,9 @@ def requeue_stale(older_than: timedelta | None = None) -> int:
     """Queue delivery for every sandbox with an update pending longer than ``older_than``
     (default HERMIT_TELEGRAM_REQUEUE_AFTER seconds): its task was lost with a worker, or its
     gateway failed. Return how many sandboxes were queued."""
-    age = older_than or timedelta(seconds=settings.HERMIT_TELEGRAM_REQUEUE_AFTER)
+    age = timedelta(seconds=settings.HERMIT_TELEGRAM_REQUEUE_AFTER)
+    if older_than is not None:
+        age = older_than
     ids = list(
         TelegramUpdate.objects.filter(delivered_at=None, received_at__lt=timezone.now() - age)
         .values_list("sandbox_id", flat=True)

@@ -16,7 +16,10 @@ sandbox raise BackendError; :meth:`FakeBackend.crash` makes a running sandbox's 
 does); :meth:`FakeBackend.use` makes a sandbox use CPU and hold memory, as ``stats`` reports
 them: its CPU counter is cumulative since its start or restore (a new cgroup) and stands still
 while it is frozen, as a cgroup's does; :meth:`FakeBackend.write_log` adds lines to the output
-``logs`` returns (kept across starts, as the local backend's gateway.log is).
+``logs`` returns (kept across starts, as the local backend's gateway.log is);
+:meth:`FakeBackend.serve` makes a sandbox's endpoint a real local server (a stand-in for its
+gateway's HTTP API): the port goes into the state each later start or restore persists, so a
+worker process (with its own table) finds it too. Without it the endpoint is port 9 (discard).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class _Box:
     cpu_seconds: float = 0.0
     memory_bytes: int = MEMORY_BYTES
     log: list[str] = field(default_factory=list)
+    port: int = 0  # a stand-in gateway's port (serve), 0 for none
     failures: dict[str, int] = field(default_factory=dict)
 
 
@@ -110,6 +114,15 @@ class FakeBackend(SandboxBackend):
             if memory_bytes is not None:
                 box.memory_bytes = memory_bytes
 
+    def serve(self, name: str, port: int) -> None:
+        """Make the sandbox's endpoint 127.0.0.1:``port`` from its next start or restore on."""
+        with self._lock:
+            self._box(name).port = port
+
+    @staticmethod
+    def _port(box: _Box) -> dict[str, int]:
+        return {"endpoint_port": box.port} if box.port else {}
+
     def write_log(self, name: str, text: str) -> None:
         """Append ``text`` (lines) to the sandbox's output, as its gateway would."""
         with self._lock:
@@ -152,7 +165,7 @@ class FakeBackend(SandboxBackend):
             box.running, box.frozen, box.instance = True, False, next(self._counter)
             box.cpu_seconds = 0.0
             box.log.append(f"fake gateway started (instance {box.instance})")
-            state = {"backend": self.name, "instance": box.instance}
+            state = {"backend": self.name, "instance": box.instance, **self._port(box)}
         yield Progress(50, "Starting the agent gateway", state=dict(state))
         yield Progress(100, "Sandbox is running", state=dict(state))
 
@@ -173,7 +186,7 @@ class FakeBackend(SandboxBackend):
     def endpoint(self, spec: SandboxSpec, state: dict[str, Any]) -> tuple[str, int]:
         if "instance" not in state:
             raise BackendError(f"Sandbox {spec.name} has no endpoint: it was never started.")
-        return ("127.0.0.1", 9)  # discard: nothing listens
+        return ("127.0.0.1", int(state.get("endpoint_port") or 9))  # 9, discard: nothing listens
 
     def exec(
         self, spec: SandboxSpec, state: dict[str, Any], argv: list[str], timeout: float = 30.0
@@ -284,7 +297,12 @@ class FakeBackend(SandboxBackend):
                 raise BackendError(f"The checkpoint image {image.location} is missing.")
             box.running, box.frozen, box.instance = True, False, found[1]
             box.cpu_seconds = 0.0
-            state = {"backend": self.name, "instance": box.instance, "restored": True}
+            state = {
+                "backend": self.name,
+                "instance": box.instance,
+                "restored": True,
+                **self._port(box),
+            }
         yield Progress(100, "Sandbox is running", state=dict(state))
 
     def list_checkpoints(self) -> list[tuple[str, str, datetime]]:
