@@ -91,6 +91,9 @@ def measure(runs: int, telegram: Any) -> dict[str, list[tuple[float, float]]]:
     t = time.monotonic()
     link = actions.connect(sandbox, telegram.add_bot("bench_bot"))
     app.conf.task_always_eager = False  # deliveries are run by hand (one_message)
+    start = telegram.make_update(f"/start {link.pairing_code}", chat_id=CHAT_ID)
+    if actions.accept_update(link, start) != "paired":
+        raise RuntimeError("the bench's Telegram account could not pair")
     print(f"bot linked, gateway restarted with its channel: {time.monotonic() - t:.1f} s")
     client = Client()
     results: dict[str, list[tuple[float, float]]] = {"awake": [], "asleep": []}

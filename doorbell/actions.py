@@ -92,16 +92,57 @@ def _apply(sandbox_id: int) -> None:
         log.warning("sandbox %s: could not queue the channel config change", sandbox_id)
 
 
-def accept_update(link: TelegramLink, update: dict[str, Any]) -> None:
-    """Store ``update`` for ``link``'s sandbox, unless that ``update_id`` is stored already
-    (``INSERT ... ON CONFLICT DO NOTHING``: Telegram's re-sends and replays are dropped here).
-    Queue its delivery once that commits; a delivery with nothing pending does nothing."""
+def sender_of(update: dict[str, Any]) -> int | None:
+    """The Telegram user id who sent the update's message, or None (not a message)."""
+    message = delivery.message_of(update)
+    sender = (message or {}).get("from") or {}
+    user_id = sender.get("id") if isinstance(sender, dict) else None
+    return user_id if isinstance(user_id, int) and not isinstance(user_id, bool) else None
+
+
+def accept_update(link: TelegramLink, update: dict[str, Any]) -> str:
+    """Take one update from Telegram for ``link``; return what became of it:
+
+    * "stored": from a paired account; kept unless that ``update_id`` is stored already
+      (``INSERT ... ON CONFLICT DO NOTHING``: Telegram's re-sends and replays are dropped
+      here), and its delivery queued once that commits (a delivery with nothing pending does
+      nothing);
+    * "paired": ``/start <pairing code>`` from a new account, which may write to the agent
+      from now on (the command itself is not passed on);
+    * "ignored": anything else (a stranger, or not a message). Nothing is kept and the agent
+      is not woken: a public bot cannot be used to wake or reach someone's agent.
+    """
+    sender = sender_of(update)
+    if sender is None:
+        return "ignored"
+    if sender not in link.allowed_user_ids:
+        message = delivery.message_of(update) or {}
+        if str(message.get("text", "")).strip() == f"/start {link.pairing_code}":
+            return "paired" if pair(link, sender) else "ignored"
+        log.info("sandbox %s: Telegram message from an unpaired account dropped", link.sandbox_id)
+        return "ignored"
     row = TelegramUpdate(
         link=link, sandbox_id=link.sandbox_id, update_id=update["update_id"], payload=update
     )
     with transaction.atomic():
         TelegramUpdate.objects.bulk_create([row], ignore_conflicts=True)
         transaction.on_commit(partial(queue_delivery, link.sandbox_id))
+    return "stored"
+
+
+def pair(link: TelegramLink, user_id: int) -> bool:
+    """Allow the Telegram account ``user_id`` to reach ``link``'s agent; False if the link
+    is gone."""
+    with transaction.atomic():
+        locked = TelegramLink.objects.select_for_update().filter(pk=link.pk).first()
+        if locked is None:
+            return False
+        if user_id not in locked.allowed_user_ids:
+            locked.allowed_user_ids = [*locked.allowed_user_ids, user_id]
+            locked.save(update_fields=["allowed_user_ids"])
+    link.allowed_user_ids = locked.allowed_user_ids
+    log.info("sandbox %s: a Telegram account was paired", link.sandbox_id)
+    return True
 
 
 def queue_delivery(sandbox_id: int) -> None:

@@ -3,8 +3,10 @@
 The bot token, the webhook secret and the gateway hook token are encrypted at rest
 (:class:`portal.lib.fields.EncryptedTextField`). ``webhook_id`` is the opaque, random part of
 the webhook URL (``/channels/telegram/<webhook_id>/``): it names the link without saying whose
-it is. ``token_hash`` (SHA-256 of the bot token) lets the egress relay recognise a linked bot
-without decrypting every row.
+it is. A bot is public (anyone can find it and write to it), so only the Telegram accounts that
+sent ``/start <pairing_code>`` reach the agent (``allowed_user_ids``); the owner gets the code
+on the Channels page. ``token_hash`` (SHA-256 of the bot token) lets the egress relay recognise
+a linked bot without decrypting every row.
 
 An update is stored once per (link, update_id): Telegram re-sends an update it got no 200 for,
 and the unique constraint drops the copy (``INSERT ... ON CONFLICT DO NOTHING``).
@@ -32,6 +34,11 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+def new_pairing_code() -> str:
+    # A /start deep-link parameter: up to 64 characters of A-Z, a-z, 0-9, _ and -.
+    return secrets.token_urlsafe(12)
+
+
 def token_hash(bot_token: str) -> str:
     return hashlib.sha256(bot_token.encode()).hexdigest()
 
@@ -47,11 +54,18 @@ class TelegramLink(models.Model):
     webhook_id = models.CharField(max_length=64, unique=True, default=new_webhook_id)
     secret = EncryptedTextField(default=new_secret)
     hook_token = EncryptedTextField(default=new_secret)  # the gateway's hooks.token
+    # Who may reach the agent: Telegram user ids that sent "/start <pairing_code>".
+    pairing_code = models.CharField(max_length=64, default=new_pairing_code)
+    allowed_user_ids = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     webhook_set_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"@{self.bot_username} → sandbox {self.sandbox_id}"
+
+    @property
+    def pairing_link(self) -> str:
+        return f"https://t.me/{self.bot_username}?start={self.pairing_code}"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         self.token_hash = token_hash(self.bot_token)

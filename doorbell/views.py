@@ -2,9 +2,11 @@
 
 The webhook answers Telegram at once, whatever state the agent is in: it checks the secret
 token (constant time), stores the update (a duplicate is dropped) and queues its delivery.
-Telegram gets 404 for an unknown link, 403 for a wrong or missing secret, 400 for a body that
-is not an update; it retries only on its own 5xx and network errors, so nothing it sent is lost
-once the row is stored.
+Only updates from paired Telegram accounts are kept (see ``actions.accept_update``); others get
+a 200 all the same, so that Telegram does not send them again. Telegram gets 404 for an
+unknown link, 403 for a wrong or missing secret, 400 for a body that is not an update.
+Telegram re-sends an update until it gets a 2xx, and the 200 comes only after the row is
+committed, so nothing it sent is lost.
 """
 
 from __future__ import annotations

@@ -67,9 +67,17 @@ def signed_in(client: Any, sandbox: Sandbox) -> Any:
     return client
 
 
+PAIRED = (4242, 99)  # the chat (and sender) ids the tests write from
+
+
 def linked(sandbox: Sandbox, telegram: FakeTelegram) -> tuple[TelegramLink, str]:
+    """Link a new bot to ``sandbox`` and pair the test senders, as their /start would."""
     token = telegram.add_bot()
-    return actions.connect(sandbox, token), token
+    link = actions.connect(sandbox, token)
+    for user_id in PAIRED:
+        start = telegram.make_update(f"/start {link.pairing_code}", chat_id=user_id)
+        assert actions.accept_update(link, start) == "paired"
+    return link, token
 
 
 def purge_queues() -> None:
@@ -181,6 +189,30 @@ def test_a_bad_secret_is_refused_and_nothing_is_kept(
     assert unknown.status_code == 404
     assert post(client, link, {"no": "update"}).status_code == 400
     assert not TelegramUpdate.objects.exists()
+
+
+def test_only_paired_accounts_reach_the_agent(
+    transactional_db: None, fake_backend: FakeBackend, telegram: FakeTelegram, client: Any
+) -> None:
+    sandbox = running_fake_sandbox("alice@tg.test")
+    link = actions.connect(sandbox, telegram.add_bot("alices_bot"))
+    page = signed_in(client, sandbox).get("/channels/").content.decode()
+    assert f"https://t.me/alices_bot?start={link.pairing_code}" in page
+    assert "No account paired yet" in page
+    stranger = telegram.make_update("let me in", chat_id=666)
+    assert post(client, link, stranger).status_code == 200  # Telegram must not re-send it
+    guess = telegram.make_update("/start not-the-code", chat_id=666)
+    assert post(client, link, guess).status_code == 200
+    assert not TelegramUpdate.objects.exists()
+    start = telegram.make_update(f"/start {link.pairing_code}", chat_id=4242)
+    assert post(client, link, start).status_code == 200
+    link.refresh_from_db()
+    assert link.allowed_user_ids == [4242]
+    assert not TelegramUpdate.objects.exists()  # the /start itself is not for the agent
+    assert "1 account paired" in client.get("/channels/").content.decode()
+    assert post(client, link, telegram.make_update("hello", chat_id=4242)).status_code == 200
+    assert post(client, link, telegram.make_update("still me?", chat_id=666)).status_code == 200
+    assert [u.payload["message"]["text"] for u in TelegramUpdate.objects.all()] == ["hello"]
 
 
 def test_duplicates_are_dropped_and_delivered_once(

@@ -85,15 +85,20 @@ def test_a_message_to_a_sleeping_agent_is_answered_on_telegram(
         sandbox.refresh_from_db()
         assert sandbox.state == State.SLEEPING
 
+        def webhook(update: dict[str, Any]) -> int:
+            path = f"/channels/telegram/{link.webhook_id}/"
+            headers = {SECRET_HEADER: link.secret}
+            response = client.post(path, update, content_type="application/json", headers=headers)
+            return int(response.status_code)
+
+        start = fake_telegram.make_update(f"/start {link.pairing_code}", chat_id=31337)
+        assert webhook(start) == 200  # the owner pairs their account; the agent sleeps on
+        sandbox.refresh_from_db()
+        assert sandbox.state == State.SLEEPING
+
         update = fake_telegram.make_update("Are you there?", chat_id=31337)
         started = time.monotonic()
-        response = client.post(
-            f"/channels/telegram/{link.webhook_id}/",
-            update,
-            content_type="application/json",
-            headers={SECRET_HEADER: link.secret},
-        )
-        assert response.status_code == 200
+        assert webhook(update) == 200
         sent = fake_telegram.wait_for_message(31337, timeout=120)
         assert [s.text for s in sent] == [REPLY], gateway_logs(sandbox)[-4000:]
         assert sent[0].token == token
