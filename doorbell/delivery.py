@@ -11,10 +11,14 @@ it uses to drop replays, and delivers the agent's answer itself through its Tele
 Exactly once. A row is marked delivered in the same transaction that sent it, after the
 gateway's 200. A worker that dies after the 200 and before the commit leaves the row pending,
 and the next delivery sends it again with the same ``idempotencyKey``
-(``telegram:<webhook id>:<update_id>``), which OpenClaw recognises as a replay and does not
-run again, within its replay retention. The window for a double answer is therefore a crash in
-that gap *and* a gateway that has also lost its replay record (its state dir rolled back by a
-restore from an older backup).
+(``telegram:<webhook id>:<update_id>``), which OpenClaw answers as a replay of the run it
+already has, without running it again (shown on a real gateway in test_telegram_e2e.py).
+OpenClaw keeps that replay record in memory: while the run is pending or running, and for
+5 minutes after it ends; a gateway restart forgets it. So the exact window for a double answer
+is: a worker dies in that gap, *and* the re-delivery comes more than 5 minutes after the run
+ended or after the gateway restarted (a cold stop and boot; a checkpoint keeps its memory).
+Beat re-queues a row left pending for HERMIT_TELEGRAM_REQUEUE_AFTER (60 s) every 30 s, so a
+re-delivery normally comes well inside the 5 minutes.
 
 What is sent: the message text (or a photo's caption), in a persistent session per chat
 (``hook:telegram:<chat id>``), so a conversation continues from message to message. Updates
