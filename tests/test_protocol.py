@@ -23,6 +23,7 @@ from sandboxes.openclaw.protocol import (
     GatewayEvent,
     GatewayUnavailable,
     build_connect_params,
+    coalesce_deltas,
     device_auth_payload,
 )
 from tests.fakes.model_server import FakeModelServer
@@ -246,3 +247,61 @@ async def test_it_tells_the_caller_when_the_gateway_does_not_come_back(
         await asyncio.to_thread(gateway.start)
     await next_event(client, CONNECTED_EVENT, timeout=30)
     assert await client.chat_history(session_key=session_key()) == []
+
+
+def chat(state: str, run: str = "r1", text: str = "", session: str = "agent:main:main") -> Any:
+    payload = {"runId": run, "sessionKey": session, "state": state, "deltaText": text}
+    return GatewayEvent("chat", payload)
+
+
+def test_it_merges_waiting_deltas_of_one_run_and_keeps_everything_else_in_order() -> None:
+    batch = [
+        chat("delta", text="a "),
+        chat("delta", text="b "),
+        chat("delta", run="r2", text="x "),  # another run: not merged with r1's
+        chat("delta", text="c "),
+        GatewayEvent("tick", {}),
+        chat("delta", text="d "),
+        chat("delta", text="e ", session="other"),  # another session
+        chat("final", text=""),
+    ]
+    merged = coalesce_deltas(batch)
+    assert [(e.event, e.payload["state"] if e.event == "chat" else "") for e in merged] == [
+        ("chat", "delta"),
+        ("chat", "delta"),
+        ("chat", "delta"),
+        ("tick", ""),
+        ("chat", "delta"),
+        ("chat", "delta"),
+        ("chat", "final"),
+    ]
+    assert [e.payload.get("deltaText") for e in merged if e.event == "chat"] == [
+        "a b ", "x ", "c ", "d ", "e ", "",
+    ]  # fmt: skip
+    assert coalesce_deltas([]) == [] and coalesce_deltas(batch[:1]) == batch[:1]
+
+
+async def test_a_reader_that_fell_behind_gets_what_waits_in_one_batch(
+    client: GatewayClient, model_server: FakeModelServer
+) -> None:
+    """A reply streamed while nobody reads arrives as batches in order: merged, its deltas
+    are the whole reply, and the final follows them."""
+    model_server.script(reply="one two three four five six", chunks=6, delay=0.05)
+    await client.chat_send("Count.", session_key="main")
+    await asyncio.sleep(3)  # the reply streams and ends meanwhile
+    text, states, sizes = "", [], []
+    async with asyncio.timeout(30):
+        async for batch in client.event_batches():
+            sizes.append(len(batch))
+            for event in coalesce_deltas(batch):
+                if event.event != "chat" or event.payload["state"] == "status":
+                    continue
+                states.append(event.payload["state"])
+                text += event.payload.get("deltaText") or ""
+                if event.payload["state"] == "final":
+                    break
+            if states and states[-1] == "final":
+                break
+    assert max(sizes) > 1 and max(sizes) <= 64, sizes  # what waited came in batches
+    assert states[-1] == "final" and set(states[:-1]) == {"delta"}
+    assert text.split() == ["one", "two", "three", "four", "five", "six"]

@@ -28,7 +28,8 @@ Server → browser:
   ``notice`` with :data:`RESUMED_NOTICE`, the others are left out.
 - ``{"type": "ack", "id": ID, "runId": RUN}``: the gateway accepted message ``ID``.
 - ``{"type": "phase", "runId", "phase"}``: what the agent is doing before text arrives.
-- ``{"type": "delta", "runId", "delta"}``: new reply text, appended in order.
+- ``{"type": "delta", "runId", "delta"}``: new reply text, appended in order (a session that
+  fell behind gets the deltas waiting for it merged into one frame).
 - ``{"type": "final", "runId", "text"}``: the complete reply (replaces the streamed text).
 - ``{"type": "aborted", "runId", "text"}``: the reply was stopped; ``text`` is what was kept.
 - ``{"type": "run_error", "runId", "message"}``: the reply failed (model error), or the
@@ -90,6 +91,7 @@ from sandboxes.openclaw.protocol import (
     GatewayError,
     GatewayEvent,
     GatewayUnavailable,
+    coalesce_deltas,
 )
 
 log = logging.getLogger(__name__)
@@ -406,8 +408,10 @@ class ChatConsumer(RelaySocket):
             log.exception("chat for sandbox %s: unexpected error while connecting", self.sandbox.pk)
             await self._fail("Something went wrong while connecting to your agent.")
             return
-        async for event in self.client.events():
-            await self._on_event(event)
+        # A session that fell behind sends the deltas waiting for it as one frame each run.
+        async for batch in self.client.event_batches():
+            for event in coalesce_deltas(batch) if len(batch) > 1 else batch:
+                await self._on_event(event)
 
     async def _fail(self, message: str) -> None:
         self.failed = message

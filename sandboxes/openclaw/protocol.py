@@ -445,6 +445,33 @@ class GatewayConnection:
         self._shutdown()
 
 
+def coalesce_deltas(events: list[GatewayEvent]) -> list[GatewayEvent]:
+    """Merge each run of consecutive ``chat`` delta events of one run and session into one
+    event: its ``deltaText`` is theirs joined, the rest is the last one's (whose ``message``
+    holds the whole text so far). Other events, and their order, are kept as they are."""
+    merged: list[GatewayEvent] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and _is_delta(event)
+            and _is_delta(last)
+            and event.payload.get("runId") == last.payload.get("runId")
+            and event.payload.get("sessionKey") == last.payload.get("sessionKey")
+        ):
+            text = str(last.payload.get("deltaText") or "") + str(
+                event.payload.get("deltaText") or ""
+            )
+            merged[-1] = GatewayEvent(event.event, {**event.payload, "deltaText": text}, event.seq)
+        else:
+            merged.append(event)
+    return merged
+
+
+def _is_delta(event: GatewayEvent) -> bool:
+    return event.event == "chat" and event.payload.get("state") == "delta"
+
+
 def _parse(message: str | bytes) -> dict[str, Any]:
     try:
         frame = json.loads(message)
@@ -663,6 +690,24 @@ class GatewayClient:
                 self._events.put_nowait(_CLOSED)
                 return
             yield item
+
+    async def event_batches(self, limit: int = 64) -> AsyncIterator[list[GatewayEvent]]:
+        """:meth:`events` a batch at a time: each batch is the next event and those already
+        waiting behind it (up to ``limit``), in order. A reader that fell behind catches up in
+        one step per batch, and can merge what the batch holds (:func:`coalesce_deltas`)."""
+        while True:
+            batch: list[GatewayEvent] = []
+            item = await self._events.get()
+            while item is not _CLOSED:
+                batch.append(item)
+                if len(batch) >= limit or self._events.empty():
+                    break
+                item = self._events.get_nowait()
+            if batch:
+                yield batch
+            if item is _CLOSED:
+                self._events.put_nowait(_CLOSED)
+                return
 
     async def chat_send(
         self,
