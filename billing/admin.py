@@ -38,8 +38,9 @@ class PlanAdmin(admin.ModelAdmin[Plan]):
         "memory_mb",
         "cpu_millis",
         "internet",
+        "browser",
     )
-    list_filter = ("public", "sleeps", "internet", "is_default")
+    list_filter = ("public", "sleeps", "internet", "browser", "is_default")
     search_fields = ("name", "slug", "stripe_price_id")
 
 

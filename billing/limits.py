@@ -17,7 +17,7 @@ def limits_of(plan: Plan) -> SandboxLimits:
     """Return what ``plan`` allows a sandbox."""
     return SandboxLimits(
         plan_name=plan.name,
-        memory_mb=plan.memory_mb,
+        memory_mb=plan.sandbox_memory_mb,
         cpu_millis=plan.cpu_millis,
         pids_max=plan.pids_max,
         internet=plan.internet,
@@ -26,6 +26,8 @@ def limits_of(plan: Plan) -> SandboxLimits:
         backup_keep_last=plan.backup_keep_last,
         backup_keep_daily=plan.backup_keep_daily,
         backup_keep_weekly=plan.backup_keep_weekly,
+        browser=plan.browser,
+        browser_memory_mb=plan.browser_memory_mb if plan.browser else 0,
     )
 
 

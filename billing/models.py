@@ -44,6 +44,15 @@ class Plan(models.Model):
     cpu_millis = models.PositiveIntegerField(default=1000, help_text="1000 = one full core.")
     pids_max = models.PositiveIntegerField(default=512)
     internet = models.BooleanField(default=False, help_text="Sandboxes may reach the internet.")
+    browser = models.BooleanField(
+        default=False,
+        help_text="Agents get a headless Chromium they drive with the browser tool (started on "
+        "first use, inside the sandbox). Useful with internet only.",
+    )
+    browser_memory_mb = models.PositiveIntegerField(
+        default=1024,
+        help_text="Memory added to the sandbox's limit for its browser, when the browser is on.",
+    )
     max_sandboxes = models.PositiveIntegerField(default=1)
     backup_interval = models.DurationField(
         null=True,
@@ -105,11 +114,19 @@ class Plan(models.Model):
     def is_paid(self) -> bool:
         return self.price_monthly > 0
 
-    def limits(self) -> tuple[int, int, int, bool]:
-        """What a sandbox on this plan is started with and keeps until it stops: memory (MB),
-        CPU (millicores), processes, internet. Two plans with equal limits run the same
-        gateway; a change of any of them needs a restart to reach a running one."""
-        return (self.memory_mb, self.cpu_millis, self.pids_max, self.internet)
+    @property
+    def sandbox_memory_mb(self) -> int:
+        """The sandbox's whole memory limit: the agent's memory, plus the browser's share when
+        the browser is on (Chromium runs inside the sandbox, in the same cgroup)."""
+        return self.memory_mb + (self.browser_memory_mb if self.browser else 0)
+
+    def limits(self) -> tuple[int, int, int, bool, bool]:
+        """What a sandbox on this plan is started with and keeps until it stops: memory (MB,
+        the whole limit), CPU (millicores), processes, internet, browser. Two plans with equal
+        limits run the same gateway; a change of any of them needs a restart to reach a
+        running one."""
+        memory = self.sandbox_memory_mb
+        return (memory, self.cpu_millis, self.pids_max, self.internet, self.browser)
 
 
 class Account(models.Model):
@@ -219,6 +236,8 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "cpu_millis": 1000,
         "pids_max": 512,
         "internet": False,
+        "browser": False,  # no internet: a browser would reach nothing
+        "browser_memory_mb": 1024,
         "max_sandboxes": 1,
         "backup_interval": timedelta(days=1),
         "backup_keep_last": 0,
@@ -239,6 +258,8 @@ STANDARD_PLANS: dict[str, dict[str, Any]] = {
         "cpu_millis": 2000,
         "pids_max": 1024,
         "internet": True,
+        "browser": True,
+        "browser_memory_mb": 1024,
         "max_sandboxes": 3,
         "backup_interval": timedelta(hours=1),
         "backup_keep_last": 24,

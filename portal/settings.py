@@ -405,6 +405,10 @@ if env("HERMIT_NET_UID_BASE"):
     HERMIT_NET_UID_BASE = envint("HERMIT_NET_UID_BASE", "0")
 # Networks (CIDRs, comma-separated) a sandbox with internet must never reach, e.g. your LAN/VPC.
 HERMIT_SANDBOX_BLOCKED_NETS = envlist("HERMIT_SANDBOX_BLOCKED_NETS")
+# The agents' browser (plans with it on): the Chromium binary run inside each sandbox, and the
+# private-network hosts OpenClaw's navigation check lets it open (by default none).
+HERMIT_BROWSER_EXECUTABLE = env("HERMIT_BROWSER_EXECUTABLE", "/usr/lib/chromium/chromium")
+HERMIT_BROWSER_ALLOWED_HOSTS = envlist("HERMIT_BROWSER_ALLOWED_HOSTS")
 HERMIT_START_TIMEOUT = envint("HERMIT_START_TIMEOUT", "60")
 HERMIT_READY_TIMEOUT = envint("HERMIT_READY_TIMEOUT", "30")
 # A gateway that crashes HERMIT_CRASH_LIMIT times in a row, each within HERMIT_CRASH_WINDOW

@@ -39,7 +39,7 @@ from sandboxes import ai_keys, bootqueue, runtime, sleep
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, Progress, SandboxSpec
 from sandboxes.events import broadcast_progress, record_event
-from sandboxes.limits import SandboxLimits, limits_for
+from sandboxes.limits import ResourceTuple, SandboxLimits, limits_for
 from sandboxes.models import BackupRepository, RuntimeImage, Sandbox, SandboxEvent
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,7 @@ def _run_backend(
     steps: Iterator[Progress],
     shown: list[int] | None = None,
     *,
-    limits: tuple[int, int, int, bool],
+    limits: ResourceTuple,
 ) -> Iterator[Progress]:
     """Follow a backend start or restore: persist its state (with the plan ``limits`` it was
     started with, see :func:`started_with`), record and show its steps. ``shown`` holds the
@@ -524,7 +524,7 @@ def restart_sandbox(
     )
 
 
-def started_with(sandbox: Sandbox, limits: tuple[int, int, int, bool]) -> bool:
+def started_with(sandbox: Sandbox, limits: ResourceTuple) -> bool:
     """Return True if the sandbox's gateway (running or dozing) was started with ``limits``
     (:meth:`~sandboxes.limits.SandboxLimits.resources`), as recorded in its backend state by the
     start or restore. A thaw keeps a gateway's cgroup and network, so one started with other

@@ -38,12 +38,22 @@ class Resources(Protocol):
     @property
     def internet(self) -> bool: ...
 
+    @property
+    def browser(self) -> bool: ...
+
+
+# What a gateway is started with: memory (MB), CPU (millicores), processes, internet, browser.
+ResourceTuple = tuple[int, int, int, bool, bool]
+
 
 @dataclass(frozen=True)
 class SandboxLimits:
     """One owner's limits: what their sandboxes start with, how they sleep and are backed up.
 
     ``plan_name`` is for messages only ("Restarting your agent with the Pro plan").
+    ``memory_mb`` is the sandbox's whole memory limit: with ``browser`` on it includes
+    ``browser_memory_mb``, the share set aside for the agent's Chromium, which runs inside the
+    sandbox and is charged to the same cgroup.
     """
 
     plan_name: str
@@ -56,16 +66,18 @@ class SandboxLimits:
     backup_keep_last: int = 0
     backup_keep_daily: int = 0
     backup_keep_weekly: int = 0
+    browser: bool = False
+    browser_memory_mb: int = 0
 
     def sleeps_after(self) -> timedelta | None:
         """Return the idle time after which a sandbox sleeps, or None if it never sleeps."""
         return self.sleep_after
 
-    def resources(self) -> tuple[int, int, int, bool]:
+    def resources(self) -> ResourceTuple:
         """What a gateway is started with and keeps until it stops: memory (MB), CPU
-        (millicores), processes, internet. Two owners with equal resources can run the same
+        (millicores), processes, internet, browser. Two owners with equal resources can run the same
         gateway; a change of any of them needs a restart to reach a running one."""
-        return (self.memory_mb, self.cpu_millis, self.pids_max, self.internet)
+        return (self.memory_mb, self.cpu_millis, self.pids_max, self.internet, self.browser)
 
 
 Provider = Callable[[Any], SandboxLimits]

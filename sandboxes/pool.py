@@ -252,7 +252,9 @@ def _rekey(sandbox: Sandbox, token: str, ai_key: str) -> None:
     log_path = run_dir / LOG_NAME
     offset = log_path.stat().st_size
     path = run_dir / FILES_NAME / _file_key(spec, CONFIG_PATH)
-    _rewrite_in_place(path, setup.config_text(sandbox, gateway_token=token, ai_key=ai_key))
+    browser = limits_for(sandbox.owner).browser  # equal to the pool's: see adopt's check
+    text = setup.config_text(sandbox, gateway_token=token, ai_key=ai_key, browser=browser)
+    _rewrite_in_place(path, text)
     host, port = actions.gateway_endpoint(sandbox)
     _wait_for_token(sandbox, f"ws://{host}:{port}", token, log_path, offset)
 

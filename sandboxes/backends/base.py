@@ -35,6 +35,9 @@ class SandboxSpec:
     cpu_millis: int  # 1000 = one full core
     pids_max: int = 512
     internet: bool = False
+    # The agent's browser (Chromium, started by the gateway inside the sandbox on first use)
+    # is allowed: the backend gives it what it needs (a small /dev/shm, fonts).
+    browser: bool = False
     ai_gateway_port: int | None = None  # host loopback port the sandbox may reach as 127.0.0.1
     gateway_port: int = 18789  # the port the OpenClaw gateway listens on inside the sandbox
     # Read-only files for the sandbox: absolute path inside it (outside data_dir) -> text. The

@@ -206,6 +206,7 @@ class LocalBackend(SandboxBackend):
         start_timeout: float | None = None,
         ready_timeout: float | None = None,
         tmp_size_mb: int = 256,
+        shm_size_mb: int = 64,
         net_uid_base: int | None = None,
         start_cpu_seconds: float | None = None,
         checkpoint_dir: Path | None = None,
@@ -221,6 +222,7 @@ class LocalBackend(SandboxBackend):
         self.start_timeout = float(start_timeout or _setting("HERMIT_START_TIMEOUT", 60))
         self.ready_timeout = float(ready_timeout or _setting("HERMIT_READY_TIMEOUT", 30))
         self.tmp_size_mb = tmp_size_mb
+        self.shm_size_mb = shm_size_mb  # /dev/shm, only for a sandbox with the browser
         # pasta's uids: another range, so no sandbox uid owns (and so commands) a netns.
         self.net_uid_base = (
             net_uid_base
@@ -526,6 +528,8 @@ class LocalBackend(SandboxBackend):
             binds.append(("--ro-bind", str(etc / name), f"/etc/{name}"))
         for shared in ("ssl", "ca-certificates", "alternatives", "localtime", "ld.so.cache"):
             binds.append(("--ro-bind-try", f"/etc/{shared}", f"/etc/{shared}"))
+        if spec.browser:  # Chromium (under the read-only /usr) renders text with fontconfig
+            binds.append(("--ro-bind-try", "/etc/fonts", "/etc/fonts"))
         for inside in spec.files:
             binds.append(("--ro-bind", str(run_dir / FILES_NAME / _file_key(spec, inside)), inside))
         runtime = str(spec.runtime_dir)
@@ -575,6 +579,13 @@ class LocalBackend(SandboxBackend):
             "/proc",
             "--dev",
             "/dev",
+        ]
+        if spec.browser:
+            # Chromium's shared memory: a small private tmpfs, charged to the sandbox's cgroup
+            # like /tmp (OpenClaw also passes --disable-dev-shm-usage, so most of it goes to /tmp).
+            args += ["--size", str(self.shm_size_mb * 1024 * 1024), "--perms", "1777"]
+            args += ["--tmpfs", "/dev/shm"]
+        args += [
             "--chdir",
             str(spec.data_dir),
             # bwrap's root and /dev are tmpfs: make them read-only, so the data dir and /tmp

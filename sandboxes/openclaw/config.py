@@ -20,6 +20,16 @@ new ``gateway.auth.token`` and provider ``apiKey`` in about a second, without a 
 stays root's, readable only by the sandbox's uid (which can read the environment of its gateway
 all the same); its next cold start goes back to the environment.
 
+The browser (``browser_config``): a plan with the browser on gets OpenClaw's managed browser, a
+headless Debian Chromium that the gateway launches inside the same sandbox on the browser tool's
+first use (not with the agent). Its DevTools port is on the sandbox's own loopback, in its own
+network namespace, so only that sandbox's processes reach it; its profile (``user-data-dir``)
+is OpenClaw's, under the state dir, so cookies and log-ins survive sleep and backups; its HTTP
+disk cache goes to ``cache/``, which backups skip. Chromium's own sandbox cannot nest in the
+bubblewrap one (no user namespaces there), hence ``noSandbox``: the sandbox around it is the
+wall. A plan without the browser gets ``browser.enabled: false`` and the browser plugin off, so
+the agent has no browser tool at all.
+
 Inside the sandbox the gateway binds loopback. The portal reaches it through the backend's port
 forward (pasta splices host-loopback connections onto the sandbox's loopback), so the gateway sees
 the portal as a loopback client: with the shared token such a client is auto-approved as a device.
@@ -40,6 +50,8 @@ STATE_SUBDIR = "state"
 AGENT_ID = "main"
 CONFIG_PATH = "/etc/openclaw/openclaw.json"  # inside the sandbox: read-only, outside the data dir
 SUBDIRS = ("home", "tmp", "logs", "cache", STATE_SUBDIR)
+BROWSER_PROFILE = "openclaw"  # OpenClaw's managed profile: <state>/browser/openclaw/user-data
+BROWSER_CDP_PORT = 18800  # on the sandbox's own loopback; OpenClaw's first managed CDP port
 
 
 @dataclass(frozen=True)
@@ -86,12 +98,16 @@ def render_config(
     trusted_proxies: Sequence[str] = (),
     chat_completions_endpoint: bool = False,
     dreaming_schedule: str | None = None,
+    browser: BrowserOptions | None = None,
 ) -> dict[str, Any]:
     """Return the OpenClaw config (a JSON-serialisable dict) for one sandbox.
 
     ``dreaming_schedule`` (a cron expression) moves OpenClaw's daily memory-dreaming job off its
     default 03:00 UTC, so that sleeping agents, each woken for its own jobs, do not all wake at
     the same minute.
+
+    ``browser`` (see :func:`browser_config`) turns the managed browser on; without it the agent
+    has no browser tool.
 
     ``data_dir`` is the sandbox's data directory as the gateway sees it (the local backend mounts
     it at the same path inside the sandbox). ``models`` lists the model ids the AI gateway serves;
@@ -138,10 +154,54 @@ def render_config(
         },
         "logging": {"file": str(Path(data_dir) / "logs" / "openclaw.log")},
     }
+    entries: dict[str, Any] = {}
     if dreaming_schedule:
-        dreaming = {"dreaming": {"frequency": dreaming_schedule}}
-        rendered["plugins"] = {"entries": {"memory-core": {"config": dreaming}}}
+        entries["memory-core"] = {"config": {"dreaming": {"frequency": dreaming_schedule}}}
+    rendered["browser"] = browser_config(data_dir, browser)
+    if browser is None:
+        entries["browser"] = {"enabled": False}  # no browser tool, CLI or control service
+    if entries:
+        rendered["plugins"] = {"entries": entries}
     return rendered
+
+
+@dataclass(frozen=True)
+class BrowserOptions:
+    """The managed browser's settings that are not the same for every sandbox.
+
+    ``executable`` is the Chromium binary itself (Debian's ``/usr/bin/chromium`` is a shell
+    wrapper that sources ``/etc/chromium.d``, which the sandbox does not mount).
+    ``allowed_hosts`` are host names (or addresses) on private networks that OpenClaw's own
+    navigation check lets the browser open; by default it refuses every private address.
+    """
+
+    executable: str
+    allowed_hosts: tuple[str, ...] = ()
+
+
+def browser_config(data_dir: Path, options: BrowserOptions | None) -> dict[str, Any]:
+    """Return OpenClaw's ``browser`` block: the managed, headless Chromium of ``options``, or
+    ``{"enabled": False}`` for None."""
+    if options is None:
+        return {"enabled": False}
+    block: dict[str, Any] = {
+        "enabled": True,
+        "headless": True,
+        "noSandbox": True,  # no user namespaces in the sandbox: bubblewrap is the sandbox
+        "attachOnly": False,
+        "executablePath": options.executable,
+        "defaultProfile": BROWSER_PROFILE,
+        # Declared, so OpenClaw never writes a chosen port into the (read-only) config.
+        "profiles": {BROWSER_PROFILE: {"cdpPort": BROWSER_CDP_PORT}},
+        "extraArgs": [
+            f"--disk-cache-dir={Path(data_dir) / 'cache' / 'chromium'}",
+            "--disable-crash-reporter",
+            "--disable-breakpad",
+        ],
+    }
+    if options.allowed_hosts:
+        block["ssrfPolicy"] = {"allowedHostnames": list(options.allowed_hosts)}
+    return block
 
 
 def with_secrets(rendered: dict[str, Any], *, gateway_token: str, ai_key: str) -> dict[str, Any]:

@@ -35,12 +35,14 @@ def build_spec(
 
     data_dir = sandbox.data_dir
     if is_pooled(sandbox):
-        text = config_text(sandbox, gateway_token=sandbox.gateway_token, ai_key=ai_key)
+        text = config_text(
+            sandbox, gateway_token=sandbox.gateway_token, ai_key=ai_key, browser=limits.browser
+        )
         env = config.sandbox_env(
             data_dir=data_dir, gateway_token=None, ai_key=None, config_file=config.CONFIG_PATH
         )
     else:
-        text = json.dumps(_rendered(sandbox), indent=2)
+        text = json.dumps(_rendered(sandbox, browser=limits.browser), indent=2)
         env = config.sandbox_env(
             data_dir=data_dir,
             gateway_token=sandbox.gateway_token,
@@ -60,14 +62,25 @@ def restore_spec(sandbox: Sandbox, limits: Resources, image: RuntimeImage) -> Sa
     return _spec(sandbox, limits, Path(image.path), {}, {config.CONFIG_PATH: ""})
 
 
-def config_text(sandbox: Sandbox, *, gateway_token: str, ai_key: str) -> str:
+def config_text(sandbox: Sandbox, *, gateway_token: str, ai_key: str, browser: bool) -> str:
     """Return the sandbox's OpenClaw config with its two secrets written in: what a warm-pool
-    gateway runs with, and what it is given, in place, when a user takes it."""
-    rendered = config.with_secrets(_rendered(sandbox), gateway_token=gateway_token, ai_key=ai_key)
+    gateway runs with, and what it is given, in place, when a user takes it. ``browser``: the
+    plan allows the agent's browser."""
+    rendered = config.with_secrets(
+        _rendered(sandbox, browser=browser), gateway_token=gateway_token, ai_key=ai_key
+    )
     return json.dumps(rendered, indent=2)
 
 
-def _rendered(sandbox: Sandbox) -> dict[str, Any]:
+def browser_options() -> config.BrowserOptions:
+    """The managed browser's settings, from ``HERMIT_BROWSER_*``."""
+    return config.BrowserOptions(
+        executable=settings.HERMIT_BROWSER_EXECUTABLE,
+        allowed_hosts=tuple(settings.HERMIT_BROWSER_ALLOWED_HOSTS),
+    )
+
+
+def _rendered(sandbox: Sandbox, *, browser: bool) -> dict[str, Any]:
     rendered = config.render_config(
         data_dir=sandbox.data_dir,
         ai_gateway_port=settings.HERMIT_AI_GATEWAY_PORT,
@@ -75,6 +88,7 @@ def _rendered(sandbox: Sandbox) -> dict[str, Any]:
         default_model=settings.HERMIT_DEFAULT_MODEL,
         allowed_origins=[settings.SITE_URL],
         dreaming_schedule=dreaming_schedule(sandbox.pk),
+        browser=browser_options() if browser else None,
     )
     from sandboxes.pool import is_pooled
 
@@ -105,6 +119,7 @@ def _spec(
         cpu_millis=limits.cpu_millis if limits else 0,
         pids_max=limits.pids_max if limits else 0,
         internet=limits.internet if limits else False,
+        browser=limits.browser if limits else False,
         ai_gateway_port=settings.HERMIT_AI_GATEWAY_PORT,
         files=files or {},
     )

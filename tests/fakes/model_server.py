@@ -15,7 +15,12 @@ Routes:
 
 Scripting (thread-safe): ``server.script(reply=..., chunks=..., delay=..., status=...)``
 sets the default behaviour; ``server.enqueue(Script(...))`` queues one-shot behaviours consumed
-by the next requests in order. ``server.requests`` records every request (headers + JSON);
+by the next requests in order. ``server.respond_with(fn)`` lets a test answer from the request
+itself: ``fn(body) -> Script | None`` (None: the queue or default answers), say to call a tool
+first and then report what the tool returned. A Script with ``tool_calls`` answers (OpenAI only)
+with those function calls in OpenAI's own format: streamed as ``delta.tool_calls`` chunks (the
+id, type and name first, then the arguments JSON in pieces) ending with ``finish_reason:
+"tool_calls"``, or as ``message.tool_calls`` when not streaming. ``server.requests`` records every request (headers + JSON);
 ``server.disconnected`` is set (and ``server.disconnects`` counted) when a client goes away
 mid-stream. ``server.api_keys`` (None: any key) makes it answer other keys with the provider's
 own 401 error. ``server.reset()`` restores the defaults.
@@ -34,13 +39,22 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
 
 DEFAULT_REPLY = "Hello from the fake model."
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the fake model makes: the tool's ``name`` and its ``arguments``."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str = field(default_factory=lambda: f"call_{secrets.token_hex(12)}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,7 @@ class Script:
     cached_tokens: int = 0
     model: str | None = None  # the model name reported back; default echoes the request
     split_writes: bool = False  # write each SSE event in two halves, 20 ms apart (two reads)
+    tool_calls: tuple[ToolCall, ...] = ()  # OpenAI: call these tools instead of replying
 
 
 @dataclass
@@ -132,6 +147,7 @@ class FakeModelServer:
         self.completed = 0
         self._default = Script()
         self._queue: deque[Script] = deque()
+        self._responder: Callable[[Any], Script | None] | None = None
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -150,10 +166,17 @@ class FakeModelServer:
         with self._lock:
             self._queue.extend(scripts)
 
+    def respond_with(self, responder: Callable[[Any], Script | None] | None) -> None:
+        """Answer each request with ``responder(body)`` when it returns a Script (see above)."""
+        with self._lock:
+            self._responder = responder
+
     def reset(self) -> None:
-        """Forget requests, queued scripts and disconnects; restore the default script."""
+        """Forget requests, queued scripts, the responder and disconnects; restore the default
+        script."""
         with self._lock:
             self._default = Script()
+            self._responder = None
             self.api_keys = self._initial_api_keys
             self._queue.clear()
             self.requests.clear()
@@ -161,7 +184,12 @@ class FakeModelServer:
             self.completed = 0
             self.disconnected.clear()
 
-    def _next_script(self) -> Script:
+    def _next_script(self, body: Any = None) -> Script:
+        with self._lock:
+            responder = self._responder
+        answer = responder(body) if responder is not None else None
+        if answer is not None:
+            return answer
         with self._lock:
             return self._queue.popleft() if self._queue else self._default
 
@@ -332,7 +360,7 @@ class FakeModelServer:
 
     async def openai_chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
-        script = self._next_script()
+        script = self._next_script(body)
         auth = request.headers.get("Authorization", "")
         key = auth[7:] if auth.startswith("Bearer ") else None
         if not self._key_ok(key):
@@ -357,7 +385,12 @@ class FakeModelServer:
                 "refusal": None,
                 "annotations": [],
             }
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+            finish = "stop"
+            if script.tool_calls:
+                message["content"] = None
+                message["tool_calls"] = [_openai_tool_call(call) for call in script.tool_calls]
+                finish = "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             return web.json_response(
                 {
                     "id": ident,
@@ -390,11 +423,17 @@ class FakeModelServer:
             return _sse(data)
 
         async def events() -> AsyncIterator[bytes]:
-            yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
-            for piece in pieces:
-                await self._sleep(request, script.delay)
-                yield chunk({"content": piece}, None)
-            yield chunk({}, "stop")
+            if script.tool_calls:
+                for tool_chunk in _openai_tool_call_deltas(script.tool_calls, script.chunks):
+                    await self._sleep(request, script.delay)
+                    yield chunk(tool_chunk, None)
+                yield chunk({}, "tool_calls")
+            else:
+                yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
+                for piece in pieces:
+                    await self._sleep(request, script.delay)
+                    yield chunk({"content": piece}, None)
+                yield chunk({}, "stop")
             if include_usage:
                 yield _sse(
                     {
@@ -516,6 +555,26 @@ class FakeModelServer:
             "Cache-Control": "no-cache",
         }
         return await self._stream(request, events(), headers, script.split_writes)
+
+
+def _openai_tool_call(call: ToolCall) -> dict[str, Any]:
+    arguments = json.dumps(call.arguments)
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+
+
+def _openai_tool_call_deltas(calls: tuple[ToolCall, ...], pieces: int) -> list[dict[str, Any]]:
+    """The streamed deltas of ``calls``, as OpenAI sends them: per call, one delta with its index,
+    id, type, name and empty arguments, then the arguments JSON in ``pieces`` parts."""
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(calls):
+        head = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        first: dict[str, Any] = {"tool_calls": [{"index": index, **head}]}
+        if index == 0:
+            first = {"role": "assistant", "content": None, **first}
+        deltas.append(first)
+        for part in split_text(json.dumps(call.arguments), pieces):
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": part}}]})
+    return deltas
 
 
 def _openai_usage(script: Script, body: dict[str, Any], n_pieces: int) -> dict[str, Any]:
