@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,6 +49,15 @@ BROWSING = "dora@browser.test"  # pro: internet and browser
 OTHER = "alice@chat.test"  # free, the chat tests' pooled sandbox: another user, no browser
 TRIGGER = "Open the page"
 NO_BROWSER = "I have no browser tool."
+
+
+def host_ips() -> list[str]:
+    """This machine's loopback and interface addresses (without their prefix lengths)."""
+    return ["127.0.0.1", *(cidr.split("/")[0] for cidr in _host_addresses())]
+
+
+def http_host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
 
 
 class PageSite:
@@ -92,6 +102,16 @@ def site() -> Iterator[PageSite]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+class DualStackServer(ThreadingHTTPServer):
+    """Listens on every IPv4 and IPv6 address of this machine."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 class HostService:
     """A stand-in for the host's own services (the portal, Redis): an HTTP server on every
     address of this machine, which counts who reached it."""
@@ -111,12 +131,12 @@ class HostService:
                 pass
 
         self.hits = hits
-        self.server = ThreadingHTTPServer(("0.0.0.0", 0), Handler)  # noqa: S104 - the point
+        self.server = DualStackServer(("::", 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def urls(self) -> list[str]:
-        return [f"http://{ip}:{self.port}/" for ip in ["127.0.0.1", *_host_addresses()]]
+        return [f"http://{http_host(ip)}:{self.port}/" for ip in host_ips()]
 
 
 @pytest.fixture(scope="module")
@@ -277,13 +297,12 @@ def test_its_browser_is_reachable_from_its_own_sandbox_only(
 
     other = sandbox_for(OTHER)
     assert other.owner_id != mine.owner_id
-    addresses = ["127.0.0.1", *_host_addresses()]
-    answers = [cdp_answer(other, address, port) for address in addresses]
+    addresses = host_ips()
+    answers = [cdp_answer(other, http_host(address), port) for address in addresses]
     assert all(a.startswith("ERR") for a in answers), list(zip(addresses, answers, strict=True))
     for address in addresses:  # nor from the host: the port is on the sandbox's own loopback
-        with socket.socket() as sock:
-            sock.settimeout(2)
-            assert sock.connect_ex((address, port)) != 0, f"{address}:{port} is open on the host"
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=2).close()
 
 
 def test_a_page_cannot_reach_the_hosts_services(
@@ -294,41 +313,30 @@ def test_a_page_cannot_reach_the_hosts_services(
 ) -> None:
     sandbox = sandbox_for(BROWSING, plan="pro")
     targets = host_service.urls()
-    probes = ",".join(json.dumps(u) for u in targets)
-    # The page's script tries every host address, then tells its own site what happened.
-    script = (
-        "const tryOne = u => fetch(u, {mode: 'no-cors'}).then(() => 'open', () => 'blocked');"
-        f"Promise.all([{probes}].map(tryOne)).then(r => {{"
-        "  fetch('/ran?' + r.join(','));"
-        "  document.title = 'Hermit probed ' + r.join(',');"
-        "}});"
-    )
+    # The agent opens a page whose images point at every address of the host.
     title = f"Hermit page {secrets.token_hex(6)}"
-    html = f"<!doctype html><title>{title}</title><script>{script}</script>"
-    url = site.page("probe.html", html)
+    images = "".join(f'<img src="{u}probe.png">' for u in targets)
+    url = site.page("probe.html", f"<!doctype html><title>{title}</title>{images}")
     model_server.respond_with(browse_and_report(url, r"Hermit page [0-9a-f]{12}"))
-
     assert chat(sandbox, f"{TRIGGER} {url}").strip() == title
-    deadline = time.monotonic() + 20
-    while not site.fetched("/ran?") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    ran = site.fetched("/ran?")
-    assert ran, "the page's script ran and reached its own site"
-    assert "open" not in ran[0].split("/ran?", 1)[1].split(" ", 1)[0], ran
-    assert host_service.hits == [], "no host service was reached"
+    assert site.fetched("/probe.html")
 
-    # A top-level navigation by the sandbox's Chromium (no page-level policy in the way) to
-    # each host address gets nothing either; the site itself loads (the control).
+    # The sandbox's Chromium navigates straight to each host address (a top-level load, which
+    # no page-level policy stops) and to the site (the control, which loads): the host's
+    # service answers none of them.
     profile = "/tmp/probe-profile"  # noqa: S108 - the sandbox's own /tmp
     flags = ["--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
-    flags += ["--timeout=5000", "--dump-dom"]
+    flags += ["--timeout=8000", "--dump-dom"]
     exe = settings.HERMIT_BROWSER_EXECUTABLE
     control = run_in(sandbox, [exe, *flags, url], timeout=90)
-    assert title in control.stdout, control.stderr[-2000:]
+    assert f"<title>{title}</title>" in control.stdout, control.stderr[-2000:]
     for target in targets:
-        dumped = run_in(sandbox, [exe, *flags, target], timeout=90)
-        assert "host secret" not in dumped.stdout, target
-    assert host_service.hits == []
+        direct = run_in(sandbox, [exe, *flags, target], timeout=90)
+        assert "host secret" not in direct.stdout, target
+    assert host_service.hits == [], "a host service was reached"
+    with urllib.request.urlopen(targets[0], timeout=5) as answer:  # it does answer the host
+        assert b"host secret" in answer.read()
+    assert host_service.hits == ["/"]
 
 
 def test_a_plan_without_the_browser_gives_the_agent_no_browser(
