@@ -324,7 +324,7 @@ def test_a_page_cannot_reach_the_hosts_services(
     # The sandbox's Chromium navigates straight to each host address (a top-level load, which
     # no page-level policy stops) and to the site (the control, which loads): the host's
     # service answers none of them.
-    profile = "/tmp/probe-profile"  # noqa: S108 - the sandbox's own /tmp
+    profile = "/tmp/probe-profile"
     flags = ["--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
     flags += ["--timeout=8000", "--dump-dom"]
     exe = settings.HERMIT_BROWSER_EXECUTABLE

@@ -584,7 +584,7 @@ class LocalBackend(SandboxBackend):
             # Chromium's shared memory: a small private tmpfs, charged to the sandbox's cgroup
             # like /tmp (OpenClaw also passes --disable-dev-shm-usage, so most of it goes to /tmp).
             args += ["--size", str(self.shm_size_mb * 1024 * 1024), "--perms", "1777"]
-            args += ["--tmpfs", "/dev/shm"]
+            args += ["--tmpfs", "/dev/shm"]  # noqa: S108 - the sandbox's own, not the host's
         args += [
             "--chdir",
             str(spec.data_dir),

@@ -20,10 +20,10 @@ itself: ``fn(body) -> Script | None`` (None: the queue or default answers), say 
 first and then report what the tool returned. A Script with ``tool_calls`` answers (OpenAI only)
 with those function calls in OpenAI's own format: streamed as ``delta.tool_calls`` chunks (the
 id, type and name first, then the arguments JSON in pieces) ending with ``finish_reason:
-"tool_calls"``, or as ``message.tool_calls`` when not streaming. ``server.requests`` records every request (headers + JSON);
-``server.disconnected`` is set (and ``server.disconnects`` counted) when a client goes away
-mid-stream. ``server.api_keys`` (None: any key) makes it answer other keys with the provider's
-own 401 error. ``server.reset()`` restores the defaults.
+"tool_calls"``, or as ``message.tool_calls`` when not streaming. ``server.requests`` records
+every request (headers + JSON); ``server.disconnected`` is set (and ``server.disconnects``
+counted) when a client goes away mid-stream. ``server.api_keys`` (None: any key) makes it
+answer other keys with the provider's own 401 error. ``server.reset()`` restores the defaults.
 
 Use in-process: ``with FakeModelServer() as fake: fake.url`` (a background thread on a random
 127.0.0.1 port), or from the shell: ``python -m tests.fakes.model_server --port 18900``.
@@ -559,7 +559,11 @@ class FakeModelServer:
 
 def _openai_tool_call(call: ToolCall) -> dict[str, Any]:
     arguments = json.dumps(call.arguments)
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": arguments},
+    }
 
 
 def _openai_tool_call_deltas(calls: tuple[ToolCall, ...], pieces: int) -> list[dict[str, Any]]:
