@@ -117,7 +117,7 @@ def test_it_upgrades_on_checkout_completed_at_once_and_wakes_the_agent(
     assert PlanChange.objects.count() == 1 and len(mail.outbox) == 1
 
 
-def limits_of(sandbox: Sandbox) -> tuple[int, int, int, bool]:
+def limits_of(sandbox: Sandbox) -> tuple[int, int, int, bool, bool]:
     """The plan limits the sandbox's running gateway was started with (its backend state)."""
     sandbox.refresh_from_db()
     return tuple(sandbox.backend_state["limits"])  # type: ignore[return-value]
@@ -148,8 +148,8 @@ def test_it_restarts_a_running_agent_with_the_new_plans_limits_on_upgrade_and_on
     sandbox.refresh_from_db()
     assert sandbox.state == State.RUNNING and not fake.is_frozen(sandbox.slug)
     assert sandbox.backend_state["instance"] != first_instance  # a new gateway, not a thaw
-    memory_mb, _, _, internet = limits_of(sandbox)
-    assert (memory_mb, internet) == (pro.memory_mb, True)
+    memory_mb, _, _, internet, browser = limits_of(sandbox)
+    assert (memory_mb, internet, browser) == (pro.memory_mb + pro.browser_memory_mb, True, True)
     assert ("stop", sandbox.slug) in fake.calls
     assert sandbox.events.filter(kind="plan", message="Restarting your agent with the Pro plan")
     restarted_instance = sandbox.backend_state["instance"]
@@ -167,8 +167,8 @@ def test_it_restarts_a_running_agent_with_the_new_plans_limits_on_upgrade_and_on
     sandbox.refresh_from_db()
     assert sandbox.state == State.RUNNING
     assert sandbox.backend_state["instance"] != restarted_instance
-    memory_mb, _, _, internet = limits_of(sandbox)
-    assert (memory_mb, internet) == (free.memory_mb, False)
+    memory_mb, _, _, internet, browser = limits_of(sandbox)
+    assert (memory_mb, internet, browser) == (free.memory_mb, False, False)
 
 
 def test_it_leaves_an_agent_whose_limits_did_not_change_running_and_an_asleep_one_asleep(

@@ -8,6 +8,7 @@ the spec as a value (``sandboxes.limits``), from the provider billing registers.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def test_the_spec_carries_the_owners_plan_limits_as_a_value(image: RuntimeImage)
     limits = limits_for(user)
     assert limits == SandboxLimits(
         plan_name="Pro",
-        memory_mb=pro.memory_mb,
+        memory_mb=pro.memory_mb + pro.browser_memory_mb,  # the browser's share included
         cpu_millis=pro.cpu_millis,
         pids_max=pro.pids_max,
         internet=pro.internet,
@@ -98,10 +99,14 @@ def test_the_spec_carries_the_owners_plan_limits_as_a_value(image: RuntimeImage)
         backup_keep_last=pro.backup_keep_last,
         backup_keep_daily=pro.backup_keep_daily,
         backup_keep_weekly=pro.backup_keep_weekly,
+        browser=True,
+        browser_memory_mb=pro.browser_memory_mb,
     )
     assert limits.resources() == pro.limits()
     spec = actions.start_spec(Sandbox.objects.get(owner=user), limits, image, "hmk_x")
-    assert (spec.memory_mb, spec.cpu_millis, spec.pids_max, spec.internet) == pro.limits()
+    resources = (spec.memory_mb, spec.cpu_millis, spec.pids_max, spec.internet, spec.browser)
+    assert resources == pro.limits()
+    assert json.loads(spec.files[config.CONFIG_PATH])["browser"]["enabled"] is True
 
 
 def test_a_plan_change_tells_sandboxes_their_owners_limits_changed(
