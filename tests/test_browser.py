@@ -30,7 +30,7 @@ import pytest
 from django.conf import settings
 
 from billing.models import Account, Plan, ensure_standard_plans
-from sandboxes import actions
+from sandboxes import actions, sleep
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import ExecResult
 from sandboxes.backends.local import _host_addresses
@@ -337,6 +337,39 @@ def test_a_page_cannot_reach_the_hosts_services(
     with urllib.request.urlopen(targets[0], timeout=5) as answer:  # it does answer the host
         assert b"host secret" in answer.read()
     assert host_service.hits == ["/"]
+
+
+def test_an_agent_put_to_sleep_with_its_browser_open_wakes_with_its_profile(
+    site: PageSite, sandbox_for: Callable[..., Sandbox], model_server: FakeModelServer
+) -> None:
+    # Chromium holds deleted files (its shared memory), which a checkpoint refuses to save: the
+    # sandbox is stopped instead of hibernated, which loses nothing, since the profile is in
+    # the data dir; the browser starts again on the next use.
+    sandbox = sandbox_for(BROWSING, plan="pro")
+    url = site.page("before.html", "<title>Hermit page 111111111111</title>")
+    model_server.respond_with(browse_and_report(url, r"Hermit page [0-9a-f]{12}"))
+    if not chromium_processes(sandbox):
+        chat(sandbox, f"{TRIGGER} {url}")
+    profile = config.state_dir(sandbox.data_dir) / "browser" / config.BROWSER_PROFILE
+    default = profile / "user-data" / "Default"  # the profile's own directory
+    assert default.is_dir()
+    made = default.stat().st_ino
+
+    assert sleep.hibernate(sandbox) == "stopped"
+    sandbox.refresh_from_db()
+    assert sandbox.state == Sandbox.State.SLEEPING
+    event = sandbox.events.filter(kind="sleep").order_by("-pk").first()
+    assert event is not None and event.message.startswith("Stopped instead of hibernating")
+
+    for _ in actions.wake_sandbox(sandbox):
+        pass
+    sandbox.refresh_from_db()
+    assert chromium_processes(sandbox) == [], "the browser waits for its next use"
+    title = f"Hermit page {secrets.token_hex(6)}"
+    url = site.page("after.html", f"<title>{title}</title>")
+    model_server.respond_with(browse_and_report(url, r"Hermit page [0-9a-f]{12}"))
+    assert chat(sandbox, f"{TRIGGER} {url}").strip() == title
+    assert default.stat().st_ino == made, "the same profile, kept across the sleep"
 
 
 def test_a_plan_without_the_browser_gives_the_agent_no_browser(
