@@ -38,6 +38,7 @@ def describe(plan: Plan) -> PlanFacts:
             ("Memory", memory(plan.memory_mb)),
             ("CPU", cpu(plan.cpu_millis)),
             ("Internet", "Yes" if plan.internet else "No (model calls only)"),
+            ("Web browser", browser(plan)),
             ("Backups", backups(plan)),
         ],
     )
@@ -48,6 +49,12 @@ def price(amount: Decimal) -> str:
         return "Free"
     whole = amount == amount.to_integral_value()
     return f"${amount:.0f} / month" if whole else f"${amount:.2f} / month"
+
+
+def browser(plan: Plan) -> str:
+    if not plan.browser:
+        return "No"
+    return f"Yes: its own Chromium, with {memory(plan.browser_memory_mb)} more memory"
 
 
 def sleep_policy(plan: Plan) -> str:

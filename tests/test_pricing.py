@@ -61,6 +61,7 @@ def test_it_lists_the_public_plans_from_their_rows_to_anyone(client: Any) -> Non
         "Hourly, keeping the last 24, 7 daily and 4 weekly",
         "Every 6 hours, keeping the last 4 and 14 daily",
         "No (model calls only)",
+        "Yes: its own Chromium, with 1 GB more memory",  # pro
         "Sign up to upgrade",
     ]:
         assert text in page, text
