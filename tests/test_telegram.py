@@ -334,14 +334,17 @@ def test_updates_survive_a_worker_killed_mid_delivery(
         assert row.delivered_at is None
         gateway.hold = False
         gateway.release.set()
-        start_server(
+        next_worker = start_server(
             argv, name="next-worker", HERMIT_CELERY_QUEUE=app.conf.task_default_queue, **env
         )
-        assert actions.requeue_stale(older_than=timedelta(0)) == 1
-        deadline = time.monotonic() + 60
-        while row.delivered_at is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-            row.refresh_from_db()
+        try:
+            assert actions.requeue_stale(older_than=timedelta(0)) == 1
+            deadline = time.monotonic() + 60
+            while row.delivered_at is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+                row.refresh_from_db()
+        finally:
+            next_worker.stop()  # servers outlive their test: it would take later tests' tasks
     assert row.delivered_at is not None and row.attempts == 1
     # The gateway saw the update twice: the dead worker's request (it stays admitted) and the
     # new worker's replay, under one idempotency key, which OpenClaw runs once (the replay is
