@@ -308,7 +308,7 @@ def measure_wake(sandbox: Any) -> tuple[str, float, float, Memory]:
 
 
 def measure(args: argparse.Namespace) -> Figures:
-    from sandboxes.backends import safefs
+    from sandboxes.backends import get_backend, safefs
 
     sandbox = boot()
     probe.chat_turn(sandbox)  # the one turn before idling (the first compiles code paths)
@@ -328,7 +328,7 @@ def measure(args: argparse.Namespace) -> Figures:
     doze, doze_rate = measure_doze(reload(sandbox), args.doze_window)
     how, left, image, dump_cpu, dump_s = measure_hibernate(reload(sandbox))
     sandbox = reload(sandbox)
-    data_dir = safefs.disk_usage(sandbox.data_dir) / MB
+    data_dir = safefs.disk_usage(get_backend(sandbox.backend).volume(sandbox.pk)) / MB
     print(f"  data dir: {data_dir:.1f} MB on disk", flush=True)
     backup, files, note = measure_backup(sandbox)
     wake_how, wake_cpu, wake_ready, restored = measure_wake(reload(sandbox))

@@ -33,7 +33,6 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from sandboxes import sleep
-from sandboxes.backends.safefs import remove_tree
 from sandboxes.events import record_event
 from sandboxes.models import AccountDeletion, Sandbox, SandboxEvent, Suspension
 
@@ -197,4 +196,4 @@ def _clear_sandbox(sandbox: Sandbox) -> None:
         backend = actions.get_backend(sandbox.backend)
         backend.stop(actions.spec_for(sandbox), sandbox.backend_state)
     sleep.drop_checkpoint(sandbox)
-    remove_tree(sandbox.data_dir)
+    actions.get_backend(sandbox.backend).remove_volume(sandbox.pk)

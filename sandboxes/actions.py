@@ -223,20 +223,20 @@ def provision_sandbox(sandbox: Sandbox) -> None:
 
     if pool.adopt(sandbox):  # a pre-started gateway of the warm pool, re-keyed for this user
         return
-    sandbox.data_dir.mkdir(parents=True, exist_ok=True)
+    get_backend(sandbox.backend).prepare_volume(sandbox.pk)  # a new agent: nothing to restore
     for _ in start_sandbox(sandbox):
         pass
 
 
 def prepare_cold_boot(sandbox: Sandbox) -> str:
     """The side effects a cold boot needs before its spec is built, as a step of its own: the
-    data dir's directories (made as root through ``safefs``), and a fresh AI-gateway credential
-    for this start (only its hash is stored; the previous one stops working at once). Return
-    the credential's plaintext, which only the gateway's environment (or a warm-pool gateway's
-    config) holds."""
+    sandbox's volume with its directories (made by its backend, as root, following no link the
+    sandbox left), and a fresh AI-gateway credential for this start (only its hash is stored;
+    the previous one stops working at once). Return the credential's plaintext, which only the
+    gateway's environment (or a warm-pool gateway's config) holds."""
     from sandboxes.openclaw import config
 
-    config.prepare_data_dir(sandbox.data_dir)
+    get_backend(sandbox.backend).prepare_volume(sandbox.pk, config.SUBDIRS)
     return ai_keys.mint_key(sandbox)
 
 
@@ -560,7 +560,7 @@ def wake_sandbox(
         if sandbox.state in (State.SLEEPING, State.STOPPED, State.FAILED, State.PROVISIONING):
             try:
                 if sandbox.state == State.PROVISIONING:
-                    sandbox.data_dir.mkdir(parents=True, exist_ok=True)
+                    get_backend(sandbox.backend).prepare_volume(sandbox.pk)
                 yield from start_sandbox(sandbox, actor=actor, actor_user=actor_user)
             except (OwnerInactive, OwnerSuspended, CrashBackoff) as exc:
                 raise BackendError(str(exc)) from exc

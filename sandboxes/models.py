@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from django.conf import settings
 from django.db import models
@@ -173,10 +172,6 @@ class Sandbox(models.Model):
     def slug(self) -> str:
         """A filesystem- and cgroup-safe unique name."""
         return f"sbx-{self.pk}"
-
-    @property
-    def data_dir(self) -> Path:
-        return Path(settings.HERMIT_DATA_DIR) / "sandboxes" / str(self.pk)
 
     def is_idle(self, now: datetime, sleep_after: timedelta | None) -> bool:
         """Return True if a running or dozing sandbox has had no activity for ``sleep_after``."""

@@ -13,7 +13,7 @@ transaction the user's provisioning row is locked, a running pool row is claimed
 (``skip_locked``: two adoptions never get the same one), the user's events move to it, the
 provisioning row is deleted, and the pool row is given the user, the name, a new gateway token
 and a new AI credential (the pool's one stops working at once). Then, outside the transaction,
-root rewrites the gateway's read-only config in place with the two new secrets (a pooled
+its backend rewrites the gateway's read-only config in place with the two new secrets (a pooled
 gateway reads them from its config, see ``sandboxes.openclaw.config``); OpenClaw hot-applies
 them in about a second without restarting, after which the pool's token is refused. The
 adoption connects once with the new token and the portal's device key for this sandbox (the
@@ -47,7 +47,7 @@ from django.utils import timezone
 
 from sandboxes import hosts, runtime
 from sandboxes.ai_keys import mint_key
-from sandboxes.backends import get_backend, safefs
+from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError
 from sandboxes.events import event_payload, group_name, record_event
 from sandboxes.limits import limits_for
@@ -238,39 +238,24 @@ def _rekey(sandbox: Sandbox, token: str, ai_key: str) -> None:
 
     Raises BackendError if the backend cannot do this or the gateway did not take them."""
     from sandboxes import actions
-    from sandboxes.backends.local import FILES_NAME, LOG_NAME, _file_key
+    from sandboxes.backends.local import LOG_NAME
     from sandboxes.openclaw import setup
     from sandboxes.openclaw.config import CONFIG_PATH
 
     state = sandbox.backend_state or {}
-    if sandbox.backend != "local":
+    if sandbox.backend != "local":  # the wait below reads the local gateway's own log
         raise BackendError(f"The {sandbox.backend} backend cannot re-key a running gateway.")
     spec = actions.spec_for(sandbox)
-    if not state.get("run_dir") or not get_backend(sandbox.backend).poll(spec, state).running:
+    backend = get_backend(sandbox.backend)
+    if not state.get("run_dir") or not backend.poll(spec, state).running:
         raise BackendError("The pooled gateway is not running.")
-    run_dir = Path(state["run_dir"])
-    log_path = run_dir / LOG_NAME
+    log_path = Path(state["run_dir"]) / LOG_NAME
     offset = log_path.stat().st_size
-    path = run_dir / FILES_NAME / _file_key(spec, CONFIG_PATH)
     browser = limits_for(sandbox.owner).browser  # equal to the pool's: see adopt's check
     text = setup.config_text(sandbox, gateway_token=token, ai_key=ai_key, browser=browser)
-    _rewrite_in_place(path, text)
+    backend.write_files(spec, state, {CONFIG_PATH: text})  # in place: the gateway hot-applies it
     host, port = actions.gateway_endpoint(sandbox)
     _wait_for_token(sandbox, f"ws://{host}:{port}", token, log_path, offset)
-
-
-def _rewrite_in_place(path: Path, text: str) -> None:
-    """Overwrite ``path`` (root's, in the root-owned run dir) keeping its inode: the sandbox
-    has it bind-mounted, and a new file under the same name would never reach it."""
-    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-    try:
-        data = text.encode()
-        os.ftruncate(fd, 0)
-        written = 0
-        while written < len(data):
-            written += os.pwrite(fd, data[written:], written)
-    finally:
-        os.close(fd)
 
 
 def _log_since(path: Path, offset: int) -> str:
@@ -397,7 +382,7 @@ def _start(sandbox: Sandbox) -> bool:
 
     sandbox = Sandbox.objects.select_related("owner").get(pk=sandbox.pk)
     try:
-        sandbox.data_dir.mkdir(parents=True, exist_ok=True)
+        get_backend(sandbox.backend).prepare_volume(sandbox.pk)
         for _ in actions.start_sandbox(sandbox):
             pass
     except actions.TransitionRefused as exc:
@@ -465,10 +450,9 @@ def discard(sandbox: Sandbox) -> bool:
             Sandbox.objects.filter(pk=row.pk).update(state=State.FAILED)
             return False
     run_dir = (row.backend_state or {}).get("run_dir")
-    data_dir = row.data_dir
+    backend, pk = get_backend(row.backend), row.pk
     row.delete()
-    if data_dir.exists():
-        safefs.remove_tree(data_dir)
+    backend.remove_volume(pk)
     if run_dir and Path(run_dir).is_dir():
         shutil.rmtree(run_dir, ignore_errors=True)  # root's own files
     return True

@@ -37,7 +37,6 @@ from django.db import transaction
 from django.utils import timezone
 
 from sandboxes import actions, bootqueue, hosts
-from sandboxes.backends import safefs
 from sandboxes.events import record_event
 from sandboxes.models import Checkpoint, Sandbox, SandboxHost, Snapshot
 
@@ -162,7 +161,7 @@ def _clear_local(sandbox: Sandbox) -> None:
     from sandboxes import sleep
 
     sleep.drop_checkpoint(sandbox)
-    safefs.remove_tree(sandbox.data_dir)
+    actions.get_backend(sandbox.backend).remove_volume(sandbox.pk)
 
 
 def _moved_message(sandbox: Sandbox, had_data: bool) -> str:

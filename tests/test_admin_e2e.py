@@ -27,6 +27,7 @@ from sandboxes.backends import get_backend
 from sandboxes.models import AccountDeletion, Sandbox, Suspension
 from sandboxes.openclaw import devices
 from sandboxes.openclaw.protocol import ClientInfo, DeviceIdentity, GatewayConnection, GatewayError
+from tests.fixtures.backend import volume_of
 from tests.fixtures.chat import session_cookie
 
 EMAIL = "alice@chat.test"
@@ -165,7 +166,7 @@ def test_it_deletes_an_account_on_a_real_gateway(
     settings.HERMIT_DELETE_GRACE_DAYS = 0
     sandbox = alice_sandbox
     alice = sandbox.owner
-    data_dir = sandbox.data_dir
+    data_dir = volume_of(sandbox)
     assert gateway_runs(sandbox) and any(data_dir.iterdir())
     key = rotate_credential(sandbox)
     client.force_login(staff)

@@ -18,6 +18,7 @@ from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.models import BackupRepository, Sandbox
 from tests.factories import make_user
+from tests.fixtures.backend import volume_of
 from tests.fixtures.backups import write_files
 
 State = Sandbox.State
@@ -182,7 +183,7 @@ def test_it_mails_once_when_backups_fail_and_again_after_one_succeeded(
     repair()
     with time_machine.travel(t0 + timedelta(minutes=10), tick=False):
         assert backup_tasks.backup_sandbox(sandbox.pk, "ops") == "done"
-    write_files(sandbox.data_dir, {"state/workspace/notes.md": "Ada is 3 years old.\n"})
+    write_files(volume_of(sandbox), {"state/workspace/notes.md": "Ada is 3 years old.\n"})
     repair = _break(BackupRepository.objects.get(sandbox=sandbox))
     with time_machine.travel(t0 + timedelta(minutes=15), tick=False):
         assert backup_tasks.backup_sandbox(sandbox.pk, "ops") == "failed"

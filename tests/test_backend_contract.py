@@ -4,14 +4,18 @@ JupyterHub's MockSpawner pattern: the same tests run against the in-memory fake 
 the portal's own tests use) and the local bubblewrap backend, so the fake cannot drift from what
 a real backend does. Each backend gets ONE sandbox for the whole module (for the local backend a
 real OpenClaw gateway: a start costs ~10 s and ~12 CPU-s), taken through its life in file order:
-started, inspected, paused, re-attached to, checkpointed and restored, and finally stopped.
+started, inspected, paused, re-attached to, its read-only files rewritten, checkpointed and
+restored, and finally stopped. The data volume methods (``volume``, ``prepare_volume``,
+``remove_volume``) are checked on another sandbox id, one that never runs.
 What the local backend does in depth (isolation, limits, CRIU details) is in
 tests/test_local_backend.py and tests/test_checkpoint.py; this suite is what both must honour.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,9 +39,12 @@ from sandboxes.backends.base import (
 )
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.backends.local import LocalBackend
+from sandboxes.openclaw.config import CONFIG_PATH, SUBDIRS
 from tests.fixtures.runtime import make_gateway_spec
 
 SHELL_ARGV = ["sh", "-c", 'echo "out $1"; echo "err $1" >&2; exit 3', "sh", "contract"]
+READ_ONLY = str(Path(CONFIG_PATH).parent / "contract.txt")  # a second spec.files entry
+VOLUME_OFFSET = 50_000  # volume tests use sandbox id + this: a sandbox that never ran
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Subject:
     spec: SandboxSpec
     fresh: Callable[[], SandboxBackend]  # a new backend object, configured as this one
     is_frozen: Callable[[dict[str, Any]], bool]  # whether the sandbox's processes are paused
+    read_file: Callable[[dict[str, Any], str], str]  # a read-only file, as the sandbox sees it
     progress: list[Progress] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +108,7 @@ def fake_subject(tmp: Path, sandbox_id: int) -> Subject:
         env={"HOME": str(data_dir)},
         memory_mb=1536,
         cpu_millis=1000,
+        files={READ_ONLY: "before\n"},
     )
     backend = FakeBackend()
     return Subject(
@@ -107,6 +116,7 @@ def fake_subject(tmp: Path, sandbox_id: int) -> Subject:
         spec=spec,
         fresh=FakeBackend,
         is_frozen=lambda state: backend.is_frozen(spec.name),
+        read_file=lambda state, inside: backend.files(spec.name)[inside],
     )
 
 
@@ -118,6 +128,12 @@ def local_subject(request: pytest.FixtureRequest) -> Subject:
         next(request.getfixturevalue("sandbox_ids")),
         ai_gateway_port=request.getfixturevalue("ai_stub_port"),
     )
+    spec = dataclasses.replace(spec, files={**spec.files, READ_ONLY: "before\n"})
+
+    def read_file(state: dict[str, Any], inside: str) -> str:
+        result = backend.exec(spec, state, ["cat", inside])
+        assert result.exit_code == 0, result.stderr
+        return result.stdout
 
     def fresh() -> LocalBackend:
         return LocalBackend(
@@ -132,6 +148,7 @@ def local_subject(request: pytest.FixtureRequest) -> Subject:
         spec=spec,
         fresh=fresh,
         is_frozen=lambda state: cgroups.is_frozen(state["cgroups"]),
+        read_file=read_file,
     )
 
 
@@ -290,6 +307,75 @@ def test_a_fresh_backend_reattaches_to_the_sandbox_from_the_persisted_state(
     assert other.stats(running.spec, stored, disk=False).memory_bytes > 0
 
 
+# -- the read-only files and the data volume -----------------------------------------------------
+
+
+def test_it_rewrites_a_running_sandboxs_read_only_files_in_place(running: Subject) -> None:
+    backend, spec, state = running.backend, running.spec, running.state
+    assert running.read_file(state, READ_ONLY) == "before\n"
+    backend.write_files(spec, state, {READ_ONLY: "after, and longer than before\n"})
+    assert running.read_file(state, READ_ONLY) == "after, and longer than before\n"
+    running.fresh().write_files(spec, json.loads(json.dumps(state)), {READ_ONLY: "short\n"})
+    assert running.read_file(state, READ_ONLY) == "short\n", "truncated, re-attached"
+    with pytest.raises(BackendError, match="not one of"):
+        backend.write_files(spec, state, {"/etc/openclaw/other.json": "{}"})
+    assert backend.poll(spec, state).running, "a refused rewrite leaves the sandbox alone"
+    backend.write_files(spec, state, {READ_ONLY: "before\n"})
+
+
+def test_it_places_each_volume_without_making_it(running: Subject) -> None:
+    backend, sandbox_id = running.backend, running.spec.sandbox_id + VOLUME_OFFSET
+    volume = backend.volume(sandbox_id)
+    assert isinstance(volume, Path) and volume.is_absolute()
+    assert volume == backend.volume(sandbox_id) == running.fresh().volume(sandbox_id)
+    assert backend.volume(sandbox_id + 1) != volume
+    assert not os.path.lexists(volume), "placing a volume makes nothing"
+
+
+def test_it_makes_a_volume_with_its_directories_and_keeps_what_is_in_it(
+    running: Subject, tmp_path: Path
+) -> None:
+    backend, sandbox_id = running.backend, running.spec.sandbox_id + VOLUME_OFFSET
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    try:
+        volume = backend.prepare_volume(sandbox_id, SUBDIRS)
+        assert volume == backend.volume(sandbox_id)
+        assert all((volume / sub).is_dir() and not (volume / sub).is_symlink() for sub in SUBDIRS)
+        (volume / "state" / "notes.md").write_text("mine")
+        os.rename(volume / "cache", volume / "cache.real")
+        os.symlink(outside, volume / "cache")  # the sandbox swapped a directory for a link
+        assert backend.prepare_volume(sandbox_id, SUBDIRS) == volume  # again: idempotent
+        assert (volume / "state" / "notes.md").read_text() == "mine"
+        assert (volume / "cache").is_dir() and not (volume / "cache").is_symlink()
+        assert list(outside.iterdir()) == [], "the link was not followed"
+        assert backend.prepare_volume(sandbox_id) == volume  # no directories asked: still there
+        assert (volume / "state" / "notes.md").read_text() == "mine"
+    finally:
+        backend.remove_volume(sandbox_id)
+
+
+def test_it_removes_a_volume_following_no_link_and_idempotently(
+    running: Subject, tmp_path: Path
+) -> None:
+    backend, sandbox_id = running.backend, running.spec.sandbox_id + VOLUME_OFFSET
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("the host's")
+    volume = backend.prepare_volume(sandbox_id, SUBDIRS)
+    (volume / "state" / "deep" / "er").mkdir(parents=True)
+    (volume / "state" / "deep" / "er" / "file").write_text("x")
+    os.symlink(outside, volume / "link")
+    os.symlink(outside / "keep.txt", volume / "state" / "file-link")
+    backend.remove_volume(sandbox_id)
+    assert not os.path.lexists(volume)
+    assert (outside / "keep.txt").read_text() == "the host's"
+    backend.remove_volume(sandbox_id)  # idempotent: a missing volume is no error
+    running.fresh().remove_volume(sandbox_id)
+    assert not os.path.lexists(volume)
+    assert running.backend.poll(running.spec, running.state).running, "another sandbox's volume"
+
+
 # -- checkpoint and restore --------------------------------------------------------------------
 
 
@@ -363,3 +449,12 @@ def test_it_stops_idempotently_and_then_polls_the_sandbox_as_stopped(running: Su
     backend.thaw(spec, state)  # a no-op on a stopped sandbox
     with backend.frozen(spec, state):  # nothing to pause: the block just runs
         pass
+
+
+def test_it_refuses_to_rewrite_the_files_of_a_sandbox_that_is_not_running(
+    subject: Subject,
+) -> None:
+    """Runs after the stop above (or on a sandbox that never started, alone with -k)."""
+    for state in (subject.state, {}):
+        with pytest.raises(BackendError, match="not running"):
+            subject.backend.write_files(subject.spec, state, {READ_ONLY: "late\n"})

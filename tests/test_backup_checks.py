@@ -23,6 +23,7 @@ from billing.models import plan_for
 from portal.celery import app
 from sandboxes.backups import actions, tasks
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
+from tests.fixtures.backend import volume_of
 from tests.fixtures.backups import write_files
 from tests.net import free_port
 
@@ -88,7 +89,7 @@ def test_a_restore_redelivered_after_a_killed_worker_is_refused_not_run(
 ) -> None:
     sandbox = data_sandbox("stale-restore@checks.test", repository=True)
     actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.USER, actor_user=sandbox.owner)
-    write_files(sandbox.data_dir, {"state/workspace/notes.md": "Newer than the snapshot.\n"})
+    write_files(volume_of(sandbox), {"state/workspace/notes.md": "Newer than the snapshot.\n"})
     args, kwargs = sent(tasks.restore_sandbox, sandbox.pk, None, sandbox.owner.pk)
     assert set(kwargs) == {"requested_at"}
     # Redis hands an unacknowledged message out again after its visibility timeout (1 h).
@@ -97,7 +98,7 @@ def test_a_restore_redelivered_after_a_killed_worker_is_refused_not_run(
     event = SandboxEvent.objects.filter(sandbox=sandbox, kind="restore").latest("pk")
     assert event.message.startswith("Not started: it was asked for too long ago")
     assert event.actor_user == sandbox.owner
-    assert (sandbox.data_dir / "state/workspace/notes.md").read_text() == (
+    assert (volume_of(sandbox) / "state/workspace/notes.md").read_text() == (
         "Newer than the snapshot.\n"
     )
     sandbox.refresh_from_db()

@@ -22,6 +22,7 @@ from django.core.management.base import CommandError
 from sandboxes.backends import safefs
 from sandboxes.backups import actions
 from sandboxes.models import BackupRepository, Sandbox, SandboxEvent, Snapshot
+from tests.fixtures.backend import volume_of
 from tests.fixtures.backups import backup_plan, write_files
 from tests.fixtures.live import ROOT, server_env
 
@@ -107,7 +108,7 @@ def test_snapshots_lists_them_newest_first(
     assert out == f"{sandbox} has no backups yet.\n"
     initialized_repository(sandbox)
     first = actions.backup_sandbox(sandbox, trigger="user")
-    write_files(sandbox.data_dir, {"state/workspace/todo.md": "buy milk\n"})
+    write_files(volume_of(sandbox), {"state/workspace/todo.md": "buy milk\n"})
     second = actions.backup_sandbox(sandbox, trigger="staff")
     assert first is not None and second is not None
     Snapshot.objects.filter(pk=first.pk).delete()  # a row lost: the repository is the truth
@@ -140,16 +141,16 @@ def test_restore_of_a_damaged_repository_fails_and_leaves_the_data_alone(
     sandbox = data_sandbox("damaged@backups.test", repository=True)
     snapshot = actions.backup_sandbox(sandbox, trigger="user")
     assert snapshot is not None
-    before = safefs.fingerprint(sandbox.data_dir, ())
+    before = safefs.fingerprint(volume_of(sandbox), ())
     damage_packs(Path(BackupRepository.objects.get(sandbox=sandbox).location))
     with pytest.raises(
         CommandError, match=r"Restore of .* failed: The backup repository is damaged"
     ):
         run("restore", "damaged@backups.test", "--snapshot", snapshot.restic_id)
-    assert safefs.fingerprint(sandbox.data_dir, ()) == before
+    assert safefs.fingerprint(volume_of(sandbox), ()) == before
     sandbox.refresh_from_db()
     assert sandbox.state == Sandbox.State.STOPPED
-    assert not list(sandbox.data_dir.parent.glob(f".*-{sandbox.pk}-*"))  # no leftovers
+    assert not list(volume_of(sandbox).parent.glob(f".*-{sandbox.pk}-*"))  # no leftovers
     assert sandbox.events.filter(kind="restore", message__contains="unchanged").exists()
 
 

@@ -23,6 +23,7 @@ from sandboxes.backends import safefs
 from sandboxes.backups import actions
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Sandbox
+from tests.fixtures.backend import volume_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 State = Sandbox.State
@@ -86,7 +87,7 @@ def test_reconcile_removes_a_very_deep_previous_dir_a_dead_restore_left(
     data_sandbox: MakeSandbox, tmp_path: Path
 ) -> None:
     sandbox = data_sandbox("deep@recovery.test", state="running")
-    parent, pk = sandbox.data_dir.parent, sandbox.pk
+    parent, pk = volume_of(sandbox).parent, sandbox.pk
     outside = tmp_path / "outside"
     outside.mkdir()
     deep_tree(parent / f".previous-{pk}-20261123T020000000000-0123456789ab", DEPTH, outside)
@@ -154,8 +155,8 @@ def test_a_restore_acts_on_the_state_after_its_long_restore_step(
     last = sandbox.events.filter(kind="restore").order_by("-created_at", "-id").first()
     assert last is not None and last.message.startswith("Restore failed: ")
     assert last.message.endswith("your agent is unchanged")
-    assert list(sandbox.data_dir.parent.glob(f".*-{sandbox.pk}-*")) == []
-    assert (sandbox.data_dir / "state/workspace/notes.md").is_file()
+    assert list(volume_of(sandbox).parent.glob(f".*-{sandbox.pk}-*")) == []
+    assert (volume_of(sandbox) / "state/workspace/notes.md").is_file()
     row = BackupRepository.objects.get(sandbox=sandbox)
     assert row.lock_token == ""
 
@@ -198,4 +199,4 @@ def test_reconcile_leaves_stopped_an_agent_a_dead_restore_held_while_stopped(
     sandbox.refresh_from_db()
     assert sandbox.state == State.STOPPED
     assert not sandbox.events.filter(state=State.STARTING).exists()
-    assert (sandbox.data_dir / "state/workspace/notes.md").is_file()
+    assert (volume_of(sandbox) / "state/workspace/notes.md").is_file()

@@ -23,6 +23,7 @@ from portal.celery import app
 from sandboxes import actions as sandbox_actions
 from sandboxes.backups import actions, restic, storage, tasks
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
+from tests.fixtures.backend import volume_of
 from tests.fixtures.backups import backup_plan, write_files
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -67,10 +68,10 @@ def test_it_skips_a_sandbox_unchanged_since_its_last_snapshot(
         assert BackupRepository.objects.get(sandbox=sandbox).last_attempt_at == T0 + DAY
         assert sandbox.events.filter(kind="backup", message__startswith="Unchanged").exists()
         # A change only in what OpenClaw rebuilds (caches, logs) is no change.
-        write_files(sandbox.data_dir, {"cache/more": "x", "logs/gateway.log": "y"})
+        write_files(volume_of(sandbox), {"cache/more": "x", "logs/gateway.log": "y"})
     with time_machine.travel(T0 + 2 * DAY, tick=False):
         assert tasks.backup_sandbox(sandbox.pk, "schedule") == "unchanged"
-        write_files(sandbox.data_dir, {"state/workspace/notes.md": "Ada is 3 years old.\n"})
+        write_files(volume_of(sandbox), {"state/workspace/notes.md": "Ada is 3 years old.\n"})
     with time_machine.travel(T0 + 3 * DAY, tick=False):
         assert tasks.backup_sandbox(sandbox.pk, "schedule") == "done"
     assert sandbox.snapshots.count() == 2
@@ -107,7 +108,7 @@ def test_only_settled_sandboxes_with_data_are_scheduled(data_sandbox: MakeSandbo
     starting = data_sandbox("starting@backups.test", state="starting")
     restoring = data_sandbox("restoring@backups.test", state="restoring")
     gone = data_sandbox("gone@backups.test", state="sleeping")
-    shutil.rmtree(gone.data_dir)  # a new disk, say: the next start restores it
+    shutil.rmtree(volume_of(gone))  # a new disk, say: the next start restores it
     with time_machine.travel(T0, tick=False):
         assert tasks.due_sandboxes(timezone.now()) == []
     with pytest.raises(actions.BackupBusy, match="starting"):
@@ -237,7 +238,7 @@ def test_free_plan_retention_keeps_the_latest_pre_restore_snapshots(
     assert pre is not None
     latest: list[str] = []
     for n in range(3):  # the sleeps and schedules of the same day
-        write_files(sandbox.data_dir, {"state/workspace/notes.md": f"version {n}\n"})
+        write_files(volume_of(sandbox), {"state/workspace/notes.md": f"version {n}\n"})
         slept = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.SLEEP)
         assert slept is not None
         latest.append(slept.restic_id)
@@ -250,7 +251,7 @@ def test_free_plan_retention_keeps_the_latest_pre_restore_snapshots(
         again = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.PRE_RESTORE, force=True)
         assert again is not None
         pres.append(again.restic_id)
-    write_files(sandbox.data_dir, {"state/workspace/notes.md": "version last\n"})
+    write_files(volume_of(sandbox), {"state/workspace/notes.md": "version last\n"})
     last = actions.backup_sandbox(sandbox, trigger=Snapshot.Trigger.SCHEDULE)
     assert last is not None
     assert sorted(repo_snapshots(sandbox)) == sorted([*pres[-3:], last.restic_id])

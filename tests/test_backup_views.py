@@ -36,7 +36,7 @@ from sandboxes.backups.storage import export_storage
 from sandboxes.events import record_event
 from sandboxes.models import BackupRepository, Export, Sandbox, SandboxEvent, Snapshot
 from tests.factories import make_user
-from tests.fixtures.backend import running_fake_sandbox
+from tests.fixtures.backend import running_fake_sandbox, volume_of
 from tests.fixtures.backups import sh, write_files
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -97,8 +97,8 @@ def with_data() -> Iterator[Callable[[Sandbox, dict[str, str | bytes]], None]]:
     made: list[Path] = []
 
     def give(sandbox: Sandbox, files: dict[str, str | bytes]) -> None:
-        write_files(sandbox.data_dir, files)
-        made.append(sandbox.data_dir)
+        write_files(volume_of(sandbox), files)
+        made.append(volume_of(sandbox))
 
     yield give
     for root in made:
@@ -589,7 +589,7 @@ def agent(fake_backend: FakeBackend) -> Iterator[Sandbox]:
     proven in tests/test_backups.py; this one starts no gateway (a cold boot, ~10 s)."""
     sandbox = running_fake_sandbox(RESTORE_EMAIL)
     yield sandbox
-    shutil.rmtree(sandbox.data_dir, ignore_errors=True)
+    shutil.rmtree(volume_of(sandbox), ignore_errors=True)
 
 
 @pytest.fixture
@@ -615,7 +615,7 @@ async def test_it_restores_after_the_confirmation_with_live_progress(
     agent runs on the in-memory backend, backed up with its pause as a real one is."""
     await asyncio.to_thread(initialized_repository, agent)
     owner = await get_user_model().objects.aget(pk=agent.owner_id)
-    notes = agent.data_dir / NOTES
+    notes = volume_of(agent) / NOTES
     write = f"mkdir -p {notes.parent} && printf %s {{}} > {notes}"
     await asyncio.to_thread(sh, agent, write.format("first"))
     client = Client()

@@ -43,7 +43,7 @@ from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import actions, restic
 from sandboxes.models import BackupRepository, Sandbox, SandboxEvent, Snapshot
 from tests.fakes.model_server import FakeModelServer
-from tests.fixtures.backend import running_fake_sandbox
+from tests.fixtures.backend import running_fake_sandbox, volume_of
 from tests.fixtures.backups import backup_plan, history, sh, tell, write_files
 from tests.fixtures.live import ROOT, server_env
 
@@ -73,11 +73,11 @@ def fake_agent(fake_backend: FakeBackend) -> Iterator[Sandbox]:
     one's, with no gateway to cold boot."""
     sandbox = running_fake_sandbox("symlinks@backups.test")
     yield sandbox
-    shutil.rmtree(sandbox.data_dir, ignore_errors=True)
+    shutil.rmtree(volume_of(sandbox), ignore_errors=True)
 
 
 def workspace(sandbox: Sandbox) -> Path:
-    return sandbox.data_dir / "state" / "workspace"
+    return volume_of(sandbox) / "state" / "workspace"
 
 
 def write(sandbox: Sandbox, name: str, text: str) -> None:
@@ -97,7 +97,7 @@ def set_retention(**fields: Any) -> None:
 
 def leftovers(sandbox: Sandbox) -> list[Path]:
     """Restore, previous and failed dirs of this sandbox beside the data dirs."""
-    return list(sandbox.data_dir.parent.glob(f".*-{sandbox.pk}-*"))
+    return list(volume_of(sandbox).parent.glob(f".*-{sandbox.pk}-*"))
 
 
 def restore_copy(sandbox: Sandbox, snapshot: Snapshot, into: Path) -> Path:
@@ -134,7 +134,7 @@ def test_a_fact_told_to_the_agent_survives_losing_its_data_dir(
     print(f"\nfreeze pause of a running agent's backup: {snapshot.pause_ms} ms")
 
     sandbox_actions.stop_sandbox(agent)
-    shutil.rmtree(agent.data_dir)  # a lost disk
+    shutil.rmtree(volume_of(agent))  # a lost disk
     for _ in sandbox_actions.wake_sandbox(agent):
         pass
     agent.refresh_from_db()
@@ -317,7 +317,7 @@ def test_retention_keeps_exactly_what_the_plan_says(data_sandbox: Callable[..., 
     plan = backup_plan(sandbox.owner, backup_keep_last=2, backup_keep_daily=0, backup_keep_weekly=0)
     made = []
     for n in range(4):
-        write_files(sandbox.data_dir, {"state/workspace/count.txt": str(n)})
+        write_files(volume_of(sandbox), {"state/workspace/count.txt": str(n)})
         snapshot = actions.backup_sandbox(sandbox, trigger="schedule")
         assert snapshot is not None
         made.append(snapshot.restic_id)
@@ -328,7 +328,7 @@ def test_retention_keeps_exactly_what_the_plan_says(data_sandbox: Callable[..., 
 
     # One a day: these share a day.
     Plan.objects.filter(pk=plan.pk).update(backup_keep_last=0, backup_keep_daily=7)
-    write_files(sandbox.data_dir, {"state/workspace/count.txt": "last"})
+    write_files(volume_of(sandbox), {"state/workspace/count.txt": "last"})
     last = actions.backup_sandbox(sandbox, trigger="schedule")
     assert last is not None
     assert [s.id for s in restic.snapshots(repository(sandbox))] == [last.restic_id]
@@ -352,7 +352,7 @@ def test_a_restore_whose_agent_never_answers_rolls_back(
     agent.refresh_from_db()
     assert agent.state == State.RUNNING, agent.error_message
     assert read(agent, "keep.txt") == "the good data"
-    assert (agent.data_dir / "state").is_dir()
+    assert (volume_of(agent) / "state").is_dir()
     assert leftovers(agent) == []
     assert agent.events.filter(kind="restore", message__startswith="Restore rolled back").exists()
     assert history(agent) is not None
@@ -360,7 +360,7 @@ def test_a_restore_whose_agent_never_answers_rolls_back(
 
 def test_two_backups_at_once_the_second_is_busy(data_sandbox: Callable[..., Sandbox]) -> None:
     agent = data_sandbox("race@backups.test", repository=True)
-    write_files(agent.data_dir, {"state/workspace/race.txt": secrets.token_hex(8)})
+    write_files(volume_of(agent), {"state/workspace/race.txt": secrets.token_hex(8)})
     first_started, second_done = threading.Event(), threading.Event()
     results: list[Any] = []
 
@@ -406,7 +406,7 @@ def test_a_planted_symlink_cannot_make_backup_or_restore_reach_outside(
         agent,
         f"mkdir -p {ws} && cd {ws} && ln -sfn {secret} secret-link && ln -sfn {host_dir} dir-link"
         " && ln -sfn ../../../../../../../.. up-link && ln -sfn /etc/shadow shadow-link"
-        f" && rm -rf {agent.data_dir}/cache && ln -sfn / {agent.data_dir}/cache",
+        f" && rm -rf {volume_of(agent)}/cache && ln -sfn / {volume_of(agent)}/cache",
     )
     snapshot = actions.backup_sandbox(agent, trigger="user", force=True)
     assert snapshot is not None
@@ -467,14 +467,14 @@ def test_reconcile_finishes_a_restore_whose_worker_died(
 
     RuntimeImage.objects.all().delete()
     sandbox = data_sandbox(f"{state}-{live}-{previous}@interrupted.test", state=state)
-    parent, pk = sandbox.data_dir.parent, sandbox.pk
+    parent, pk = volume_of(sandbox).parent, sandbox.pk
     if previous is not None:
         write_which(parent / f".previous-{pk}-0123456789ab", previous)
     (parent / f".restore-{pk}-ba9876543210").mkdir(mode=0o700)
     if live is None:
-        shutil.rmtree(sandbox.data_dir)
+        shutil.rmtree(volume_of(sandbox))
     else:
-        write_which(sandbox.data_dir, live)
+        write_which(volume_of(sandbox), live)
     row = actions.repository_for(sandbox)
     dead = {"lock_token": "dead-worker", "lock_kind": "restore"}
     BackupRepository.objects.filter(pk=row.pk).update(
@@ -484,7 +484,7 @@ def test_reconcile_finishes_a_restore_whose_worker_died(
     BackupRepository.objects.filter(pk=row.pk).update(locked_until=timezone.now())
 
     assert sandbox_actions.reconcile_sandbox(sandbox) == outcome
-    assert (sandbox.data_dir / "which.txt").read_text() == left
+    assert (volume_of(sandbox) / "which.txt").read_text() == left
     assert leftovers(sandbox) == []
     sandbox.refresh_from_db()
     assert sandbox.state != State.RESTORING
@@ -503,7 +503,7 @@ def test_a_start_fails_rather_than_boot_empty_when_the_backups_cannot_be_read(
 ) -> None:
     sandbox = data_sandbox("unreadable@restore-on-start.test", repository=True)
     assert actions.backup_sandbox(sandbox, trigger="user") is not None
-    shutil.rmtree(sandbox.data_dir)  # a new disk
+    shutil.rmtree(volume_of(sandbox))  # a new disk
     BackupRepository.objects.filter(sandbox=sandbox).update(password="a key that opens nothing")
 
     steps = list(sandbox_actions.start_sandbox(sandbox, explicit=True))
@@ -515,5 +515,5 @@ def test_a_start_fails_rather_than_boot_empty_when_the_backups_cannot_be_read(
     )
     assert "a key that opens nothing" not in sandbox.error_message
     assert steps[-1].message.startswith("Failed: This agent's data is missing")
-    assert not sandbox.data_dir.exists()  # no empty agent was made
+    assert not volume_of(sandbox).exists()  # no empty agent was made
     assert leftovers(sandbox) == []

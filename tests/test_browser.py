@@ -41,6 +41,7 @@ from sandboxes.openclaw import config
 from sandboxes.openclaw.protocol import GatewayClient
 from tests.factories import make_user
 from tests.fakes.model_server import FakeModelServer, Script, ToolCall
+from tests.fixtures.backend import volume_of
 from tests.netns import HostNamespace
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -278,7 +279,7 @@ def test_it_opens_a_page_and_returns_its_title(
     assert len(main) == 1, main
     assert "--no-sandbox" in main[0] and "--headless" in main[0]
     assert f"--remote-debugging-port={config.BROWSER_CDP_PORT}" in main[0]
-    profile = config.state_dir(sandbox.data_dir) / "browser" / config.BROWSER_PROFILE
+    profile = config.state_dir(volume_of(sandbox)) / "browser" / config.BROWSER_PROFILE
     assert f"--user-data-dir={profile}/user-data" in main[0], main
     assert (profile / "user-data" / "Default").is_dir(), "its profile is in the data dir"
 
@@ -350,7 +351,7 @@ def test_an_agent_put_to_sleep_with_its_browser_open_wakes_with_its_profile(
     model_server.respond_with(browse_and_report(url, r"Hermit page [0-9a-f]{12}"))
     if not chromium_processes(sandbox):
         chat(sandbox, f"{TRIGGER} {url}")
-    profile = config.state_dir(sandbox.data_dir) / "browser" / config.BROWSER_PROFILE
+    profile = config.state_dir(volume_of(sandbox)) / "browser" / config.BROWSER_PROFILE
     default = profile / "user-data" / "Default"  # the profile's own directory
     assert default.is_dir()
     made = default.stat().st_ino

@@ -27,6 +27,7 @@ from sandboxes import actions
 from sandboxes.backends import get_backend, safefs
 from sandboxes.backends.base import ExecResult
 from sandboxes.models import Sandbox
+from tests.fixtures.backend import volume_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 EMAIL = "mallory@containment.test"
@@ -113,7 +114,7 @@ def test_it_leaves_host_files_alone_when_a_sandbox_plants_links(
     sandbox_for: Callable[..., Sandbox], sandbox_pool: Any, victim: Path, kind: str
 ) -> None:
     sandbox = sandbox_for(EMAIL)
-    data = sandbox.data_dir
+    data = volume_of(sandbox)
     backend = get_backend(sandbox.backend)
     before = fingerprint(victim)
     planted = as_sandbox(sandbox, f'V="{victim}"; R="{victim.name}"; set -e; {PLANTS[kind]}')
@@ -150,7 +151,7 @@ def test_it_cannot_hard_link_a_host_file(sandbox_for: Callable[..., Sandbox]) ->
     result = as_sandbox(sandbox, "ln /usr/bin/passwd hard-link; ln /etc/passwd hard-link")
     assert result.exit_code != 0
     assert result.stderr.count("Invalid cross-device link") == 2, result.stderr
-    assert not (sandbox.data_dir / "hard-link").exists()
+    assert not (volume_of(sandbox) / "hard-link").exists()
 
 
 def test_it_walks_a_planted_tree_without_following_or_opening_anything(tmp_path: Path) -> None:

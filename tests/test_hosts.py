@@ -26,6 +26,7 @@ from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import actions as backups
 from sandboxes.models import BootSlot, Checkpoint, Sandbox, SandboxEvent, SandboxHost, Snapshot
 from tests.factories import make_user
+from tests.fixtures.backend import volume_of
 from tests.fixtures.live import Server
 
 State = Sandbox.State
@@ -306,7 +307,7 @@ def test_draining_moves_a_sleeping_agent_by_backup_and_its_data_comes_back_on_th
     sandbox = on_host(data_sandbox("drain@example.com", state="sleeping", repository=True), host2)
     Sandbox.objects.filter(pk=sandbox.pk).update(backend="fake")
     Checkpoint.objects.create(sandbox=sandbox, location="/nowhere/ckpt", identity="x")
-    notes = (sandbox.data_dir / NOTES).read_text()
+    notes = (volume_of(sandbox) / NOTES).read_text()
 
     out = StringIO()
     call_command("hosts", "drain", "host-2", stdout=out)
@@ -315,7 +316,7 @@ def test_draining_moves_a_sleeping_agent_by_backup_and_its_data_comes_back_on_th
 
     sandbox.refresh_from_db()
     assert (sandbox.state, sandbox.host) == (State.SLEEPING, host1)
-    assert not sandbox.data_dir.exists()  # host 2's copy is gone: its backup holds the data
+    assert not volume_of(sandbox).exists()  # host 2's copy is gone: its backup holds the data
     assert not Checkpoint.objects.filter(sandbox=sandbox).exists()  # a host-local image
     snapshot = Snapshot.objects.get(sandbox=sandbox)
     assert snapshot.trigger == Snapshot.Trigger.MOVE
@@ -328,7 +329,7 @@ def test_draining_moves_a_sleeping_agent_by_backup_and_its_data_comes_back_on_th
     list(actions.wake_sandbox(sandbox))
     sandbox.refresh_from_db()
     assert sandbox.state == State.RUNNING, sandbox.error_message
-    assert (sandbox.data_dir / NOTES).read_text() == notes
+    assert (volume_of(sandbox) / NOTES).read_text() == notes
     assert any(m.startswith("Restored snapshot") for m in messages(sandbox))
 
 
@@ -366,7 +367,7 @@ def test_a_drain_with_nowhere_to_go_leaves_the_agent_where_it_is(
     hosts.set_state("host-2", HostState.DRAINING)
     assert tasks.move_off_host(sandbox.pk) == "no-room"
     sandbox.refresh_from_db()
-    assert sandbox.host == host2 and sandbox.data_dir.exists()
+    assert sandbox.host == host2 and volume_of(sandbox).exists()
 
 
 @pytest.mark.django_db
@@ -382,7 +383,7 @@ def test_a_drain_never_moves_an_agent_whose_backups_only_its_host_can_read(
     hosts.set_state("host-2", HostState.DRAINING)
     assert tasks.move_off_host(sandbox.pk) == "backups-local"
     sandbox.refresh_from_db()
-    assert sandbox.host == host2 and sandbox.data_dir.exists()
+    assert sandbox.host == host2 and volume_of(sandbox).exists()
     assert not Snapshot.objects.filter(sandbox=sandbox).exists()
 
 
@@ -406,7 +407,7 @@ def test_a_lost_hosts_agents_come_back_elsewhere_from_their_latest_snapshot(
     Sandbox.objects.filter(pk=saved.pk).update(backend="fake")
     snapshot = backups.backup_sandbox(saved, trigger=Snapshot.Trigger.SCHEDULE)
     assert snapshot is not None
-    notes = (saved.data_dir / NOTES).read_text()
+    notes = (volume_of(saved) / NOTES).read_text()
     Sandbox.objects.filter(pk=saved.pk).update(
         state=State.RUNNING, backend_state={"pid": 1}, host=host2
     )
@@ -441,11 +442,11 @@ def test_a_lost_hosts_agents_come_back_elsewhere_from_their_latest_snapshot(
     assert tasks.check_hosts() == {"lost": 0, "relocated": 0, "no-room": 0, "moves": 0}
     assert SandboxEvent.objects.count() == events  # idempotent
 
-    shutil.rmtree(saved.data_dir)  # host 2's disk is out of reach: host 1 has no copy
+    shutil.rmtree(volume_of(saved))  # host 2's disk is out of reach: host 1 has no copy
     list(actions.wake_sandbox(saved))
     saved.refresh_from_db()
     assert saved.state == State.RUNNING, saved.error_message
-    assert (saved.data_dir / NOTES).read_text() == notes
+    assert (volume_of(saved) / NOTES).read_text() == notes
 
 
 # -- the CLI and the admin ---------------------------------------------------------------------

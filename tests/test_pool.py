@@ -40,6 +40,7 @@ from sandboxes.events import group_name
 from sandboxes.models import Sandbox
 from sandboxes.openclaw.protocol import DeviceIdentity, GatewayConnection, GatewayError
 from tests.factories import make_user
+from tests.fixtures.backend import volume_of
 from tests.fixtures.backups import history, tell
 from tests.fixtures.live import Server
 
@@ -208,7 +209,7 @@ def test_a_confirmed_sign_up_gets_the_warm_gateway_in_a_second(
             assert time.monotonic() < deadline, "the pool's AI credential still works"
             time.sleep(0.5)
         assert _ai_status(_ai_key(sandbox)) == 200
-        assert _files_containing(sandbox.data_dir, [pool_token, pool_key]) == []
+        assert _files_containing(volume_of(sandbox), [pool_token, pool_key]) == []
         assert history(sandbox) == []  # no session of anyone before the user's own
 
         # The user's first chat goes through their own credential to the model.

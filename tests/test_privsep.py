@@ -35,6 +35,7 @@ from sandboxes import actions, tasks
 from sandboxes.models import Sandbox
 from tests.factories import make_user
 from tests.fakes.model_server import FakeModelServer
+from tests.fixtures.backend import volume_of
 from tests.fixtures.chat import session_cookie
 from tests.fixtures.live import ROOT, Server, as_user
 from tests.net import free_port, wait_for_port
@@ -236,7 +237,7 @@ def test_chat_wake_and_control_ui_work_through_the_unprivileged_portal(
         sandbox.refresh_from_db()
         assert sandbox.state == Sandbox.State.RUNNING
         # what the agent keeps is the worker's and the sandbox's, never the web user's
-        assert as_web_user("ls", str(sandbox.data_dir)).returncode != 0
+        assert as_web_user("ls", str(volume_of(sandbox))).returncode != 0
 
         # asleep (by the worker), then woken by the next chat, with the conversation kept
         tasks.sleep_sandbox.delay(sandbox.pk)

@@ -21,10 +21,12 @@ from ai_gateway.credentials import authenticate, hash_key
 from ai_gateway.models import SandboxCredential
 from billing.models import Account, Plan
 from sandboxes import actions, sleep
+from sandboxes.backends import get_backend
 from sandboxes.limits import SandboxLimits, limits_for
 from sandboxes.models import RuntimeImage, Sandbox
 from sandboxes.openclaw import config
 from tests.factories import make_user
+from tests.fixtures.backend import volume_of
 
 pytestmark = pytest.mark.django_db
 
@@ -50,15 +52,16 @@ def test_building_a_spec_twice_writes_nothing_and_mints_nothing(image: RuntimeIm
     user = make_user("pure@example.com")
     sandbox = Sandbox.objects.get(owner=user)
     limits = limits_for(user)
-    assert not sandbox.data_dir.exists()
+    assert not volume_of(sandbox).exists()
     with CaptureQueriesContext(connection) as queries:
         first = actions.start_spec(sandbox, limits, image, "hmk_given")
         second = actions.start_spec(sandbox, limits, image, "hmk_given")
     writes = [q["sql"] for q in queries.captured_queries if q["sql"].lstrip().startswith(WRITES)]
     assert writes == []
-    assert not sandbox.data_dir.exists()  # no directory made, no file written
+    assert not volume_of(sandbox).exists()  # no directory made, no file written
     assert not SandboxCredential.objects.filter(sandbox=sandbox).exists()  # no key minted
     assert first == second
+    assert first.data_dir == get_backend(sandbox.backend).volume(sandbox.pk)  # the backend's
     assert first.env["HERMIT_AI_KEY"] == "hmk_given"
     assert first.env["OPENCLAW_GATEWAY_TOKEN"] == sandbox.gateway_token
     rendered = first.files[config.CONFIG_PATH]
@@ -70,17 +73,17 @@ def test_the_start_step_makes_the_data_dir_and_mints_a_new_key_each_time(
 ) -> None:
     sandbox = Sandbox.objects.get(owner=make_user("step@example.com"))
     key = actions.prepare_cold_boot(sandbox)
-    assert {p.name for p in sandbox.data_dir.iterdir()} >= set(config.SUBDIRS)
+    assert {p.name for p in volume_of(sandbox).iterdir()} >= set(config.SUBDIRS)
     credential = SandboxCredential.objects.get(sandbox=sandbox)
     assert credential.key_hash == hash_key(key)
     again = actions.prepare_cold_boot(sandbox)
     assert again != key
     assert authenticate(again) is not None and authenticate(key) is None  # the old one is dead
-    made = files_under(sandbox.data_dir)
+    made = files_under(volume_of(sandbox))
     spec = actions.start_spec(sandbox, limits_for(sandbox.owner), image, again)
     assert spec.env["HERMIT_AI_KEY"] == again
     assert SandboxCredential.objects.get(sandbox=sandbox).key_hash == hash_key(again)
-    assert files_under(sandbox.data_dir) == made  # the build added nothing
+    assert files_under(volume_of(sandbox)) == made  # the build added nothing
 
 
 def test_the_spec_carries_the_owners_plan_limits_as_a_value(image: RuntimeImage) -> None:

@@ -21,6 +21,7 @@ from sandboxes.backends.fake import FakeBackend
 from sandboxes.backups import tasks as backup_tasks
 from sandboxes.models import AccountDeletion, BackupRepository, Sandbox, Suspension
 from tests.factories import PASSWORD, make_user
+from tests.fixtures.backend import volume_of
 
 pytestmark = pytest.mark.django_db
 State = Sandbox.State
@@ -127,8 +128,8 @@ def test_it_deletes_an_account_after_the_grace_period(
 ) -> None:
     sandbox = running("alice@example.com")
     alice = sandbox.owner
-    (sandbox.data_dir / "workspace").mkdir(parents=True)
-    (sandbox.data_dir / "workspace" / "notes.md").write_text("mine")
+    (volume_of(sandbox) / "workspace").mkdir(parents=True)
+    (volume_of(sandbox) / "workspace" / "notes.md").write_text("mine")
     BackupRepository.objects.create(sandbox=sandbox, location="/backups/sbx-x")
     key = credentials.rotate_credential(sandbox)
     client.force_login(staff)
@@ -157,7 +158,7 @@ def test_it_deletes_an_account_after_the_grace_period(
 
     # Within the grace period nothing is removed.
     assert tasks.purge_deleted_accounts.apply().get() == 0
-    assert (sandbox.data_dir / "workspace" / "notes.md").exists()
+    assert (volume_of(sandbox) / "workspace" / "notes.md").exists()
     later = timezone.now() + timedelta(days=14, minutes=1)
     with (
         time_machine.travel(later),
@@ -166,7 +167,7 @@ def test_it_deletes_an_account_after_the_grace_period(
     ):
         assert tasks.purge_deleted_accounts.apply().get() == 1
         assert tasks.purge_deleted_accounts.apply().get() == 0  # done once
-    assert not sandbox.data_dir.exists()
+    assert not volume_of(sandbox).exists()
     assert not get_user_model().objects.filter(pk=alice.pk).exists()
     assert not Sandbox.objects.filter(pk=sandbox.pk).exists()
     purge_backups.assert_called_once_with("/backups/sbx-x")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,6 +30,7 @@ from sandboxes.backends import get_backend
 from sandboxes.models import Sandbox
 from tests.fakes.model_server import FakeModelServer
 from tests.fakes.telegram_api import FakeTelegram
+from tests.fixtures.backend import volume_of
 
 State = Sandbox.State
 POOLED = "telegram@agents.test"
@@ -55,7 +55,7 @@ def gateway_logs(sandbox: Sandbox) -> str:
     """Everything the gateway wrote: the sandbox's output and OpenClaw's own log files."""
     backend = get_backend(sandbox.backend)
     text = backend.logs(sandbox_actions.spec_for(sandbox), sandbox.backend_state, lines=100_000)
-    for path in (Path(sandbox.data_dir) / "logs").glob("*"):
+    for path in (volume_of(sandbox) / "logs").glob("*"):
         if path.is_file() and not path.is_symlink():
             text += path.read_text(errors="replace")
     return text

@@ -5,12 +5,16 @@ and runs commands inside it. It keeps no state in memory that it cannot rebuild:
 needs to re-attach to a running sandbox after the portal or a worker restarts is returned from
 ``start`` as a JSON-serialisable dict, which the caller stores on the Sandbox row
 (``Sandbox.backend_state``) and passes back on every later call.
+
+It also owns each sandbox's data volume (:meth:`SandboxBackend.volume`): the portal asks it
+where the data is, has it make and delete it, and hands it the read-only files (the gateway's
+config) in the spec, or while the sandbox runs (:meth:`SandboxBackend.write_files`).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +32,7 @@ class SandboxSpec:
 
     sandbox_id: int
     name: str  # unique, filesystem- and cgroup-safe (e.g. "sbx-42")
-    data_dir: Path  # the sandbox's persistent state; the only writable path besides /tmp
+    data_dir: Path  # its volume (SandboxBackend.volume); the only writable path besides /tmp
     runtime_dir: Path  # the read-only runtime image (node + openclaw)
     env: dict[str, str]  # environment for the gateway; secrets go here, never into files
     memory_mb: int
@@ -106,6 +110,45 @@ class SandboxBackend(abc.ABC):
     """One implementation per place sandboxes can run (local, docker, kubernetes)."""
 
     name: str = "base"
+
+    # -- the data volume ---------------------------------------------------------------------
+    # The backend owns each sandbox's persistent data (its volume): where it lives, making it
+    # and deleting it. The portal never derives a path itself: it asks the backend of the
+    # sandbox's row (``get_backend(sandbox.backend)``), in the root worker of the sandbox's
+    # host, which is where every operation on the volume runs.
+
+    @abc.abstractmethod
+    def volume(self, sandbox_id: int) -> Path:
+        """Return sandbox ``sandbox_id``'s data dir: where the gateway sees its volume
+        (``SandboxSpec.data_dir``, and the paths in its config). It need not exist.
+
+        On a backend whose volumes are directories on the sandbox's host (local, fake), it is
+        also where that host's root worker reaches the data for backups, restores and exports.
+        The sandbox controls everything inside it: root follows no link there
+        (``sandboxes.backends.safefs``). Computes a path only: no side effect.
+        """
+
+    @abc.abstractmethod
+    def prepare_volume(self, sandbox_id: int, subdirs: Iterable[str] = ()) -> Path:
+        """Make sure the volume exists with each ``subdirs`` entry (one path component) a real
+        directory in it; return :meth:`volume`. Idempotent.
+
+        A link the sandbox left in place of a subdirectory is removed, never followed.
+        """
+
+    @abc.abstractmethod
+    def remove_volume(self, sandbox_id: int) -> None:
+        """Delete the volume and everything in it, following no link; idempotent (a missing
+        volume is no error). Raises OSError if anything is left."""
+
+    def write_files(self, spec: SandboxSpec, state: dict[str, Any], files: dict[str, str]) -> None:
+        """Replace read-only files (``spec.files`` entries, such as the gateway's config) of the
+        running sandbox in place, so that the running gateway reads the new text (a warm-pool
+        gateway is re-keyed this way). ``files`` maps the path inside the sandbox to its text;
+        each must be one the sandbox was started with. Raises BackendError if the sandbox is
+        not running or a path is not one of its files.
+        """
+        raise BackendError(f"The {self.name} backend cannot rewrite a running sandbox's files.")
 
     @abc.abstractmethod
     def start(self, spec: SandboxSpec) -> Iterator[Progress]:

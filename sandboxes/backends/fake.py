@@ -6,9 +6,12 @@ portal's logic (states, sleep stages, checkpoints, queues, races between workers
 milliseconds. It passes the contract suite (tests/test_backend_contract.py): ``start`` yields
 progress and ends with the state to persist, ``stop`` and ``drop_checkpoint`` are idempotent, a
 frozen sandbox stays frozen until thawed, a checkpoint stops the sandbox and restores only onto
-the same data identity. ``exec`` runs its command for real, as a host process of this user in
+the same data identity. Its volumes are real directories, where the local backend keeps its own
+(``<HERMIT_DATA_DIR>/sandboxes/<id>``, see ``volumes``), so backups and restores of a fake
+sandbox move real data. ``exec`` runs its command for real, as a host process of this user in
 the data dir (when it exists), so exit codes, output and timeouts are real; ``stats`` walks the
-data dir for ``disk_bytes``.
+data dir for ``disk_bytes``; ``write_files`` replaces the read-only files a sandbox was started
+with (:meth:`FakeBackend.files` shows them).
 
 Test hooks: :meth:`FakeBackend.fail_next` makes the next start, checkpoint or restore of a
 sandbox raise BackendError; :meth:`FakeBackend.crash` makes a running sandbox's "gateway" die;
@@ -30,11 +33,13 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from sandboxes.backends import volumes
 from sandboxes.backends.base import (
     BackendError,
     CheckpointImage,
@@ -62,6 +67,7 @@ class _Box:
     memory_bytes: int = MEMORY_BYTES
     log: list[str] = field(default_factory=list)
     port: int = 0  # a stand-in gateway's port (serve), 0 for none
+    files: dict[str, str] = field(default_factory=dict)  # the read-only files it was given
     failures: dict[str, int] = field(default_factory=dict)
 
 
@@ -132,6 +138,11 @@ class FakeBackend(SandboxBackend):
         with self._lock:
             return self._box(name).frozen
 
+    def files(self, name: str) -> dict[str, str]:
+        """The read-only files the sandbox has now: from its start, or ``write_files``."""
+        with self._lock:
+            return dict(self._box(name).files)
+
     def images(self) -> list[str]:
         with self._lock:
             return sorted(self._images)
@@ -158,12 +169,36 @@ class FakeBackend(SandboxBackend):
 
     # -- the contract ----------------------------------------------------------------------------
 
+    def volume(self, sandbox_id: int) -> Path:
+        return volumes.path(None, sandbox_id)  # a real directory: the data is real, on disk
+
+    def prepare_volume(self, sandbox_id: int, subdirs: Iterable[str] = ()) -> Path:
+        return volumes.prepare(self.volume(sandbox_id), subdirs)
+
+    def remove_volume(self, sandbox_id: int) -> None:
+        volumes.remove(self.volume(sandbox_id))
+
+    def write_files(self, spec: SandboxSpec, state: dict[str, Any], files: dict[str, str]) -> None:
+        box = self._enter("write_files", spec)
+        with self._lock:
+            if not self._alive(spec, state):
+                raise BackendError(
+                    f"Sandbox {spec.name} is not running, so its files stay as they are."
+                )
+            for inside in files:
+                if inside not in box.files:
+                    raise BackendError(
+                        f"{inside} is not one of sandbox {spec.name}'s read-only files."
+                    )
+            box.files.update(files)
+
     def start(self, spec: SandboxSpec) -> Iterator[Progress]:
         yield Progress(5, "Preparing the sandbox")
         box = self._enter("start", spec)
         with self._lock:
             box.running, box.frozen, box.instance = True, False, next(self._counter)
             box.cpu_seconds = 0.0
+            box.files = dict(spec.files)
             box.log.append(f"fake gateway started (instance {box.instance})")
             state = {"backend": self.name, "instance": box.instance, **self._port(box)}
         yield Progress(50, "Starting the agent gateway", state=dict(state))

@@ -56,12 +56,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sandboxes.backends import cgroups, criu, safefs
+from sandboxes.backends import cgroups, criu, safefs, volumes
 from sandboxes.backends.base import (
     BackendError,
     CheckpointImage,
@@ -211,6 +211,7 @@ class LocalBackend(SandboxBackend):
         start_cpu_seconds: float | None = None,
         checkpoint_dir: Path | None = None,
         criu_path: str | None = None,
+        volume_root: Path | None = None,
     ) -> None:
         self.bwrap = _resolve(bwrap or _setting("HERMIT_BWRAP", "bwrap"))
         self.pasta = _resolve(pasta or _setting("HERMIT_PASTA", "pasta"))
@@ -236,6 +237,47 @@ class LocalBackend(SandboxBackend):
             checkpoint_dir or _setting("HERMIT_CHECKPOINT_DIR", "") or data_dir / "checkpoints"
         )
         self.criu = criu.binary(criu_path or _setting("HERMIT_CRIU", "") or None)
+        # None: <HERMIT_DATA_DIR>/sandboxes, read at each call (sandboxes.backends.volumes).
+        self.volume_root = Path(volume_root) if volume_root is not None else None
+
+    # -- the data volume (a directory on this host) and the read-only files ---------------
+
+    def volume(self, sandbox_id: int) -> Path:
+        return volumes.path(self.volume_root, sandbox_id)
+
+    def prepare_volume(self, sandbox_id: int, subdirs: Iterable[str] = ()) -> Path:
+        return volumes.prepare(self.volume(sandbox_id), subdirs)
+
+    def remove_volume(self, sandbox_id: int) -> None:
+        volumes.remove(self.volume(sandbox_id))
+
+    def write_files(self, spec: SandboxSpec, state: dict[str, Any], files: dict[str, str]) -> None:
+        """Overwrite each file (root's, in the root-owned run dir) keeping its inode: the
+        sandbox has it bind-mounted, and a new file under the same name would never reach it.
+        Every file is opened before any is written, so a refusal changes none."""
+        if not state.get("run_dir") or not self.poll(spec, state).running:
+            raise BackendError(
+                f"Sandbox {spec.name} is not running, so its files stay as they are."
+            )
+        folder = Path(state["run_dir"]) / FILES_NAME
+        opened: list[tuple[int, bytes]] = []
+        try:
+            for inside, text in files.items():
+                try:
+                    fd = os.open(folder / _file_key(spec, inside), os.O_WRONLY | os.O_NOFOLLOW)
+                except FileNotFoundError:
+                    raise BackendError(
+                        f"{inside} is not one of sandbox {spec.name}'s read-only files."
+                    ) from None
+                opened.append((fd, text.encode()))
+            for fd, data in opened:
+                os.ftruncate(fd, 0)
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], written)
+        finally:
+            for fd, _ in opened:
+                os.close(fd)
 
     # -- start -------------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ Contract:
   dead worker's restic left its lock), and after a restic run failed (a run killed at its
   timeout leaves one). So a killed run's lock never blocks the next, and a healthy run
   spends no restic call on it.
+* **Where.** A sandbox's data dir is its volume, where its backend says
+  (``SandboxBackend.volume``); all of this runs in the root worker of the sandbox's host.
 * **Backups** skip a sandbox whose data dir is unchanged since the last snapshot (by
   ``safefs.fingerprint``, which follows and opens nothing), unless forced. A running sandbox is
   frozen (``backend.frozen``) only while restic reads (the second, short pass of
@@ -323,7 +325,7 @@ def backup_sandbox(
     """
     actor = actor or TRIGGER_ACTOR.get(trigger, Actor.SYSTEM)
     sandbox.refresh_from_db()
-    if not _is_dir(sandbox.data_dir):
+    if not _is_dir(_volume(sandbox)):
         reason = "This agent has no data to back up yet."
         if actor_user is not None:  # a person asked: tell them
             record_event(sandbox, "backup", reason, actor=actor, actor_user=actor_user)
@@ -385,7 +387,7 @@ def _backup(
     row = lease.row
     row.refresh_from_db()
     now = timezone.now()
-    fingerprint = safefs.fingerprint(sandbox.data_dir, EXCLUDES)
+    fingerprint = safefs.fingerprint(_volume(sandbox), EXCLUDES)
     latest = sandbox.snapshots.first()
     if not force and latest is not None and fingerprint == row.fingerprint:
         BackupRepository.objects.filter(pk=row.pk).update(last_attempt_at=now)
@@ -398,7 +400,7 @@ def _backup(
     summary = unlocked(
         repo,
         restic.backup,
-        sandbox.data_dir,
+        _volume(sandbox),
         tags=[f"trigger={trigger}"],
         host=sandbox.slug,
         excludes=list(EXCLUDES),
@@ -541,7 +543,7 @@ def restore_sandbox(
         try:
             _stop_for_restore(sandbox, actor, actor_user)
             lease.check()
-            if _is_dir(sandbox.data_dir):
+            if _is_dir(_volume(sandbox)):
                 report.event("Backing up the current data first (pre-restore snapshot)", 62)
                 _backup(
                     sandbox,
@@ -601,7 +603,7 @@ def _restore_fresh(
     The dir is on the data dirs' filesystem (so the swap is a rename) and in their root-owned
     parent, which the sandbox cannot reach. It is removed again if anything fails.
     """
-    parent = sandbox.data_dir.parent
+    parent = _volume(sandbox).parent
     parent.mkdir(parents=True, exist_ok=True)
     fresh = parent / f"{RESTORE_PREFIX}{sandbox.pk}-{secrets.token_hex(6)}"
     os.mkdir(fresh, 0o700)
@@ -649,7 +651,8 @@ def _swap_in(sandbox: Sandbox, fresh: Path) -> Path | None:
     """Rename the live data dir aside and ``fresh`` into its place; return where the previous
     data went (None if there was none). Both renames happen in the root-owned parent through
     its directory fd, so no link the sandbox planted is followed."""
-    parent, live = sandbox.data_dir.parent, sandbox.data_dir.name
+    volume = _volume(sandbox)
+    parent, live = volume.parent, volume.name
     stamp = timezone.now().strftime("%Y%m%dT%H%M%S%f")  # sorts by time: newest last
     previous_name = f"{PREVIOUS_PREFIX}{sandbox.pk}-{stamp}-{fresh.name.rsplit('-', 1)[1]}"
     with safefs.opened_dir(parent) as fd:
@@ -698,7 +701,8 @@ def _start_or_roll_back(
 
 
 def _swap_back(sandbox: Sandbox, previous: Path) -> None:
-    parent, live = sandbox.data_dir.parent, sandbox.data_dir.name
+    volume = _volume(sandbox)
+    parent, live = volume.parent, volume.name
     failed_name = f"{FAILED_PREFIX}{sandbox.pk}-{secrets.token_hex(6)}"
     with safefs.opened_dir(parent) as fd:
         if _entry_is_dir(fd, live):
@@ -736,14 +740,14 @@ def restore_if_missing(sandbox: Sandbox, on_progress: ProgressFn | None = None) 
     BackupFailed if it had backups that cannot be read or restored: better a failed start
     with that reason than an agent booted empty.
     """
-    if _is_dir(sandbox.data_dir):
+    if _is_dir(_volume(sandbox)):
         return False
     row = BackupRepository.objects.filter(sandbox=sandbox).first()
     if row is None or (row.last_backup_at is None and not sandbox.snapshots.exists()):
         return False
     try:
         with leased(sandbox, LockKind.RESTORE) as (_lease, repo):
-            if _is_dir(sandbox.data_dir):
+            if _is_dir(_volume(sandbox)):
                 return False
             report = _Reporter(sandbox, "restore", Actor.SYSTEM, None, on_progress)
             infos = _sync(sandbox, repo)
@@ -857,7 +861,7 @@ def _recover_backup(sandbox: Sandbox, kind: str) -> tuple[str, bool]:
 
 def _recover_restore(sandbox: Sandbox) -> tuple[str, bool]:
     """Finish an interrupted restore (see reconcile_backups); return (outcome, start after)."""
-    parent = sandbox.data_dir.parent
+    parent = _volume(sandbox).parent
     for prefix in (RESTORE_PREFIX, FAILED_PREFIX):
         for leftover in parent.glob(f"{prefix}{sandbox.pk}-*"):
             _remove(sandbox, leftover)
@@ -870,7 +874,7 @@ def _recover_restore(sandbox: Sandbox) -> tuple[str, bool]:
             _remove(sandbox, previous[0])
             report.event("An interrupted restore had finished: its previous data removed", 100)
         return "restore-finished", False
-    if previous and not _is_dir(sandbox.data_dir):
+    if previous and not _is_dir(_volume(sandbox)):
         report.event("A restore was interrupted mid-swap: putting the previous data back", 50)
         _swap_back(sandbox, previous[0])
         return "rolled-back", True
@@ -1055,9 +1059,15 @@ class _Reporter:
         return tick
 
 
+def _volume(sandbox: Sandbox) -> Path:
+    """The sandbox's data dir: its volume on this host, as its backend places it. Backups,
+    restores and exports run in the root worker of the sandbox's host, beside the volume."""
+    return get_backend(sandbox.backend).volume(sandbox.pk)
+
+
 def has_data(sandbox: Sandbox) -> bool:
     """Return True if the sandbox's data dir exists (checked without following a link)."""
-    return _is_dir(sandbox.data_dir)
+    return _is_dir(_volume(sandbox))
 
 
 def _is_dir(path: Path) -> bool:

@@ -3,9 +3,10 @@
 Building a spec only computes a value: it writes nothing and mints nothing, so it may be
 called any number of times. The side effects a start needs come first, as explicit steps of the
 start (``sandboxes.actions``): the data dir's directories are made through ``safefs``
-(``config.prepare_data_dir``) and a fresh AI-gateway credential is minted
+(the backend's ``prepare_volume``) and a fresh AI-gateway credential is minted
 (``sandboxes.ai_keys.mint_key``); its plaintext is passed in here. The rendered config travels
 in the spec (``SandboxSpec.files``) and the backend mounts it read-only outside the data dir.
+The data dir is the sandbox's volume, where its backend says it is (``SandboxBackend.volume``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from django.conf import settings
 
 from sandboxes import channel_config
+from sandboxes.backends import get_backend
 from sandboxes.backends.base import SandboxSpec
 from sandboxes.limits import Resources
 from sandboxes.models import RuntimeImage, Sandbox
@@ -33,7 +35,7 @@ def build_spec(
     """
     from sandboxes.pool import is_pooled
 
-    data_dir = sandbox.data_dir
+    data_dir = data_dir_of(sandbox)
     if is_pooled(sandbox):
         text = config_text(
             sandbox, gateway_token=sandbox.gateway_token, ai_key=ai_key, browser=limits.browser
@@ -82,7 +84,7 @@ def browser_options() -> config.BrowserOptions:
 
 def _rendered(sandbox: Sandbox, *, browser: bool) -> dict[str, Any]:
     rendered = config.render_config(
-        data_dir=sandbox.data_dir,
+        data_dir=data_dir_of(sandbox),
         ai_gateway_port=settings.HERMIT_AI_GATEWAY_PORT,
         models=settings.HERMIT_SANDBOX_MODELS,
         default_model=settings.HERMIT_DEFAULT_MODEL,
@@ -95,6 +97,11 @@ def _rendered(sandbox: Sandbox, *, browser: bool) -> dict[str, Any]:
     if not is_pooled(sandbox):  # a warm-pool gateway has no owner, so no channel yet
         rendered.update(channel_config.for_sandbox(sandbox).config)
     return rendered
+
+
+def data_dir_of(sandbox: Sandbox) -> Path:
+    """The sandbox's data dir: its volume, as its backend places it (computed, not made)."""
+    return get_backend(sandbox.backend).volume(sandbox.pk)
 
 
 def dreaming_schedule(sandbox_id: int) -> str:
@@ -112,7 +119,7 @@ def _spec(
     return SandboxSpec(
         sandbox_id=sandbox.pk,
         name=sandbox.slug,
-        data_dir=sandbox.data_dir,
+        data_dir=data_dir_of(sandbox),
         runtime_dir=runtime_dir,
         env=env,
         memory_mb=limits.memory_mb if limits else 0,
