@@ -113,11 +113,15 @@ class HostHeartbeat(bootsteps.StartStopStep):
         worker's timer."""
         from django.db import close_old_connections
 
+        from sandboxes.fencing import queue_fence
         from sandboxes.hosts import heartbeat
+        from sandboxes.models import SandboxHost
 
         try:
             close_old_connections()
-            heartbeat()
+            host = heartbeat()
+            if host.state == SandboxHost.State.LOST:  # back after it was lost: fence it
+                queue_fence(host)
         except Exception:
             log.exception("host heartbeat failed")
 

@@ -14,7 +14,8 @@ Contract:
 * **Heartbeat.** A host's worker calls :func:`heartbeat` every HERMIT_HOST_HEARTBEAT_INTERVAL
   seconds: it registers the host on its first beat and reports its free RAM (MemAvailable) and
   how many sandboxes are awake on it. A heartbeat never changes the host's state: a lost host
-  that comes back stays lost (its sandboxes were moved away) until staff undrain it.
+  that comes back stays lost (its sandboxes were moved away) until staff undrain it, and its
+  heartbeat meanwhile queues the fence of what it still holds of them (sandboxes.fencing).
 * **Placement** (:func:`place`): a new sandbox goes to the active host with the most free RAM
   that has room (at least HERMIT_HOST_MIN_FREE_MB available, fewer sandboxes than its cap). A
   host that has not reported yet counts as having room and comes after those that have. With no

@@ -14,6 +14,7 @@ from django.db import models
 from django.utils import timezone
 
 from portal.lib.fields import EncryptedTextField
+from sandboxes.backends.base import sandbox_name
 
 
 class RuntimeImage(models.Model):
@@ -171,7 +172,7 @@ class Sandbox(models.Model):
     @property
     def slug(self) -> str:
         """A filesystem- and cgroup-safe unique name."""
-        return f"sbx-{self.pk}"
+        return sandbox_name(self.pk)
 
     def is_idle(self, now: datetime, sleep_after: timedelta | None) -> bool:
         """Return True if a running or dozing sandbox has had no activity for ``sleep_after``."""

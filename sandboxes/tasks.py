@@ -13,7 +13,16 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from sandboxes import actions, hosts, passes, pool, relocation, schedule, sleep  # noqa: F401
+from sandboxes import (  # noqa: F401
+    actions,
+    fencing,
+    hosts,
+    passes,
+    pool,
+    relocation,
+    schedule,
+    sleep,
+)
 from sandboxes.backends.base import BackendError
 from sandboxes.events import record_event
 from sandboxes.limits import limits_for
@@ -364,6 +373,13 @@ def check_hosts() -> dict[str, int]:
     for host in SandboxHost.objects.filter(state=SandboxHost.State.DRAINING):
         counts["moves"] += queue_moves(host)
     return counts
+
+
+@shared_task(acks_late=True)
+def fence_host() -> dict[str, int]:
+    """On a lost host that came back (queued on its own queue by its heartbeat): stop and
+    remove what was moved away from it (sandboxes.fencing). Return counts."""
+    return fencing.fence()
 
 
 def queue_moves(host: SandboxHost) -> int:

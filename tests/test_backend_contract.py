@@ -458,3 +458,28 @@ def test_it_refuses_to_rewrite_the_files_of_a_sandbox_that_is_not_running(
     for state in (subject.state, {}):
         with pytest.raises(BackendError, match="not running"):
             subject.backend.write_files(subject.spec, state, {READ_ONLY: "late\n"})
+
+
+# -- what the machine holds (last: it starts the sandbox again, then evicts it) ---------------
+
+
+def test_it_lists_what_it_holds_and_evicts_a_sandbox_by_its_id_alone(running: Subject) -> None:
+    """What a lost host that came back fences with (sandboxes.fencing): no state needed."""
+    backend, spec, state = running.backend, running.spec, running.state
+    other = spec.sandbox_id + VOLUME_OFFSET
+    assert spec.sandbox_id in backend.resident()
+    assert other not in backend.resident()
+    backend.prepare_volume(other)
+    try:
+        assert {spec.sandbox_id, other} <= running.fresh().resident()
+    finally:
+        backend.remove_volume(other)
+    assert other not in backend.resident()
+
+    running.fresh().evict(spec.sandbox_id)  # a fresh backend object, and no state given
+    assert not backend.poll(spec, state).running
+    assert backend.processes(spec, state) == []
+    has_volume = os.path.lexists(backend.volume(spec.sandbox_id))
+    assert (spec.sandbox_id in backend.resident()) == has_volume, "only its volume is left"
+    backend.evict(spec.sandbox_id)  # idempotent
+    backend.evict(other)  # one that never ran: nothing to do

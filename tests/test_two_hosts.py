@@ -9,9 +9,11 @@ data dir, cgroups and sandbox uids, sharing PostgreSQL, Redis and the backup loc
   host 2, a restore on host 1 at its next start), with its memory: the chat the portal shows
   there starts with what the user said on host 2, and the next reply comes through host 1's
   AI gateway.
-* Killing host 2 (its worker and its sandboxes) and missing its heartbeats marks it lost; its
-  user's agent comes back on host 1 from its latest snapshot, and an event says what may be
-  lost: what was said after that snapshot is gone.
+* Killing host 2's worker (the machine lives on, and so does the agent's gateway there) and
+  missing its heartbeats marks it lost; its user's agent comes back on host 1 from its latest
+  snapshot, and an event says what may be lost: what was said after that snapshot is gone.
+  When host 2's worker comes back, its host stays lost and it fences itself: the copy of the
+  agent still running there is stopped and its data there removed, while host 1's chats on.
 
 Real parts throughout: gateways in bubblewrap + pasta, real workers, real restic; only the
 model is the fake server. Four cold boots in all (two per test), about 12 CPU-s each.
@@ -81,8 +83,16 @@ class TwoHosts:
     host1_worker: Server
     host2_worker: subprocess.Popen[bytes]
     host2_logs: Path
+    start_host2_worker: Callable[[str], subprocess.Popen[bytes]]  # its log's name -> process
+    worker_log: str = "worker"
 
-    def host2_output(self, name: str = "worker") -> str:
+    def restart_host2_worker(self) -> None:
+        """Start host 2's worker again (after it was killed), logging to worker-again.log."""
+        self.worker_log = "worker-again"
+        self.host2_worker = self.start_host2_worker(self.worker_log)
+
+    def host2_output(self, name: str = "") -> str:
+        name = name or self.worker_log
         path = self.host2_logs / f"{name}.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
@@ -170,11 +180,15 @@ def two_hosts(
         ns.share_loopback(fake_model.port)  # the model route's URL, read from the database
         env = _host2_env(ns, host2, host2_data, backups, sandbox_dirs)
         queue = hosts.queue_for(host2)
-        worker = ns.popen(
-            [sys.executable, "-m", "celery", "-A", "portal", "worker", "-l", "info",
-             "--concurrency", "2", "-Q", queue, "-n", f"{host2}@%h"],
-            env=env, log=logs / "worker.log", cwd=ROOT, host_mounts=True,
-        )  # fmt: skip
+
+        def start_worker(log_name: str) -> subprocess.Popen[bytes]:
+            return ns.popen(
+                [sys.executable, "-m", "celery", "-A", "portal", "worker", "-l", "info",
+                 "--concurrency", "2", "-Q", queue, "-n", f"{host2}@%h"],
+                env=env, log=logs / f"{log_name}.log", cwd=ROOT, host_mounts=True,
+            )  # fmt: skip
+
+        worker = start_worker("worker")
         ai_gateway = ns.popen(
             [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "8001",
              "--lifespan", "on", ai_gateway_app()],
@@ -183,15 +197,28 @@ def two_hosts(
         edge = ns.popen(
             [sys.executable, "-m", "hostedge"], env=env, log=logs / "edge.log", cwd=ROOT
         )
-        setup = TwoHosts(host1, host2, ns, backups, host2_data, host1_worker, worker, logs)
+        setup = TwoHosts(
+            host1, host2, ns, backups, host2_data, host1_worker, worker, logs, start_worker
+        )
         _wait_inside(ns, "127.0.0.1", 8001, ai_gateway, lambda: setup.host2_output("ai-gateway"))
         _wait_inside(ns, ns.address, 8003, edge, lambda: setup.host2_output("edge"))
         try:
             yield setup
         finally:
-            _end_session(worker)
+            _end_session(setup.host2_worker)
             remove_cgroup_parent(Path("/sys/fs/cgroup"), env["HERMIT_CGROUP_PARENT"])
     host1_worker.stop()
+
+
+def _host2_cgroups(name: str) -> list[Path]:
+    """The cgroup directories of host 2's sandbox ``name`` that exist (v2: one; v1: one per
+    controller)."""
+    root, parent = Path("/sys/fs/cgroup"), f"hermit-t{os.getpid()}-h2"
+    if (root / "cgroup.controllers").exists():
+        candidates = [root / parent / name]
+    else:
+        candidates = [ctrl / parent / name for ctrl in root.iterdir() if not ctrl.is_symlink()]
+    return [path for path in candidates if path.is_dir()]
 
 
 def _end_session(proc: subprocess.Popen[bytes]) -> None:
@@ -419,9 +446,12 @@ def test_a_lost_host_2s_agent_comes_back_on_host_1_from_its_latest_snapshot(
         assert reply == "Noted: your fish is called Nemo."
         booted = time.monotonic()
 
-        # Host 2 dies: its worker, and with the machine its sandboxes.
+        # Host 2's worker dies; the machine lives on, and so does the agent's gateway there.
         _end_session(both.host2_worker)
-        remove_cgroup_parent(Path("/sys/fs/cgroup"), f"hermit-t{os.getpid()}-h2")
+        stray = _host2_cgroups(sandbox.slug)
+        assert stray and all((path / "cgroup.procs").read_text().split() for path in stray)
+        host2_volume = both.host2_data / "sandboxes" / str(sandbox.pk)
+        assert host2_volume.is_dir()
         assert tasks.check_hosts()["lost"] == 0  # its last heartbeat is recent still
         time.sleep(LOST_AFTER + HEARTBEAT)
         counts = tasks.check_hosts()  # beat's pass
@@ -438,6 +468,20 @@ def test_a_lost_host_2s_agent_comes_back_on_host_1_from_its_latest_snapshot(
         lost = time.monotonic()
 
         wake_on_host_1(both, sandbox)
+
+        # Host 2's worker comes back: its host stays lost, and it fences what moved away.
+        both.restart_host2_worker()
+        fenced = _wait(
+            lambda: SandboxEvent.objects.filter(sandbox=sandbox, kind="fenced").first(),
+            120,
+            lambda: "not fenced: " + events_and(both, sandbox),
+        )
+        assert f"Its old machine {both.host2} came back" in fenced.message, fenced.message
+        assert not any(path.exists() for path in stray)  # its gateway went with its cgroups
+        assert not host2_volume.exists()
+        assert SandboxHost.objects.get(name=both.host2).state == HostState.LOST
+        sandbox.refresh_from_db()
+        assert sandbox.state == State.RUNNING and sandbox.host.name == both.host1
         model_server.script(reply="Welcome back.", chunks=1)
         said, reply = say_through_portal(sandbox, "Hello again.")
         assert "Remember this: my dog is called Rex." in said, said

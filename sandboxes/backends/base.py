@@ -21,6 +21,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+NAME_PREFIX = "sbx-"
+
+
+def sandbox_name(sandbox_id: int) -> str:
+    """The spec name (cgroup, run dir, checkpoint) of sandbox ``sandbox_id``: ``sbx-<id>``."""
+    return f"{NAME_PREFIX}{int(sandbox_id)}"
+
+
+def sandbox_id_of(name: str) -> int | None:
+    """The sandbox id in a spec name made by :func:`sandbox_name`; None for any other name."""
+    digits = name.removeprefix(NAME_PREFIX)
+    if digits == name or not digits.isascii() or not digits.isdigit():
+        return None
+    return int(digits)
+
 
 class BackendError(Exception):
     """A failure the user and staff should read: the message says what went wrong and what to do."""
@@ -149,6 +164,22 @@ class SandboxBackend(abc.ABC):
         not running or a path is not one of its files.
         """
         raise BackendError(f"The {self.name} backend cannot rewrite a running sandbox's files.")
+
+    # -- what this machine holds, whatever the database says -------------------------------
+    # A host that was marked lost and comes back still runs (and holds the data of) sandboxes
+    # that were moved away meanwhile: its worker fences them (sandboxes.fencing), which needs
+    # to see what is here without the database's state, which now describes their new host.
+
+    def resident(self) -> set[int]:
+        """Return the ids of the sandboxes that have anything on this backend's machine: a
+        running (or frozen) sandbox, or a volume. Reads the machine, not the database."""
+        raise NotImplementedError(f"The {self.name} backend cannot list what it holds.")
+
+    def evict(self, sandbox_id: int) -> None:
+        """Kill everything sandbox ``sandbox_id`` runs on this machine, without its saved state
+        (it may describe another host by now); idempotent. Its volume is left alone
+        (:meth:`remove_volume`)."""
+        raise NotImplementedError(f"The {self.name} backend cannot evict sandboxes.")
 
     @abc.abstractmethod
     def start(self, spec: SandboxSpec) -> Iterator[Progress]:

@@ -50,6 +50,8 @@ from sandboxes.backends.base import (
     SandboxBackend,
     SandboxSpec,
     Stats,
+    sandbox_id_of,
+    sandbox_name,
 )
 from sandboxes.backends.safefs import disk_usage
 
@@ -177,6 +179,18 @@ class FakeBackend(SandboxBackend):
 
     def remove_volume(self, sandbox_id: int) -> None:
         volumes.remove(self.volume(sandbox_id))
+
+    def resident(self) -> set[int]:
+        with self._lock:
+            running = {sandbox_id_of(name) for name, box in self._boxes.items() if box.running}
+        return {i for i in running if i is not None} | volumes.present(None)
+
+    def evict(self, sandbox_id: int) -> None:
+        with self._lock:
+            self.calls.append(("evict", sandbox_name(sandbox_id)))
+            box = self._boxes.get(sandbox_name(sandbox_id))
+            if box is not None:
+                box.running = box.frozen = False
 
     def write_files(self, spec: SandboxSpec, state: dict[str, Any], files: dict[str, str]) -> None:
         box = self._enter("write_files", spec)

@@ -72,6 +72,8 @@ from sandboxes.backends.base import (
     SandboxBackend,
     SandboxSpec,
     Stats,
+    sandbox_id_of,
+    sandbox_name,
 )
 from sandboxes.backends.seccomp import seccomp_program, under_filter
 from sandboxes.openclaw.runtime import node_binary, openclaw_entry
@@ -765,14 +767,50 @@ class LocalBackend(SandboxBackend):
 
     def _cgroup_paths(self, spec: SandboxSpec) -> cgroups.CgroupPaths:
         """Where ``start`` would have put this sandbox's cgroups (for cleanup without state)."""
+        return self._cgroup_paths_named(spec.name)
+
+    def _cgroup_paths_named(self, name: str) -> cgroups.CgroupPaths:
+        parents = self._cgroup_parents()
+        return {ctrl: str(Path(parent) / name) for ctrl, parent in parents.items()}
+
+    def _cgroup_parents(self) -> cgroups.CgroupPaths:
+        """This backend's parent cgroup(s), under which each sandbox has its own."""
         root = self.cgroup_root
         if (root / "cgroup.controllers").exists():
-            return {"unified": str(root / self.cgroup_parent / spec.name)}
+            return {"unified": str(root / self.cgroup_parent)}
         return {
-            ctrl: str(root / ctrl / self.cgroup_parent / spec.name)
+            ctrl: str(root / ctrl / self.cgroup_parent)
             for ctrl in cgroups.V1_CONTROLLERS
             if (root / ctrl).is_dir()
         }
+
+    # -- what this machine holds ----------------------------------------------------------
+
+    def resident(self) -> set[int]:
+        """Sandboxes with a cgroup under this backend's parent (running, frozen, or left by a
+        crash) or a volume under its volume root."""
+        found = volumes.present(self.volume_root)
+        for parent in self._cgroup_parents().values():
+            try:
+                entries = list(os.scandir(parent))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                sandbox_id = sandbox_id_of(entry.name)
+                if sandbox_id is not None and entry.is_dir(follow_symlinks=False):
+                    found.add(sandbox_id)
+        return found
+
+    def evict(self, sandbox_id: int) -> None:
+        """Thaw, kill and remove the sandbox's cgroups, found by name (its state may be a
+        new host's). Its pasta joins the cgroup at start, so it goes with them."""
+        paths = self._cgroup_paths_named(sandbox_name(sandbox_id))
+        if not any(Path(path).is_dir() for path in paths.values()):
+            return
+        with contextlib.suppress(OSError):
+            cgroups.thaw(paths)
+        cgroups.kill_all(paths)
+        cgroups.remove(paths)
 
     def poll(self, spec: SandboxSpec, state: dict[str, Any]) -> PollResult:
         if not state:

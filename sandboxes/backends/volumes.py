@@ -33,6 +33,19 @@ def path(root: Path | None, sandbox_id: int) -> Path:
     return (root or default_root()) / str(sandbox_id)
 
 
+def present(root: Path | None) -> set[int]:
+    """The sandbox ids that have a volume under ``root`` (default :func:`default_root`)."""
+    try:
+        entries = list(os.scandir(root or default_root()))
+    except FileNotFoundError:
+        return set()
+    return {
+        int(entry.name)
+        for entry in entries
+        if entry.name.isascii() and entry.name.isdigit() and entry.is_dir(follow_symlinks=False)
+    }
+
+
 def prepare(volume: Path, subdirs: Iterable[str] = ()) -> Path:
     """Make ``volume`` (and its parents) and each of ``subdirs`` in it; return ``volume``."""
     volume.mkdir(parents=True, exist_ok=True)
