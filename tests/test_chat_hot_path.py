@@ -124,3 +124,31 @@ async def test_a_cache_that_does_not_answer_does_not_end_the_session(
     use_redis_cache(settings, "redis://127.0.0.1:1/0")  # nothing listens on port 1
     assert await sleep.ais_dozing(7) is False
     assert "cannot tell whether sandbox 7 is dozing" in caplog.text
+
+
+def test_the_portals_daphne_sends_frames_without_colouring_autobahns_debug_arguments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """autobahn builds a debug message's arguments for every frame it sends (debug logging on
+    or not); the portal's daphne has them made as plain text, not four click.style calls."""
+    import autobahn.util
+    import click
+
+    from portal import daphne_uvloop
+
+    monkeypatch.setattr(autobahn.util, "_HAS_CLICK", True)
+    styled: list[str] = []
+    real_style = click.style
+
+    def style(text: str, **kwargs: Any) -> str:
+        styled.append(text)
+        return real_style(text, **kwargs)
+
+    monkeypatch.setattr(click, "style", style)
+    assert autobahn.util.hl("frame") != "frame" and styled == ["frame"]  # as installed
+
+    daphne_uvloop.plain_debug_arguments()
+    styled.clear()
+    assert autobahn.util.hltype(daphne_uvloop.main) == "<portal.daphne_uvloop.main>"
+    assert autobahn.util.hlval(42) == "42"
+    assert styled == []
