@@ -425,3 +425,59 @@ def test_the_bot_token_is_never_logged(
         text = record.getMessage() + str(record.exc_text or "")
         assert token not in text and link.secret not in text and link.hook_token not in text
     assert token not in caplog.text
+
+
+# -- staff ---------------------------------------------------------------------------------------
+
+
+def test_staff_see_links_and_waiting_updates_but_no_secret_or_message_and_may_unlink(
+    transactional_db: None, fake_backend: FakeBackend, telegram: FakeTelegram, client: Any
+) -> None:
+    from django.contrib.auth.models import Group
+    from django.urls import reverse
+
+    from sandboxes.roles import OPERATOR, SUPPORT
+    from tests.factories import make_user
+    from tests.mfa import enroll_totp
+
+    sandbox = running_fake_sandbox("staffed@tg.test")
+    link, token = linked(sandbox, telegram)
+    words = "my private words for the agent"
+    assert actions.accept_update(link, telegram.make_update(words, chat_id=PAIRED[0])) == "stored"
+    waiting = TelegramUpdate.objects.get(link=link, delivered_at=None)
+    staff = {}
+    for group in (SUPPORT, OPERATOR):
+        user = make_user(f"{group}@hermit.test", is_staff=True)
+        user.groups.add(Group.objects.get(name=group))
+        enroll_totp(user)
+        staff[group] = user
+
+    client.force_login(staff[SUPPORT])
+    links = reverse("admin:doorbell_telegramlink_changelist")
+    pages = [
+        links,
+        reverse("admin:doorbell_telegramlink_change", args=[link.pk]),
+        reverse("admin:doorbell_telegramupdate_changelist"),
+        reverse("admin:doorbell_telegramupdate_change", args=[waiting.pk]),
+    ]
+    for url in pages:
+        response = client.get(url)
+        assert response.status_code == 200, url
+        page = response.content.decode()
+        for secret in (token, link.secret, link.hook_token, link.pairing_code, words):
+            assert secret not in page, (url, secret)
+    listed = client.get(links).content.decode()
+    assert "@" + link.bot_username in listed and "staffed@tg.test" in listed
+    row = listed[listed.index("@" + link.bot_username) :]
+    assert '<td class="field-paired">2</td>' in row and '<td class="field-waiting">1</td>' in row
+    assert 'value="unlink"' not in listed  # support may not unlink
+    forbidden = client.post(links, {"action": "unlink", "_selected_action": [link.pk]})
+    assert forbidden.status_code in (200, 302) and TelegramLink.objects.filter(pk=link.pk).exists()
+
+    client.force_login(staff[OPERATOR])
+    assert 'value="unlink"' in client.get(links).content.decode()
+    done = client.post(links, {"action": "unlink", "_selected_action": [link.pk]}, follow=True)
+    assert "Unlinked 1 bot(s)." in done.content.decode()
+    assert not TelegramLink.objects.filter(pk=link.pk).exists()
+    assert telegram.bots[token].webhook_url == ""  # its webhook was removed at Telegram
+    purge_queues()  # the delivery the stored update queued: no worker here takes it
