@@ -20,8 +20,13 @@ histograms):
   window, from its usage records (upstream by name, ``none`` when the call was refused; every
   configured upstream is listed, zeros included).
 - ``hermit_chat_sessions_open``: browser chat sessions open now (sandboxes.chat_sessions).
-- ``hermit_celery_queue_depth{queue}``: messages waiting in the default Celery queue (Redis
-  LLEN of its priority lists, or the folder broker's message files).
+- ``hermit_celery_queue_depth{queue}``: messages waiting in the default Celery queue and in
+  each registered sandbox host's own queue (Redis LLEN of its priority lists, or the folder
+  broker's message files). A lost host's queue is where its sandboxes' tasks piled up.
+- ``hermit_host_heartbeat_age_seconds{host, state}``, ``hermit_host_free_ram_bytes{host}`` and
+  ``hermit_host_sandboxes_awake{host}``: each registered sandbox host as its worker last
+  reported (an age of -1: it never did). Alert on the age passing HERMIT_HOST_LOST_AFTER, or on
+  ``state="lost"``.
 
 Why windows read from the database rather than counters kept in memory: starts, wakes and
 backups run in Celery workers, model calls in the AI gateway's own process, and the web
@@ -198,15 +203,45 @@ def ai_gateway(since: datetime) -> Iterator[Metric]:
     yield from (calls, tokens, errors)
 
 
-def queue_depth() -> Metric:
+def queue_depth(host_names: Iterable[str]) -> Metric:
     from portal.celery import app
+    from sandboxes.hosts import queue_for
 
-    queue = str(app.conf.task_default_queue)
     family = GaugeMetricFamily(
         "hermit_celery_queue_depth", "Messages waiting in the Celery queue.", labels=["queue"]
     )
-    family.add_metric([queue], _redis_depth(queue) if settings.REDIS_URL else _folder_depth(queue))
+    queues = [str(app.conf.task_default_queue), *(queue_for(name) for name in host_names)]
+    depth = _redis_depth if settings.REDIS_URL else _folder_depth
+    for queue in queues:
+        family.add_metric([queue], depth(queue))
     return family
+
+
+def sandbox_hosts(now: datetime) -> tuple[list[str], list[Metric]]:
+    """The registered hosts' names, and their heartbeat age, free RAM and awake sandboxes."""
+    from sandboxes.models import SandboxHost
+
+    age = GaugeMetricFamily(
+        "hermit_host_heartbeat_age_seconds",
+        "Seconds since the host's worker last heartbeated (-1: never).",
+        labels=["host", "state"],
+    )
+    free = GaugeMetricFamily(
+        "hermit_host_free_ram_bytes", "The host's available RAM, as last reported.", labels=["host"]
+    )
+    awake = GaugeMetricFamily(
+        "hermit_host_sandboxes_awake",
+        "Sandboxes awake on the host, as last reported.",
+        labels=["host"],
+    )
+    names = []
+    for host in SandboxHost.objects.order_by("name"):
+        names.append(host.name)
+        seen = host.heartbeat_age(now)
+        age.add_metric([host.name, host.state], -1 if seen is None else seen.total_seconds())
+        free.add_metric([host.name], (host.free_ram_mb or 0) * 2**20)
+        awake.add_metric([host.name], host.awake_sandboxes)
+    return names, [age, free, awake]
 
 
 def _redis_depth(queue: str) -> int:
@@ -256,7 +291,9 @@ class HermitCollector(Collector):
             "Browser chat sessions open now.",
             value=chat_sessions.open_sessions(),
         )
-        yield queue_depth()
+        host_names, host_metrics = sandbox_hosts(timezone.now())
+        yield from host_metrics
+        yield queue_depth(host_names)
         yield GaugeMetricFamily(
             "hermit_metrics_window_seconds",
             "The window the windowed series describe.",

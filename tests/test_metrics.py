@@ -18,6 +18,7 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import Client
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from ai_gateway.models import Api, Upstream, UsageRecord
@@ -348,3 +349,39 @@ async def open_sessions_become(count: int, timeout: float = 5.0) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
+
+
+@pytest.mark.django_db
+def test_it_reports_each_sandbox_host_and_its_queue() -> None:
+    from portal.celery import app
+    from sandboxes.hosts import queue_for
+    from sandboxes.models import SandboxHost
+
+    now = timezone.now()
+    SandboxHost.objects.create(
+        name="metrics-h1", address="10.0.0.1", last_heartbeat=now - timedelta(seconds=12),
+        free_ram_mb=2048, awake_sandboxes=3,
+    )  # fmt: skip
+    SandboxHost.objects.create(
+        name="metrics-h2", address="10.0.0.2", state=SandboxHost.State.LOST,
+        last_heartbeat=now - timedelta(seconds=400),
+    )  # fmt: skip
+    SandboxHost.objects.create(name="metrics-new", address="10.0.0.3")
+    lost_queue = queue_for("metrics-h2")
+    try:
+        for _ in range(2):  # tasks that piled up for the lost host, never consumed
+            app.send_task("sandboxes.tasks.reconcile_sandboxes", queue=lost_queue)
+        series = scrape()
+        age = "hermit_host_heartbeat_age_seconds"
+        assert 12 <= value(series, age, host="metrics-h1", state="active") < 60
+        assert 400 <= value(series, age, host="metrics-h2", state="lost") < 450
+        assert value(series, age, host="metrics-new", state="active") == -1
+        assert value(series, "hermit_host_free_ram_bytes", host="metrics-h1") == 2048 * 2**20
+        assert value(series, "hermit_host_sandboxes_awake", host="metrics-h1") == 3
+        depth = "hermit_celery_queue_depth"
+        assert value(series, depth, queue=lost_queue) == 2
+        assert value(series, depth, queue=queue_for("metrics-h1")) == 0
+        assert value(series, depth, queue=str(app.conf.task_default_queue)) >= 0
+    finally:
+        with app.connection_for_write() as connection:
+            connection.default_channel.queue_purge(lost_queue)
