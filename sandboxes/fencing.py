@@ -13,7 +13,9 @@ frozen, or only its volume) that the database now places on another host is a st
 * its checkpoint images here are dropped: no row points to them any more;
 * its volume here is removed: the agent's data came back on its new host from the snapshot
   (the owner was told then that changes since it may be lost), and were the sandbox ever moved
-  back here, a stale volume would be taken for its data instead of its latest backup;
+  back here, a stale volume would be taken for its data instead of its latest backup. Only a
+  volume this host holds (``backend.volumes_here``): on a data dir several hosts share, the
+  new host's start prepared the same volume, and it is that host's;
 * an event on the sandbox says so.
 
 Only sandboxes whose row places them on another registered host are strays: one with no row,
@@ -65,7 +67,8 @@ def fence(host: SandboxHost | None = None) -> dict[str, int]:
         try:
             backend.evict(sandbox_id)
             counts["images"] += _drop_images(backend, sandbox_id)
-            backend.remove_volume(sandbox_id)
+            if sandbox_id in backend.volumes_here():  # not one another host took over
+                backend.remove_volume(sandbox_id)
         except (BackendError, OSError, NotImplementedError) as exc:
             log.warning("host %s: could not fence sandbox %s: %s", host.name, sandbox_id, exc)
             counts["failed"] += 1

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from sandboxes.backends import cgroups
+from sandboxes.backends import cgroups, volumes
 from sandboxes.backends.base import (
     BackendError,
     CheckpointImage,
@@ -472,9 +472,16 @@ def test_it_lists_what_it_holds_and_evicts_a_sandbox_by_its_id_alone(running: Su
     backend.prepare_volume(other)
     try:
         assert {spec.sandbox_id, other} <= running.fresh().resident()
+        # A data dir shared by several hosts: the volume another host prepared since is not
+        # this one's to hold (or to fence).
+        volumes.claim(backend.volume(other), "another-host")
+        assert other not in backend.resident()
+        backend.prepare_volume(other)  # prepared here again: this host's once more
+        assert other in backend.resident()
     finally:
         backend.remove_volume(other)
     assert other not in backend.resident()
+    assert volumes.owner(backend.volume(other)) is None, "its owner record went with it"
 
     running.fresh().evict(spec.sandbox_id)  # a fresh backend object, and no state given
     assert not backend.poll(spec, state).running

@@ -12,6 +12,7 @@ from django.core.cache import cache
 
 from portal.celery import HostHeartbeat
 from sandboxes import actions, fencing, hosts, sleep, tasks
+from sandboxes.backends import volumes
 from sandboxes.backends.fake import FakeBackend
 from sandboxes.models import Checkpoint, Sandbox, SandboxEvent, SandboxHost
 from tests.factories import make_user
@@ -132,3 +133,20 @@ def test_a_sandbox_moved_back_before_its_turn_is_kept(
     assert fencing.fence()["fenced"] == 0
     assert sandbox.pk in fake_backend.resident()
     assert (volume_of(sandbox) / "state" / "notes.md").read_text() == "kept"
+
+
+@pytest.mark.django_db
+def test_a_volume_another_host_took_over_on_a_shared_data_dir_is_left_alone(
+    fake_backend: FakeBackend, came_back: tuple[SandboxHost, SandboxHost]
+) -> None:
+    """Hosts should each have their own data dir; where several share one (a network mount),
+    the new host prepared the moved agent's volume in the same place, and it is that host's."""
+    here, elsewhere = came_back
+    sandbox = running_on("shared-dir@example.com", here)
+    Sandbox.objects.filter(pk=sandbox.pk).update(host=elsewhere, backend_state={})
+    volumes.claim(volume_of(sandbox), elsewhere.name)  # its start on the new host prepared it
+
+    assert fencing.fence() == {"fenced": 1, "images": 0, "failed": 0}
+    assert sandbox.pk not in fake_backend.resident()  # the copy that ran here was stopped
+    assert (volume_of(sandbox) / "state" / "notes.md").read_text() == "kept"
+    assert volumes.owner(volume_of(sandbox)) == elsewhere.name

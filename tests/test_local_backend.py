@@ -1009,3 +1009,24 @@ def test_it_lists_its_checkpoint_images_for_the_orphan_sweep(tmp_path: Path) -> 
     assert (location, name) == (str(image), "sbx-2001") and taken.tzinfo is not None
     backend.drop_checkpoint(location)
     assert backend.list_checkpoints() == [] and tmp_path.is_dir()
+
+
+def test_it_names_an_exited_but_unreaped_process_as_ps_does(
+    local_backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that exited and is not yet reaped has no command line; the list says ``[name]``
+    (its kernel name) rather than an empty command."""
+    child = subprocess.Popen(["sleep", "0"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it has exited (a zombie: Popen has not waited for it)
+        monkeypatch.setattr(cgroups, "pids", lambda paths: [child.pid])
+        spec = SandboxSpec(
+            sandbox_id=1, name="sbx-1", data_dir=Path("/nonexistent"), runtime_dir=Path("/"),
+            env={}, memory_mb=0, cpu_millis=0,
+        )  # fmt: skip
+        [listed] = local_backend.processes(spec, {"cgroups": {"pids": "/nonexistent"}})
+        assert (listed.pid, listed.command) == (child.pid, "[sleep]")
+    finally:
+        child.wait()

@@ -171,9 +171,19 @@ class SandboxBackend(abc.ABC):
     # to see what is here without the database's state, which now describes their new host.
 
     def resident(self) -> set[int]:
-        """Return the ids of the sandboxes that have anything on this backend's machine: a
-        running (or frozen) sandbox, or a volume. Reads the machine, not the database."""
-        raise NotImplementedError(f"The {self.name} backend cannot list what it holds.")
+        """Return the ids of the sandboxes that have anything on this backend's machine:
+        :meth:`running_here` and :meth:`volumes_here`. Reads the machine, not the database."""
+        return self.running_here() | self.volumes_here()
+
+    def running_here(self) -> set[int]:
+        """The ids of the sandboxes with processes (running, frozen, or left by a crash) on
+        this machine."""
+        raise NotImplementedError(f"The {self.name} backend cannot list what it runs.")
+
+    def volumes_here(self) -> set[int]:
+        """The ids of the sandboxes whose volume this host holds: on a volume store several
+        hosts share, only those this host prepared last (``volumes.claim``)."""
+        raise NotImplementedError(f"The {self.name} backend cannot list its volumes.")
 
     def evict(self, sandbox_id: int) -> None:
         """Kill everything sandbox ``sandbox_id`` runs on this machine, without its saved state

@@ -180,10 +180,13 @@ class FakeBackend(SandboxBackend):
     def remove_volume(self, sandbox_id: int) -> None:
         volumes.remove(self.volume(sandbox_id))
 
-    def resident(self) -> set[int]:
+    def running_here(self) -> set[int]:
         with self._lock:
             running = {sandbox_id_of(name) for name, box in self._boxes.items() if box.running}
-        return {i for i in running if i is not None} | volumes.present(None)
+        return {i for i in running if i is not None}
+
+    def volumes_here(self) -> set[int]:
+        return volumes.present(None, volumes.this_host())
 
     def evict(self, sandbox_id: int) -> None:
         with self._lock:

@@ -786,10 +786,13 @@ class LocalBackend(SandboxBackend):
 
     # -- what this machine holds ----------------------------------------------------------
 
-    def resident(self) -> set[int]:
+    def volumes_here(self) -> set[int]:
+        return volumes.present(self.volume_root, volumes.this_host())
+
+    def running_here(self) -> set[int]:
         """Sandboxes with a cgroup under this backend's parent (running, frozen, or left by a
-        crash) or a volume under its volume root."""
-        found = volumes.present(self.volume_root)
+        crash)."""
+        found: set[int] = set()
         for parent in self._cgroup_parents().values():
             try:
                 entries = list(os.scandir(parent))
@@ -1255,7 +1258,12 @@ class LocalBackend(SandboxBackend):
             except (OSError, IndexError, ValueError):
                 continue  # exited while we looked
             program = os.path.basename(argv[0].decode(errors="replace"))
-            if program in ("pasta", "bwrap"):
+            if not program:  # an exited child not yet reaped has no command line: ps's [name]
+                try:
+                    command = f"[{Path(f'/proc/{pid}/comm').read_text().strip()}]"
+                except OSError:
+                    continue
+            elif program in ("pasta", "bwrap"):
                 command = f"{program} (sandbox {'network' if program == 'pasta' else 'setup'})"
             else:
                 command = b" ".join(argv).decode(errors="replace").strip()
