@@ -325,7 +325,9 @@ def test_it_relays_the_control_uis_http_and_refuses_it_without_a_token(
 def test_it_relays_to_a_real_openclaw_gateway(
     edge: Edge, sandbox_for: Callable[..., Sandbox], link_secret: str
 ) -> None:
-    sandbox = sandbox_for("alice@agents.test")
+    # The pool's shared agent (no gateway start of its own): the test only reads its history
+    # through the edge, and puts its row back on no host.
+    sandbox = sandbox_for("alice@chat.test")
     host = SandboxHost.objects.create(name=edge.host, address=f"127.0.0.1:{edge.port}")
     Sandbox.objects.filter(pk=sandbox.pk).update(host=host)
     try:

@@ -84,15 +84,21 @@ def portal(
         "CSRF_TRUSTED_ORIGINS": f"{settings.SITE_URL},{url}",
         "HERMIT_AUTO_PROVISION": "False",
     }
+    # The worker first: it boots while daphne does (the first chat queues it a wake).
+    worker = start_server("celery", name="worker-root", **env)
     argv = ["-m", "portal.daphne_uvloop", "-e", f"tcp:port={portal_port}:interface=127.0.0.1"]
     argv += ["-e", f"tcp:port={ui_port}:interface=127.0.0.1", "portal.asgi:application"]
     daphne = start_server([sys.executable, *argv], name="daphne-web", user=WEB_USER, **env)
     wait_for_port(portal_port, proc=daphne.proc)
     wait_for_port(ui_port, proc=daphne.proc)
-    worker = start_server("celery", name="worker-root", **env)
     yield Portal(url, ui, daphne, ai_gateway, worker)
-    # now, not at the session's end: this worker must not take later tests' tasks
-    for server in (worker, daphne, ai_gateway):
+    # now, not at the session's end: this worker must not take later tests' tasks; all at
+    # once, as each takes a second or more to shut down
+    servers = (worker, daphne, ai_gateway)
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+    for server in servers:
         server.stop()
 
 

@@ -224,9 +224,13 @@ async def test_it_delivers_a_message_sent_while_the_gateway_restarts(
     await next_event(client, DISCONNECTED_EVENT, timeout=15)
     model_server.script(reply="After the restart.", chunks=3, delay=0.02)
     send = asyncio.create_task(client.chat_send("second", session_key=key, timeout=90))
-    await asyncio.sleep(0.5)
-    assert not send.done()
-    await asyncio.to_thread(gateway.start)
+    # The gateway boots meanwhile (seconds before it listens): the message waits for it.
+    start = asyncio.create_task(asyncio.to_thread(gateway.start))
+    try:
+        await asyncio.sleep(0.5)
+        assert not send.done()
+    finally:
+        await start
     res = await asyncio.wait_for(send, 90)
     frames = await collect_run(client, res["runId"])
     assert frames[-1]["state"] == "final"
@@ -242,7 +246,7 @@ async def test_it_tells_the_caller_when_the_gateway_does_not_come_back(
     try:
         await next_event(client, DISCONNECTED_EVENT, timeout=15)
         with pytest.raises(GatewayUnavailable, match="not delivered"):
-            await client.chat_send("lost?", session_key=session_key(), timeout=1.0)
+            await client.chat_send("lost?", session_key=session_key(), timeout=0.5)
     finally:
         await asyncio.to_thread(gateway.start)
     await next_event(client, CONNECTED_EVENT, timeout=30)
@@ -282,13 +286,16 @@ def test_it_merges_waiting_deltas_of_one_run_and_keeps_everything_else_in_order(
 
 
 async def test_a_reader_that_fell_behind_gets_what_waits_in_one_batch(
-    client: GatewayClient, model_server: FakeModelServer
+    gateway: BareGateway, client: GatewayClient, model_server: FakeModelServer
 ) -> None:
     """A reply streamed while nobody reads arrives as batches in order: merged, its deltas
     are the whole reply, and the final follows them."""
     model_server.script(reply="one two three four five six", chunks=6, delay=0.05)
-    await client.chat_send("Count.", session_key="main")
-    await asyncio.sleep(3)  # the reply streams and ends meanwhile
+    async with GatewayClient(
+        gateway.url, token=gateway.token, identity=DeviceIdentity.generate()
+    ) as watcher:  # another connection, which sees the reply end; ``client`` reads nothing
+        res = await client.chat_send("Count.", session_key="main")
+        await collect_run(watcher, res["runId"], timeout=30)  # streams and ends meanwhile
     text, states, sizes = "", [], []
     async with asyncio.timeout(30):
         async for batch in client.event_batches():
