@@ -59,6 +59,7 @@ def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
     transactional_db: None,
     start_server: Callable[..., Server],
     settings: Any,
+    initialized_repository: Callable[[Sandbox], Any],
 ) -> None:
     settings.HERMIT_AUTO_PROVISION = True
     sandbox_pool.restore_shared()
@@ -91,6 +92,9 @@ def test_it_provisions_on_confirmation_and_survives_a_worker_restart(
         _wait_output(worker, "ready.", 60)  # the only worker on this run's queue
         reconcile = tasks.reconcile_sandboxes.delay()
         _wait_output(worker, f"reconcile_sandboxes[{reconcile.id}] succeeded", 60)
+        # The stop queues a backup, which this worker runs before it shuts down: into a copy
+        # of an initialised repository, not one it first sets up with ``restic init`` (~3 s).
+        initialized_repository(sandbox)
         tasks.stop_sandbox.delay(sandbox.pk)
         sandbox = _wait_state(sandbox, {State.STOPPED}, 60)
     finally:
