@@ -60,14 +60,23 @@ def fence(host: SandboxHost | None = None) -> dict[str, int]:
     host = host or hosts.local_host()
     backend = get_backend()
     counts = {"fenced": 0, "images": 0, "failed": 0}
-    for sandbox_id in strays(backend, host):
+    found = strays(backend, host)
+    if not found:
+        return counts
+    owned = backend.volumes_here()  # not those another host took over
+    images: dict[int, list[str]] = {}
+    for location, name, _taken in backend.list_checkpoints():
+        images.setdefault(sandbox_id_of(name) or 0, []).append(location)
+    for sandbox_id in found:
         sandbox = Sandbox.objects.filter(pk=sandbox_id).exclude(host=host).first()
         if sandbox is None or sandbox.host_id is None:
             continue  # moved back here (or deleted) since
         try:
             backend.evict(sandbox_id)
-            counts["images"] += _drop_images(backend, sandbox_id)
-            if sandbox_id in backend.volumes_here():  # not one another host took over
+            for location in images.get(sandbox_id, []):
+                backend.drop_checkpoint(location)
+                counts["images"] += 1
+            if sandbox_id in owned:
                 backend.remove_volume(sandbox_id)
         except (BackendError, OSError, NotImplementedError) as exc:
             log.warning("host %s: could not fence sandbox %s: %s", host.name, sandbox_id, exc)
@@ -88,15 +97,6 @@ def fence(host: SandboxHost | None = None) -> dict[str, int]:
             "the agent still there was stopped and its data there removed",
         )
     return counts
-
-
-def _drop_images(backend: SandboxBackend, sandbox_id: int) -> int:
-    dropped = 0
-    for location, name, _taken in backend.list_checkpoints():
-        if sandbox_id_of(name) == sandbox_id:
-            backend.drop_checkpoint(location)
-            dropped += 1
-    return dropped
 
 
 def queue_fence(host: SandboxHost) -> bool:

@@ -40,7 +40,13 @@ from redis.exceptions import RedisError
 from portal.lib.cache import ahas_key
 from sandboxes import actions, hosts, passes, relocation
 from sandboxes.backends import get_backend
-from sandboxes.backends.base import BackendError, CheckpointImage, Progress, SandboxSpec
+from sandboxes.backends.base import (
+    BackendError,
+    CheckpointImage,
+    Progress,
+    SandboxSpec,
+    sandbox_id_of,
+)
 from sandboxes.events import record_event
 from sandboxes.limits import SandboxLimits, limits_for
 from sandboxes.models import Checkpoint, RuntimeImage, Sandbox, SandboxEvent
@@ -388,7 +394,7 @@ def sweep_orphan_images(now: datetime | None = None) -> int:
     for location, name, taken in backend.list_checkpoints():
         if location in known or now - taken < ORPHAN_MIN_AGE:
             continue
-        if name.startswith("sbx-") and name[4:].isdigit() and int(name[4:]) in starting:
+        if sandbox_id_of(name) in starting:
             continue
         try:
             backend.drop_checkpoint(location)

@@ -1019,7 +1019,9 @@ def test_it_names_an_exited_but_unreaped_process_as_ps_does(
     child = subprocess.Popen(["sleep", "0"])
     try:
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{child.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        stat = Path(f"/proc/{child.pid}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
             time.sleep(0.01)  # until it has exited (a zombie: Popen has not waited for it)
         monkeypatch.setattr(cgroups, "pids", lambda paths: [child.pid])
         spec = SandboxSpec(
